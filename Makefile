@@ -1,0 +1,41 @@
+# Two commands on a fresh machine: `make demo` and `make test`.
+# TORCH pins the local CPU build; override e.g. `make test TORCH=torch==2.14.1`.
+PYTHON ?= python3
+TORCH ?= torch==2.13.0
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+STAMP := $(VENV)/.installed
+
+.PHONY: setup demo test lint pytest matrix bench clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+
+# torch is installed only when the venv has none, so an override or a CUDA build is kept.
+$(STAMP): $(PY) pyproject.toml
+	$(PY) -c "import torch" 2>/dev/null || $(PIP) install --quiet "$(TORCH)"
+	$(PIP) install --quiet -e ".[test,plot,canary,dev]"
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+demo: setup
+	$(VENV)/bin/densenet-debug info
+
+lint: setup
+	$(VENV)/bin/ruff check densenet_debug tests scripts
+
+pytest: setup
+	$(PY) -m pytest -q
+
+test: lint pytest
+
+matrix: setup
+	$(VENV)/bin/nox -f noxfile.py
+
+bench: setup
+	$(PY) scripts/bench.py all
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache

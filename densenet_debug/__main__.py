@@ -1,0 +1,3 @@
+from densenet_debug.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,83 @@
+"""Options shared by several verbs: model choice, input shape, device, seed."""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+from torch import nn
+
+from densenet_debug.errors import UsageError
+from densenet_debug.models import DEFAULT_MODEL, resolve_model
+
+
+def add_model_args(parser: argparse.ArgumentParser, batch: int | None = None) -> None:
+    parser.add_argument("--model", default=DEFAULT_MODEL,
+                        help=f"builder name, path/to/file.py:factory or package.module:factory "
+                             f"(default {DEFAULT_MODEL})")
+    parser.add_argument("--input-shape", default="3,32,32", type=input_shape, metavar="C,H,W",
+                        help="shape of one input sample (default 3,32,32)")
+    parser.add_argument("--num-classes", type=positive_int, default=None,
+                        help="classes of the model's output (default: the model's output width)")
+    if batch is not None:
+        parser.add_argument("--batch", type=positive_int, default=batch, help=f"batch size (default {batch})")
+
+
+def add_seed_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--seed", type=int, default=0, help="seed for weights, inputs and labels (default 0)")
+
+
+def add_device_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--device", default=None, help="cpu or cuda[:N] (default: cuda when present, else cpu)")
+
+
+def input_shape(text: str) -> tuple[int, ...]:
+    try:
+        shape = tuple(int(p) for p in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated sizes like 3,32,32, got {text!r}") from None
+    if not shape or any(s <= 0 for s in shape):
+        raise argparse.ArgumentTypeError(f"sizes must be positive, got {text!r}")
+    return shape
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def load_model(args: argparse.Namespace, **kwargs: object) -> nn.Module:
+    """The model ``--model``/``--num-classes`` name, checked to accept ``--input-shape``."""
+    model = resolve_model(args.model, num_classes=args.num_classes, **kwargs)
+    probe = torch.zeros(2, *args.input_shape)
+    try:
+        with torch.no_grad():
+            was = model.training
+            model.eval()
+            out = model(probe)
+            model.train(was)
+    except Exception as exc:  # user model vs user shape: say so in one line
+        raise UsageError(f"model {args.model} does not accept inputs of shape "
+                         f"{','.join(map(str, args.input_shape))}: {type(exc).__name__}: {exc}") from exc
+    if not isinstance(out, torch.Tensor) or out.dim() != 2:
+        raise UsageError(f"model {args.model} must return logits of shape (batch, classes)")
+    return model
+
+
+def resolve_device(name: str | None) -> torch.device:
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as exc:
+        raise UsageError(f"bad device {name!r}: {exc}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"device {name} requested but CUDA is not available on this machine")
+    if device.type not in ("cpu", "cuda"):
+        raise UsageError(f"unsupported device {name!r}; use cpu or cuda[:N]")
+    return device
