@@ -25,6 +25,38 @@ from densenet_debug._autograd import in_backward
 QUANTITIES = ("inputs", "outputs", "grad_outputs", "grad_inputs", "param_grads", "buffers")
 
 
+@dataclass(frozen=True)
+class Layout:
+    """Where a tensor sat in memory: layout bugs (#708) only show when a replay reproduces it."""
+
+    size: tuple[int, ...]
+    stride: tuple[int, ...]
+    storage_offset: int
+
+    @classmethod
+    def of(cls, t: Tensor) -> Layout:
+        return cls(tuple(t.shape), tuple(t.stride()), t.storage_offset())
+
+    @property
+    def is_contiguous(self) -> bool:
+        return self.storage_offset == 0 and self.stride == Layout.of(torch.empty(self.size, device="meta")).stride
+
+
+def with_layout(t: Tensor, layout: Layout | None, fill: float = 1.0) -> Tensor:
+    """A tensor equal to ``t`` but laid out as ``layout`` (strides and storage offset) in a fresh buffer.
+
+    The rest of the buffer holds ``fill``, so a kernel that reads past the view reads plausible numbers,
+    as it would in the real step (where the neighbours are other channels' gradients), not zeros.
+    """
+    if layout is None or tuple(t.shape) != layout.size:
+        return t
+    extent = layout.storage_offset + 1 + sum((n - 1) * st for n, st in zip(layout.size, layout.stride) if n)
+    buffer = torch.full((extent,), fill, dtype=t.dtype, device=t.device)
+    out = buffer.as_strided(layout.size, layout.stride, layout.storage_offset)
+    out.copy_(t)
+    return out
+
+
 @dataclass
 class UnitRecord:
     """One unit's view of one step. Tensors are detached; ``None`` stands for a non-tensor or no gradient."""
@@ -40,6 +72,8 @@ class UnitRecord:
     param_grads: dict[str, Tensor] = field(default_factory=dict)
     buffers_before: dict[str, Tensor] = field(default_factory=dict)
     buffers_after: dict[str, Tensor] = field(default_factory=dict)
+    input_layouts: list[Layout | None] = field(default_factory=list)
+    grad_output_layouts: list[Layout | None] = field(default_factory=list)
     backward_index: int | None = None
     calls: int = 0
 
@@ -165,6 +199,7 @@ class Tracer:
             rec = UnitRecord(name, type(module).__name__, self._forward_count, module.training, calls=1)
             self._forward_count += 1
             self._records[name] = rec
+            rec.input_layouts = [Layout.of(a) if isinstance(a, Tensor) else None for a in args]
             if "inputs" in self.record:
                 rec.inputs = [self._alias(name, a) for a in args]
             if "buffers" in self.record:
@@ -191,6 +226,7 @@ class Tracer:
                 return
             rec.backward_index = self._backward_count
             self._backward_count += 1
+            rec.grad_output_layouts = [None if g is None else Layout.of(g) for g in grad_output]
             if "grad_outputs" in self.record:
                 rec.grad_outputs = [None if g is None else self._keep(g, clone=True) for g in grad_output]
 

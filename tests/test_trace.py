@@ -160,3 +160,21 @@ def test_trace_on_cuda_matches_cpu(tiny_model, batch) -> None:
         for a, b in zip(t_cpu[name].grad_outputs, t_gpu[name].grad_outputs):
             assert b.device.type == "cpu"
             assert torch.allclose(a, b, rtol=1e-9, atol=1e-12), name
+
+
+def test_layouts_are_recorded_and_reproducible(tiny_model, batch) -> None:
+    """The last layer of a block gets a cat-backward slice: non-contiguous, with a storage offset (#708)."""
+    from densenet_debug.trace import with_layout
+
+    x, y = batch(4)
+    trace = trace_step(tiny_model(), x, y)
+    last = trace["block1.layer02.conv2"]
+    layout = last.grad_output_layouts[0]
+    assert not layout.is_contiguous and layout.storage_offset > 0
+    assert trace["block1.layer01.conv1"].grad_output_layouts[0].is_contiguous
+    g = last.grad_outputs[0]
+    assert g.is_contiguous()  # records are compact copies ...
+    replay = with_layout(g, layout)  # ... and a replay can put them back where the backend saw them
+    assert torch.equal(replay, g)
+    assert replay.stride() == layout.stride and replay.storage_offset() == layout.storage_offset
+    assert trace["block1.layer02.cat"].input_layouts[1] is not None
