@@ -52,10 +52,18 @@ def _columns(rows: list[dict[str, str]], names: tuple[str, ...]) -> dict[str, np
 
 
 def batches_per_epoch(train: dict[str, np.ndarray]) -> int:
+    """Batches in a full epoch: the most rows any epoch has, or what a partial epoch's rows imply.
+
+    Row b of an epoch of T batches has partial_epoch = epoch - 1 + (b - 1) / T, so a first, unfinished epoch
+    already tells T.
+    """
     if train["epoch"].size == 0:
         return 1
     _, counts = np.unique(train["epoch"], return_counts=True)
-    return int(counts.max())
+    frac = train["partial_epoch"] - (train["epoch"] - 1)
+    later = (train["batch"] > 1) & (frac > 0)
+    implied = np.rint((train["batch"][later] - 1) / frac[later]) if later.any() else np.zeros(1)
+    return int(max(counts.max(), implied.max()))
 
 
 def progress_figure(train: dict[str, np.ndarray], test: dict[str, np.ndarray], title: str = ""):

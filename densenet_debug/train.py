@@ -296,7 +296,8 @@ def _train_epoch(net, optimizer, scaler, data, config, epoch, device, info, logs
         tick = now
         b_loss, b_err = batch[0].item() / batch[2].item(), 100.0 * batch[1].item() / batch[2].item()
         if logs is not None:
-            logs.train.append([epoch, i + 1, epoch - 1 + i / total, b_loss, b_err, lr, images_per_s, grad_norm])
+            partial = f"{epoch - 1 + i / total:.6f}"  # fixed point: plot infers batches per epoch from it
+            logs.train.append([epoch, i + 1, partial, b_loss, b_err, lr, images_per_s, grad_norm])
         console.advance(b_loss, b_err, images_per_s)
     return sums[0].item() / max(sums[2].item(), 1), 100.0 * sums[1].item() / max(sums[2].item(), 1)
 
