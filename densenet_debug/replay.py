@@ -1,0 +1,131 @@
+"""Teacher-forced replay of one unit: the side's own module on the oracle's inputs and grad_outputs.
+
+The oracle's fp64 tensors are cast to the dtype the side saw and rebuilt in the *layout* the side saw
+(strides and storage offset, :func:`densenet_debug.trace.with_layout`), BN buffers are set to the oracle's
+``buffers_before``, and forward and backward run under the side's :meth:`Backend.active`. A unit that is
+wrong under the side's flags is thereby wrong here, with no error inherited from upstream.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from densenet_debug.trace import UnitRecord, _flat, with_layout
+
+
+@dataclass
+class Replay:
+    """Quantity key (``output.i``, ``grad_input.i``, ``grad_<param>``, ``buffer.<name>``) -> side tensor."""
+
+    values: dict[str, Tensor | None] = field(default_factory=dict)
+    inputs: list[Tensor | None] = field(default_factory=list)
+    grad_outputs: list[Tensor | None] = field(default_factory=list)
+
+
+def _cast(t: Tensor, like: Tensor | None, device: torch.device, default_dtype: torch.dtype) -> Tensor:
+    if not t.is_floating_point():
+        return t.to(device)
+    return t.to(device=device, dtype=like.dtype if like is not None else default_dtype)
+
+
+def replay_unit(module: nn.Module, oracle: UnitRecord, side: UnitRecord | None, backend: object) -> Replay:
+    """Re-run ``module`` (the side's unit) on ``oracle``'s inputs and grad_outputs; return what it produced."""
+    device, default = backend.device, backend.param_dtype
+    inputs: list[Tensor | None] = []
+    for i, t in enumerate(oracle.inputs):
+        if t is None:
+            inputs.append(None)
+            continue
+        seen = side.inputs[i] if side is not None and i < len(side.inputs) else None
+        layout = side.input_layouts[i] if side is not None and i < len(side.input_layouts) else None
+        x = with_layout(_cast(t, seen, device, default), layout)
+        wants_grad = i < len(oracle.grad_inputs) and oracle.grad_inputs[i] is not None and x.is_floating_point()
+        inputs.append(x.requires_grad_(True) if wants_grad else x)
+    own_buffers = dict(module.named_buffers(recurse=False))
+    saved_buffers = {k: b.clone() for k, b in own_buffers.items()}
+    saved_modes = {m: m.training for m in module.modules()}
+    result = Replay(inputs=inputs)
+    try:
+        with torch.no_grad():
+            for k, b in own_buffers.items():
+                if k in oracle.buffers_before:
+                    b.copy_(oracle.buffers_before[k].to(b.device, b.dtype))
+        module.train(oracle.training)
+        with backend.active(), torch.enable_grad():
+            out = module(*inputs)
+            outs = _flat(out)
+            for j, o in enumerate(outs):
+                result.values[f"output.{j}"] = o.detach()
+            for k, b in own_buffers.items():
+                result.values[f"buffer.{k}"] = b.detach().clone()
+            params = [(n, p) for n, p in module.named_parameters(recurse=False) if n in oracle.param_grads]
+            targets = [(f"grad_input.{i}", x) for i, x in enumerate(inputs) if x is not None and x.requires_grad]
+            targets += [(f"grad_{n}", p) for n, p in params]
+            live = []
+            for j, o in enumerate(outs):
+                g = oracle.grad_outputs[j] if j < len(oracle.grad_outputs) else None
+                if g is None or not o.requires_grad:
+                    result.grad_outputs.append(None)
+                    continue
+                layout = side.grad_output_layouts[j] if side is not None and j < len(side.grad_output_layouts) else None
+                live.append((o, with_layout(g.to(device=o.device, dtype=o.dtype), layout)))
+                result.grad_outputs.append(live[-1][1])
+            if targets and live:
+                grads = torch.autograd.grad([o for o, _ in live], [t for _, t in targets], [g for _, g in live],
+                                            allow_unused=True)
+                for (key, t), g in zip(targets, grads):
+                    result.values[key] = torch.zeros_like(t) if g is None else g.detach()
+    finally:
+        with torch.no_grad():
+            for k, b in own_buffers.items():
+                b.copy_(saved_buffers[k])
+        for m, mode in saved_modes.items():
+            m.train(mode)
+    return result
+
+
+def oracle_values(rec: UnitRecord) -> dict[str, Tensor | None]:
+    """The oracle's quantities under the same keys as :class:`Replay`."""
+    values: dict[str, Tensor | None] = {}
+    for j, o in enumerate(rec.outputs):
+        values[f"output.{j}"] = o
+    for i, g in enumerate(rec.grad_inputs):
+        if g is not None:
+            values[f"grad_input.{i}"] = g
+    for n, g in rec.param_grads.items():
+        values[f"grad_{n}"] = g
+    for k, b in rec.buffers_after.items():
+        values[f"buffer.{k}"] = b
+    return values
+
+
+def side_values(rec: UnitRecord, params: dict[str, Tensor] | None = None) -> dict[str, Tensor | None]:
+    """A side's propagated record under the same keys (missing gradients stay None: they fail)."""
+    values = oracle_values(rec)
+    for i, g in enumerate(rec.grad_inputs):
+        values.setdefault(f"grad_input.{i}", g)
+    return values
+
+
+def exact_expectation(module: nn.Module, replay: Replay) -> dict[str, Tensor | None]:
+    """An exact op (data movement, ReLU-like) evaluated in fp64 on the replay's own rounded operands.
+
+    The class's ``forward`` is called, not the instance's: a planted fault replaces the instance's.
+    """
+    xs = [None if t is None else t.detach().to("cpu", torch.float64).requires_grad_(t.requires_grad)
+          for t in replay.inputs]
+    with torch.enable_grad():
+        outs = _flat(type(module).forward(module, *xs))
+    values: dict[str, Tensor | None] = {f"output.{j}": o.detach() for j, o in enumerate(outs)}
+    targets = [(f"grad_input.{i}", x) for i, x in enumerate(xs) if x is not None and x.requires_grad]
+    live = [(o, g.detach().to("cpu", torch.float64)) for o, g in zip(outs, replay.grad_outputs)
+            if g is not None and o.requires_grad]
+    if targets and live:
+        grads = torch.autograd.grad([o for o, _ in live], [t for _, t in targets], [g for _, g in live],
+                                    allow_unused=True)
+        for (key, t), g in zip(targets, grads):
+            values[key] = torch.zeros_like(t) if g is None else g
+    return values
