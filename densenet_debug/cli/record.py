@@ -1,0 +1,59 @@
+"""``densenet-debug record``: write a reference fixture (float64 CPU truth of one training step)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import torch
+
+from densenet_debug.cli._common import add_model_args, add_seed_arg, load_model, positive_int
+from densenet_debug.errors import UsageError
+from densenet_debug.record import DEFAULT_MAX_MB, POLICIES, OracleDisagreement, generate_batch, record_reference
+
+HELP = "record a reference fixture: float64 CPU truth of a training step, layer by layer"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--name", required=True, help="fixture name: the directory OUT_DIR/NAME")
+    add_model_args(parser, batch=2)
+    add_seed_arg(parser)
+    parser.add_argument("--steps", type=positive_int, default=1, help="training steps to record (default 1)")
+    parser.add_argument("--eval", action="store_true", help="BN in eval mode (running statistics) during the step")
+    parser.add_argument("--out-dir", default="reference_grads", help="where fixtures live (default reference_grads)")
+    parser.add_argument("--policy", choices=POLICIES, default="auto",
+                        help="full: every quantity of every unit; checkpoints: parameter grads, buffers and the "
+                             "tensors feeding multi-input units, the rest recomputed and verified at check time; "
+                             "auto: full when it fits in --max-mb (default auto)")
+    parser.add_argument("--max-mb", type=float, default=DEFAULT_MAX_MB,
+                        help=f"size limit for --policy auto to store everything (default {DEFAULT_MAX_MB:g})")
+    parser.add_argument("--force", action="store_true", help="replace an existing fixture of that name")
+
+
+def run(args: argparse.Namespace) -> int:
+    if not args.name or "/" in args.name or args.name.startswith("."):
+        raise UsageError(f"bad fixture name {args.name!r}: use a plain directory name")
+    target = Path(args.out_dir) / args.name
+    if target.exists() and not args.force:
+        raise UsageError(f"{target} exists; pass --force to replace it")
+    torch.manual_seed(args.seed)
+    model = load_model(args)
+    with torch.no_grad():
+        classes = args.num_classes or int(model.eval()(torch.zeros(1, *args.input_shape)).shape[-1])
+    model.train()
+    x, y, how = generate_batch(args.batch, args.seed, args.input_shape, classes)
+    how["weights"] = f"torch.manual_seed({args.seed}) then the model's constructor"
+    try:
+        path = record_reference(model, x, y, target, name=args.name, spec=args.model, data=how, steps=args.steps,
+                                eval_mode=args.eval, policy=args.policy, max_mb=args.max_mb)
+    except OracleDisagreement as exc:
+        print(f"densenet-debug record: refused: {exc}")
+        return 1
+    size = sum(p.stat().st_size for p in path.iterdir())
+    from densenet_debug.fixtures import read_meta
+
+    meta = read_meta(path)
+    print(f"recorded {path}: {args.model}, batch {args.batch}, seed {args.seed}, {args.steps} step(s), "
+          f"BN {'eval' if args.eval else 'train'}, policy {meta['storage']['policy']}, "
+          f"{size / 1e6:.2f} MB, cross-check {meta['truth']['cross_check']['status']}")
+    return 0
