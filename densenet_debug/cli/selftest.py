@@ -1,0 +1,112 @@
+"""``densenet-debug selftest``: plant every known backend bug and check that diff catches and localises it."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from rich.console import Console
+from rich.progress import Progress
+from rich.table import Table
+
+from densenet_debug.atomic import write_text
+from densenet_debug.cli._common import add_device_arg, add_seed_arg, positive_int
+from densenet_debug.errors import UsageError
+from densenet_debug.faults import FAULTS
+from densenet_debug.models import BUILDERS
+
+HELP = ("plant faithful copies of historical backend bugs (and precision controls) in a small DenseNet-BC; "
+        "check diff detects and localises each and flags no control (exit 0 all caught, 1 a miss or a false "
+        "alarm, 2 usage error)")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--faults", nargs="+", default=["all"], metavar="NAME",
+                        help="faults to plant (default all); known: " + ", ".join(FAULTS))
+    parser.add_argument("--model", default=None, choices=sorted(BUILDERS), metavar="NAME",
+                        help="model to plant in (default densenet-bc-16; densenet-bc-100 with --full)")
+    parser.add_argument("--full", action="store_true", help="use DenseNet-BC-100 (minutes instead of seconds)")
+    parser.add_argument("--batch", type=positive_int, default=4, help="batch size (default 4; #708 needs >= 2)")
+    parser.add_argument("--backend", default=None,
+                        help="backend both sides run on, one with the fault planted (default native on CPU, "
+                             "cudnn on CUDA)")
+    parser.add_argument("--no-gradcheck", action="store_true",
+                        help="skip the numerical gradient check of the faults that are in the math")
+    add_seed_arg(parser)
+    add_device_arg(parser)
+    parser.add_argument("--json", default=None, metavar="PATH", help="write the JSON report here")
+
+
+def run(args: argparse.Namespace) -> int:
+    from densenet_debug.backends import parse_backend
+    from densenet_debug.cli._common import resolve_device
+    from densenet_debug.selftest import DEFAULT_MODEL, FULL_MODEL, resolve_faults, run_selftest
+
+    if args.full and args.model:
+        raise UsageError("--full picks densenet-bc-100; give either --full or --model")
+    names = resolve_faults(args.faults)
+    device = resolve_device(args.device)
+    backend = args.backend or ("cudnn" if device.type == "cuda" else "native")
+    if any(p.strip().startswith("fault:") for p in backend.split("+")):
+        raise UsageError("--backend is the clean backend; the self-test plants the faults itself")
+    parse_backend(backend, device)
+    if args.json and Path(args.json).is_dir():
+        raise UsageError(f"{args.json} is a directory, not a file")
+    model = FULL_MODEL if args.full else (args.model or DEFAULT_MODEL)
+    console = Console()
+    with Progress(console=console, transient=True) as bar:
+        task = bar.add_task("self-test", total=len(names))
+
+        def progress(i: int, n: int, name: str) -> None:
+            bar.update(task, completed=i, description=f"planting {name}" if name else "done")
+
+        report = run_selftest(names, model=model, seed=args.seed, batch=args.batch, backend=backend,
+                              device=str(device), gradcheck=not args.no_gradcheck, progress=progress)
+    console.print(_table(report))
+    missed, flagged, loose = report.missed, report.flagged_controls, report.not_localized
+    bugs = sum(1 for r in report.results if not r.control)
+    caught = bugs - len(missed)
+    localized = bugs - len(loose)
+    console.print(f"{caught}/{bugs} faults detected, {localized}/{bugs} localised to the planted unit and pass, "
+                  f"{len(flagged)} of {len(report.results) - bugs} controls flagged ({report.seconds:.1f} s, "
+                  f"{model}, batch {args.batch}, backend {backend}, seed {args.seed})")
+    if missed:
+        console.print(f"[red]MISSED:[/red] {', '.join(missed)}")
+    if flagged:
+        console.print(f"[red]FALSE ALARM on control:[/red] {', '.join(flagged)}")
+    if args.json:
+        write_text(args.json, json.dumps(report.to_json(), indent=1) + "\n")
+    return 0 if report.passed else 1
+
+
+def _table(report: object) -> Table:
+    table = Table(title=f"self-test: {report.model}, batch {report.batch}, backend {report.backend}")
+    for col in ("fault", "planted at", "mode", "diff", "localised", "error", "tolerance", "gradcheck", "s"):
+        table.add_column(col, justify="right" if col in ("error", "tolerance", "s") else "left",
+                         no_wrap=col in ("fault", "planted at", "error", "tolerance"))
+    for r in report.results:
+        if r.control:
+            verdict = "[red]FLAGGED[/red]" if r.detected else "[green]quiet[/green]"
+            where = "-"
+        else:
+            verdict = "[green]detected[/green]" if r.detected else "[red]MISSED[/red]"
+            fd = r.first_divergence or {}
+            where = (f"[green]yes[/green] {r.passes}" if r.localized
+                     else f"[yellow]no[/yellow]: {fd.get('layer')} {fd.get('pass')}" if fd else "-")
+        needs = " ".join(_MODE.get(k, f"{k}={v}") for k, v in r.needs.items()) or "-"
+        gc = {None: "-", "fail": "[green]fail[/green]" if not r.control else "[red]fail[/red]",
+              "pass": "[red]pass[/red]" if not r.control else "pass"}[r.gradcheck]
+        if r.gradcheck_layer and r.gradcheck_layer != r.layer:
+            gc += f" at {r.gradcheck_layer}"
+        table.add_row(f"{r.name}{' (control)' if r.control else ''}", r.layer, needs, verdict, where,
+                      _fmt(r.error), _fmt(r.tolerance), gc, f"{r.seconds:.1f}")
+    return table
+
+
+_MODE = {"steps": "2 steps", "eval": "eval", "min_batch": "N>=2", "pool_padding": "pad=1 pools",
+         "memory_efficient": "checkpointed", "buffers": "BN buffers"}
+
+
+def _fmt(v: float | None) -> str:
+    return "-" if v is None else f"{v:.2e}"
