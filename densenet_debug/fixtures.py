@@ -307,7 +307,8 @@ def write_fixture(
         "inputs.npz": npz_bytes({"inputs": to_numpy(inputs), "targets": to_numpy(targets)}),
         "state.npz": npz_bytes({k: to_numpy(v) for k, v in state.items()}),
         "trace.npz": npz_bytes(arrays),
-        "index.json": canonical_json({"schema": SCHEMA, "steps": index}).encode(),
+        "index.json": (json.dumps({"schema": SCHEMA, "steps": index}, sort_keys=True, separators=(",", ":"))
+                       + "\n").encode(),
     }
     meta = dict(meta)
     meta["schema"] = SCHEMA
