@@ -14,7 +14,8 @@ computed once, in float64, from the oracle's own record (so both sides of a diff
   chosen by :func:`confidence` so that a union bound over every element checked in a run keeps the chance
   of one false alarm below 1e-6.
 * ``cmp`` - deterministic elementwise roundings inside the op (a subtraction, a square root ...), each
-  bounded by ``u_acc`` times the magnitude of its result, counted into ``cmp``.
+  bounded by ``u_cmp`` (``u_acc``, or the operands' u when they are bf16/fp16 and intermediates may be
+  stored so) times the magnitude of its result.
 * ``out`` - rounding of the stored result (``u_out`` of the dtype the side returns it in).
 * ``eta`` - half the smallest subnormal of the result dtype: the absolute error of a gradual underflow.
 
@@ -28,7 +29,6 @@ Unknown modules fall back to the |.|-evaluation with K = the number of input ele
 
 from __future__ import annotations
 
-import copy
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
+from densenet_debug.magnitude import MagnitudeMode, magnitude_module
 from densenet_debug.models.densenet import Concat
 
 FALSE_ALARM = 1e-6  # chance, per run, that a correct backend fails any single element of any check
@@ -63,6 +64,11 @@ class Precision:
     u_out: float
     lam: float
     eta: float = 0.0
+    u_cmp: float = 0.0  # elementwise intermediates; 0 means u_acc
+
+    @property
+    def cmp(self) -> float:
+        return self.u_cmp or self.u_acc
 
 
 BoundFn = Callable[[Precision], Tensor]
@@ -164,8 +170,9 @@ def _reduction_lengths(module: nn.Module, rec: object) -> tuple[dict[str, int], 
     if isinstance(module, EXACT):
         return {"output": 1, "grad_input": 1}, f"{type(module).__name__}: exact data movement (K = 1)"
     total = sum(t.numel() for t in rec.inputs if t is not None) + sum(p.numel() for p in module.parameters())
-    return {"*": max(total, 1)}, (f"generic ({type(module).__name__}): op on |inputs|,|params|, K = {total} "
-                                  f"(all input elements); a valid bound for ops linear in each operand")
+    return {"*": max(total, 1)}, (f"generic ({type(module).__name__}): every aten op evaluated on the magnitudes "
+                                  f"of its operands (exact sum |terms| for ops linear in each operand, a "
+                                  f"heuristic otherwise), K = {total} (all input elements)")
 
 
 def _pool_window(module: nn.Module, x: Tensor | None) -> int:
@@ -179,19 +186,10 @@ def _pool_window(module: nn.Module, x: Tensor | None) -> int:
                      for s, o in zip(x.shape[2:], out))
 
 
-def _abs_module(module: nn.Module, params: dict[str, Tensor]) -> nn.Module:
-    """A float64 CPU copy of ``module`` with |parameters| (buffers kept), its forward unchanged."""
-    clone = copy.deepcopy(module).to("cpu", torch.float64)
-    with torch.no_grad():
-        for name, p in clone.named_parameters(recurse=False):
-            p.copy_(params[name].abs() if name in params else p.abs())
-    return clone
-
-
 def _multilinear(module: nn.Module, rec: object, params: dict[str, Tensor]) -> UnitBounds:
     ks, why = _reduction_lengths(module, rec)
     operands = 1 if isinstance(module, EXACT + AVGPOOL) else 2
-    clone = _abs_module(module, params)
+    clone = magnitude_module(module, params)
     clone.train(rec.training)
     if isinstance(module, nn.Dropout | nn.Dropout2d):
         clone.eval()
@@ -199,7 +197,7 @@ def _multilinear(module: nn.Module, rec: object, params: dict[str, Tensor]) -> U
                                                                 and rec.grad_inputs[i] is not None)
           for i, t in enumerate(rec.inputs)]
     named = dict(clone.named_parameters(recurse=False))
-    with torch.enable_grad():
+    with torch.enable_grad(), MagnitudeMode():
         out = clone(*xs)
     outs = [out] if isinstance(out, Tensor) else [o for o in out if isinstance(o, Tensor)]
     result = UnitBounds(origin=why, matmul=isinstance(module, CONV + CONV_T + (nn.Linear,)))
@@ -214,8 +212,9 @@ def _multilinear(module: nn.Module, rec: object, params: dict[str, Tensor]) -> U
     wanted += [(f"grad_{n}", p) for n, p in named.items() if n in rec.param_grads]
     live = [(o, g) for o, g in zip(outs, grads_out) if g is not None and o.requires_grad]
     if wanted and live:
-        grads = torch.autograd.grad([o for o, _ in live], [t for _, t in wanted], [g for _, g in live],
-                                    allow_unused=True)
+        with MagnitudeMode():
+            grads = torch.autograd.grad([o for o, _ in live], [t for _, t in wanted], [g for _, g in live],
+                                        allow_unused=True)
         for (key, t), g in zip(wanted, grads):
             result.fns[key] = fn(key, torch.zeros_like(t) if g is None else g)
     return result
@@ -294,7 +293,7 @@ def _batchnorm(module: nn.Module, rec: object, params: dict[str, Tensor]) -> Uni
 
 def _bn_bounds(module: nn.Module, rec: object, params: dict[str, Tensor], p: Precision, dims: list[int],
                shape: list[int], R: int, batch_stats: bool) -> dict[str, Tensor]:
-    uo, c, uout = p.u_op, p.u_acc, p.u_out
+    uo, c, uout = p.u_op, p.cmp, p.u_out
     r = p.lam * p.u_acc * math.sqrt(R)  # probabilistic bound of a sum of R terms, per unit of sum |terms|
     x = rec.inputs[0]
     channels = x.shape[1]

@@ -22,9 +22,10 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from densenet_debug import kinks as kinkmod
@@ -36,6 +37,7 @@ from densenet_debug.tolerance import Precision, UnitBounds, compare, confidence,
 from densenet_debug.trace import Trace, discover_units, trace_step
 
 LEARNING_RATE = 0.1  # the shared SGD step between steps; any value that changes the weights will do
+LossFn = Callable[[Tensor, Tensor], Tensor]
 FAIL_ON = ("mismatch", "kink")
 
 __all__ = ["DiffReport", "Kink", "Row", "SideResult", "diff", "judge", "local_check", "oracle_traces"]
@@ -79,6 +81,17 @@ def _params64(module: nn.Module) -> dict[str, Tensor]:
     return {n: p.detach().to("cpu", torch.float64) for n, p in module.named_parameters(recurse=False)}
 
 
+def _input(x: Tensor, device: torch.device, dtype: torch.dtype, backend: Backend | None = None) -> Tensor:
+    """A copy of the inputs for one side; inputs that require grad keep requiring it (their grad is checked)."""
+    out = backend.prepare_input(x.detach()) if backend is not None else x.detach().to(device, dtype)
+    return out.requires_grad_(x.requires_grad)
+
+
+def _target(y: Tensor, device: torch.device, dtype: torch.dtype) -> Tensor:
+    """Labels keep their dtype; a floating target (a custom loss's) takes the side's dtype."""
+    return y.detach().to(device, dtype) if y.is_floating_point() else y.detach().to(device)
+
+
 def _check_inputs(x: Tensor, y: Tensor) -> None:
     if not isinstance(x, Tensor) or not x.is_floating_point():
         raise UsageError("inputs must be a floating-point tensor")
@@ -88,17 +101,17 @@ def _check_inputs(x: Tensor, y: Tensor) -> None:
 
 # -- the oracle --------------------------------------------------------------------------------------------
 def oracle_traces(model: nn.Module, x: Tensor, y: Tensor, *, steps: int = 1, eval_mode: bool = False,
-                  units: object = None) -> list[Trace]:
+                  units: object = None, loss_fn: LossFn = F.cross_entropy) -> list[Trace]:
     """The fp64 CPU truth: ``steps`` traced steps of a float64 copy of ``model`` (``model`` is untouched)."""
     _check_inputs(x, y)
     if steps < 1:
         raise UsageError(f"steps must be >= 1, got {steps}")
     ref = _fp64(model, eval_mode)
     names = _unit_names(model, x, units)
-    x64, y64 = x.detach().to("cpu", torch.float64), y.detach().to("cpu")
+    x64, y64 = _input(x, torch.device("cpu"), torch.float64), _target(y, torch.device("cpu"), torch.float64)
     traces = []
     for _ in range(steps):
-        trace = trace_step(ref, x64, y64, units=names)
+        trace = trace_step(ref, x64, y64, units=names, loss_fn=loss_fn)
         traces.append(trace)
         _sgd_step(ref, trace)
     return traces
@@ -119,14 +132,20 @@ def _base(key: str) -> tuple[str, str, int | None]:
 
 def _precision(backend: Backend, unit: str, bounds: UnitBounds, side_tensor: Tensor | None,
                operands: Iterable[Tensor | None], lam: float) -> Precision:
+    """The roundoffs of one quantity: operand dtypes, TF32/autocast operand rounding, result dtype."""
     dtypes = [t.dtype for t in operands if isinstance(t, Tensor) and t.is_floating_point()]
     u_op = max((unit_roundoff(d) for d in dtypes), default=backend.unit_roundoff)
+    out_dtype = side_tensor.dtype if isinstance(side_tensor, Tensor) else backend.dtype
+    u_out = unit_roundoff(out_dtype)
     if bounds.matmul:
         u_op = max(u_op, backend.matmul_operand_roundoff(unit))
-    out_dtype = side_tensor.dtype if isinstance(side_tensor, Tensor) else backend.dtype
-    u_acc = max(backend.accumulate_roundoff, unit_roundoff(out_dtype) if out_dtype == torch.float64 else 0.0)
-    eta = underflow(out_dtype) + (underflow(min(dtypes, key=unit_roundoff, default=out_dtype)) if dtypes else 0.0)
-    return Precision(u_op=u_op, u_acc=u_acc, u_out=unit_roundoff(out_dtype), lam=lam, eta=eta)
+        if backend.autocast is not None:  # computed in the autocast dtype, then cast back (a grad to fp32 params)
+            u_out = max(u_out, unit_roundoff(backend.autocast))
+    u_acc = backend.accumulate_roundoff if out_dtype != torch.float64 else unit_roundoff(torch.float64)
+    u_cmp = max([u_acc] + [unit_roundoff(d) for d in dtypes])
+    low = min(dtypes + [out_dtype], key=lambda d: torch.finfo(d).smallest_normal if d.is_floating_point else 0.0)
+    eta = 2 * underflow(low)
+    return Precision(u_op=u_op, u_acc=u_acc, u_out=u_out, lam=lam, eta=eta, u_cmp=u_cmp)
 
 
 def _element_count(oracle: list[Trace]) -> int:
@@ -268,7 +287,8 @@ PROPAGATED_ORIGIN = ("propagated: sum of the local tolerances of every unit upst
 
 
 def judge(model: nn.Module, x: Tensor, y: Tensor, backend: str | Backend, oracle: list[Trace], *,
-          units: object = None, steps: int = 1, eval_mode: bool = False, _shared: dict | None = None) -> SideResult:
+          units: object = None, steps: int = 1, eval_mode: bool = False, loss_fn: LossFn = F.cross_entropy,
+          propagated: bool = True, _shared: dict | None = None) -> SideResult:
     """Judge one backend against the oracle: propagated rows plus local teacher-forced rows, every step.
 
     ``oracle`` holds one :class:`Trace` per step (from :func:`oracle_traces` or rebuilt from stored arrays);
@@ -288,14 +308,14 @@ def judge(model: nn.Module, x: Tensor, y: Tensor, backend: str | Backend, oracle
     if missing:
         raise UsageError(f"unit(s) not in the model: {', '.join(missing[:5])}")
     lam = shared.setdefault("lam", confidence(_element_count(oracle[:steps])))
-    xs, ys = backend.prepare_input(x), y.to(backend.device)
+    xs, ys = _input(x, backend.device, backend.param_dtype, backend), _target(y, backend.device, backend.param_dtype)
     rows: list[Row] = []
     kinks: list[Kink] = []
     result = SideResult(backend.name, rows, kinks, {}, names)
     for step in range(steps):
         o_trace = oracle[step]
         with backend.active():
-            s_trace = trace_step(side, xs, ys, units=names)
+            s_trace = trace_step(side, xs, ys, units=names, loss_fn=loss_fn)
         result.flags = backend.flags_in_force()
         local: list[Row] = []
         step_kinks: list[Kink] = []
@@ -311,13 +331,13 @@ def judge(model: nn.Module, x: Tensor, y: Tensor, backend: str | Backend, oracle
         _blame_children(local, names)
         sites = _kink_sites(names, step, o_trace, s_trace, side_modules)
         step_kinks += [Kink(s.layer, s.count, s.min_margin, s.relative_margin, "", step) for s in sites]
-        propagated = _propagated_rows(names, step, o_trace, s_trace, local)
-        if sites and any(r.status == "mismatch" and r.pass_ == "backward" for r in propagated):
-            cf = _counterfactual(ref, x, y, o_trace, sites, names)
+        prop_rows = _propagated_rows(names, step, o_trace, s_trace, local) if propagated else []
+        if sites and any(r.status == "mismatch" and r.pass_ == "backward" for r in prop_rows):
+            cf = _counterfactual(ref, x, y, o_trace, sites, names, loss_fn)
             result.counterfactual_steps.append(step)
-            _explain_by_kinks(propagated, s_trace, cf)
-        _explain_by_local(propagated, local)
-        rows += local + propagated
+            _explain_by_kinks(prop_rows, s_trace, cf)
+        _explain_by_local(prop_rows, local)
+        rows += local + prop_rows
         kinks += step_kinks
         _sgd_step(side, o_trace)
         _sgd_step(ref, o_trace)
@@ -382,7 +402,7 @@ def _propagated_rows(names: list[str], step: int, o_trace: Trace, s_trace: Trace
 
 
 def _counterfactual(ref: nn.Module, x: Tensor, y: Tensor, o_trace: Trace, sites: list[kinkmod.KinkSite],
-                    names: list[str]) -> Trace:
+                    names: list[str], loss_fn: LossFn) -> Trace:
     """The oracle again, in fp64, taking the side's branch at exactly the side's kink elements."""
     modules = dict(ref.named_modules())
     saved = {k: b.clone() for k, b in ref.named_buffers()}
@@ -393,8 +413,9 @@ def _counterfactual(ref: nn.Module, x: Tensor, y: Tensor, o_trace: Trace, sites:
                 getattr(module, k).copy_(b)
     handles = [modules[s.layer].register_forward_hook(kinkmod.forcing_hook(s)) for s in sites]
     try:
-        return trace_step(ref, x.detach().to("cpu", torch.float64), y.detach().to("cpu"), units=names,
-                          record=("grad_inputs", "param_grads"))
+        cpu = torch.device("cpu")
+        return trace_step(ref, _input(x, cpu, torch.float64), _target(y, cpu, torch.float64), units=names,
+                          record=("grad_inputs", "param_grads"), loss_fn=loss_fn)
     finally:
         for h in handles:
             h.remove()
@@ -429,7 +450,7 @@ def _explain_by_local(rows: list[Row], local: list[Row]) -> None:
 # -- two sides --------------------------------------------------------------------------------------------
 def diff(model: nn.Module, x: Tensor, y: Tensor, a: str | Backend | None = None, b: str | Backend | None = None, *,
          steps: int = 1, eval_mode: bool = False, units: object = None, fail_on: str = "mismatch",
-         device: str | torch.device | None = None) -> DiffReport:
+         device: str | torch.device | None = None, loss_fn: LossFn = F.cross_entropy) -> DiffReport:
     """Backend ``a`` against backend ``b``, both judged against the fp64 oracle, layer by layer."""
     if fail_on not in FAIL_ON:
         raise UsageError(f"fail_on must be one of {', '.join(FAIL_ON)}, got {fail_on!r}")
@@ -442,10 +463,11 @@ def diff(model: nn.Module, x: Tensor, y: Tensor, a: str | Backend | None = None,
         steps = max(steps, int(needs.get("steps", 1)))
         eval_mode = eval_mode or bool(needs.get("eval", False))
     names = _unit_names(model, x, units)
-    oracle = oracle_traces(model, x, y, steps=steps, eval_mode=eval_mode, units=names)
+    oracle = oracle_traces(model, x, y, steps=steps, eval_mode=eval_mode, units=names, loss_fn=loss_fn)
     shared: dict = {}
-    side_a = judge(model, x, y, ba, oracle, units=names, steps=steps, eval_mode=eval_mode, _shared=shared)
-    side_b = judge(model, x, y, bb, oracle, units=names, steps=steps, eval_mode=eval_mode, _shared=shared)
+    kw = dict(units=names, steps=steps, eval_mode=eval_mode, loss_fn=loss_fn, _shared=shared)
+    side_a = judge(model, x, y, ba, oracle, **kw)
+    side_b = judge(model, x, y, bb, oracle, **kw)
     return _report(side_a, side_b, oracle, ba, bb, fail_on, steps, eval_mode, x)
 
 
@@ -496,10 +518,14 @@ def _fmt(v: object) -> str:
     return f"{v:.3g}" if isinstance(v, float) else str(v)
 
 
-def local_check(model: nn.Module, x: Tensor, y: Tensor, backend: str | Backend, *, units: object = None) -> list[Row]:
-    """Teacher-forced rows only, one backend against fp64 (one step); for audits during training."""
+def local_check(model: nn.Module, x: Tensor, y: Tensor, backend: str | Backend, *, units: object = None,
+                loss_fn: LossFn = F.cross_entropy) -> list[Row]:
+    """Teacher-forced rows only, one backend against fp64 (one step); for audits during training.
+
+    ``model`` is not modified (copies are judged). A row with ``status == "mismatch"`` is a wrong unit.
+    """
     backend = parse_backend(backend)
     names = _unit_names(model, x, units)
-    oracle = oracle_traces(model, x, y, units=names)
-    result = judge(model, x, y, backend, oracle, units=names)
-    return [r for r in result.rows if r.mode == "local"]
+    oracle = oracle_traces(model, x, y, units=names, loss_fn=loss_fn)
+    result = judge(model, x, y, backend, oracle, units=names, loss_fn=loss_fn, propagated=False)
+    return result.rows

@@ -1,0 +1,115 @@
+"""``densenet-debug diff``: backend A against backend B, layer by layer, both judged against an fp64 oracle."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import torch
+from rich.console import Console
+
+from densenet_debug.atomic import write_text
+from densenet_debug.backends import backend_names, default_pair, parse_backend
+from densenet_debug.cli._common import add_device_arg, add_model_args, add_seed_arg, load_model, positive_int
+from densenet_debug.errors import UsageError
+
+HELP = ("compare two backends layer by layer against a float64 oracle (exit 0 agree, 1 mismatch, "
+        "2 usage/environment error)")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--a", default=None, metavar="BACKEND",
+                        help="first backend (default: cudnn with CUDA, else mkldnn); compose with '+', e.g. "
+                             "mkldnn+channels_last; valid: " + ", ".join(backend_names()))
+    parser.add_argument("--b", default=None, metavar="BACKEND",
+                        help="second backend (default: no-cudnn with CUDA, else native)")
+    add_device_arg(parser)
+    add_model_args(parser, batch=8)
+    add_seed_arg(parser)
+    parser.add_argument("--steps", type=positive_int, default=1,
+                        help="training steps to compare; BN buffers and weight updates carry over (default 1)")
+    parser.add_argument("--eval", action="store_true", help="run forward and backward in eval mode")
+    parser.add_argument("--bisect", action="store_true",
+                        help="on a mismatch, narrow each failing composed backend to the component or pair")
+    parser.add_argument("--fail-on", choices=("mismatch", "kink"), default="mismatch",
+                        help="'kink' also fails when only kinks explain a difference (default mismatch)")
+    parser.add_argument("--units", default=None, metavar="NAME,NAME",
+                        help="only these units (qualified module names); default every unit")
+    parser.add_argument("--top", type=positive_int, default=15, help="rows in the table (default 15)")
+    parser.add_argument("--json", default=None, metavar="PATH", help="write the JSON report here")
+    parser.add_argument("--html", default=None, metavar="PATH", help="write a self-contained HTML report here")
+
+
+def make_batch(model: torch.nn.Module, input_shape: tuple[int, ...], batch: int, seed: int,
+               num_classes: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Seeded inputs and labels; the class count is the model's output width unless given."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, *input_shape, generator=g)
+    if num_classes is None:
+        was = model.training
+        model.eval()
+        with torch.no_grad():
+            num_classes = int(model(x[:1]).shape[1])
+        model.train(was)
+    return x, torch.randint(0, num_classes, (batch,), generator=g)
+
+
+def run(args: argparse.Namespace) -> int:
+    from densenet_debug.render import print_report, to_html
+    from densenet_debug.verdict import diff
+
+    device = torch.device(args.device) if args.device else None
+    if device is not None and device.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"device {args.device} requested but CUDA is not available on this machine")
+    da, db = default_pair(device)
+    a, b = args.a or da, args.b or db
+    parse_backend(a, device), parse_backend(b, device)  # bad names fail before the model is built
+    for path in (args.json, args.html):
+        _check_writable(path)
+    torch.manual_seed(args.seed)
+    model = load_model(args)
+    x, y = make_batch(model, args.input_shape, args.batch, args.seed, args.num_classes)
+    units = [u.strip() for u in args.units.split(",") if u.strip()] if args.units else None
+    if units:
+        known = dict(model.named_modules())
+        missing = [u for u in units if u not in known]
+        if missing:
+            raise UsageError(f"no module named {missing[0]!r} in {args.model}")
+    report = diff(model, x, y, a, b, steps=args.steps, eval_mode=args.eval, units=units, fail_on=args.fail_on,
+                  device=device)
+    console = Console()
+    if not console.is_terminal:  # piped or captured: do not squeeze the table into 80 columns
+        console = Console(width=150)
+    print_report(report, console, args.top)
+    if args.bisect and report.verdict == "mismatch":
+        from densenet_debug.bisect import bisect_backend
+
+        sides = {r.side for r in report.rows if r.status == "mismatch"}
+        bisected = []
+        for side, spec in (("a", a), ("b", b)):
+            if (side in sides or "both" in sides) and "+" in spec:
+                res = bisect_backend(model, x, y, spec, steps=report.settings["steps"],
+                                     eval_mode=report.settings["eval"], units=units, device=device)
+                console.print(res.summary)
+                bisected.append(res.to_json())
+        if not bisected:
+            console.print("bisect: no failing side is a composed backend; nothing to narrow")
+        report.settings["bisect"] = bisected
+    if args.json:
+        write_text(args.json, json.dumps(report.to_json(), indent=1) + "\n")
+    if args.html:
+        write_text(args.html, to_html(report))
+    return 0 if report.verdict == "agree" else 1
+
+
+def _check_writable(path: str | None) -> None:
+    """Fail before minutes of work, not after: the target must not be a directory."""
+    if path is None:
+        return
+    from pathlib import Path
+
+    p = Path(path)
+    if p.is_dir():
+        raise UsageError(f"{path} is a directory, not a file")
+    if p.parent.exists() and not p.parent.is_dir():
+        raise UsageError(f"{p.parent} is not a directory")
