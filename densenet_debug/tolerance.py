@@ -29,6 +29,7 @@ Unknown modules fall back to the |.|-evaluation with K = the number of input ele
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -197,7 +198,10 @@ def _multilinear(module: nn.Module, rec: object, params: dict[str, Tensor]) -> U
                                                                 and rec.grad_inputs[i] is not None)
           for i, t in enumerate(rec.inputs)]
     named = dict(clone.named_parameters(recurse=False))
-    with torch.enable_grad(), MagnitudeMode():
+    # Known ops (conv, linear, pooling) never subtract, so |operands| alone give sum |terms|; the aten-level
+    # mode is for unknown units (and its first use costs an import of torch._dynamo).
+    mode = contextlib.nullcontext if isinstance(module, CONV + CONV_T + AVGPOOL + (nn.Linear,)) else MagnitudeMode
+    with torch.enable_grad(), mode():
         out = clone(*xs)
     outs = [out] if isinstance(out, Tensor) else [o for o in out if isinstance(o, Tensor)]
     result = UnitBounds(origin=why, matmul=isinstance(module, CONV + CONV_T + (nn.Linear,)))
@@ -212,7 +216,7 @@ def _multilinear(module: nn.Module, rec: object, params: dict[str, Tensor]) -> U
     wanted += [(f"grad_{n}", p) for n, p in named.items() if n in rec.param_grads]
     live = [(o, g) for o, g in zip(outs, grads_out) if g is not None and o.requires_grad]
     if wanted and live:
-        with MagnitudeMode():
+        with mode():
             grads = torch.autograd.grad([o for o, _ in live], [t for _, t in wanted], [g for _, g in live],
                                         allow_unused=True)
         for (key, t), g in zip(wanted, grads):
@@ -293,31 +297,41 @@ def _batchnorm(module: nn.Module, rec: object, params: dict[str, Tensor]) -> Uni
 
 def _bn_bounds(module: nn.Module, rec: object, params: dict[str, Tensor], p: Precision, dims: list[int],
                shape: list[int], R: int, batch_stats: bool) -> dict[str, Tensor]:
+    """The terms of the model above, with per-channel factors folded so each full-size tensor is touched once.
+
+    Forward:  e_mu = (u_op + r) mean|x| + c|mu|;  e_var = (2u_op + r + 3c) E[x^2] + 2|mu| e_mu;
+              rel = e_var / (2 (var + eps)) + 2c;  e_xhat = u_op|x|/sigma + e_mu/sigma + |xhat| (rel + 2c);
+              e_y = |gamma| e_xhat + (u_op + 2c)|gamma xhat| + (u_op + c)|beta| + u_out|y|.
+    Backward: e_sg = (u_op + r) sum|g|;  e_sgx = (u_op + r + c) sum|g xhat| + sum |g| e_xhat;
+              e_t = (u_op + 2c)|g| + e_sg/R + |xhat| e_sgx/R + e_xhat |s_gx|/R + 2c(|s_g| + |xhat s_gx|)/R;
+              e_gx = |gamma|/sigma (e_t + (rel + 2c)|t|) + u_out|gx|,  t = g - s_g/R - xhat s_gx/R.
+    (r = lam u_acc sqrt(R), c = u_cmp; running statistics in eval mode carry u_op instead.)
+    """
     uo, c, uout = p.u_op, p.cmp, p.u_out
     r = p.lam * p.u_acc * math.sqrt(R)  # probabilistic bound of a sum of R terms, per unit of sum |terms|
     x = rec.inputs[0]
     channels = x.shape[1]
     gamma = params.get("weight", torch.ones(channels, dtype=torch.float64)).view(shape).abs()
     beta = params.get("bias", torch.zeros(channels, dtype=torch.float64)).view(shape).abs()
+    ax = x.abs()
     if batch_stats:
         mu = x.mean(dims, keepdim=True)
         var = x.var(dims, unbiased=False, keepdim=True)
-        ax = x.abs()
-        m1, q = ax.mean(dims, keepdim=True), (x * x).mean(dims, keepdim=True)
+        m1 = ax.mean(dims, keepdim=True)
+        q = var + mu * mu  # E[x^2]
         e_mu = (uo + r) * m1 + c * mu.abs()
         e_var = (2 * uo + r + 3 * c) * q + 2 * mu.abs() * e_mu
     else:
         mu = rec.buffers_before["running_mean"].view(shape)
         var = rec.buffers_before["running_var"].view(shape)
-        ax = x.abs()
         e_mu, e_var = uo * mu.abs(), uo * var.abs()
-    sigma = torch.sqrt(var + module.eps)
-    rel_sigma = e_var / (2 * (var + module.eps)) + 2 * c
-    xhat = (x - mu) / sigma
+    inv_sigma = torch.rsqrt(var + module.eps)
+    rel = e_var / (2 * (var + module.eps)) + 2 * c
+    xhat = (x - mu).mul_(inv_sigma)
     axhat = xhat.abs()
-    e_xhat = (uo * ax + e_mu) / sigma + axhat * (rel_sigma + 2 * c)
-    out = {"output.0": gamma * e_xhat + (uo + 2 * c) * gamma * axhat + (uo + c) * beta
-           + uout * rec.outputs[0].abs() + p.eta}
+    bound = ax * (gamma * uo * inv_sigma)
+    bound.addcmul_(axhat, gamma * (rel + 4 * c + uo)).add_(gamma * e_mu * inv_sigma + (uo + c) * beta + p.eta)
+    out = {"output.0": bound.add_(rec.outputs[0].abs().mul_(uout))}
     g = rec.grad_outputs[0] if rec.grad_outputs else None
     if g is not None:
         ag = g.abs()
@@ -325,20 +339,24 @@ def _bn_bounds(module: nn.Module, rec: object, params: dict[str, Tensor], p: Pre
         s_g = g.sum(dims, keepdim=True)
         s_gx = (g * xhat).sum(dims, keepdim=True)
         a1 = (ag * axhat).sum(dims, keepdim=True)
+        g_ex = uo * inv_sigma * (ag * ax).sum(dims, keepdim=True) + e_mu * inv_sigma * sum_ag + (rel + 2 * c) * a1
         e_sg = (uo + r) * sum_ag
-        e_sgx = (uo + r + c) * a1 + (ag * e_xhat).sum(dims, keepdim=True)
+        e_sgx = (uo + r + c) * a1 + g_ex
         out["grad_bias"] = (e_sg + uout * s_g.abs()).reshape(-1) + p.eta
         out["grad_weight"] = (e_sgx + uout * s_gx.abs()).reshape(-1) + p.eta
         if rec.grad_inputs and rec.grad_inputs[0] is not None:
-            a = gamma / sigma
+            a = gamma * inv_sigma
             if batch_stats:
-                t = g - s_g / R - xhat * (s_gx / R)
-                e_t = (uo * ag + e_sg / R + axhat * (e_sgx / R) + e_xhat * (s_gx.abs() / R)
-                       + 2 * c * (ag + s_g.abs() / R + axhat * (s_gx.abs() / R)))
+                k = s_gx.abs() / R
+                gx_b = ag * (a * (uo + 2 * c))
+                gx_b.addcmul_(axhat, a * (e_sgx / R + (4 * c + rel) * k))
+                gx_b.addcmul_(ax, a * uo * inv_sigma * k)
+                gx_b.add_(a * (e_sg / R + 2 * c * s_g.abs() / R + e_mu * inv_sigma * k) + p.eta)
+                t = (g - s_g / R).sub_(xhat.mul_(s_gx / R)).abs_()  # xhat is not needed after this
+                gx_b.addcmul_(t, a * rel + 2 * c * a)
             else:
-                t = g
-                e_t = (uo + c) * ag
-            out["grad_input.0"] = a * e_t + a * t.abs() * (rel_sigma + 2 * c) + uout * rec.grad_inputs[0].abs() + p.eta
+                gx_b = ag * (a * (uo + 3 * c + rel)) + p.eta
+            out["grad_input.0"] = gx_b.add_(rec.grad_inputs[0].abs().mul_(uout))
     if batch_stats and module.track_running_stats and rec.buffers_after:
         nbt = rec.buffers_before.get("num_batches_tracked")
         m = module.momentum if module.momentum is not None else 1.0 / (float(nbt) + 1 if nbt is not None else 1.0)
@@ -367,8 +385,31 @@ class Comparison:
         return self.ratio <= 1.0
 
 
+def abs_difference(side: Tensor, o: Tensor) -> Tensor:
+    """|side - o| in fp64 on the CPU, never writing into ``side`` (a fp64 CPU side converts to itself)."""
+    side = side.detach()
+    if side.dtype == torch.float64 and side.device.type == "cpu":
+        return (side - o).abs_()
+    return side.to("cpu", torch.float64).sub_(o).abs_()
+
+
+def oracle_scale(oracle: Tensor, cache: dict | None = None) -> float:
+    """max |oracle| over finite elements (1 if zero); memoised by tensor identity in ``cache``."""
+    key = id(oracle)
+    if cache is not None and key in cache and cache[key][0] is oracle:
+        return cache[key][1]
+    o = oracle.detach()
+    scale = float(o.abs().max()) if o.numel() else 0.0
+    if not math.isfinite(scale):
+        scale = float(o.abs().nan_to_num(0.0, posinf=0.0, neginf=0.0).max())
+    scale = scale if scale > 0 else 1.0
+    if cache is not None:
+        cache[key] = (oracle, scale)
+    return scale
+
+
 def compare(side: Tensor | None, oracle: Tensor | None, bound: Tensor | None,
-            exclude: Tensor | None = None) -> Comparison:
+            exclude: Tensor | None = None, cache: dict | None = None) -> Comparison:
     """Elementwise check ``|side - oracle| <= bound``; a missing or misshapen tensor fails outright.
 
     NaN against NaN and equal infinities count as equal; any other non-finite difference fails.
@@ -380,30 +421,36 @@ def compare(side: Tensor | None, oracle: Tensor | None, bound: Tensor | None,
     if oracle.numel() == 0:
         return Comparison(0.0, 0.0, 0.0, ())
     o = oracle.detach().to("cpu", torch.float64)
-    s = side.detach().to("cpu", torch.float64)
-    d = (s - o).abs_()
-    if not bool(torch.isfinite(d).all()):
-        equal = (torch.isnan(s) & torch.isnan(o)) | (s == o)
-        d = torch.where(equal, torch.zeros_like(d), d.nan_to_num(nan=math.inf))
+    d = abs_difference(side, o)
     if exclude is not None:
         d.masked_fill_(exclude.to("cpu").reshape(d.shape), 0.0)
+    dmax = float(d.max())
+    if not math.isfinite(dmax):
+        s = side.detach().to("cpu", torch.float64)
+        equal = (torch.isnan(s) & torch.isnan(o)) | (s == o)
+        d = torch.where(equal, torch.zeros_like(d), d.nan_to_num(nan=math.inf))
+        if exclude is not None:
+            d.masked_fill_(exclude.to("cpu").reshape(d.shape), 0.0)
+        dmax = float(d.max())
     b = torch.zeros((), dtype=torch.float64) if bound is None else bound.to("cpu", torch.float64)
-    ratio = (d / b).nan_to_num_(nan=0.0, posinf=math.inf)  # 0/0 -> 0; d > 0 against a zero bound -> inf
-    scale = float(o.abs().nan_to_num(0.0, posinf=0.0, neginf=0.0).max())
-    scale = scale if scale > 0 else 1.0
+    scale = oracle_scale(oracle, cache)
+    error = dmax / scale
+    if dmax == 0:
+        return Comparison(0.0, float(b.max()) / scale, 0.0, ())
+    ratio = d.div_(b).nan_to_num_(nan=0.0, posinf=math.inf)  # 0/0 -> 0; d > 0 against a zero bound -> inf
     flat_ratio = ratio.reshape(-1)
     worst_flat = int(torch.argmax(flat_ratio))
     worst_ratio = float(flat_ratio[worst_flat])
-    error = float(d.max()) / scale
     if worst_ratio > 0 and math.isfinite(worst_ratio):
         tolerance = error / worst_ratio
     else:
-        full_b = torch.broadcast_to(b, d.shape).reshape(-1)
+        full_b = torch.broadcast_to(b, ratio.shape).reshape(-1)
         tolerance = float(full_b[worst_flat] if worst_ratio > 0 else full_b.max()) / scale
-    worst = tuple(int(i) for i in torch.unravel_index(torch.tensor(worst_flat), tuple(d.shape))) if d.dim() else ()
+    worst = tuple(int(i) for i in torch.unravel_index(torch.tensor(worst_flat), tuple(ratio.shape))) if ratio.dim() \
+        else ()
     excluded = int(exclude.sum()) if exclude is not None else 0
     return Comparison(error, tolerance, worst_ratio, worst, excluded)
 
 
-__all__ = ["FALSE_ALARM", "Comparison", "Precision", "UnitBounds", "compare", "confidence", "linear_bound",
-           "underflow", "unit_bounds"]
+__all__ = ["FALSE_ALARM", "Comparison", "Precision", "UnitBounds", "abs_difference", "compare", "confidence",
+           "linear_bound", "oracle_scale", "underflow", "unit_bounds"]

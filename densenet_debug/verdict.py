@@ -33,7 +33,16 @@ from densenet_debug.backends import Backend, default_pair, environment, parse_ba
 from densenet_debug.errors import UsageError
 from densenet_debug.replay import exact_expectation, oracle_values, replay_unit, side_values
 from densenet_debug.report import DiffReport, Kink, Row, SideResult, first_divergence, merge_sides
-from densenet_debug.tolerance import Precision, UnitBounds, compare, confidence, underflow, unit_bounds
+from densenet_debug.tolerance import (
+    Precision,
+    UnitBounds,
+    abs_difference,
+    compare,
+    confidence,
+    oracle_scale,
+    underflow,
+    unit_bounds,
+)
 from densenet_debug.trace import Trace, discover_units, trace_step
 
 LEARNING_RATE = 0.1  # the shared SGD step between steps; any value that changes the weights will do
@@ -185,7 +194,7 @@ class _Aggregate:
 
 
 def _local_rows(name: str, step: int, module: nn.Module, o_rec: object, s_rec: object, bounds: UnitBounds,
-                backend: Backend, lam: float, kinks_out: list[Kink]) -> list[Row]:
+                backend: Backend, lam: float, kinks_out: list[Kink], cache: dict | None = None) -> list[Row]:
     replay = replay_unit(module, o_rec, s_rec, backend)
     operands = [t for t in replay.inputs if t is not None]
     truth = oracle_values(o_rec)
@@ -216,7 +225,7 @@ def _local_rows(name: str, step: int, module: nn.Module, o_rec: object, s_rec: o
             meta.setdefault(quantity, (pass_, f"{bounds.origin}; no rounding model: must be exact"))
         ex = exclude if (exclude is not None and quantity == "grad_input" and side_t is not None
                          and side_t.shape == exclude.shape) else None
-        comp = compare(side_t, oracle_t, bound, ex)
+        comp = compare(side_t, oracle_t, bound, ex, None if bounds.exact else cache)
         groups.setdefault(quantity, _Aggregate()).add(comp, index)
     rows = []
     for quantity, agg in groups.items():
@@ -244,18 +253,16 @@ def _multi(values: dict, quantity: str) -> bool:
     return sum(1 for k in values if k.startswith(quantity + ".")) > 1
 
 
-def _relerr(side_t: Tensor | None, truth: Tensor | None) -> float:
+def _relerr(side_t: Tensor | None, truth: Tensor | None, cache: dict | None = None) -> float:
+    """max |side - truth| / max |truth|; a missing or misshapen tensor, or a NaN, is infinitely wrong."""
     if truth is None and side_t is None:
         return 0.0
     if truth is None or side_t is None or tuple(side_t.shape) != tuple(truth.shape):
         return math.inf
-    o = truth.detach().to("cpu", torch.float64)
-    d = (side_t.detach().to("cpu", torch.float64) - o).abs()
-    if bool(torch.isnan(d).any()):
-        return math.inf
-    scale = float(o.abs().max()) if o.numel() else 0.0
-    err = float(d.max()) if d.numel() else 0.0
-    return err / scale if scale > 0 else (0.0 if err == 0 else math.inf)
+    if truth.numel() == 0:
+        return 0.0
+    err = float(abs_difference(side_t, truth).max())
+    return math.inf if math.isnan(err) else err / oracle_scale(truth, cache)
 
 
 def _accumulated(local: list[Row], oracle_trace: Trace) -> tuple[dict[int, float], dict[int, float], float]:
@@ -308,6 +315,7 @@ def judge(model: nn.Module, x: Tensor, y: Tensor, backend: str | Backend, oracle
     if missing:
         raise UsageError(f"unit(s) not in the model: {', '.join(missing[:5])}")
     lam = shared.setdefault("lam", confidence(_element_count(oracle[:steps])))
+    scales = shared.setdefault("scales", {})  # max |oracle| per oracle tensor, for both sides
     xs, ys = _input(x, backend.device, backend.param_dtype, backend), _target(y, backend.device, backend.param_dtype)
     rows: list[Row] = []
     kinks: list[Kink] = []
@@ -327,11 +335,11 @@ def judge(model: nn.Module, x: Tensor, y: Tensor, backend: str | Backend, oracle
             if bounds is None:
                 bounds = shared[(step, name)] = unit_bounds(ref_modules[name], o_rec, _params64(ref_modules[name]))
             local += _local_rows(name, step, side_modules[name], o_rec, s_trace.units.get(name), bounds, backend,
-                                 lam, step_kinks)
+                                 lam, step_kinks, scales)
         _blame_children(local, names)
         sites = _kink_sites(names, step, o_trace, s_trace, side_modules)
         step_kinks += [Kink(s.layer, s.count, s.min_margin, s.relative_margin, "", step) for s in sites]
-        prop_rows = _propagated_rows(names, step, o_trace, s_trace, local) if propagated else []
+        prop_rows = _propagated_rows(names, step, o_trace, s_trace, local, scales) if propagated else []
         if sites and any(r.status == "mismatch" and r.pass_ == "backward" for r in prop_rows):
             cf = _counterfactual(ref, x, y, o_trace, sites, names, loss_fn)
             result.counterfactual_steps.append(step)
@@ -371,7 +379,8 @@ def _kink_sites(names: list[str], step: int, o_trace: Trace, s_trace: Trace,
     return sites
 
 
-def _propagated_rows(names: list[str], step: int, o_trace: Trace, s_trace: Trace, local: list[Row]) -> list[Row]:
+def _propagated_rows(names: list[str], step: int, o_trace: Trace, s_trace: Trace, local: list[Row],
+                     scales: dict | None = None) -> list[Row]:
     fwd_cum, bwd_cum, total_forward = _accumulated(local, o_trace)
     rows = []
     for name in names:
@@ -383,7 +392,7 @@ def _propagated_rows(names: list[str], step: int, o_trace: Trace, s_trace: Trace
         groups: dict[str, tuple[float, int | None]] = {}
         for key in truth:
             quantity, pass_, index = _base(key)
-            err = _relerr(got.get(key), truth[key])
+            err = _relerr(got.get(key), truth[key], scales)
             if quantity not in groups or err > groups[quantity][0]:
                 groups[quantity] = (err, index)
         for quantity, (err, _index) in groups.items():
