@@ -101,12 +101,17 @@ def _num(v: float | None) -> float | str | None:
 
 
 def resolve_faults(names: Sequence[str] | None) -> list[str]:
-    """``None`` or ``["all"]``: every fault and control; otherwise the names given, checked."""
+    """``None`` or ``["all"]``: every fault and control; otherwise the ``NAME[=MAG]`` given, checked."""
     if not names or list(names) == ["all"]:
         return BUGS + CONTROLS
-    unknown = [n for n in names if n not in FAULTS]
+    unknown = [n for n in names if n.partition("=")[0] not in FAULTS]
     if unknown:
         raise UsageError(f"unknown fault(s) {', '.join(unknown)}; known: all, {', '.join(FAULTS)}")
+    placed = [n for n in names if "@" in n]
+    if placed:
+        raise UsageError(f"the self-test draws the layer itself (from --seed); drop '@...' from {placed[0]}")
+    for n in names:
+        make_fault(n)  # a bad magnitude fails here, before any work
     return list(dict.fromkeys(names))
 
 
@@ -160,17 +165,19 @@ def run_fault(
     name: str, *, model: str = DEFAULT_MODEL, seed: int = 0, batch: int = 4, backend: str = "native",
     device: str | None = None, layer: str | None = None, gradcheck: bool = True,
 ) -> FaultResult:
-    """Plant one fault (at ``layer``, or a unit drawn from ``seed``) and run diff (and gradcheck) on it."""
+    """Plant one fault ``NAME[=MAG]`` (at ``layer``, or a unit drawn from ``seed``); run diff (and gradcheck)."""
     from densenet_debug.verdict import diff
 
     start = time.perf_counter()
-    fault = make_fault(f"{name}@{layer}" if layer else name, seed=seed)
+    base, _, mag = name.partition("=")
+    fault = make_fault(f"{base}@{layer}" if layer else base, seed=seed)
     net = harness_model(model, fault, seed)
     unit = fault.choose(net)[0]
     fault.units = [unit]
     batch = max(batch, int(fault.needs.get("min_batch", 1)))
     x, y = harness_batch(batch, seed)
-    report = diff(net, x, y, f"{backend}+fault:{name}@{unit}", backend, device=device)
+    spec = f"{base}@{unit}" + (f"={mag}" if mag else "")
+    report = diff(net, x, y, f"{backend}+fault:{spec}", backend, device=device)
     first = report.first_divergence
     detected = report.verdict == "mismatch"
     if first is not None:
@@ -183,7 +190,7 @@ def run_fault(
         first,
     )
     if gradcheck and fault.in_math:
-        result.gradcheck, result.gradcheck_layer = _gradcheck(net, name, unit, x, y, seed, fault)
+        result.gradcheck, result.gradcheck_layer = _gradcheck(net, spec, unit, x, y, seed, fault)
     result.seconds = time.perf_counter() - start
     return result
 
@@ -195,12 +202,12 @@ def _float(v: object) -> float | None:
         return None
 
 
-def _gradcheck(net: nn.Module, name: str, unit: str, x: Tensor, y: Tensor, seed: int,
+def _gradcheck(net: nn.Module, spec: str, unit: str, x: Tensor, y: Tensor, seed: int,
                fault: Fault) -> tuple[str, str | None]:
     """The faulty model's planted unit, numerically, in fp64 (the check copies the model)."""
     from densenet_debug.gradcheck import gradcheck_model
 
-    faulty = make_fault(f"{name}@{unit}", seed=seed)
+    faulty = make_fault(spec, seed=seed)
     model = copy.deepcopy(net)
     faulty.apply(model)
     report = gradcheck_model(model, x.double(), y, layers=[unit], seed=seed,

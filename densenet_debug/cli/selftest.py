@@ -22,8 +22,9 @@ HELP = ("plant faithful copies of historical backend bugs (and precision control
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--faults", nargs="+", default=["all"], metavar="NAME",
-                        help="faults to plant (default all); known: " + ", ".join(FAULTS))
+    parser.add_argument("--faults", nargs="+", default=["all"], metavar="NAME[=MAG]",
+                        help="faults to plant, each with an optional magnitude (default all); known: "
+                             + ", ".join(FAULTS))
     parser.add_argument("--model", default=None, choices=sorted(BUILDERS), metavar="NAME",
                         help="model to plant in (default densenet-bc-16; densenet-bc-100 with --full)")
     parser.add_argument("--full", action="store_true", help="use DenseNet-BC-100 (minutes instead of seconds)")
