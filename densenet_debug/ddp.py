@@ -21,6 +21,7 @@ import subprocess
 import sys
 import tempfile
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -35,6 +36,9 @@ from densenet_debug import atomic
 from densenet_debug.errors import UsageError
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
+# PyTorch's stock DDP communication hooks (torch.distributed.algorithms.ddp_comm_hooks.default_hooks).
+COMM_HOOKS = {"allreduce": "allreduce_hook", "fp16_compress": "fp16_compress_hook",
+              "bf16_compress": "bf16_compress_hook"}
 
 
 @dataclass(frozen=True)
@@ -167,14 +171,20 @@ def _shards(t: Tensor, world_size: int) -> list[Tensor]:
 
 def ddp_gradients(
     model: nn.Module, x: Tensor, y: Tensor, *, world_size: int = 2, sync_bn: bool = False, spec: str | None = None,
-    num_classes: int | None = None, device: str = "cpu", timeout: float = 300.0,
+    num_classes: int | None = None, device: str = "cpu", backend: str | None = None, comm_hook: str | None = None,
+    timeout: float = 300.0,
 ) -> dict[str, Tensor]:
     """Parameter gradients of one DDP step on ``world_size`` real processes, each taking a contiguous shard.
 
     The children rebuild the model from ``spec`` (a ``--model`` string) or, for a :class:`DenseNet`, from its
     ``config``; weights, BN buffers, train/eval mode, inputs and labels travel in a ``torch.save`` file read
-    back with ``weights_only=True``. ``device="cuda"`` uses NCCL with one GPU per process.
+    back with ``weights_only=True``. ``device="cuda"`` uses NCCL with one GPU per process. ``backend`` (a
+    ``diff`` backend spec) prepares each process's model and runs its step under that backend's flags. Each
+    process computes with one thread, so a single process with one thread reproduces its shard bit for bit.
+    ``comm_hook`` names one of PyTorch's DDP communication hooks (:data:`COMM_HOOKS`), e.g. ``fp16_compress``.
     """
+    if comm_hook is not None and comm_hook not in COMM_HOOKS:
+        raise UsageError(f"unknown DDP communication hook {comm_hook!r}; valid: {', '.join(COMM_HOOKS)}")
     _shards(y, world_size)
     build = spec if spec is not None else getattr(model, "config", None)
     if build is None:
@@ -184,7 +194,8 @@ def ddp_gradients(
     with tempfile.TemporaryDirectory(prefix="densenet-debug-ddp-") as tmp:
         bundle = {"state": model.state_dict(), "training": model.training, "x": x.detach().cpu(),
                   "y": y.detach().cpu(), "build": build, "num_classes": num_classes, "sync_bn": sync_bn,
-                  "device": device}
+                  "device": device, "backend": backend,
+                  "comm_hook": comm_hook}
         torch.save(bundle, Path(tmp) / "input.pt")
         # Plain child processes (not multiprocessing's spawn, which re-imports the caller's __main__).
         env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -212,8 +223,10 @@ def ddp_gradients(
 
 
 def _worker(tmp: str, rank: int, world_size: int) -> None:
+    from densenet_debug.backends import parse_backend
     from densenet_debug.models import DenseNet, resolve_model
 
+    torch.set_num_threads(1)
     bundle = torch.load(Path(tmp) / "input.pt", weights_only=True)
     device = torch.device("cuda", rank) if bundle["device"] == "cuda" else torch.device("cpu")
     if device.type == "cuda":
@@ -224,13 +237,23 @@ def _worker(tmp: str, rank: int, world_size: int) -> None:
         build = bundle["build"]
         model = resolve_model(build, bundle["num_classes"]) if isinstance(build, str) else DenseNet(**build)
         model.load_state_dict(bundle["state"])
-        model.train(bundle["training"]).to(device)
+        model.train(bundle["training"])
+        x = bundle["x"].chunk(world_size)[rank]
+        y = bundle["y"].chunk(world_size)[rank].to(device)
+        if bundle["backend"]:
+            backend = parse_backend(bundle["backend"], device)
+            model, x, active = backend.prepare_model(model), backend.prepare_input(x), backend.active()
+        else:
+            model, x, active = model.to(device), x.to(device), nullcontext()
         if bundle["sync_bn"]:
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
         ddp = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-        x = bundle["x"].chunk(world_size)[rank].to(device)
-        y = bundle["y"].chunk(world_size)[rank].to(device)
-        F.cross_entropy(ddp(x), y).backward()
+        if bundle["comm_hook"]:
+            from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+
+            ddp.register_comm_hook(None, getattr(default_hooks, COMM_HOOKS[bundle["comm_hook"]]))
+        with active:
+            F.cross_entropy(ddp(x), y).backward()
         if rank == 0:
             grads = {n: p.grad.detach().cpu() for n, p in model.named_parameters() if p.grad is not None}
             with atomic.writing_file(Path(tmp) / "grads.pt") as out:

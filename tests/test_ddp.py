@@ -29,16 +29,19 @@ def setup():
     return model, torch.randn(8, 3, 16, 16, generator=g), torch.randint(0, 10, (8,), generator=g)
 
 
-def test_train_mode_ddp_is_the_mean_of_per_shard_gradients(setup):
+def test_shard_gradients_reduce_to_the_batch_gradient_without_batch_statistics(setup):
     model, x, y = setup
-    got = ddp_gradients(model.train(), x, y, world_size=2)
-    # Each process normalizes its shard with that shard's BN statistics; DDP averages the shard gradients.
-    # Equal up to fp32 summation order (all-reduce vs our sum): assert_close's float32 defaults.
-    want = shard_gradients(model, x, y, 2)
-    for name in want:
-        torch.testing.assert_close(got[name], want[name], msg=name)
-    # ...which is not the full batch's gradient: the BN statistics differ (that is BN, not a DDP fault).
-    assert _max_rel(got, batch_gradients(model, x, y)) > 1e-2
+    # One shard is the batch; in eval mode BN uses running statistics, so the shards' mean is the batch's.
+    torch.testing.assert_close(shard_gradients(model, x, y, 1), batch_gradients(model, x, y), rtol=0, atol=0)
+    model.eval()
+    try:
+        want, got = batch_gradients(model, x, y), shard_gradients(model, x, y, 4)
+        for name in want:
+            torch.testing.assert_close(got[name], want[name], msg=name)
+    finally:
+        model.train()
+    # In training mode they differ: each shard is normalized with its own statistics.
+    assert _max_rel(shard_gradients(model, x, y, 2), batch_gradients(model, x, y)) > 1e-2
 
 
 def test_eval_mode_ddp_equals_the_full_batch_gradient(setup):

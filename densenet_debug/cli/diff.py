@@ -20,7 +20,8 @@ HELP = ("compare two backends layer by layer against a float64 oracle (exit 0 ag
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--a", default=None, metavar="BACKEND",
                         help="first backend (default: cudnn with CUDA, else mkldnn); compose with '+', e.g. "
-                             "mkldnn+channels_last; valid: " + ", ".join(backend_names()))
+                             "mkldnn+channels_last; valid: " + ", ".join(backend_names()) + "; or ddp[:N][+HOOK]: "
+                             "DistributedDataParallel on N gloo processes vs the other side in one process")
     parser.add_argument("--b", default=None, metavar="BACKEND",
                         help="second backend (default: no-cudnn with CUDA, else native)")
     add_device_arg(parser)
@@ -55,9 +56,12 @@ def make_batch(model: torch.nn.Module, input_shape: tuple[int, ...], batch: int,
 
 
 def run(args: argparse.Namespace) -> int:
+    from densenet_debug.ddp_diff import parse_ddp_side, run_cli
     from densenet_debug.render import print_report, to_html
     from densenet_debug.verdict import diff
 
+    if parse_ddp_side(args.a) or parse_ddp_side(args.b):  # DDP vs one process: parameter gradients, own path
+        return run_cli(args)
     device = torch.device(args.device) if args.device else None
     if device is not None and device.type == "cuda" and not torch.cuda.is_available():
         raise UsageError(f"device {args.device} requested but CUDA is not available on this machine")
