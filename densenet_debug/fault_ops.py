@@ -105,6 +105,13 @@ def conv_forward(self: nn.Conv2d, x: Tensor) -> Tensor:
     return _ConvFn.apply(x, self.weight, self.bias, self._fault, _conv_args(self))
 
 
+def strided_read_forward(self: nn.Module, x: Tensor) -> Tensor:
+    """#708 on a conv, or its BN sibling (PR #2000): the backward reads grad_output as contiguous."""
+    if isinstance(self, nn.BatchNorm2d):
+        return bn_backward_fault_forward(self, x)
+    return conv_forward(self, x)
+
+
 def reordered_conv_forward(self: nn.Conv2d, x: Tensor) -> Tensor:
     """Control: the same conv with its channel reduction split into chunks summed last-to-first."""
     chunks = max(1, min(int(self._fault.mag), self.in_channels))
@@ -178,6 +185,8 @@ class _BatchNormFn(torch.autograd.Function):
     def backward(ctx, go: Tensor) -> tuple:
         x, w, mean, invstd = ctx.saved_tensors
         name, use_batch = ctx.cfg.name, ctx.use_batch
+        if name == "strided_read_as_contiguous":  # PR #2000: the BN sibling of #708
+            go = read_as_contiguous(go)
         if name == "bn_eval_backward_uses_batch_stats" and not use_batch:
             mean, invstd = _batch_stats(x, ctx.eps)  # #586: the train-mode formula in eval
             use_batch = True

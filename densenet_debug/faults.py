@@ -49,6 +49,10 @@ def _is_conv(name: str, m: nn.Module) -> bool:
             and not m.transposed)
 
 
+def _is_conv_or_bn(name: str, m: nn.Module) -> bool:
+    return _is_conv(name, m) or isinstance(m, nn.BatchNorm2d)
+
+
 def _is_dense_conv(name: str, m: nn.Module) -> bool:
     return _is_conv(name, m) and m.groups == 1 and m.in_channels >= 2
 
@@ -76,10 +80,11 @@ def _is_checkpointed_layer(name: str, m: nn.Module) -> bool:
 _BACKWARD_BN = ops.bn_backward_fault_forward
 
 FAULTS: dict[str, FaultSpec] = {s.name: s for s in [
-    FaultSpec("strided_read_as_contiguous", "pytorch#708 (cuDNN conv, Feb 2017; the DenseNet seed bug)",
-              "conv backward reads a non-contiguous grad_output (a cat-backward slice) with contiguous strides "
-              "from its storage offset: sample 0 right, samples >= 1 wrong, invisible at batch 1",
-              "Conv2d", ops.conv_forward, _is_conv, "backward", needs={"min_batch": 2}, in_math=True),
+    FaultSpec("strided_read_as_contiguous", "pytorch#708 (cuDNN conv, Feb 2017; the DenseNet seed bug), PR #2000 (BN)",
+              "conv (or BN) backward reads a non-contiguous grad_output (a cat-backward slice) with contiguous "
+              "strides from its storage offset: sample 0 right, samples >= 1 wrong, invisible at batch 1",
+              "Conv2d or BatchNorm2d", ops.strided_read_forward, _is_conv_or_bn, "backward", needs={"min_batch": 2},
+              in_math=True),
     FaultSpec("cat_backward_slice_offset", "storage-offset bookkeeping (catalog 3.2)",
               "cat backward hands input i the grad slice MAG channels past its own (wrapping)",
               "Concat", ops.shifted_cat_forward, _is_cat, "backward", in_math=True, mag=1.0,

@@ -19,6 +19,15 @@ from densenet_debug.models import DenseNet
 from densenet_debug.trace import trace_step
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models: one thread is faster, and immune to a busy machine's oversubscription."""
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(saved)
+
+
 def _model(seed: int = 0, name: str = "densenet-bc-16", padded_pools: bool = False, **kw) -> nn.Module:
     torch.manual_seed(seed)
     model = build_model(name, **kw).double()
@@ -295,3 +304,36 @@ def test_unit_drawn_from_seed_is_eligible_and_reproducible(seed, name):
     a, b = make_fault(name, seed=seed), make_fault(name, seed=seed)
     assert a.choose(model) == b.choose(model)
     assert a.choose(model)[0] in eligible_units(name, model)
+
+
+class _CatAfterBN(nn.Module):
+    """A user-style block: its BN output is the last cat input, so BN's grad_output is a cat slice."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.norm = nn.BatchNorm2d(4)
+        self.head = nn.Linear(7, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = torch.cat([x, self.norm(self.conv(x))], 1)
+        return self.head(out.mean((2, 3)) + out.pow(2).mean((2, 3)))
+
+
+def test_708_bn_sibling_on_a_user_model():
+    """PR #2000: the same contiguous read in BN's backward; a user model makes every conv and BN eligible."""
+    torch.manual_seed(0)
+    clean = _CatAfterBN().double()
+    assert eligible_units("strided_read_as_contiguous", clean) == ["conv", "norm"]
+    faulty = copy.deepcopy(clean)
+    make_fault("strided_read_as_contiguous@norm").apply(faulty)
+    x, y = _batch(3)
+    gx_c, gw_c, layout = _trace_unit_grads(clean, "norm", x, y)
+    gx_f, gw_f, _ = _trace_unit_grads(faulty, "norm", x, y)
+    assert not layout.is_contiguous
+    assert not _same(gx_f[1:], gx_c[1:]) and not _same(gw_f, gw_c)
+    conv_only = copy.deepcopy(clean)  # the conv's grad_output comes from BN's backward: contiguous, unharmed
+    make_fault("strided_read_as_contiguous@conv").apply(conv_only)
+    _, grads_c, _ = _run(clean, x, y)
+    _, grads_v, _ = _run(conv_only, x, y)
+    assert all(_same(grads_v[n], grads_c[n]) for n in grads_c)

@@ -8,7 +8,8 @@ eligible unit drawn from the seed). For each, two diffs against the fp64 oracle:
   unit, in the fault's pass, on side A, is a **localization**.
 
 Correct sides include the precision controls (``reordered_sum``, ``tf32_round`` at every conv), which are
-correct backends by construction; for the faulty diff such a side drops its control (one fault per unit). Goal: 100 % detected, >= 95 % localized, 0 false positives.
+correct backends by construction; for the faulty diff such a side drops its control (one fault per unit).
+Goal: 100 % detected, >= 95 % localized, 0 false positives.
 Anchor, same process: one plain fp32 forward+backward of the same model and batch (``ratio`` = mean diff
 time over it). Threads are pinned to 1 for the run: tiny models, and a shared machine.
 """
