@@ -21,7 +21,7 @@ $(STAMP): $(PY) pyproject.toml
 setup: $(STAMP)
 
 demo: setup
-	$(VENV)/bin/densenet-debug info
+	$(VENV)/bin/densenet-debug diff
 
 lint: setup
 	$(VENV)/bin/ruff check densenet_debug tests scripts

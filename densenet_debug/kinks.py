@@ -97,13 +97,16 @@ def find(layer: str, step: int, module: nn.Module, oracle_x: Tensor, side_x: Ten
         margins = (top - other)[mask]
         branch = is_
     else:
-        do, ds = derivative(module, xo), derivative(module, xs)
+        if type(module) is nn.ReLU:  # the common case without autograd: the branch is the sign
+            do, ds = xo > 0, xs > 0
+        else:
+            do, ds = derivative(module, xo), derivative(module, xs)
         mask = do != ds
         if not bool(mask.any()):
             return None
         dist = torch.stack([(xo - b).abs() for b in boundaries(module)]).amin(0)
         margins = dist[mask]
-        branch = ds
+        branch = ds.to(torch.float64)
     m = float(margins.min())
     return KinkSite(layer, step, int(mask.sum()), m, m / scale if scale > 0 else 0.0, mask, branch)
 

@@ -67,10 +67,12 @@ def _fp64(model: nn.Module, eval_mode: bool) -> nn.Module:
 
 
 def _unit_names(model: nn.Module, x: Tensor, units: object) -> list[str] | object:
+    """The units to judge: as given, or every unit :func:`discover_units` finds (the model's state is kept)."""
     if units is not None:
         return units
-    probe = copy.deepcopy(model).to("cpu", torch.float64)
-    return discover_units(probe, x.detach().to("cpu", torch.float64))
+    param = next(model.parameters(), None)
+    like = x.detach().to(param.device, param.dtype) if param is not None and param.is_floating_point() else x
+    return discover_units(model, like)
 
 
 def _sgd_step(model: nn.Module, trace: Trace) -> None:

@@ -10,7 +10,14 @@ from rich.console import Console
 
 from densenet_debug.atomic import write_text
 from densenet_debug.backends import backend_names, default_pair, parse_backend
-from densenet_debug.cli._common import add_device_arg, add_model_args, add_seed_arg, load_model, positive_int
+from densenet_debug.cli._common import (
+    add_device_arg,
+    add_model_args,
+    add_seed_arg,
+    load_model,
+    positive_int,
+    resolve_device,
+)
 from densenet_debug.errors import UsageError
 
 HELP = ("compare two backends layer by layer against a float64 oracle (exit 0 agree, 1 mismatch, "
@@ -62,9 +69,7 @@ def run(args: argparse.Namespace) -> int:
 
     if parse_ddp_side(args.a) or parse_ddp_side(args.b):  # DDP vs one process: parameter gradients, own path
         return run_cli(args)
-    device = torch.device(args.device) if args.device else None
-    if device is not None and device.type == "cuda" and not torch.cuda.is_available():
-        raise UsageError(f"device {args.device} requested but CUDA is not available on this machine")
+    device = resolve_device(args.device) if args.device else None
     da, db = default_pair(device)
     a, b = args.a or da, args.b or db
     parse_backend(a, device), parse_backend(b, device)  # bad names fail before the model is built
