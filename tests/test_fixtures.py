@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import copy
+import functools
 import io
 import json
+import shutil
 import zipfile
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import Phase, given, settings
 from hypothesis import strategies as st
 
 from densenet_debug import build_model
@@ -29,7 +31,17 @@ from densenet_debug.fixtures import (
 from densenet_debug.trace import Trace, trace_step
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(saved)
+
+
+@functools.lru_cache(maxsize=4)
 def _fp64_trace(seed: int = 0, batch: int = 2, model: str = "densenet-bc-10") -> tuple:
+    """(model, x, y, initial state, fp64 trace) of one step; cached, so treat as read-only."""
     torch.manual_seed(seed)
     m = build_model(model)
     g = torch.Generator().manual_seed(seed)
@@ -56,6 +68,12 @@ def _assert_same_trace(a: Trace, b: Trace, quantities=ALL_QUANTITIES) -> None:
                 assert (ta is None) == (tb is None), (ra.name, q)
                 if ta is not None:
                     assert ta.dtype == tb.dtype and torch.equal(ta, tb), (ra.name, q)
+
+
+@pytest.fixture(scope="module")
+def pristine(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One fixture written once, copied by the many corruption examples."""
+    return _write(tmp_path_factory.mktemp("pristine"))
 
 
 def _write(tmp_path: Path, name: str = "fx", **kw) -> Path:
@@ -179,8 +197,9 @@ def test_truncated_file(tmp_path: Path) -> None:
 
 @settings(max_examples=8, deadline=None)
 @given(which=st.sampled_from(["inputs.npz", "state.npz", "trace.npz", "index.json"]), where=st.floats(0, 0.999))
-def test_any_flipped_byte_is_caught(tmp_path_factory, which: str, where: float) -> None:
-    root = _write(tmp_path_factory.mktemp("flip"))
+def test_any_flipped_byte_is_caught(tmp_path_factory, pristine: Path, which: str, where: float) -> None:
+    root = tmp_path_factory.mktemp("flip") / "fx"
+    shutil.copytree(pristine, root)
     data = bytearray((root / which).read_bytes())
     data[int(where * len(data))] ^= 0x01
     (root / which).write_bytes(bytes(data))
@@ -237,3 +256,30 @@ def test_write_is_atomic(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Non
         write_fixture(root, {"model": {}, "storage": {}}, x, y, state, [trace])
     assert {p.name: p.read_bytes() for p in root.iterdir()} == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["fx"]
+
+
+# -- storage policies: the checkpoints policy rebuilds exactly the oracle the full policy stores -------------
+@settings(max_examples=4, deadline=None, phases=(Phase.explicit, Phase.reuse, Phase.generate))  # no slow shrink
+@given(seed=st.integers(0, 2**16), batch=st.integers(1, 3), eval_mode=st.booleans())
+def test_checkpoints_policy_rebuilds_the_full_oracle(tmp_path_factory, seed: int, batch: int,
+                                                      eval_mode: bool) -> None:
+    from densenet_debug.record import generate_batch, record_reference
+    from densenet_debug.reference import check_reference, load_reference, reference_oracle
+
+    torch.manual_seed(seed)
+    model = build_model("densenet-bc-10")
+    x, y, _ = generate_batch(batch, seed, (3, 8, 8), 10)
+    root = tmp_path_factory.mktemp("policy")
+    kw = {"eval_mode": eval_mode, "check_oracle": False}  # the NumPy cross-check has its own test
+    full = record_reference(model, x, y, root / "full", policy="full", **kw)
+    ckpt = record_reference(model, x, y, root / "ckpt", policy="checkpoints", **kw)
+    assert (ckpt / "trace.npz").stat().st_size < (full / "trace.npz").stat().st_size
+    fa, ma = load_reference(full, model)
+    fb, mb = load_reference(ckpt, model)
+    assert fa.complete and not fb.complete
+    oracle_a, _ = reference_oracle(fa, ma)
+    oracle_b, recomputed = reference_oracle(fb, mb)
+    _assert_same_trace(oracle_a[0], oracle_b[0])  # bit for bit: same torch, one thread, same stored inputs
+    result = check_reference(fb, "native", loaded=(fb, mb, oracle_b, recomputed))
+    assert result.verdict == "agree", result.message()
+    assert result.reproduction and all(r.error_a == 0.0 for r in result.reproduction)
