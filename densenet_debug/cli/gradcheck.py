@@ -1,0 +1,115 @@
+"""``densenet-debug gradcheck``: every unit's backward against finite differences, in float64."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import torch
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from densenet_debug.atomic import write_text
+from densenet_debug.cli._common import add_device_arg, add_model_args, add_seed_arg, load_model, resolve_device
+from densenet_debug.gradcheck import MODES, gradcheck_model
+from densenet_debug.gradcheck_report import GradcheckReport
+from densenet_debug.trace import discover_units
+
+HELP = "check every unit's backward against finite differences (fp64, teacher-forced, kink-aware)"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_model_args(parser, batch=2)
+    add_seed_arg(parser)
+    add_device_arg(parser)
+    parser.add_argument("--mode", choices=MODES, default="fast",
+                        help="fast: random directions, every unit in seconds; full: whole Jacobians of tensors "
+                             "under a size limit (2^22 entries, 2^24 for a unit named with --layer), fast above it")
+    parser.add_argument("--layer", action="append", default=None, metavar="NAME",
+                        help="check only this unit, or the units inside this module (repeatable; see --list)")
+    parser.add_argument("--eval", action="store_true", help="BatchNorm with running statistics (default: batch)")
+    parser.add_argument("--json", metavar="PATH", help="write the report as JSON (schema densenet-debug/gradcheck/1)")
+    parser.add_argument("--list", action="store_true", help="list the units that would be checked and exit")
+    parser.add_argument("--all-rows", action="store_true", help="print every row, not only failures and the worst")
+
+
+def run(args: argparse.Namespace) -> int:
+    torch.manual_seed(args.seed)
+    model = load_model(args)
+    device = resolve_device(args.device)
+    model = model.to(device)
+    x, y = _batch(model, args, device)
+    if args.list:
+        probe = _fp64(model, args.eval)
+        for name in discover_units(probe, x.to(torch.float64)):
+            print(name or "(model)")
+        return 0
+    console = Console(stderr=True)
+    with Progress(TextColumn("gradcheck"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.description}"),
+                  TimeElapsedColumn(), console=console, transient=True) as bar:
+        task = bar.add_task("", total=None)
+
+        def progress(done: int, total: int, name: str) -> None:
+            bar.update(task, completed=done, total=total, description=name)
+
+        report = gradcheck_model(model, x, y, mode=args.mode, layers=args.layer, seed=args.seed,
+                                 eval_mode=args.eval, progress=progress)
+    _print(report, args.all_rows)
+    if args.json:
+        write_text(args.json, json.dumps(report.to_json(), indent=2) + "\n")
+    return 0 if report.verdict == "pass" else 1
+
+
+def _fp64(model: torch.nn.Module, eval_mode: bool) -> torch.nn.Module:
+    import copy
+
+    return copy.deepcopy(model).to(torch.float64).train(not eval_mode)
+
+
+def _batch(model: torch.nn.Module, args: argparse.Namespace, device: torch.device) -> tuple[torch.Tensor, ...]:
+    g = torch.Generator().manual_seed(args.seed)
+    x = torch.randn(args.batch, *args.input_shape, generator=g)
+    with torch.no_grad():
+        was = model.training
+        classes = model.eval()(x[:1].to(device)).shape[1]
+        model.train(was)
+    y = torch.randint(0, classes, (args.batch,), generator=g)
+    return x.to(device), y.to(device)
+
+
+def _print(report: GradcheckReport, all_rows: bool, worst: int = 12) -> None:
+    console = Console()
+    rows = report.rows
+    if not all_rows:
+        shown = [r for r in rows if r.status in ("fail", "kink")]
+        rest = sorted((r for r in rows if r.status not in ("fail", "kink") and r.tolerance > 0),
+                      key=lambda r: r.error / r.tolerance, reverse=True)
+        rows = shown + rest[:max(0, worst - len(shown))]
+    table = Table(title=f"gradcheck ({report.mode}): {'all rows' if all_rows else 'failures and closest rows'}")
+    for col in ("unit", "tensor", "error", "tolerance", "err/tol", "resolution", "step", "kinks", "status"):
+        table.add_column(col, justify="left" if col in ("unit", "tensor", "status") else "right",
+                         overflow="fold" if col == "unit" else "ellipsis")
+    for r in rows:
+        ratio = r.error / r.tolerance if r.tolerance > 0 else (0.0 if r.error == 0 else float("inf"))
+        status = {"fail": "[red]FAIL[/]" + (" (culprit)" if r.culprit else ""), "kink": "[yellow]kink[/]",
+                  "skip": "skip"}.get(r.status, "ok")
+        table.add_row(r.layer or "(model)", _short(r.tensor), f"{r.error:.2e}", f"{r.tolerance:.2e}", f"{ratio:.3f}",
+                      "-" if r.resolution is None else f"{r.resolution:.1e}", f"{r.step:.0e}", str(r.kinks), status)
+    console.print(table)
+    if report.kinks:
+        total = sum(k.count for k in report.kinks)
+        console.print(f"kinks: {total} outputs in {len(report.kinks)} checks crossed a non-smooth point "
+                      "(ReLU at 0 ...); masked and re-checked" +
+                      ("" if all(k.resolved for k in report.kinks) else ", some could not be verified"))
+    res = [r.resolution for r in report.rows if r.resolution is not None]
+    worst_res = f"; detects a relative gradient error >= {max(res):.1e} in any tensor (p >= 1 - 1e-6)" if res else ""
+    verdict = "[green]pass[/]" if report.verdict == "pass" else "[red]FAIL[/]"
+    first = report.first_failure
+    where = f" — first culprit: {first['layer']} ({first['tensor']})" if first else ""
+    console.print(f"{verdict}: {len(report.units)} units, {len(report.rows)} checks in {report.seconds:.1f} s"
+                  f"{worst_res}{where}")
+
+
+def _short(text: str, n: int = 28) -> str:
+    return text if len(text) <= n else text[: n - 1] + "…"

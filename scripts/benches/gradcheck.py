@@ -1,0 +1,101 @@
+"""Our fast per-unit gradient check of every unit vs torch.autograd.gradcheck(fast_mode=True), same run.
+
+``scripts/bench.py gradcheck [--model densenet-bc-100] [--batch 2] [--seed 0] [--skip-torch]``.
+Figures: ``ratio`` = our time / torch's (target <= 0.05, first milestone <= 0.1), both on the same fp64
+model, batch and machine; torch's checks every parameter tensor of the model through the whole network
+(inputs only, one bool), ours every unit's input and parameter gradients, localized. Also the NumPy
+oracle's time for the same model and batch, and how many plain forward+backward passes each costs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import time
+
+import torch
+import torch.nn.functional as F
+from torch.func import functional_call
+
+from densenet_debug.gradcheck import gradcheck_model
+from densenet_debug.models import build_model
+
+
+def run(argv: list[str]) -> dict:
+    parser = argparse.ArgumentParser(prog="bench gradcheck")
+    parser.add_argument("--model", default="densenet-bc-100")
+    parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--skip-torch", action="store_true", help="skip torch's gradcheck (no ratio)")
+    args = parser.parse_args(argv)
+
+    torch.manual_seed(args.seed)
+    model = build_model(args.model)
+    g = torch.Generator().manual_seed(args.seed)
+    x = torch.randn(args.batch, 3, 32, 32, generator=g)
+    y = torch.randint(0, 10, (args.batch,), generator=g)
+
+    fwd_bwd = _time_forward_backward(model, x, y)
+    gradcheck_model(model, x, y, layers=["stem"])  # warm up kernels and imports once
+    start = time.perf_counter()
+    report = gradcheck_model(model, x, y)
+    ours = time.perf_counter() - start
+    result = {
+        "model": args.model, "batch": args.batch, "threads": torch.get_num_threads(),
+        "ours_s": round(ours, 3), "units": len(report.units), "rows": len(report.rows),
+        "verdict": report.verdict, "kinks": len(report.kinks),
+        "worst_resolution": max((r.resolution for r in report.rows if r.resolution is not None), default=None),
+        "worst_error_over_tolerance": max((r.error / r.tolerance for r in report.rows if r.tolerance > 0),
+                                          default=0.0),
+        "forward_backward_s": round(fwd_bwd, 4), "ours_in_forward_backwards": round(ours / fwd_bwd, 1),
+    }
+    oracle = _time_oracle(model, x, y)
+    if oracle is not None:
+        result["oracle_s"] = round(oracle, 3)
+        result["oracle_in_forward_backwards"] = round(oracle / fwd_bwd, 1)
+    if not args.skip_torch:
+        theirs, passed = _time_torch_gradcheck(model, x, y)
+        result.update(theirs_s=round(theirs, 3), theirs_passed=passed, ratio=round(ours / theirs, 4),
+                      theirs_in_forward_backwards=round(theirs / fwd_bwd, 1))
+    return result
+
+
+def _time_forward_backward(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, repeat: int = 3) -> float:
+    m = copy.deepcopy(model).double()
+    x = x.double()
+    F.cross_entropy(m(x), y).backward()
+    start = time.perf_counter()
+    for _ in range(repeat):
+        m.zero_grad()
+        F.cross_entropy(m(x), y).backward()
+    return (time.perf_counter() - start) / repeat
+
+
+def _time_oracle(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> float | None:
+    try:
+        from densenet_debug.oracle import numpy_forward_backward
+    except ImportError:
+        return None
+    state = {k: v.detach().double().numpy() for k, v in model.state_dict().items()}
+    xn, yn = x.double().numpy(), y.numpy()
+    numpy_forward_backward(state, model.config, xn, yn)  # warm up
+    start = time.perf_counter()
+    numpy_forward_backward(state, model.config, xn, yn)
+    return time.perf_counter() - start
+
+
+def _time_torch_gradcheck(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[float, bool]:
+    """torch's fast gradcheck w.r.t. every parameter of the fp64 model (BN in train mode, buffers copied)."""
+    m = copy.deepcopy(model).double()
+    names = [n for n, _ in m.named_parameters()]
+    params = tuple(p.detach().clone().requires_grad_() for p in m.parameters())
+    buffers = {k: b.clone() for k, b in m.named_buffers()}
+    x = x.double()
+
+    def loss(*ps: torch.Tensor) -> torch.Tensor:
+        bufs = {k: b.clone() for k, b in buffers.items()}  # train-mode BN writes its running stats
+        return F.cross_entropy(functional_call(m, {**dict(zip(names, ps)), **bufs}, (x,)), y)
+
+    start = time.perf_counter()
+    passed = torch.autograd.gradcheck(loss, params, fast_mode=True, raise_exception=False)
+    return time.perf_counter() - start, bool(passed)
