@@ -122,5 +122,9 @@ class GradientAudit:
 
 
 def _severity(row: Any) -> float:
+    """How far the row is from failing: the verdict's own element ratio when it has one, else error/tolerance."""
+    ratio = getattr(row, "ratio_a", None)
+    if ratio is not None:
+        return float(ratio)
     tol = float(row.tolerance)
     return float(row.error_a) / tol if tol > 0 else float("inf") if float(row.error_a) > 0 else 0.0
