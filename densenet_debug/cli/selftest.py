@@ -11,7 +11,7 @@ from rich.progress import Progress
 from rich.table import Table
 
 from densenet_debug.atomic import write_text
-from densenet_debug.cli._common import add_device_arg, add_seed_arg, positive_int
+from densenet_debug.cli._common import add_device_arg, positive_int
 from densenet_debug.errors import UsageError
 from densenet_debug.faults import FAULTS
 from densenet_debug.models import BUILDERS
@@ -34,7 +34,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "cudnn on CUDA)")
     parser.add_argument("--no-gradcheck", action="store_true",
                         help="skip the numerical gradient check of the faults that are in the math")
-    add_seed_arg(parser)
+    parser.add_argument("--seed", type=int, default=0,
+                        help="seed for weights, inputs, labels and the unit each fault is planted at (default 0)")
     add_device_arg(parser)
     parser.add_argument("--json", default=None, metavar="PATH", help="write the JSON report here")
 
