@@ -184,8 +184,14 @@ class Backend:
             yield
 
     def flags_in_force(self) -> dict:
-        """The flags as read back inside the last :meth:`active` (or as they would be set)."""
-        return dict(self._in_force) if self._in_force else _read_flags(self._wanted(), "")
+        """The flags as read back inside the last :meth:`active` (or as they would be set).
+
+        Under ``compile`` it also counts the graphs dynamo compiled so far, so a silent fallback to eager shows.
+        """
+        flags = dict(self._in_force) if self._in_force else _read_flags(self._wanted(), "")
+        if self.compile_backend:
+            flags["compiled_graphs"] = int(_dynamo().utils.counters["stats"].get("unique_graphs", 0))
+        return flags
 
 
 @contextmanager

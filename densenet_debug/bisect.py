@@ -36,7 +36,7 @@ def bisect_backend(model: nn.Module, x: Tensor, y: Tensor, failing: str, *, step
                    units: object = None, device: object = None, loss_fn=F.cross_entropy,  # noqa: ANN001
                    oracle: list | None = None) -> BisectResult:
     """Judge every component of ``failing`` alone, then every pair; report the smallest failing subsets."""
-    from densenet_debug.verdict import _unit_names, judge, oracle_traces
+    from densenet_debug.verdict import _unit_names, oracle_traces, release
 
     parts = [p.strip() for p in failing.split("+") if p.strip()]
     if len(parts) < 2:
@@ -46,6 +46,17 @@ def bisect_backend(model: nn.Module, x: Tensor, y: Tensor, failing: str, *, step
         oracle = oracle_traces(model, x, y, steps=steps, eval_mode=eval_mode, units=names, loss_fn=loss_fn)
     result = BisectResult(failing, [])
     shared: dict = {}
+    try:
+        _trials(model, x, y, parts, result, oracle, names, shared, steps, eval_mode, device, loss_fn)
+    finally:
+        release(oracle)
+    return result
+
+
+def _trials(model: nn.Module, x: Tensor, y: Tensor, parts: list[str], result: BisectResult, oracle: list,
+            names: object, shared: dict, steps: int, eval_mode: bool, device: object, loss_fn) -> None:  # noqa: ANN001
+    from densenet_debug.verdict import judge
+
     for size in (1, 2):
         failed = []
         for subset in itertools.combinations(parts, size):
@@ -65,5 +76,4 @@ def bisect_backend(model: nn.Module, x: Tensor, y: Tensor, failing: str, *, step
                 failed.append(spec)
         if failed:
             result.culprits = failed
-            break
-    return result
+            return

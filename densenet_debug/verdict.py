@@ -28,8 +28,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from densenet_debug import counterfactual
 from densenet_debug import kinks as kinkmod
 from densenet_debug.backends import Backend, default_pair, environment, parse_backend, unit_roundoff
+from densenet_debug.counterfactual import traced_step_with_gates
 from densenet_debug.errors import UsageError
 from densenet_debug.replay import exact_expectation, oracle_values, replay_unit, side_values
 from densenet_debug.report import DiffReport, Kink, Row, SideResult, first_divergence, merge_sides
@@ -49,7 +51,7 @@ LEARNING_RATE = 0.1  # the shared SGD step between steps; any value that changes
 LossFn = Callable[[Tensor, Tensor], Tensor]
 FAIL_ON = ("mismatch", "kink")
 
-__all__ = ["DiffReport", "Kink", "Row", "SideResult", "diff", "judge", "local_check", "oracle_traces"]
+__all__ = ["DiffReport", "Kink", "Row", "SideResult", "diff", "judge", "local_check", "oracle_traces", "release"]
 
 
 # -- preparing copies -------------------------------------------------------------------------------------
@@ -112,8 +114,12 @@ def _check_inputs(x: Tensor, y: Tensor) -> None:
 
 # -- the oracle --------------------------------------------------------------------------------------------
 def oracle_traces(model: nn.Module, x: Tensor, y: Tensor, *, steps: int = 1, eval_mode: bool = False,
-                  units: object = None, loss_fn: LossFn = F.cross_entropy) -> list[Trace]:
-    """The fp64 CPU truth: ``steps`` traced steps of a float64 copy of ``model`` (``model`` is untouched)."""
+                  units: object = None, loss_fn: LossFn = F.cross_entropy, keep_graph: bool = True) -> list[Trace]:
+    """The fp64 CPU truth: ``steps`` traced steps of a float64 copy of ``model`` (``model`` is untouched).
+
+    ``keep_graph`` keeps each step's autograd graph (``trace.retained``) so that kinks can be explained by one
+    more fp64 backward instead of a whole step; :func:`release` frees it.
+    """
     _check_inputs(x, y)
     if steps < 1:
         raise UsageError(f"steps must be >= 1, got {steps}")
@@ -122,10 +128,18 @@ def oracle_traces(model: nn.Module, x: Tensor, y: Tensor, *, steps: int = 1, eva
     x64, y64 = _input(x, torch.device("cpu"), torch.float64), _target(y, torch.device("cpu"), torch.float64)
     traces = []
     for _ in range(steps):
-        trace = trace_step(ref, x64, y64, units=names, loss_fn=loss_fn)
+        trace = traced_step_with_gates(ref, x64, y64, names, loss_fn) if keep_graph else trace_step(
+            ref, x64, y64, units=names, loss_fn=loss_fn)
         traces.append(trace)
         _sgd_step(ref, trace)
     return traces
+
+
+def release(oracle: list[Trace]) -> None:
+    """Free the autograd graphs :func:`oracle_traces` kept for counterfactuals (the traces stay valid)."""
+    for trace in oracle:
+        if getattr(trace, "retained", None) is not None:
+            trace.retained = None
 
 
 # -- one side ---------------------------------------------------------------------------------------------
@@ -345,7 +359,7 @@ def judge(model: nn.Module, x: Tensor, y: Tensor, backend: str | Backend, oracle
         if sites and any(r.status == "mismatch" and r.pass_ == "backward" for r in prop_rows):
             cf = _counterfactual(ref, x, y, o_trace, sites, names, loss_fn)
             result.counterfactual_steps.append(step)
-            _explain_by_kinks(prop_rows, s_trace, cf)
+            counterfactual.explain(prop_rows, s_trace, o_trace, cf, sites)
         _explain_by_local(prop_rows, local)
         rows += local + prop_rows
         kinks += step_kinks
@@ -413,39 +427,17 @@ def _propagated_rows(names: list[str], step: int, o_trace: Trace, s_trace: Trace
 
 
 def _counterfactual(ref: nn.Module, x: Tensor, y: Tensor, o_trace: Trace, sites: list[kinkmod.KinkSite],
-                    names: list[str], loss_fn: LossFn) -> Trace:
-    """The oracle again, in fp64, taking the side's branch at exactly the side's kink elements."""
-    modules = dict(ref.named_modules())
-    saved = {k: b.clone() for k, b in ref.named_buffers()}
-    with torch.no_grad():
-        for rec in o_trace:
-            module = modules.get(rec.name)
-            for k, b in rec.buffers_before.items():
-                getattr(module, k).copy_(b)
-    handles = [modules[s.layer].register_forward_hook(kinkmod.forcing_hook(s)) for s in sites]
-    try:
-        cpu = torch.device("cpu")
-        return trace_step(ref, _input(x, cpu, torch.float64), _target(y, cpu, torch.float64), units=names,
-                          record=("grad_inputs", "param_grads"), loss_fn=loss_fn)
-    finally:
-        for h in handles:
-            h.remove()
-        with torch.no_grad():
-            for k, b in ref.named_buffers():
-                b.copy_(saved[k])
-
-
-def _explain_by_kinks(rows: list[Row], s_trace: Trace, cf: Trace) -> None:
-    """Backward divergences that vanish against the counterfactual oracle are the kinks' doing."""
-    for r in rows:
-        if r.status != "mismatch" or r.pass_ != "backward" or r.layer not in cf or r.layer not in s_trace:
-            continue
-        truth = {k: v for k, v in oracle_values(cf[r.layer]).items() if _base(k)[0] == r.quantity}
-        got = side_values(s_trace[r.layer])
-        err = max((_relerr(got.get(k), v) for k, v in truth.items()), default=math.inf)
-        if err <= r.tolerance:
-            r.status = "kink"
-            r.note = f"agrees with the counterfactual oracle (side's branch at its kinks): error {err:.2e}"
+                    names: list[str], loss_fn: LossFn) -> dict:
+    """grad_outputs and parameter grads of the oracle taking the side's branch at the side's kink elements."""
+    retained = getattr(o_trace, "retained", None)
+    if retained is not None:
+        try:
+            return retained.gradients(sites)
+        except RuntimeError:  # a graph that cannot be walked twice (e.g. freed by a checkpoint): re-run
+            o_trace.retained = None
+    cpu = torch.device("cpu")
+    return counterfactual.rerun_gradients(ref, _input(x, cpu, torch.float64), _target(y, cpu, torch.float64),
+                                          o_trace, sites, names, loss_fn)
 
 
 def _explain_by_local(rows: list[Row], local: list[Row]) -> None:
@@ -477,8 +469,11 @@ def diff(model: nn.Module, x: Tensor, y: Tensor, a: str | Backend | None = None,
     oracle = oracle_traces(model, x, y, steps=steps, eval_mode=eval_mode, units=names, loss_fn=loss_fn)
     shared: dict = {}
     kw = dict(units=names, steps=steps, eval_mode=eval_mode, loss_fn=loss_fn, _shared=shared)
-    side_a = judge(model, x, y, ba, oracle, **kw)
-    side_b = judge(model, x, y, bb, oracle, **kw)
+    try:
+        side_a = judge(model, x, y, ba, oracle, **kw)
+        side_b = judge(model, x, y, bb, oracle, **kw)
+    finally:
+        release(oracle)
     return _report(side_a, side_b, oracle, ba, bb, fail_on, steps, eval_mode, x)
 
 
@@ -537,6 +532,6 @@ def local_check(model: nn.Module, x: Tensor, y: Tensor, backend: str | Backend, 
     """
     backend = parse_backend(backend)
     names = _unit_names(model, x, units)
-    oracle = oracle_traces(model, x, y, units=names, loss_fn=loss_fn)
+    oracle = oracle_traces(model, x, y, units=names, loss_fn=loss_fn, keep_graph=False)
     result = judge(model, x, y, backend, oracle, units=names, loss_fn=loss_fn, propagated=False)
     return result.rows

@@ -15,7 +15,6 @@ from densenet_debug.errors import UsageError
     ("native+", "empty component"),
     ("native+mkldnn", "conflicts"),
     ("fp64+bf16", "cannot be combined"),
-    ("compile:no_such_backend", "unknown torch.compile backend"),
     ("", "empty backend name"),
 ])
 def test_bad_specs_raise_one_line_usage_errors(spec: str, message: str) -> None:
@@ -111,3 +110,20 @@ def test_faults_are_applied_last_on_the_prepared_copy_and_their_needs_are_merged
 def test_fault_components_resolve_through_the_registry() -> None:
     b = parse_backend("native+fault:cat_backward_slice_offset@block1.cat")
     assert isinstance(b, Backend) and b.faults and b.faults[0].name == "cat_backward_slice_offset"
+
+
+@pytest.mark.slow
+def test_compiled_units_really_compile_and_agree_with_eager() -> None:
+    """Every unit compiled separately (aot_eager keeps this quick); the report shows graphs were compiled."""
+    from densenet_debug.verdict import diff
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+                          nn.Flatten(), nn.Linear(4, 5))
+    x, y = torch.randn(3, 3, 8, 8), torch.tensor([1, 2, 3])
+    with pytest.raises(UsageError, match="unknown torch.compile backend"):
+        parse_backend("compile:no_such_backend")
+    report = diff(model, x, y, "compile:aot_eager", "native")
+    assert report.verdict == "agree", report.summary
+    assert report.environment["flags_a"]["compile"] == "aot_eager"
+    assert report.environment["flags_a"]["compiled_graphs"] >= 4
