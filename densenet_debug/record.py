@@ -117,13 +117,17 @@ def one_thread() -> Iterator[None]:
         torch.set_num_threads(saved)
 
 
-def oracle_traces(model: nn.Module, inputs: Tensor, targets: Tensor, steps: int = 1,
-                  eval_mode: bool = False) -> list[Trace]:
-    """The float64 CPU oracle of the verdict engine, computed with one thread on a copy of ``model``."""
+def oracle_traces(model: nn.Module, inputs: Tensor, targets: Tensor, steps: int = 1, eval_mode: bool = False,
+                  units: list[str] | None = None, keep_graph: bool = True) -> list[Trace]:
+    """The verdict engine's float64 CPU oracle (``model`` untouched), computed with one thread.
+
+    ``units``: the unit names, when known (a fixture's), which spares the discovery pass; ``keep_graph``
+    keeps each step's autograd graph for the judge's kink explanations (not needed to record).
+    """
     from densenet_debug.verdict import oracle_traces as oracle
 
     with one_thread():
-        return oracle(copy.deepcopy(model), inputs, targets, steps=steps, eval_mode=eval_mode)
+        return oracle(model, inputs, targets, steps=steps, eval_mode=eval_mode, units=units, keep_graph=keep_graph)
 
 
 def cross_check(model: nn.Module, inputs: Tensor, targets: Tensor, steps: int, eval_mode: bool) -> dict:
@@ -201,7 +205,7 @@ def record_reference(
     model = copy.deepcopy(model).cpu()
     inputs, targets = inputs.detach().cpu(), targets.detach().cpu()
     state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    traces = oracle_traces(model, inputs, targets, steps=steps, eval_mode=eval_mode)
+    traces = oracle_traces(model, inputs, targets, steps=steps, eval_mode=eval_mode, keep_graph=False)
     checked = cross_check(model, inputs, targets, steps, eval_mode) if check_oracle else {"status": "skipped"}
     full_bytes = max(distinct_bytes(t) for t in traces)
     chosen = policy if policy != "auto" else ("full" if full_bytes <= max_mb * 1e6 else "checkpoints")

@@ -141,7 +141,7 @@ def reference_oracle(fixture: Fixture, model: nn.Module) -> tuple[list[Trace], l
         return fixture.traces, [{} for _ in fixture.traces]
     step = fixture.meta.get("step", {})
     fresh = oracle_traces(model, fixture.inputs, fixture.targets, steps=int(step.get("steps", len(fixture.traces))),
-                          eval_mode=step.get("bn_mode") == "eval")
+                          eval_mode=step.get("bn_mode") == "eval", units=fixture.traces[0].forward_order)
     recomputed: list[dict] = []
     for stored, new, kept in zip(fixture.traces, fresh, fixture.stored):
         missing = [u for u in stored.units if u not in new.units]

@@ -62,8 +62,14 @@ def test_net_gradients(grad_reference):
 
 @pytest.fixture(autouse=True, scope="module")
 def _one_thread():
-    """In-process pytest runs share this process; one thread avoids oversubscription on a busy 2-core box."""
+    """In-process pytest runs share this process; one thread avoids oversubscription on a busy 2-core box.
+
+    torch._dynamo is imported here, outside the inner runs: pytester drops the modules an inner run imported,
+    and a second import of torch._dynamo would register its C++ operator library twice (a RuntimeError).
+    The verdict engine imports it for units it has no op model for, such as this user model's Gate.
+    """
     import torch
+    import torch._dynamo  # noqa: F401
 
     saved = torch.get_num_threads()
     torch.set_num_threads(1)
