@@ -150,7 +150,8 @@ def first_divergence(rows: list[Row], kinks_fail: bool = False) -> dict | None:
     failing = [r for r in rows if r.status == "mismatch" or (kinks_fail and r.status == "kink")]
     if not failing:
         return None
-    r = min(failing, key=rank)
+    culprits = [r for r in failing if not r.note.startswith("explained by failing unit")]
+    r = min(culprits or failing, key=rank)
     side = r.side if r.side in ("a", "b") else ("a" if (r.ratio_a or 0) >= (r.ratio_b or 0) else "b")
     error = r.error_a if side == "a" else r.error_b
     return {"layer": r.layer, "pass": r.pass_, "quantity": r.quantity, "error": _num(error),

@@ -198,6 +198,20 @@ class _Composite(nn.Module):
         return h + x
 
 
+class _WrongChildComposite(_Composite):
+    def forward(self, x: Tensor) -> Tensor:
+        return self.conv(x) + x
+
+
+class NativeOnlyWrongInputGradConv(nn.Conv2d):
+    """Wrong input gradient (x1.5) only with oneDNN off, in fp32."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.dtype == torch.float32 and not torch.backends.mkldnn.enabled:
+            x = _GradFn.apply(x, lambda g: 1.5 * g)
+        return self._conv_forward(x, self.weight, self.bias)
+
+
 def test_a_failing_composite_whose_children_pass_is_the_culprit() -> None:
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(3, 4, 1), _Composite(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 5))
@@ -205,6 +219,37 @@ def test_a_failing_composite_whose_children_pass_is_the_culprit() -> None:
     report = diff(model, x, y, "native", "fp64")
     assert report.first_divergence["layer"] == "1" and report.first_divergence["mode"] == "local"
     assert all(r.status == "ok" for r in report.rows if r.mode == "local" and r.layer == "1.conv")
+
+
+def test_a_failing_child_is_blamed_before_its_composite() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 1), _WrongChildComposite(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                          nn.Linear(4, 5))
+    model[1].conv.__class__ = NativeOnlyWrongInputGradConv
+    x, y = torch.randn(2, 3, 6, 6), torch.tensor([1, 3])
+    report = diff(model, x, y, "mkldnn", "native")
+    assert report.first_divergence["layer"] == "1.conv"
+    composite = [r for r in report.rows if r.layer == "1" and r.mode == "local" and r.status == "mismatch"]
+    assert composite and all(r.note.startswith("explained by failing unit 1.conv") for r in composite)
+
+
+@pytest.mark.gpu
+def test_cudnn_against_native_cuda_kernels_agrees() -> None:
+    x, y = _batch(4)
+    report = diff(_model("densenet-bc-16"), x, y)  # the defaults with CUDA: cudnn vs no-cudnn
+    assert (report.a, report.b) == ("cudnn", "no-cudnn")
+    assert report.verdict == "agree", report.summary
+    assert report.environment["flags_a"]["cudnn.enabled"] is True
+    assert report.environment["flags_b"]["cudnn.enabled"] is False
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("a", ["cudnn-benchmark", "cudnn-deterministic", "cudnn+channels_last", "tf32", "bf16",
+                               "fp16"])
+def test_cuda_backends_agree_with_their_own_precision(a: str) -> None:
+    x, y = _batch(4)
+    report = diff(_model("densenet-bc-16"), x, y, a, "no-cudnn", device="cuda")
+    assert report.verdict == "agree", report.summary
 
 
 def test_needs_of_a_planted_fault_raise_the_steps() -> None:
