@@ -35,6 +35,9 @@ def _nonnegative_float(text: str) -> float:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_model_args(parser)
+    for action in parser._actions:  # the shared option means something more specific here
+        if "--num-classes" in action.option_strings:
+            action.help = "classes (default: the dataset's; 10 for --synthetic); must match the dataset"
     data = parser.add_argument_group("data")
     data.add_argument("--dataset", choices=DATASETS, default="cifar10", help="(default cifar10)")
     data.add_argument("--data-root", default="data",
