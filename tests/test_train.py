@@ -143,3 +143,14 @@ def test_evaluate_is_a_per_sample_mean(tiny_model):
         out = model(normalize(data.images, data.mean, data.std))
     assert loss == pytest.approx(torch.nn.functional.cross_entropy(out, data.labels).item(), rel=1e-5)
     assert err == pytest.approx(100.0 * (out.argmax(1) != data.labels).float().mean().item())
+
+
+@pytest.mark.gpu
+def test_cuda_fp16_amp_channels_last_checkpoint_and_resume(tmp_path):
+    cuda = dict(device="cuda", amp=True, channels_last=True, memory_efficient=True)
+    train(tiny(tmp_path, epochs=1, **cuda))
+    state = load_checkpoint(tmp_path / "run" / "checkpoint.pt")
+    assert state["scaler"] and "scale" in state["scaler"]  # fp16 gradient scaling resumes where it was
+    result = train(tiny(tmp_path, epochs=2, resume=True, **cuda))
+    assert result.epochs_done == 2 and 0 < result.test_loss < 10
+    assert [r["epoch"] for r in _rows(tmp_path / "run" / "test.csv")] == ["1", "2"]
