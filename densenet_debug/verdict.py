@@ -325,8 +325,8 @@ def judge(model: nn.Module, x: Tensor, y: Tensor, backend: str | Backend, oracle
     shared = _shared if _shared is not None else {}
     names = list(units) if units is not None and not callable(units) else oracle[0].forward_order
     side = _set_mode(backend.prepare_model(model), eval_mode)
-    ref = _fp64(model, eval_mode)
-    side_modules, ref_modules = dict(side.named_modules()), dict(ref.named_modules())
+    ref = _Reference(model, eval_mode, oracle)
+    side_modules = dict(side.named_modules())
     missing = [n for n in names if n not in side_modules]
     if missing:
         raise UsageError(f"unit(s) not in the model: {', '.join(missing[:5])}")
@@ -349,7 +349,8 @@ def judge(model: nn.Module, x: Tensor, y: Tensor, backend: str | Backend, oracle
             o_rec = o_trace[name]
             bounds = shared.get((step, name))
             if bounds is None:
-                bounds = shared[(step, name)] = unit_bounds(ref_modules[name], o_rec, _params64(ref_modules[name]))
+                unit = ref.at(step)[name]
+                bounds = shared[(step, name)] = unit_bounds(unit, o_rec, _params64(unit))
             local += _local_rows(name, step, side_modules[name], o_rec, s_trace.units.get(name), bounds, backend,
                                  lam, step_kinks, scales)
         _blame_children(local, names)
@@ -357,15 +358,38 @@ def judge(model: nn.Module, x: Tensor, y: Tensor, backend: str | Backend, oracle
         step_kinks += [Kink(s.layer, s.count, s.min_margin, s.relative_margin, "", step) for s in sites]
         prop_rows = _propagated_rows(names, step, o_trace, s_trace, local, scales) if propagated else []
         if sites and any(r.status == "mismatch" and r.pass_ == "backward" for r in prop_rows):
-            cf = _counterfactual(ref, x, y, o_trace, sites, names, loss_fn)
+            cf = _counterfactual(ref, step, x, y, o_trace, sites, names, loss_fn)
             result.counterfactual_steps.append(step)
             counterfactual.explain(prop_rows, s_trace, o_trace, cf, sites)
         _explain_by_local(prop_rows, local)
         rows += local + prop_rows
         kinks += step_kinks
         _sgd_step(side, o_trace)
-        _sgd_step(ref, o_trace)
     return result
+
+
+class _Reference:
+    """The fp64 CPU copy of the model at a step (weights moved by the oracle's SGD steps), built on demand:
+    with the error-model magnitudes already shared by another side, a judge needs none."""
+
+    def __init__(self, model: nn.Module, eval_mode: bool, oracle: list[Trace]) -> None:
+        self.model, self.eval_mode, self.oracle = model, eval_mode, oracle
+        self.ref: nn.Module | None = None
+        self.modules: dict[str, nn.Module] = {}
+        self.step = 0
+
+    def module(self, step: int) -> nn.Module:
+        if self.ref is None or self.step > step:
+            self.ref, self.step = _fp64(self.model, self.eval_mode), 0
+            self.modules = dict(self.ref.named_modules())
+        while self.step < step:
+            _sgd_step(self.ref, self.oracle[self.step])
+            self.step += 1
+        return self.ref
+
+    def at(self, step: int) -> dict[str, nn.Module]:
+        self.module(step)
+        return self.modules
 
 
 def _blame_children(local: list[Row], names: list[str]) -> None:
@@ -426,8 +450,8 @@ def _propagated_rows(names: list[str], step: int, o_trace: Trace, s_trace: Trace
     return rows
 
 
-def _counterfactual(ref: nn.Module, x: Tensor, y: Tensor, o_trace: Trace, sites: list[kinkmod.KinkSite],
-                    names: list[str], loss_fn: LossFn) -> dict:
+def _counterfactual(ref: _Reference, step: int, x: Tensor, y: Tensor, o_trace: Trace,
+                    sites: list[kinkmod.KinkSite], names: list[str], loss_fn: LossFn) -> dict:
     """grad_outputs and parameter grads of the oracle taking the side's branch at the side's kink elements."""
     retained = getattr(o_trace, "retained", None)
     if retained is not None:
@@ -436,8 +460,8 @@ def _counterfactual(ref: nn.Module, x: Tensor, y: Tensor, o_trace: Trace, sites:
         except RuntimeError:  # a graph that cannot be walked twice (e.g. freed by a checkpoint): re-run
             o_trace.retained = None
     cpu = torch.device("cpu")
-    return counterfactual.rerun_gradients(ref, _input(x, cpu, torch.float64), _target(y, cpu, torch.float64),
-                                          o_trace, sites, names, loss_fn)
+    return counterfactual.rerun_gradients(ref.module(step), _input(x, cpu, torch.float64),
+                                          _target(y, cpu, torch.float64), o_trace, sites, names, loss_fn)
 
 
 def _explain_by_local(rows: list[Row], local: list[Row]) -> None:
