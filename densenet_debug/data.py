@@ -76,6 +76,19 @@ def load_dataset(name: str, root: str | os.PathLike, split: str) -> ImageSet:
     return ImageSet(name, images, labels, classes, mean, std)
 
 
+def require_dataset(name: str, root: str | os.PathLike) -> None:
+    """Fail now, in one line, if a split's files are missing (before minutes of model building)."""
+    if name not in DATASETS:
+        raise UsageError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
+    for split in ("train", "test"):
+        if name == "cifar10":
+            _find(Path(root), _CIFAR10_DIR, _CIFAR10_FILES, name, split)
+        elif name == "cifar100":
+            _find(Path(root), _CIFAR100_DIR, _CIFAR100_FILES, name, split)
+        else:
+            _svhn_path(Path(root), split)
+
+
 def synthetic_dataset(n: int, shape: tuple[int, ...] = (3, 32, 32), num_classes: int = 10,
                       seed: int = 0) -> ImageSet:
     """Random images with a learnable signal: each class adds its own colour offset to uniform noise."""
@@ -118,11 +131,7 @@ def _read_cifar(paths: list[Path], label_bytes: int) -> tuple[Tensor, Tensor]:
     return images, labels
 
 
-def _read_svhn(root: Path, split: str) -> tuple[Tensor, Tensor]:
-    """SVHN format 2: ``X`` (32, 32, 3, N) uint8 and ``y`` (N, 1) with labels 1..10, where 10 means digit 0.
-
-    Read from ``{split}_32x32.mat`` or the same arrays saved as ``{split}_32x32.npz`` (loaded without pickle).
-    """
+def _svhn_path(root: Path, split: str) -> Path:
     candidates = [root / "svhn" / f"{split}_32x32.{ext}" for ext in ("mat", "npz")]
     candidates += [root / f"{split}_32x32.{ext}" for ext in ("mat", "npz")]
     path = next((p for p in candidates if p.is_file()), None)
@@ -130,6 +139,15 @@ def _read_svhn(root: Path, split: str) -> tuple[Tensor, Tensor]:
         raise UsageError(f"svhn {split} data not found: put train_32x32.mat and test_32x32.mat (format 2 from "
                          f"http://ufldl.stanford.edu/housenumbers/), or the same arrays X, y as .npz, "
                          f"in {root / 'svhn'}/")
+    return path
+
+
+def _read_svhn(root: Path, split: str) -> tuple[Tensor, Tensor]:
+    """SVHN format 2: ``X`` (32, 32, 3, N) uint8 and ``y`` (N, 1) with labels 1..10, where 10 means digit 0.
+
+    Read from ``{split}_32x32.mat`` or the same arrays saved as ``{split}_32x32.npz`` (loaded without pickle).
+    """
+    path = _svhn_path(root, split)
     if path.suffix == ".npz":
         try:
             with np.load(path, allow_pickle=False) as z:

@@ -25,7 +25,15 @@ from torch import Tensor, nn
 
 from densenet_debug import atomic, ddp
 from densenet_debug.checkpoint import FILENAME, check_compatible, load_checkpoint, save_checkpoint, set_rng_state
-from densenet_debug.data import NUM_CLASSES, ImageSet, batches, load_dataset, num_batches, synthetic_dataset
+from densenet_debug.data import (
+    NUM_CLASSES,
+    ImageSet,
+    batches,
+    load_dataset,
+    num_batches,
+    require_dataset,
+    synthetic_dataset,
+)
 from densenet_debug.errors import UsageError
 from densenet_debug.models import BUILDERS, DEFAULT_MODEL, resolve_model
 from densenet_debug.progress import ConsoleProgress, ProgressLogs
@@ -195,7 +203,11 @@ def _train(config: TrainConfig, device: torch.device, info: ddp.DistInfo) -> Tra
     record = _record(config, classes)
     if state is not None:
         check_compatible(state["config"], record, RESUME_KEYS)
-    model = build_model(config, classes)  # before the data: a bad --model fails in a second, not after a load
+    if not config.synthetic:
+        if tuple(config.input_shape) != (3, 32, 32):
+            raise UsageError(f"{config.dataset} images are 3,32,32; --input-shape applies to --synthetic only")
+        require_dataset(config.dataset, config.data_root)  # missing files: one line before any real work
+    model = build_model(config, classes)  # before reading the data: a bad --model fails in seconds
     train_set, test_set = load_data(config)
     start = 0
     if state is not None:

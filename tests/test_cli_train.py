@@ -51,7 +51,7 @@ def test_flags_map_onto_the_config():
     (["--dataset", "mnist"], "invalid choice"),
     (["--lr", "-1"], "expected a positive number"),
     (["--data-root", "/nonexistent"], "cifar10 train data not found: put data_batch_1.bin"),
-    (["--model", "nope"], "unknown model"),
+    (["--model", "nope", "--synthetic"], "unknown model"),
 ])
 def test_bad_input_is_one_line_exit_2(tmp_path, capsys, argv, fragment):
     try:
