@@ -67,13 +67,19 @@ def _summary(check: str, result: Path, output: str | None, seconds: float) -> di
         return {"check": check, "verdict": "error", "detail": lines[-1] if lines else "no output",
                 "seconds": round(seconds, 1)}
     data = json.loads(result.read_text())
+    if "cases" in data:  # the sweep: one verdict per case
+        failing = [c for c in data["cases"] if c.get("verdict") != "agree"]
+        detail = f"{len(data['cases'])} cases" + (f"; first failing {failing[0]['case'].get('id')}" if failing else "")
+        return {"check": check, "file": result.name, "verdict": "mismatch" if failing else "agree",
+                "detail": detail, "seconds": round(seconds, 1), "rows": len(data["cases"]), "kink_elements": 0}
     first = data.get("first_divergence")
     detail = ""
     if first:
         detail = f"{first.get('mode')} {first.get('layer')} {first.get('pass')} {first.get('quantity')}"
     repro = data.get("reproduction") or []
     kinks = sum(k.get("count", 0) for k in data.get("kinks", []))
-    cell = {"check": check, "verdict": data.get("verdict"), "detail": detail, "seconds": round(seconds, 1),
+    cell = {"check": check, "file": result.name, "verdict": data.get("verdict"), "detail": detail,
+            "seconds": round(seconds, 1),
             "rows": len(data.get("rows", [])), "kink_elements": kinks}
     if repro:
         cell["reproduction"] = "ok" if all(r["status"] == "ok" for r in repro) else "drifted"
@@ -88,7 +94,11 @@ def table(session: nox.Session) -> None:
     summaries = {}
     for path in sorted(WORK.glob("*/summary.json")):
         data = json.loads(path.read_text())
-        summaries[data["torch"]] = {c["check"]: c for c in data["checks"]}
+        cells = {}
+        for c in data["checks"]:  # re-read each result, so the table follows the latest summarising rules
+            result = path.parent / str(c.get("file"))
+            cells[c["check"]] = _summary(c["check"], result, c.get("detail"), c["seconds"]) if result.is_file() else c
+        summaries[data["torch"]] = cells
     if not summaries:
         session.error("no results under work/matrix/: run the reference sessions first")
     versions = sorted(summaries)
@@ -102,7 +112,9 @@ def table(session: nox.Session) -> None:
             if c is None:
                 cells.append("-")
                 continue
-            text = c["verdict"] + (f" ({c['detail']})" if c.get("detail") else "")
+            text = str(c["verdict"]) + (f" ({c['detail']})" if c.get("detail") else "")
+            if c.get("kink_elements"):
+                text += f", {c['kink_elements']} kink element(s) explained"
             if "reproduction" in c:
                 text += f"; fp64 reproduction {c['reproduction']} (max {c['reproduction_max_error']:.1e})"
             cells.append(text)
