@@ -69,12 +69,18 @@ def _fp64(model: nn.Module, eval_mode: bool) -> nn.Module:
 
 
 def _unit_names(model: nn.Module, x: Tensor, units: object) -> list[str] | object:
-    """The units to judge: as given, or every unit :func:`discover_units` finds (the model's state is kept)."""
-    if units is not None:
+    """The units to judge: every unit :func:`discover_units` finds (the model's state is kept), or the names
+    given plus every computing unit inside them (a composite's tolerance is built from its descendants')."""
+    if callable(units):
         return units
     param = next(model.parameters(), None)
     like = x.detach().to(param.device, param.dtype) if param is not None and param.is_floating_point() else x
-    return discover_units(model, like)
+    found = discover_units(model, like)
+    if units is None:
+        return found
+    chosen = list(dict.fromkeys(units))
+    inside = [n for n in found if n not in chosen and any(n.startswith(c + ".") for c in chosen if c)]
+    return chosen + inside
 
 
 def _sgd_step(model: nn.Module, trace: Trace) -> None:
@@ -353,6 +359,7 @@ def judge(model: nn.Module, x: Tensor, y: Tensor, backend: str | Backend, oracle
                 bounds = shared[(step, name)] = unit_bounds(unit, o_rec, _params64(unit))
             local += _local_rows(name, step, side_modules[name], o_rec, s_trace.units.get(name), bounds, backend,
                                  lam, step_kinks, scales)
+        _compose_tolerances(local, names)
         _blame_children(local, names)
         sites = _kink_sites(names, step, o_trace, s_trace, side_modules)
         step_kinks += [Kink(s.layer, s.count, s.min_margin, s.relative_margin, "", step) for s in sites]
@@ -390,6 +397,31 @@ class _Reference:
     def at(self, step: int) -> dict[str, nn.Module]:
         self.module(step)
         return self.modules
+
+
+def _compose_tolerances(local: list[Row], names: list[str]) -> None:
+    """A composite unit's replay runs its descendants too: its tolerance adds theirs (first order, per pass)."""
+    composites = {n for n in names if any(m.startswith(n + ".") for m in names if n)}
+    if not composites:
+        return
+    per_unit: dict[tuple[int, str, str], float] = {}
+    for r in local:
+        key = (r.step, r.layer, r.pass_)
+        per_unit[key] = max(per_unit.get(key, 0.0), r.tolerance)
+    for r in local:
+        if r.layer not in composites:
+            continue
+        extra = sum(t for (step, layer, pass_), t in per_unit.items()
+                    if step == r.step and pass_ == r.pass_ and layer.startswith(r.layer + "."))
+        if r.pass_ == "backward":  # the backward of the descendants runs on their own forward values
+            extra += sum(t for (step, layer, pass_), t in per_unit.items()
+                         if step == r.step and pass_ == "forward" and layer.startswith(r.layer + "."))
+        if extra <= 0:
+            continue
+        r.tolerance = r.tolerance_a = r.tolerance + extra
+        r.ratio_a = r.error_a / r.tolerance if r.tolerance > 0 else math.inf
+        r.status = "ok" if r.error_a <= r.tolerance else "mismatch"
+        r.origin += "; plus the sum of its descendant units' local tolerances (first order)"
 
 
 def _blame_children(local: list[Row], names: list[str]) -> None:
