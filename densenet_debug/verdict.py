@@ -565,9 +565,11 @@ def _report(side_a: SideResult, side_b: SideResult, oracle: list[Trace], ba: Bac
 def summarize(report: DiffReport) -> str:
     """The one-line verdict."""
     kink_rows = sum(1 for r in report.rows if r.status == "kink")
-    flips = {s: sum(k.count for k in report.kinks if k.side == s and k.mode == "propagated") for s in ("a", "b")}
-    kink_text = (f"; kinks: {flips['a']} flipped element(s) in {report.a}, {flips['b']} in {report.b}, "
-                 f"explaining {kink_rows} propagated row(s)") if any(flips.values()) else ""
+    sites = {s: [k for k in report.kinks if k.side == s and k.mode == "propagated"] for s in ("a", "b")}
+    flips = {s: sum(k.count for k in ks) for s, ks in sites.items()}
+    kink_text = (f"; kinks (the other branch of a ReLU within rounding of its boundary): {report.a} at {flips['a']} "
+                 f"element(s) in {len(sites['a'])} unit(s), {report.b} at {flips['b']} in {len(sites['b'])}; they "
+                 f"explain {kink_rows} propagated row(s)") if any(flips.values()) else ""
     if report.verdict == "agree":
         return f"agree: {report.a} and {report.b} match the fp64 oracle within derived tolerances{kink_text}"
     f = report.first_divergence or {}
