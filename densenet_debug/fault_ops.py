@@ -2,13 +2,15 @@
 
 Each one is a faithful small copy of a historical backend bug (``backend-bug-catalog.md``); with its fault
 switched off, each computes exactly what the stock PyTorch op computes. ``densenet_debug.faults`` decides
-where they go. A faulty module keeps its class, parameters, buffers and qualified name: only its
-``forward`` is replaced (an instance attribute), and its configuration and state live on the module in
-``_fault`` so that a deep copy of the model carries an independent copy of both.
+where they go. A faulty module keeps its parameters, buffers and qualified name; its class becomes a
+subclass of its own (same name, :func:`faulty_class`) whose instances run the faulty forward while
+``type(module).forward`` stays the stock one, which a judge calls for the exact expectation. Its
+configuration and state live on the module in ``_fault``, so a deep copy carries an independent copy.
 """
 
 from __future__ import annotations
 
+import types
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -24,6 +26,35 @@ class FaultConfig:
     name: str
     mag: float
     state: dict[str, Tensor] = field(default_factory=dict)
+
+
+# -- the faulty class --------------------------------------------------------------------------------------
+class _FaultyForward:
+    """``instance.forward`` is the fault bound to that instance (any copy of it); ``cls.forward`` the stock one."""
+
+    def __init__(self, fault: Callable[..., Tensor], stock: Callable[..., Tensor]) -> None:
+        self.fault, self.stock = fault, stock
+
+    def __get__(self, obj: object, objtype: type | None = None) -> Callable[..., Tensor]:
+        return self.stock if obj is None else types.MethodType(self.fault, obj)
+
+
+_CLASSES: dict[tuple[type, Callable], type] = {}
+
+
+def faulty_class(base: type[nn.Module], fault: Callable[..., Tensor]) -> type[nn.Module]:
+    """A subclass of ``base`` with the same name whose instances run ``fault`` as their forward.
+
+    Binding at attribute access (not an instance attribute) keeps the fault with every copy of the module,
+    deep or shallow; ``isinstance`` and ``type(m).__name__`` are unchanged, so error models still apply.
+    """
+    key = (base, fault)
+    if key not in _CLASSES:
+        _CLASSES[key] = type(base.__name__, (base,), {
+            "forward": _FaultyForward(fault, base.forward), "__module__": __name__,
+            "__qualname__": base.__qualname__, "__doc__": f"{base.__name__} with a planted fault ({fault.__name__}).",
+        })
+    return _CLASSES[key]
 
 
 # -- numerics helpers ---------------------------------------------------------------------------------

@@ -1,8 +1,9 @@
 """Planted faults: faithful small copies of historical backend bugs, plus precision controls.
 
 A fault is switched on as a backend modifier (``mkldnn+fault:cat_backward_slice_offset@block2.layer02.cat``)
-and planted in place on a prepared model copy: the unit keeps its class, parameters and qualified name; only
-its ``forward`` is replaced by one from :mod:`densenet_debug.fault_ops`. Nothing in torch is edited.
+and planted in place on a prepared model copy: the unit keeps its parameters, buffers and qualified name;
+its instances' ``forward`` becomes one from :mod:`densenet_debug.fault_ops` (through a same-named subclass,
+so ``type(unit).forward`` is still the stock op). Nothing in torch is edited. A planted unit runs eagerly.
 
 Spec grammar: ``NAME[@LAYER][=MAG]``. ``LAYER`` is a qualified module name or ``*`` (every unit where the
 fault is visible); without it, one such unit is drawn from ``seed``. ``MAG`` is the fault's magnitude knob
@@ -12,7 +13,6 @@ fault is visible); without it, one such unit is drawn from ``seed``. ``MAG`` is 
 from __future__ import annotations
 
 import random
-import types
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -242,7 +242,7 @@ class Fault:
         return [random.Random(f"{self.seed}:{self.name}").choice(eligible)]
 
     def apply(self, model: nn.Module) -> None:
-        """Plant the fault in place: each chosen unit's ``forward`` is replaced; its name stays."""
+        """Plant the fault in place: each chosen unit runs the faulty forward; its name and state stay."""
         units = self.choose(model)
         modules = dict(model.named_modules())
         for unit in units:
@@ -251,7 +251,8 @@ class Fault:
         for unit in units:
             module = modules[unit]
             module._fault = ops.FaultConfig(self.name, self.mag)
-            module.forward = types.MethodType(self.spec.forward, module)
+            module.__dict__.pop("forward", None)  # an instance forward (a compiled one) would shadow the fault
+            module.__class__ = ops.faulty_class(type(module), self.spec.forward)
         self.units = units
         if self.layer is None:
             self.layer = units[0]

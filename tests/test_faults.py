@@ -337,3 +337,19 @@ def test_708_bn_sibling_on_a_user_model():
     _, grads_c, _ = _run(clean, x, y)
     _, grads_v, _ = _run(conv_only, x, y)
     assert all(_same(grads_v[n], grads_c[n]) for n in grads_c)
+
+
+def test_planted_unit_keeps_its_kind_and_its_fault_through_copies():
+    """Judges call ``type(unit).forward`` for the stock op; copies (deep or shallow) keep the fault, bound to them."""
+    model = _model()
+    make_fault("bn_invstd_as_var@head.norm").apply(model)
+    unit = model.head.norm
+    assert isinstance(unit, nn.BatchNorm2d) and type(unit).__name__ == "BatchNorm2d"
+    assert type(unit).forward is nn.BatchNorm2d.forward
+    shallow = copy.copy(unit)  # a structural copy shares nothing bound to the original
+    shallow._parameters = {k: nn.Parameter(p.detach().float()) for k, p in unit._parameters.items()}
+    shallow._buffers = {k: b.float() if b.is_floating_point() else b.clone() for k, b in unit._buffers.items()}
+    x = torch.randn(2, unit.num_features, 3, 3, requires_grad=True)
+    out = shallow(x)
+    assert out.dtype == torch.float32 and out.grad_fn is not None and "BatchNormFn" in type(out.grad_fn).__name__
+    assert planted(copy.deepcopy(model)) == {"head.norm": "bn_invstd_as_var"}
