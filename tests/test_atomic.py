@@ -35,3 +35,20 @@ def test_failed_file_write_leaves_old_content(tmp_path: Path) -> None:
         tmp.write_text("new")
         raise RuntimeError
     assert p.read_text() == "old" and [x.name for x in tmp_path.iterdir()] == ["c.csv"]
+
+
+def test_written_files_get_the_umask_mode_not_owner_only(tmp_path: Path) -> None:
+    import os
+
+    mask = os.umask(0o022)
+    try:
+        atomic.write_text(tmp_path / "a.csv", "x")
+        with atomic.writing_file(tmp_path / "b.png") as tmp:
+            tmp.write_bytes(b"png")
+        with atomic.writing_dir(tmp_path / "fixture") as d:
+            (d / "meta.json").write_text("{}")
+    finally:
+        os.umask(mask)
+    assert (tmp_path / "a.csv").stat().st_mode & 0o777 == 0o644
+    assert (tmp_path / "b.png").stat().st_mode & 0o777 == 0o644
+    assert (tmp_path / "fixture").stat().st_mode & 0o777 == 0o755
