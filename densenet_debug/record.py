@@ -58,6 +58,23 @@ def model_identity(model: nn.Module) -> dict:
     }
 
 
+def builder_of(model: nn.Module) -> str | None:
+    """The builder name that makes exactly ``model``'s configuration, for our DenseNets (else None)."""
+    from densenet_debug.models import BUILDERS, DenseNet
+
+    config = getattr(model, "config", None)
+    if not isinstance(model, DenseNet) or not isinstance(config, dict):
+        return None
+    for name, builder in BUILDERS.items():
+        keys = getattr(builder, "keywords", {})
+        if any(config.get(k) != v for k, v in keys.items()):
+            continue  # cheap filter before building the one candidate
+        candidate = builder(num_classes=config["num_classes"])
+        if candidate.config == config:
+            return name
+    return None
+
+
 def generate_batch(batch: int, seed: int, input_shape: tuple[int, ...],
                    num_classes: int) -> tuple[Tensor, Tensor, dict]:
     """Inputs and labels from one seeded generator, and the sentence saying how (stored in meta.json)."""
@@ -194,8 +211,8 @@ def record_reference(
 ) -> Path:
     """Record the float64 truth of ``steps`` training steps of ``model`` on ``(inputs, targets)`` at ``path``.
 
-    ``spec``: how to rebuild the model (a builder name or ``file.py:factory``), stored for
-    ``check-reference``; ``data``: how the inputs were generated. The weights are stored too, so the
+    ``spec``: how to rebuild the model (a builder name or ``file.py:factory``; inferred for our builders),
+    stored for ``check-reference``; ``data``: how the inputs were generated. The weights are stored too, so the
     fixture rebuilds the exact model. Raises :class:`OracleDisagreement` if the NumPy cross-check fails.
     """
     if policy not in POLICIES:
@@ -223,9 +240,11 @@ def record_reference(
         "dedup": "each distinct tensor once; concatenations and their input gradients as verified recipes",
         "full_bytes_upper_bound": full_bytes,
     }
+    inferred = None if spec else builder_of(model)
     meta = {
         "name": name or Path(path).name,
-        "model": {"spec": spec, **model_identity(model),
+        "model": {"spec": spec or inferred, "spec_from": "given" if spec else ("config" if inferred else None),
+                  **model_identity(model),
                   "num_classes": int(traces[0].output.shape[-1]) if traces[0].output is not None else None},
         "data": {"batch": int(inputs.shape[0]), "input_shape": list(inputs.shape[1:]),
                  "input_dtype": str(inputs.dtype).removeprefix("torch."),

@@ -193,3 +193,18 @@ def test_unusable_backend(recorded: Path, capsys: pytest.CaptureFixture, args: l
 def test_not_a_fixture(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     assert main(["check-reference", str(tmp_path / "nothing")]) == 2
     assert "no such fixture directory" in _one_line_error(capsys)
+
+
+def test_python_recorded_builder_model_is_checkable_from_the_cli(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    from densenet_debug import DenseNet, build_model
+    from densenet_debug.record import builder_of, generate_batch, record_reference
+
+    torch.manual_seed(0)
+    model = build_model("densenet-bc-10")
+    assert builder_of(model) == "densenet-bc-10"
+    assert builder_of(DenseNet(depth=10, growth_rate=3, bn_size=2)) is None  # no builder makes that config
+    x, y, _ = generate_batch(2, 0, (3, 8, 8), 10)
+    path = record_reference(model, x, y, tmp_path / "py", check_oracle=False)
+    meta = json.loads((path / "meta.json").read_text())
+    assert (meta["model"]["spec"], meta["model"]["spec_from"]) == ("densenet-bc-10", "config")
+    assert main(["check-reference", str(path), "--backend", "native"]) == 0
