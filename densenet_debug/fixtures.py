@@ -27,7 +27,6 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import os
 import zipfile
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -320,9 +319,6 @@ def write_fixture(
     meta["files"] = {name: {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
                      for name, data in sorted(payload.items())}
     with writing_dir(target) as tmp:
-        umask = os.umask(0)
-        os.umask(umask)
-        tmp.chmod(0o777 & ~umask)  # a temporary directory is private; a fixture is shared like any directory
         for name, data in payload.items():
             (tmp / name).write_bytes(data)
         (tmp / "meta.json").write_text(canonical_json(meta))
