@@ -133,12 +133,20 @@ def oracle_traces(model: nn.Module, x: Tensor, y: Tensor, *, steps: int = 1, eva
     names = _unit_names(model, x, units)
     x64, y64 = _input(x, torch.device("cpu"), torch.float64), _target(y, torch.device("cpu"), torch.float64)
     traces = []
-    for _ in range(steps):
+    for step in range(steps):
         trace = traced_step_with_gates(ref, x64, y64, names, loss_fn) if keep_graph else trace_step(
             ref, x64, y64, units=names, loss_fn=loss_fn)
         traces.append(trace)
-        _sgd_step(ref, trace)
+        if step + 1 < steps:
+            if keep_graph:  # the kept graph saved these weights: the next step updates a copy, not them
+                ref = _detached_copy(ref)
+            _sgd_step(ref, trace)
     return traces
+
+
+def _detached_copy(model: nn.Module) -> nn.Module:
+    with torch.no_grad():
+        return copy.deepcopy(model)
 
 
 def release(oracle: list[Trace]) -> None:

@@ -82,3 +82,33 @@ def test_max_pool_ties_are_kinks() -> None:
     site = kinks.find("pool", 0, pool, xo, xs)
     assert site is not None and site.count == 1 and abs(site.min_margin - 1e-12) < 1e-15
     assert kinks.find("pool", 0, pool, xo, xo) is None
+
+
+def test_the_kept_graph_and_the_rerun_give_the_same_counterfactual() -> None:
+    """Both ways to build the counterfactual oracle (one more backward, or the whole fp64 step again) agree."""
+    from densenet_debug import counterfactual
+    from densenet_debug.backends import parse_backend
+    from densenet_debug.trace import trace_step
+    from densenet_debug.verdict import _kink_sites, oracle_traces, release
+
+    model = boundary_model()
+    x = torch.randn(3, 4, generator=torch.Generator().manual_seed(1))
+    y = torch.tensor([0, 1, 2])
+    oracle = oracle_traces(model, x, y, steps=2)
+    side = parse_backend("native")
+    prepared = side.prepare_model(model)
+    with side.active():
+        s_trace = trace_step(prepared, x, y)
+    sites = _kink_sites(list(oracle[0].units), 0, oracle[0], s_trace, dict(prepared.named_modules()))
+    assert [s.layer for s in sites] == ["2"]
+    kept = oracle[0].retained.gradients(sites)
+    rerun = counterfactual.rerun_gradients(model.double(), x.double(), y, oracle[0], sites, list(oracle[0].units),
+                                           torch.nn.functional.cross_entropy)
+    assert kept.keys() == rerun.keys()
+    for unit, grads in kept.items():
+        for key, g in grads.items():
+            if g is not None:
+                assert torch.allclose(g, rerun[unit][key], rtol=1e-12, atol=1e-15), (unit, key)
+    assert not torch.equal(kept["0"]["grad_weight"], oracle[0]["0"].param_grads["weight"])  # the kinks matter
+    release(oracle)
+    assert oracle[0].retained is None

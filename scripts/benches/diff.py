@@ -1,4 +1,4 @@
-"""Cost of a full diff: ``scripts/bench.py diff [--model NAME] [--batch B] [--a X] [--b Y] [--repeat R]``.
+"""Cost of a full diff: ``scripts/bench.py diff [--model NAME] [--batch B] [--a X] [--b Y] [--repeat R] [--threads T]``.
 
 Anchor, measured in the same process on the same batch: three plain forward+backward passes, one per
 backend the diff runs (A, B and the fp64 oracle), each in its own flags. Figure: ``ratio`` = seconds of
@@ -38,7 +38,11 @@ def run(argv: list[str]) -> dict:
     parser.add_argument("--a", default=da)
     parser.add_argument("--b", default=db)
     parser.add_argument("--repeat", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads for both the anchor and the diff (default: torch's choice)")
     args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     torch.manual_seed(0)
     model = build_model(args.model)
