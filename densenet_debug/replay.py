@@ -42,6 +42,8 @@ def replay_unit(module: nn.Module, oracle: UnitRecord, side: UnitRecord | None, 
         seen = side.inputs[i] if side is not None and i < len(side.inputs) else None
         layout = side.input_layouts[i] if side is not None and i < len(side.input_layouts) else None
         x = with_layout(_cast(t, seen, device, default), layout)
+        if x.data_ptr() == t.data_ptr():  # a cast to the same dtype/device aliases the record: never touch it
+            x = x.detach().clone()
         wants_grad = i < len(oracle.grad_inputs) and oracle.grad_inputs[i] is not None and x.is_floating_point()
         inputs.append(x.requires_grad_(True) if wants_grad else x)
     own_buffers = dict(module.named_buffers(recurse=False))
@@ -71,7 +73,8 @@ def replay_unit(module: nn.Module, oracle: UnitRecord, side: UnitRecord | None, 
                     result.grad_outputs.append(None)
                     continue
                 layout = side.grad_output_layouts[j] if side is not None and j < len(side.grad_output_layouts) else None
-                live.append((o, with_layout(g.to(device=o.device, dtype=o.dtype), layout)))
+                g_side = with_layout(g.to(device=o.device, dtype=o.dtype), layout)
+                live.append((o, g_side.clone() if g_side.data_ptr() == g.data_ptr() else g_side))
                 result.grad_outputs.append(live[-1][1])
             if targets and live:
                 grads = torch.autograd.grad([o for o, _ in live], [t for _, t in targets], [g for _, g in live],

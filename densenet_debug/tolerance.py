@@ -432,24 +432,35 @@ def compare(side: Tensor | None, oracle: Tensor | None, bound: Tensor | None,
         if exclude is not None:
             d.masked_fill_(exclude.to("cpu").reshape(d.shape), 0.0)
         dmax = float(d.max())
-    b = torch.zeros((), dtype=torch.float64) if bound is None else bound.to("cpu", torch.float64)
     scale = oracle_scale(oracle, cache)
     error = dmax / scale
+    excluded = int(exclude.sum()) if exclude is not None else 0
+    if bound is None:  # must be exact: any difference is infinitely many tolerances away
+        if dmax == 0:
+            return Comparison(0.0, 0.0, 0.0, (), excluded)
+        return Comparison(error, 0.0, math.inf, _unravel(int(torch.argmax(d.reshape(-1))), d.shape), excluded)
+    b = bound.to("cpu", torch.float64)
     if dmax == 0:
-        return Comparison(0.0, float(b.max()) / scale, 0.0, ())
-    ratio = d.div_(b).nan_to_num_(nan=0.0, posinf=math.inf)  # 0/0 -> 0; d > 0 against a zero bound -> inf
-    flat_ratio = ratio.reshape(-1)
-    worst_flat = int(torch.argmax(flat_ratio))
-    worst_ratio = float(flat_ratio[worst_flat])
+        return Comparison(0.0, float(b.max()) / scale, 0.0, (), excluded)
+    value, index = torch.max(d.div_(b).reshape(-1), 0)
+    worst_ratio, worst_flat = float(value), int(index)
+    if math.isnan(worst_ratio):  # 0/0 where the bound is zero and the values agree: not an error
+        value, index = torch.max(d.nan_to_num_(nan=0.0, posinf=math.inf).reshape(-1), 0)
+        worst_ratio, worst_flat = float(value), int(index)
     if worst_ratio > 0 and math.isfinite(worst_ratio):
         tolerance = error / worst_ratio
     else:
-        full_b = torch.broadcast_to(b, ratio.shape).reshape(-1)
+        full_b = torch.broadcast_to(b, d.shape).reshape(-1)
         tolerance = float(full_b[worst_flat] if worst_ratio > 0 else full_b.max()) / scale
-    worst = tuple(int(i) for i in torch.unravel_index(torch.tensor(worst_flat), tuple(ratio.shape))) if ratio.dim() \
-        else ()
-    excluded = int(exclude.sum()) if exclude is not None else 0
-    return Comparison(error, tolerance, worst_ratio, worst, excluded)
+    return Comparison(error, tolerance, worst_ratio, _unravel(worst_flat, d.shape), excluded)
+
+
+def _unravel(flat: int, shape: torch.Size) -> tuple[int, ...]:
+    index = []
+    for n in reversed(tuple(shape)):
+        flat, i = divmod(flat, n) if n else (flat, 0)
+        index.append(i)
+    return tuple(reversed(index))
 
 
 __all__ = ["FALSE_ALARM", "Comparison", "Precision", "UnitBounds", "abs_difference", "compare", "confidence",

@@ -21,8 +21,7 @@
 from __future__ import annotations
 
 import copy
-import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -30,21 +29,13 @@ from torch import Tensor, nn
 
 from densenet_debug import counterfactual
 from densenet_debug import kinks as kinkmod
-from densenet_debug.backends import Backend, default_pair, environment, parse_backend, unit_roundoff
+from densenet_debug.backends import Backend, default_pair, environment, parse_backend
 from densenet_debug.counterfactual import traced_step_with_gates
 from densenet_debug.errors import UsageError
-from densenet_debug.replay import exact_expectation, oracle_values, replay_unit, side_values
+from densenet_debug.local import blame_children, compose_tolerances, element_count, local_rows
+from densenet_debug.propagated import explain_by_local, kink_sites, propagated_rows, self_consistent
 from densenet_debug.report import DiffReport, Kink, Row, SideResult, first_divergence, merge_sides
-from densenet_debug.tolerance import (
-    Precision,
-    UnitBounds,
-    abs_difference,
-    compare,
-    confidence,
-    oracle_scale,
-    underflow,
-    unit_bounds,
-)
+from densenet_debug.tolerance import confidence, unit_bounds
 from densenet_debug.trace import Trace, discover_units, trace_step
 
 LEARNING_RATE = 0.1  # the shared SGD step between steps; any value that changes the weights will do
@@ -73,9 +64,10 @@ def _unit_names(model: nn.Module, x: Tensor, units: object) -> list[str] | objec
     given plus every computing unit inside them (a composite's tolerance is built from its descendants')."""
     if callable(units):
         return units
-    param = next(model.parameters(), None)
+    probe = copy.deepcopy(model)  # the probing forward must not touch the user's model (or its modules' state)
+    param = next(probe.parameters(), None)
     like = x.detach().to(param.device, param.dtype) if param is not None and param.is_floating_point() else x
-    found = discover_units(model, like)
+    found = discover_units(probe, like)
     if units is None:
         return found
     chosen = list(dict.fromkeys(units))
@@ -157,172 +149,6 @@ def release(oracle: list[Trace]) -> None:
 
 
 # -- one side ---------------------------------------------------------------------------------------------
-QUANTITY_PASS = {"output": "forward", "buffer": "forward"}
-
-
-def _base(key: str) -> tuple[str, str, int | None]:
-    """``grad_input.3`` -> (``grad_input``, ``backward``, 3); ``buffer.running_mean`` -> (``running_mean``...)."""
-    head, _, tail = key.partition(".")
-    if head == "buffer":
-        return tail, "forward", None
-    index = int(tail) if tail.isdigit() else None
-    return head, QUANTITY_PASS.get(head, "backward"), index
-
-
-def _precision(backend: Backend, unit: str, bounds: UnitBounds, side_tensor: Tensor | None,
-               operands: Iterable[Tensor | None], lam: float) -> Precision:
-    """The roundoffs of one quantity: operand dtypes, TF32/autocast operand rounding, result dtype."""
-    dtypes = [t.dtype for t in operands if isinstance(t, Tensor) and t.is_floating_point()]
-    u_op = max((unit_roundoff(d) for d in dtypes), default=backend.unit_roundoff)
-    out_dtype = side_tensor.dtype if isinstance(side_tensor, Tensor) else backend.dtype
-    u_out = unit_roundoff(out_dtype)
-    if bounds.matmul:
-        u_op = max(u_op, backend.matmul_operand_roundoff(unit))
-        if backend.autocast is not None:  # computed in the autocast dtype, then cast back (a grad to fp32 params)
-            u_out = max(u_out, unit_roundoff(backend.autocast))
-    u_acc = backend.accumulate_roundoff if out_dtype != torch.float64 else unit_roundoff(torch.float64)
-    u_cmp = max([u_acc] + [unit_roundoff(d) for d in dtypes])
-    low = min(dtypes + [out_dtype], key=lambda d: torch.finfo(d).smallest_normal if d.is_floating_point else 0.0)
-    eta = 2 * underflow(low)
-    return Precision(u_op=u_op, u_acc=u_acc, u_out=u_out, lam=lam, eta=eta, u_cmp=u_cmp)
-
-
-def _element_count(oracle: list[Trace]) -> int:
-    total = 0
-    for trace in oracle:
-        for rec in trace:
-            total += sum(t.numel() for t in rec.outputs if t is not None)
-            total += sum(t.numel() for t in rec.grad_inputs if t is not None)
-            total += sum(t.numel() for t in rec.param_grads.values())
-            total += sum(t.numel() for t in rec.buffers_after.values())
-    return 4 * total  # two sides, local and propagated
-
-
-def _describe(p: Precision) -> str:
-    def pw(u: float) -> str:
-        return f"2^{round(math.log2(u))}" if u > 0 else "0"
-
-    return (f"u_op={pw(p.u_op)} u_acc={pw(p.u_acc)} u_out={pw(p.u_out)} lam={p.lam:.1f} "
-            "(Hoeffding, union bound: P(any false alarm) <= 1e-6)")
-
-
-class _Aggregate:
-    """Max over the tensors of one quantity (a cat's many grad_inputs make one row)."""
-
-    def __init__(self) -> None:
-        self.best = None
-        self.index = None
-
-    def add(self, comp: object, index: int | None) -> None:
-        if self.best is None or comp.ratio > self.best.ratio or (comp.ratio == self.best.ratio
-                                                                 and comp.error > self.best.error):
-            keep_error = max(comp.error, self.best.error) if self.best is not None else comp.error
-            self.best, self.index = comp, index
-            self.best.error = keep_error
-        elif comp.error > self.best.error:
-            self.best.error = comp.error
-
-
-def _local_rows(name: str, step: int, module: nn.Module, o_rec: object, s_rec: object, bounds: UnitBounds,
-                backend: Backend, lam: float, kinks_out: list[Kink], cache: dict | None = None) -> list[Row]:
-    replay = replay_unit(module, o_rec, s_rec, backend)
-    operands = [t for t in replay.inputs if t is not None]
-    truth = oracle_values(o_rec)
-    expected = exact_expectation(module, replay) if bounds.exact else truth
-    exclude = None
-    if bounds.kinky and kinkmod.is_kinky(module) and o_rec.inputs and operands:
-        site = kinkmod.find(name, step, module, o_rec.inputs[0], replay.inputs[0])
-        if site is not None:  # the oracle input itself rounds across the boundary (underflow, a tie)
-            exclude = site.mask
-            kinks_out.append(Kink(name, site.count, site.min_margin, site.relative_margin, "", step, "local"))
-    groups: dict[str, _Aggregate] = {}
-    meta: dict[str, tuple[str, str]] = {}
-    keys = set(truth) | {k for k in replay.values if not k.startswith("buffer.") or k in truth}
-    for key in sorted(keys):
-        quantity, pass_, index = _base(key)
-        side_t, oracle_t = replay.values.get(key), expected.get(key, truth.get(key))
-        if oracle_t is None and side_t is None:
-            continue
-        if bounds.exact:
-            bound = _exact_bound(side_t, operands)
-            meta[quantity] = (pass_, bounds.origin)
-        elif key in bounds:
-            prec = _precision(backend, name, bounds, side_t, operands, lam)
-            bound = bounds.bound(key, prec)
-            meta[quantity] = (pass_, f"{bounds.origin}; {_describe(prec)}")
-        else:  # integer buffers (num_batches_tracked) and anything without a model must match exactly
-            bound = None
-            meta.setdefault(quantity, (pass_, f"{bounds.origin}; no rounding model: must be exact"))
-        ex = exclude if (exclude is not None and quantity == "grad_input" and side_t is not None
-                         and side_t.shape == exclude.shape) else None
-        comp = compare(side_t, oracle_t, bound, ex, None if bounds.exact else cache)
-        groups.setdefault(quantity, _Aggregate()).add(comp, index)
-    rows = []
-    for quantity, agg in groups.items():
-        comp, index = agg.best, agg.index
-        pass_, origin = meta[quantity]
-        worst = ((index,) if index is not None and _multi(truth, quantity) else ()) + tuple(comp.worst)
-        order = o_rec.forward_index if pass_ == "forward" else (o_rec.backward_index or 0)
-        rows.append(Row(name, pass_, quantity, comp.error, None, comp.tolerance, "ok" if comp.ok else "mismatch",
-                        origin, step, "local", None, comp.tolerance, None, comp.ratio, None, worst or None, None,
-                        order, f"{comp.excluded} kink element(s) excluded" if comp.excluded else ""))
-    return rows
-
-
-def _exact_bound(side_t: Tensor | None, operands: list[Tensor]) -> Tensor | None:
-    """Zero, unless the op stores its result in a narrower dtype than its operands (then one rounding)."""
-    if side_t is None or not side_t.is_floating_point():
-        return None
-    u_out = unit_roundoff(side_t.dtype)
-    if all(unit_roundoff(t.dtype) >= u_out for t in operands if t.is_floating_point()):
-        return None
-    return None if side_t is None else side_t.detach().to("cpu", torch.float64).abs() * u_out
-
-
-def _multi(values: dict, quantity: str) -> bool:
-    return sum(1 for k in values if k.startswith(quantity + ".")) > 1
-
-
-def _relerr(side_t: Tensor | None, truth: Tensor | None, cache: dict | None = None) -> float:
-    """max |side - truth| / max |truth|; a missing or misshapen tensor, or a NaN, is infinitely wrong."""
-    if truth is None and side_t is None:
-        return 0.0
-    if truth is None or side_t is None or tuple(side_t.shape) != tuple(truth.shape):
-        return math.inf
-    if truth.numel() == 0:
-        return 0.0
-    err = float(abs_difference(side_t, truth).max())
-    return math.inf if math.isnan(err) else err / oracle_scale(truth, cache)
-
-
-def _accumulated(local: list[Row], oracle_trace: Trace) -> tuple[dict[int, float], dict[int, float], float]:
-    """First-order accumulation of local tolerances: running sums along forward and backward order."""
-    fwd_tol: dict[int, float] = {}
-    bwd_tol: dict[int, float] = {}
-    for r in local:
-        target = fwd_tol if r.pass_ == "forward" else bwd_tol
-        target[r.order] = max(target.get(r.order, 0.0), r.tolerance)
-    fwd_cum, running = {}, 0.0
-    for i in sorted(fwd_tol):
-        running += fwd_tol[i]
-        fwd_cum[i] = running
-    total_forward = running
-    bwd_cum, running = {}, total_forward
-    for i in sorted(bwd_tol):
-        running += bwd_tol[i]
-        bwd_cum[i] = running
-    return fwd_cum, bwd_cum, total_forward
-
-
-def _floor(cum: dict[int, float], order: int) -> float:
-    keys = [k for k in cum if k <= order]
-    return cum[max(keys)] if keys else 0.0
-
-
-PROPAGATED_ORIGIN = ("propagated: sum of the local tolerances of every unit upstream (first order, errors "
-                     "passed on unamplified)")
-
-
 def judge(model: nn.Module, x: Tensor, y: Tensor, backend: str | Backend, oracle: list[Trace], *,
           units: object = None, steps: int = 1, eval_mode: bool = False, loss_fn: LossFn = F.cross_entropy,
           propagated: bool = True, _shared: dict | None = None) -> SideResult:
@@ -344,7 +170,7 @@ def judge(model: nn.Module, x: Tensor, y: Tensor, backend: str | Backend, oracle
     missing = [n for n in names if n not in side_modules]
     if missing:
         raise UsageError(f"unit(s) not in the model: {', '.join(missing[:5])}")
-    lam = shared.setdefault("lam", confidence(_element_count(oracle[:steps])))
+    lam = shared.setdefault("lam", confidence(element_count(oracle[:steps])))
     scales = shared.setdefault("scales", {})  # max |oracle| per oracle tensor, for both sides
     xs, ys = _input(x, backend.device, backend.param_dtype, backend), _target(y, backend.device, backend.param_dtype)
     rows: list[Row] = []
@@ -365,18 +191,20 @@ def judge(model: nn.Module, x: Tensor, y: Tensor, backend: str | Backend, oracle
             if bounds is None:
                 unit = ref.at(step)[name]
                 bounds = shared[(step, name)] = unit_bounds(unit, o_rec, _params64(unit))
-            local += _local_rows(name, step, side_modules[name], o_rec, s_trace.units.get(name), bounds, backend,
-                                 lam, step_kinks, scales)
-        _compose_tolerances(local, names)
-        _blame_children(local, names)
-        sites = _kink_sites(names, step, o_trace, s_trace, side_modules)
+            local += local_rows(name, step, side_modules[name], o_rec, s_trace.units.get(name), bounds, backend,
+                                lam, step_kinks, scales)
+        compose_tolerances(local, names)
+        blame_children(local, names)
+        sites = kink_sites(names, step, o_trace, s_trace, side_modules)
         step_kinks += [Kink(s.layer, s.count, s.min_margin, s.relative_margin, "", step) for s in sites]
-        prop_rows = _propagated_rows(names, step, o_trace, s_trace, local, scales) if propagated else []
+        prop_rows = propagated_rows(names, step, o_trace, s_trace, local, scales) if propagated else []
         if sites and any(r.status == "mismatch" and r.pass_ == "backward" for r in prop_rows):
             cf = _counterfactual(ref, step, x, y, o_trace, sites, names, loss_fn)
             result.counterfactual_steps.append(step)
             counterfactual.explain(prop_rows, s_trace, o_trace, cf, sites)
-        _explain_by_local(prop_rows, local)
+        if any(r.status == "mismatch" for r in prop_rows):
+            self_consistent(prop_rows, s_trace, ref.at(step), backend, lam)
+        explain_by_local(prop_rows, local)
         rows += local + prop_rows
         kinks += step_kinks
         _sgd_step(side, o_trace)
@@ -407,89 +235,6 @@ class _Reference:
         return self.modules
 
 
-def _compose_tolerances(local: list[Row], names: list[str]) -> None:
-    """A composite unit's replay runs its descendants too: its tolerance adds theirs (first order, per pass)."""
-    composites = {n for n in names if any(m.startswith(n + ".") for m in names if n)}
-    if not composites:
-        return
-    per_unit: dict[tuple[int, str, str], float] = {}
-    for r in local:
-        key = (r.step, r.layer, r.pass_)
-        per_unit[key] = max(per_unit.get(key, 0.0), r.tolerance)
-    for r in local:
-        if r.layer not in composites:
-            continue
-        extra = sum(t for (step, layer, pass_), t in per_unit.items()
-                    if step == r.step and pass_ == r.pass_ and layer.startswith(r.layer + "."))
-        if r.pass_ == "backward":  # the backward of the descendants runs on their own forward values
-            extra += sum(t for (step, layer, pass_), t in per_unit.items()
-                         if step == r.step and pass_ == "forward" and layer.startswith(r.layer + "."))
-        if extra <= 0:
-            continue
-        r.tolerance = r.tolerance_a = r.tolerance + extra
-        r.ratio_a = r.error_a / r.tolerance if r.tolerance > 0 else math.inf
-        r.status = "ok" if r.error_a <= r.tolerance else "mismatch"
-        r.origin += "; plus the sum of its descendant units' local tolerances (first order)"
-
-
-def _blame_children(local: list[Row], names: list[str]) -> None:
-    """A failing composite unit with a failing descendant is not the culprit; the descendant is."""
-    failing = {(r.step, r.layer) for r in local if r.status == "mismatch"}
-    for r in local:
-        if r.status != "mismatch":
-            continue
-        kids = [n for (s, n) in failing if s == r.step and n != r.layer and n.startswith(r.layer + ".")]
-        if kids and r.layer:
-            r.note = f"explained by failing unit {sorted(kids)[0]}"
-
-
-def _kink_sites(names: list[str], step: int, o_trace: Trace, s_trace: Trace,
-                modules: dict[str, nn.Module]) -> list[kinkmod.KinkSite]:
-    sites = []
-    for name in names:
-        module = modules[name]
-        if not kinkmod.is_kinky(module) or name not in o_trace or name not in s_trace:
-            continue
-        o_in, s_in = o_trace[name].inputs, s_trace[name].inputs
-        if not o_in or not s_in or o_in[0] is None or s_in[0] is None:
-            continue
-        site = kinkmod.find(name, step, module, o_in[0], s_in[0])
-        if site is not None:
-            sites.append(site)
-    return sites
-
-
-def _propagated_rows(names: list[str], step: int, o_trace: Trace, s_trace: Trace, local: list[Row],
-                     scales: dict | None = None) -> list[Row]:
-    fwd_cum, bwd_cum, total_forward = _accumulated(local, o_trace)
-    rows = []
-    for name in names:
-        if name not in o_trace:
-            continue
-        o_rec = o_trace[name]
-        truth = oracle_values(o_rec)
-        got = side_values(s_trace[name]) if name in s_trace else {}
-        groups: dict[str, tuple[float, int | None]] = {}
-        for key in truth:
-            quantity, pass_, index = _base(key)
-            err = _relerr(got.get(key), truth[key], scales)
-            if quantity not in groups or err > groups[quantity][0]:
-                groups[quantity] = (err, index)
-        for quantity, (err, _index) in groups.items():
-            pass_ = _base(next(k for k in truth if _base(k)[0] == quantity))[1]
-            if pass_ == "forward":
-                order = o_rec.forward_index
-                tol = _floor(fwd_cum, order)
-            else:
-                order = o_rec.backward_index or 0
-                tol = max(_floor(bwd_cum, order), total_forward)
-            status = "ok" if err <= tol else "mismatch"
-            rows.append(Row(name, pass_, quantity, err, None, tol, status, PROPAGATED_ORIGIN, step, "propagated",
-                            None, tol, None, err / tol if tol > 0 else (0.0 if err == 0 else math.inf), None,
-                            None, None, order))
-    return rows
-
-
 def _counterfactual(ref: _Reference, step: int, x: Tensor, y: Tensor, o_trace: Trace,
                     sites: list[kinkmod.KinkSite], names: list[str], loss_fn: LossFn) -> dict:
     """grad_outputs and parameter grads of the oracle taking the side's branch at the side's kink elements."""
@@ -502,16 +247,6 @@ def _counterfactual(ref: _Reference, step: int, x: Tensor, y: Tensor, o_trace: T
     cpu = torch.device("cpu")
     return counterfactual.rerun_gradients(ref.module(step), _input(x, cpu, torch.float64),
                                           _target(y, cpu, torch.float64), o_trace, sites, names, loss_fn)
-
-
-def _explain_by_local(rows: list[Row], local: list[Row]) -> None:
-    failing = sorted((r for r in local if r.status == "mismatch"), key=lambda r: (r.pass_ != "forward", r.order))
-    if not failing:
-        return
-    first = failing[0]
-    for r in rows:
-        if r.status == "mismatch":
-            r.note = r.note or f"downstream of the local failure at {first.layer} ({first.pass_})"
 
 
 # -- two sides --------------------------------------------------------------------------------------------

@@ -88,8 +88,9 @@ def test_the_kept_graph_and_the_rerun_give_the_same_counterfactual() -> None:
     """Both ways to build the counterfactual oracle (one more backward, or the whole fp64 step again) agree."""
     from densenet_debug import counterfactual
     from densenet_debug.backends import parse_backend
+    from densenet_debug.propagated import kink_sites
     from densenet_debug.trace import trace_step
-    from densenet_debug.verdict import _kink_sites, oracle_traces, release
+    from densenet_debug.verdict import oracle_traces, release
 
     model = boundary_model()
     x = torch.randn(3, 4, generator=torch.Generator().manual_seed(1))
@@ -99,7 +100,7 @@ def test_the_kept_graph_and_the_rerun_give_the_same_counterfactual() -> None:
     prepared = side.prepare_model(model)
     with side.active():
         s_trace = trace_step(prepared, x, y)
-    sites = _kink_sites(list(oracle[0].units), 0, oracle[0], s_trace, dict(prepared.named_modules()))
+    sites = kink_sites(list(oracle[0].units), 0, oracle[0], s_trace, dict(prepared.named_modules()))
     assert [s.layer for s in sites] == ["2"]
     kept = oracle[0].retained.gradients(sites)
     rerun = counterfactual.rerun_gradients(model.double(), x.double(), y, oracle[0], sites, list(oracle[0].units),

@@ -261,6 +261,38 @@ def test_cuda_backends_agree_with_their_own_precision(a: str) -> None:
     assert report.verdict == "agree", report.summary
 
 
+class FirstCallWrongConv(nn.Conv2d):
+    """In fp32, wrong (x1.1) on its first call only: a state fault teacher forcing (a later call) cannot see."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = super().forward(x)
+        if x.dtype == torch.float32 and not getattr(self, "_called", False):
+            self._called = True
+            return out * 1.1
+        return out
+
+
+def test_a_fault_only_in_the_real_run_is_caught_by_the_self_consistency_of_the_propagated_rows() -> None:
+    x, y = _batch(2)
+    report = diff(_swap(_model(), "block2.layer01.conv1", FirstCallWrongConv), x, y, "native", "fp64")
+    assert report.verdict == "mismatch"
+    assert not [r for r in report.rows if r.mode == "local" and r.status == "mismatch"]
+    first = report.first_divergence
+    assert (first["layer"], first["pass"], first["mode"], first["side"]) == ("block2.layer01.conv1", "forward",
+                                                                           "propagated", "a")
+
+
+def test_amplified_precision_error_is_not_a_mismatch() -> None:
+    """TF32-rounded operands at one conv (judged with TF32's roundoff there) pass through train-mode BN at batch 1:
+    large propagated gradient errors downstream, every unit right at its own inputs."""
+    x, y = _batch(1, 2, size=16)
+    report = diff(_model("densenet-bc-10", 2), x, y, "native+fault:tf32_round@block2.layer01.conv1", "native")
+    assert report.verdict == "agree", report.summary
+    amplified = [r for r in report.rows if r.note.startswith("amplified upstream error")]
+    assert amplified and all(r.status == "ok" and r.mode == "propagated" for r in amplified)
+    assert all(r.error_a > r.tolerance for r in amplified)  # above the first-order sum, yet no fault
+
+
 def test_needs_of_a_planted_fault_raise_the_steps() -> None:
     x, y = _batch(2)
     report = diff(_model(), x, y, "native", "native+fault:stale_grad_accumulate@block1.layer01.conv1")
