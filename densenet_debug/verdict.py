@@ -7,12 +7,14 @@
   output, input grad, parameter grad and BN buffer is checked elementwise against a bound *derived* from the
   unit roundoffs and an error model of the op (:mod:`densenet_debug.tolerance`). A side is wrong at a unit
   only when a local row fails.
-* **Propagated** rows: the side's end-to-end trace against the oracle. Errors accumulate, so these are
-  judged against the first-order sum of the local tolerances upstream. Kinks (:mod:`densenet_debug.kinks`)
-  cannot move forward values by more than their margin, but they do move gradients: a backward divergence
-  is explained (status ``kink``) when the side agrees with the *counterfactual* oracle that takes the side's
-  branch at exactly its kink elements. A divergence that neither a local failure nor the kinks explain is
-  a ``mismatch`` too: a state, wiring or fusion fault no single unit shows.
+* **Propagated** rows (:mod:`densenet_debug.propagated`): the side's end-to-end trace against the oracle.
+  Errors accumulate, so a row is first screened against the first-order sum of the local tolerances
+  upstream. Kinks (:mod:`densenet_debug.kinks`) cannot move forward values by more than their margin, but
+  they do move gradients: a backward divergence is explained (status ``kink``) when the side agrees with the
+  *counterfactual* oracle that takes the side's branch at exactly its kink elements
+  (:mod:`densenet_debug.counterfactual`). What is left is explained as amplified upstream error when the
+  unit reproduces its own exact math at its own propagated inputs (an fp64 replay there); otherwise it is a
+  ``mismatch``: a state, sequence or fusion fault that no teacher-forced replay shows, or a missing gradient.
 * Several steps: between steps every copy takes the same in-place SGD step made from the *oracle's*
   gradients (so weights change as in training, caches keyed on weights are exercised, and all sides keep
   the same weights); BN running buffers carry over and are compared every step.
