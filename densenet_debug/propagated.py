@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 
+import torch
 from torch import Tensor, nn
 
 from densenet_debug import kinks as kinkmod
@@ -190,3 +191,26 @@ def _at(rec64: UnitRecord, s_rec: UnitRecord) -> Replay:
     return Replay(inputs=[None if t is None else t.detach().to("cpu").requires_grad_(g is not None)
                           for t, g in zip(s_rec.inputs, s_rec.grad_inputs + [None] * len(s_rec.inputs))],
                   grad_outputs=[None if g is None else g.detach() for g in s_rec.grad_outputs])
+
+
+CARRIED_ORIGIN = ("state carried between steps: a unit's buffers at the start of a step must equal, bit for bit, "
+                  "what it left at the end of its forward in the previous step")
+
+
+def carried_state(names: list[str], step: int, before: Trace, now: Trace) -> list[Row]:
+    """One row per unit with buffers: did anything touch them between two steps (a recompute, a hook)?"""
+    rows = []
+    for name in names:
+        if name not in before or name not in now:
+            continue
+        left, found = before[name].buffers_after, now[name].buffers_before
+        for key, t in found.items():
+            prev = left.get(key)
+            if prev is None:
+                continue
+            same = prev.shape == t.shape and bool(torch.equal(prev.to(t.device), t))
+            err = 0.0 if same else relerr(t, prev.detach().to("cpu", torch.float64))
+            rows.append(Row(name, "forward", f"{key} (carried)", err if same else max(err, 1e-300), None, 0.0,
+                            "ok" if same else "mismatch", CARRIED_ORIGIN, step, "propagated", None, 0.0, None,
+                            0.0 if same else math.inf, None, None, None, now[name].forward_index))
+    return rows

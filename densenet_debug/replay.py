@@ -47,7 +47,8 @@ def replay_unit(module: nn.Module, oracle: UnitRecord, side: UnitRecord | None, 
         wants_grad = i < len(oracle.grad_inputs) and oracle.grad_inputs[i] is not None and x.is_floating_point()
         inputs.append(x.requires_grad_(True) if wants_grad else x)
     own_buffers = dict(module.named_buffers(recurse=False))
-    saved_buffers = {k: b.clone() for k, b in own_buffers.items()}
+    every_buffer = dict(module.named_buffers())  # a composite's replay runs its children: restore theirs too
+    saved_buffers = {k: b.clone() for k, b in every_buffer.items()}
     saved_modes = {m: m.training for m in module.modules()}
     result = Replay(inputs=inputs)
     try:
@@ -83,7 +84,7 @@ def replay_unit(module: nn.Module, oracle: UnitRecord, side: UnitRecord | None, 
                     result.values[key] = torch.zeros_like(t) if g is None else g.detach()
     finally:
         with torch.no_grad():
-            for k, b in own_buffers.items():
+            for k, b in every_buffer.items():
                 b.copy_(saved_buffers[k])
         for m, mode in saved_modes.items():
             m.train(mode)

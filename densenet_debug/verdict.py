@@ -35,7 +35,7 @@ from densenet_debug.backends import Backend, default_pair, environment, parse_ba
 from densenet_debug.counterfactual import traced_step_with_gates
 from densenet_debug.errors import UsageError
 from densenet_debug.local import blame_children, compose_tolerances, element_count, local_rows
-from densenet_debug.propagated import explain_by_local, kink_sites, propagated_rows, self_consistent
+from densenet_debug.propagated import carried_state, explain_by_local, kink_sites, propagated_rows, self_consistent
 from densenet_debug.report import DiffReport, Kink, Row, SideResult, first_divergence, merge_sides
 from densenet_debug.tolerance import confidence, unit_bounds
 from densenet_debug.trace import Trace, discover_units, trace_step
@@ -178,6 +178,7 @@ def judge(model: nn.Module, x: Tensor, y: Tensor, backend: str | Backend, oracle
     rows: list[Row] = []
     kinks: list[Kink] = []
     result = SideResult(backend.name, rows, kinks, {}, names)
+    previous: Trace | None = None
     for step in range(steps):
         o_trace = oracle[step]
         with backend.active():
@@ -207,6 +208,9 @@ def judge(model: nn.Module, x: Tensor, y: Tensor, backend: str | Backend, oracle
         if any(r.status == "mismatch" for r in prop_rows):
             self_consistent(prop_rows, s_trace, ref.at(step), backend, lam)
         explain_by_local(prop_rows, local)
+        if propagated and step > 0:
+            prop_rows += carried_state(names, step, previous, s_trace)
+        previous = s_trace
         rows += local + prop_rows
         kinks += step_kinks
         _sgd_step(side, o_trace)

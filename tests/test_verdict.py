@@ -183,6 +183,30 @@ def test_running_buffers_are_compared() -> None:
     assert (report.first_divergence["layer"], report.first_divergence["quantity"]) == ("trans1.norm", "running_mean")
 
 
+class BackwardStatBN(nn.BatchNorm2d):
+    """In fp32, its running mean is halved during the backward (a recompute touching the stats): no unit's
+    outputs or gradients change, only the state the next step starts from."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = super().forward(x)
+        if self.training and x.dtype == torch.float32 and out.requires_grad:
+            out.register_hook(self._halve)
+        return out
+
+    def _halve(self, grad: Tensor) -> None:
+        self.running_mean.data.mul_(0.5)
+
+
+def test_state_touched_between_steps_is_caught() -> None:
+    x, y = _batch(2)
+    model = _swap(_model(), "block2.layer01.norm2", BackwardStatBN)
+    assert diff(model, x, y, "native", "fp64").verdict == "agree"
+    report = diff(model, x, y, "native", "fp64", steps=2)
+    first = report.first_divergence
+    assert (first["layer"], first["quantity"], first["step"], first["side"]) == (
+        "block2.layer01.norm2", "running_mean (carried)", 1, "a")
+
+
 def test_a_fault_invisible_to_every_unit_is_caught_by_the_propagated_comparison() -> None:
     """Checkpointed layers on detached inputs: every unit is right, the wiring is not."""
     x, y = _batch(2)
