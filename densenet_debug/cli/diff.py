@@ -44,6 +44,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--units", default=None, metavar="NAME,NAME",
                         help="only these units (qualified module names); default every unit")
     parser.add_argument("--top", type=positive_int, default=15, help="rows in the table (default 15)")
+    parser.add_argument("--threads", type=positive_int, default=None,
+                        help="torch CPU threads (default: torch's choice; on a busy shared machine 1 is often "
+                             "much faster: a diff runs many small ops)")
     parser.add_argument("--json", default=None, metavar="PATH", help="write the JSON report here")
     parser.add_argument("--html", default=None, metavar="PATH", help="write a self-contained HTML report here")
 
@@ -69,6 +72,8 @@ def run(args: argparse.Namespace) -> int:
 
     if parse_ddp_side(args.a) or parse_ddp_side(args.b):  # DDP vs one process: parameter gradients, own path
         return run_cli(args)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = resolve_device(args.device) if args.device else None
     da, db = default_pair(device)
     a, b = args.a or da, args.b or db
