@@ -197,13 +197,16 @@ CARRIED_ORIGIN = ("state carried between steps: a unit's buffers at the start of
                   "what it left at the end of its forward in the previous step")
 
 
-def carried_state(names: list[str], step: int, before: Trace, now: Trace) -> list[Row]:
-    """One row per unit with buffers: did anything touch them between two steps (a recompute, a hook)?"""
+def carried_state(names: list[str], step: int, before: dict[str, dict[str, Tensor]], now: Trace) -> list[Row]:
+    """One row per unit with buffers: did anything touch them between two steps (a recompute, a hook)?
+
+    ``before``: each unit's ``buffers_after`` from the previous step.
+    """
     rows = []
     for name in names:
         if name not in before or name not in now:
             continue
-        left, found = before[name].buffers_after, now[name].buffers_before
+        left, found = before[name], now[name].buffers_before
         for key, t in found.items():
             prev = left.get(key)
             if prev is None:

@@ -44,7 +44,8 @@ LEARNING_RATE = 0.1  # the shared SGD step between steps; any value that changes
 LossFn = Callable[[Tensor, Tensor], Tensor]
 FAIL_ON = ("mismatch", "kink")
 
-__all__ = ["DiffReport", "Kink", "Row", "SideResult", "diff", "judge", "local_check", "oracle_traces", "release"]
+__all__ = ["DiffReport", "Kink", "Row", "SideResult", "diff", "judge", "judge_many", "local_check", "oracle_traces",
+           "release"]
 
 
 # -- preparing copies -------------------------------------------------------------------------------------
@@ -157,64 +158,99 @@ def judge(model: nn.Module, x: Tensor, y: Tensor, backend: str | Backend, oracle
     """Judge one backend against the oracle: propagated rows plus local teacher-forced rows, every step.
 
     ``oracle`` holds one :class:`Trace` per step (from :func:`oracle_traces` or rebuilt from stored arrays);
-    only what a Trace holds is used, plus ``model`` for the weights at the start.
+    only what a Trace holds is used, plus ``model`` for the weights at the start. ``_shared``, when given,
+    keeps every unit's error model under ``(step, name)`` (and ``"lam"``) for the caller.
     """
-    backend = parse_backend(backend)
+    return judge_many(model, x, y, [backend], oracle, units=units, steps=steps, eval_mode=eval_mode,
+                      loss_fn=loss_fn, propagated=propagated, _shared=_shared)[0]
+
+
+def judge_many(model: nn.Module, x: Tensor, y: Tensor, backends: list[str | Backend], oracle: list[Trace], *,
+               units: object = None, steps: int = 1, eval_mode: bool = False, loss_fn: LossFn = F.cross_entropy,
+               propagated: bool = True, _shared: dict | None = None) -> list[SideResult]:
+    """:func:`judge` for several backends in lockstep: each unit's error model is built once, used by every
+    side, and dropped (unless ``_shared`` keeps it), so memory does not grow with the number of units."""
     _check_inputs(x, y)
     steps = max(steps, len(oracle)) if oracle else steps
     if len(oracle) < steps:
         raise UsageError(f"the oracle has {len(oracle)} step(s), {steps} asked")
     shared = _shared if _shared is not None else {}
     names = list(units) if units is not None and not callable(units) else oracle[0].forward_order
-    side = _set_mode(backend.prepare_model(model), eval_mode)
+    sides = [_Side(parse_backend(b), model, x, y, names, eval_mode) for b in backends]
     ref = _Reference(model, eval_mode, oracle)
-    side_modules = dict(side.named_modules())
-    missing = [n for n in names if n not in side_modules]
-    if missing:
-        raise UsageError(f"unit(s) not in the model: {', '.join(missing[:5])}")
     lam = shared.setdefault("lam", confidence(element_count(oracle[:steps])))
-    scales = shared.setdefault("scales", {})  # max |oracle| per oracle tensor, for both sides
-    xs, ys = _input(x, backend.device, backend.param_dtype, backend), _target(y, backend.device, backend.param_dtype)
-    rows: list[Row] = []
-    kinks: list[Kink] = []
-    result = SideResult(backend.name, rows, kinks, {}, names)
-    previous: Trace | None = None
+    scales = shared.setdefault("scales", {})  # max |oracle| per oracle tensor, for every side
     for step in range(steps):
         o_trace = oracle[step]
-        with backend.active():
-            s_trace = trace_step(side, xs, ys, units=names, loss_fn=loss_fn)
-        result.flags = backend.flags_in_force()
-        local: list[Row] = []
-        step_kinks: list[Kink] = []
+        for side in sides:
+            side.run_step(names, loss_fn)
         for name in names:
             if name not in o_trace:
                 continue
-            o_rec = o_trace[name]
             bounds = shared.get((step, name))
             if bounds is None:
                 unit = ref.at(step)[name]
-                bounds = shared[(step, name)] = unit_bounds(unit, o_rec, _params64(unit))
-            local += local_rows(name, step, side_modules[name], o_rec, s_trace.units.get(name), bounds, backend,
-                                lam, step_kinks, scales)
+                bounds = unit_bounds(unit, o_trace[name], _params64(unit))
+                if _shared is not None:
+                    shared[(step, name)] = bounds
+            for side in sides:
+                side.local_unit(name, step, o_trace[name], bounds, lam, scales)
+        for side in sides:
+            side.finish_step(step, names, o_trace, ref, x, y, loss_fn, lam, scales, propagated)
+    return [side.result for side in sides]
+
+
+class _Side:
+    """One backend's prepared model, inputs and findings while :func:`judge_many` walks the steps."""
+
+    def __init__(self, backend: Backend, model: nn.Module, x: Tensor, y: Tensor, names: list[str],
+                 eval_mode: bool) -> None:
+        self.backend = backend
+        self.model = _set_mode(backend.prepare_model(model), eval_mode)
+        self.modules = dict(self.model.named_modules())
+        missing = [n for n in names if n not in self.modules]
+        if missing:
+            raise UsageError(f"unit(s) not in the model: {', '.join(missing[:5])}")
+        self.x = _input(x, backend.device, backend.param_dtype, backend)
+        self.y = _target(y, backend.device, backend.param_dtype)
+        self.result = SideResult(backend.name, [], [], {}, names)
+        self.trace: Trace | None = None
+        self.previous: dict[str, dict[str, Tensor]] | None = None  # buffers each unit left, last step
+        self.local: list[Row] = []
+        self.step_kinks: list[Kink] = []
+
+    def run_step(self, names: list[str], loss_fn: LossFn) -> None:
+        with self.backend.active():
+            self.trace = trace_step(self.model, self.x, self.y, units=names, loss_fn=loss_fn)
+        self.result.flags = self.backend.flags_in_force()
+        self.local, self.step_kinks = [], []
+
+    def local_unit(self, name: str, step: int, o_rec: object, bounds: object, lam: float, scales: dict) -> None:
+        self.local += local_rows(name, step, self.modules[name], o_rec, self.trace.units.get(name), bounds,
+                                 self.backend, lam, self.step_kinks, scales)
+
+    def finish_step(self, step: int, names: list[str], o_trace: Trace, ref: _Reference, x: Tensor, y: Tensor,
+                    loss_fn: LossFn, lam: float, scales: dict, propagated: bool) -> None:
+        s_trace, local = self.trace, self.local
         compose_tolerances(local, names)
         blame_children(local, names)
-        sites = kink_sites(names, step, o_trace, s_trace, side_modules)
-        step_kinks += [Kink(s.layer, s.count, s.min_margin, s.relative_margin, "", step) for s in sites]
+        sites = kink_sites(names, step, o_trace, s_trace, self.modules)
+        self.step_kinks += [Kink(s.layer, s.count, s.min_margin, s.relative_margin, "", step) for s in sites]
         prop_rows = propagated_rows(names, step, o_trace, s_trace, local, scales) if propagated else []
         if sites and any(r.status == "mismatch" and r.pass_ == "backward" for r in prop_rows):
             cf = _counterfactual(ref, step, x, y, o_trace, sites, names, loss_fn)
-            result.counterfactual_steps.append(step)
+            self.result.counterfactual_steps.append(step)
             counterfactual.explain(prop_rows, s_trace, o_trace, cf, sites)
         if any(r.status == "mismatch" for r in prop_rows):
-            self_consistent(prop_rows, s_trace, ref.at(step), backend, lam)
+            self_consistent(prop_rows, s_trace, ref.at(step), self.backend, lam)
         explain_by_local(prop_rows, local)
-        if propagated and step > 0:
-            prop_rows += carried_state(names, step, previous, s_trace)
-        previous = s_trace
-        rows += local + prop_rows
-        kinks += step_kinks
-        _sgd_step(side, o_trace)
-    return result
+        if propagated and self.previous is not None:
+            prop_rows += carried_state(names, step, self.previous, s_trace)
+        self.previous = {rec.name: rec.buffers_after for rec in s_trace if rec.buffers_after}
+        self.trace = None
+        self.result.rows += local + prop_rows
+        self.result.kinks += self.step_kinks
+        _sgd_step(self.model, o_trace)
 
 
 class _Reference:
@@ -272,11 +308,9 @@ def diff(model: nn.Module, x: Tensor, y: Tensor, a: str | Backend | None = None,
         eval_mode = eval_mode or bool(needs.get("eval", False))
     names = _unit_names(model, x, units)
     oracle = oracle_traces(model, x, y, steps=steps, eval_mode=eval_mode, units=names, loss_fn=loss_fn)
-    shared: dict = {}
-    kw = dict(units=names, steps=steps, eval_mode=eval_mode, loss_fn=loss_fn, _shared=shared)
     try:
-        side_a = judge(model, x, y, ba, oracle, **kw)
-        side_b = judge(model, x, y, bb, oracle, **kw)
+        side_a, side_b = judge_many(model, x, y, [ba, bb], oracle, units=names, steps=steps, eval_mode=eval_mode,
+                                    loss_fn=loss_fn)
     finally:
         release(oracle)
     return _report(side_a, side_b, oracle, ba, bb, fail_on, steps, eval_mode, x)
