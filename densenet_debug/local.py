@@ -44,6 +44,10 @@ def precision(backend: Backend, unit: str, bounds: UnitBounds, side_tensor: Tens
         u_op = max(u_op, backend.matmul_operand_roundoff(unit))
         if backend.autocast is not None:  # computed in the autocast dtype, then cast back (a grad to fp32 params)
             u_out = max(u_out, unit_roundoff(backend.autocast))
+    if backend.autocast is not None and dtypes:
+        # An op on low-precision operands may round its result to their dtype before it is cast up (the
+        # gradient of an fp32 parameter of a BN that ran on bf16 activations): one rounding of that dtype.
+        u_out = max(u_out, max(unit_roundoff(d) for d in dtypes))
     u_acc = backend.accumulate_roundoff if out_dtype != torch.float64 else unit_roundoff(torch.float64)
     u_cmp = max([u_acc] + [unit_roundoff(d) for d in dtypes])
     low = min(dtypes + [out_dtype], key=lambda d: torch.finfo(d).smallest_normal if d.is_floating_point else 0.0)
