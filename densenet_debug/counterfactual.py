@@ -23,8 +23,8 @@ import torch
 from torch import Tensor, nn
 
 from densenet_debug import kinks as kinkmod
+from densenet_debug.compare import abs_difference, oracle_scale
 from densenet_debug.report import Row
-from densenet_debug.tolerance import abs_difference, oracle_scale
 from densenet_debug.trace import Trace, Tracer
 
 

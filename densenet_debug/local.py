@@ -16,9 +16,10 @@ from torch import Tensor, nn
 
 from densenet_debug import kinks as kinkmod
 from densenet_debug.backends import Backend, unit_roundoff
+from densenet_debug.compare import compare
 from densenet_debug.replay import exact_expectation, oracle_values, replay_unit
 from densenet_debug.report import Kink, Row
-from densenet_debug.tolerance import Precision, UnitBounds, compare, underflow
+from densenet_debug.tolerance import Precision, UnitBounds, underflow
 from densenet_debug.trace import Trace
 
 QUANTITY_PASS = {"output": "forward", "buffer": "forward"}

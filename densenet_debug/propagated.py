@@ -19,10 +19,10 @@ from torch import Tensor, nn
 
 from densenet_debug import kinks as kinkmod
 from densenet_debug.backends import Backend
+from densenet_debug.compare import abs_difference, compare, oracle_scale
 from densenet_debug.local import base, exact_bound, precision
 from densenet_debug.replay import Replay, exact_expectation, oracle_values, side_values
 from densenet_debug.report import Row
-from densenet_debug.tolerance import abs_difference, compare, oracle_scale
 from densenet_debug.trace import Trace, UnitRecord
 
 PROPAGATED_ORIGIN = ("propagated: sum of the local tolerances of every unit upstream (first order, errors "
