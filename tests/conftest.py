@@ -8,6 +8,12 @@ import torch
 from densenet_debug import build_model
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    # The suite runs thousands of tiny ops; on 2 cores two OpenMP threads oversubscribe as soon as anything
+    # else runs (CI, subprocess tests) and make small convs up to 100x slower. One thread is deterministic.
+    torch.set_num_threads(1)
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     if torch.cuda.is_available():
         return
