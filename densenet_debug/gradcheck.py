@@ -42,6 +42,7 @@ from densenet_debug.trace import Layout, discover_units, trace_step
 __all__ = ["GradRow", "GradcheckReport", "Kink", "gradcheck_model", "gradcheck_unit"]
 
 MODES = ("fast", "full")
+_RECORD = ("inputs", "outputs", "grad_outputs", "grad_inputs")
 ProgressFn = Callable[[int, int, str], None]
 
 
@@ -100,7 +101,7 @@ def _gradcheck_model(model: nn.Module, x: Tensor, y: Tensor, mode: str, layers: 
                      eval_mode: bool, progress: ProgressFn | None, directions: int,
                      loss_fn: Callable[[Tensor, Tensor], Tensor] | None) -> GradcheckReport:
     start = time.perf_counter()
-    model64 = copy.deepcopy(model).to(torch.float64)
+    model64 = fp64_copy(model)
     model64.train(not eval_mode)
     device = _device_of(model64, x)
     x64 = x.to(device=device, dtype=torch.float64)
@@ -111,7 +112,7 @@ def _gradcheck_model(model: nn.Module, x: Tensor, y: Tensor, mode: str, layers: 
     buffers0 = {id(b): b.detach().clone() for b in model64.buffers()}  # BN state before the step
     kw = {} if loss_fn is None else {"loss_fn": loss_fn}
     with _capturing_calls(model64, selected) as calls:
-        trace = trace_step(model64, x64, y, units=selected, record=("inputs", "grad_outputs", "grad_inputs"), **kw)
+        trace = trace_step(model64, x64, y, units=selected, record=_RECORD, **kw)
     shared = _shared_parameters(named, units, trace)
     order = trace.backward_order + [n for n in trace.forward_order if trace[n].backward_index is None]
     rows: list[GradRow] = []
@@ -127,7 +128,7 @@ def _gradcheck_model(model: nn.Module, x: Tensor, y: Tensor, mode: str, layers: 
         unit = UnitFunction(
             name, module, args, kwargs, buffers={k: buffers0[id(b)] for k, b in module.named_buffers()},
             grad_outputs=list(rec.grad_outputs) or None, input_layouts=rec.input_layouts,
-            grad_output_layouts=rec.grad_output_layouts, grads=grads, seed=seed,
+            grad_output_layouts=rec.grad_output_layouts, grads=grads, seed=seed, outputs=rec.outputs,
         )
         limit = FULL_LIMIT_NAMED if name in named_exactly else FULL_LIMIT
         unit_rows, unit_kinks = _check_unit(unit, mode, pool, limit, directions)
@@ -212,6 +213,42 @@ def _kink(unit: UnitFunction, slots: list[int], o: Outcome) -> list[Kink]:
 
 
 # -- model plumbing ---------------------------------------------------------------------------------------
+def fp64_copy(model: nn.Module) -> nn.Module:
+    """A float64 copy of ``model`` that shares nothing mutable with it.
+
+    Modules of torch.nn and densenet_debug keep their state in their dicts, so they are copied
+    structurally (new module objects, dicts and tensors; fast); any other module means deepcopy.
+    """
+    if not all(type(m).__module__.startswith(("torch.nn.", "densenet_debug.")) for m in model.modules()):
+        return copy.deepcopy(model).to(torch.float64)
+    memo: dict[int, object] = {}
+
+    def tensor(t: Tensor) -> Tensor:
+        dtype = torch.float64 if t.is_floating_point() else t.dtype
+        return t.detach().to(dtype=dtype, copy=True)
+
+    def module(m: nn.Module) -> nn.Module:
+        if id(m) in memo:
+            return memo[id(m)]  # type: ignore[return-value]
+        c = copy.copy(m)
+        memo[id(m)] = c
+        for k, v in list(c.__dict__.items()):
+            if isinstance(v, (dict, list, set)):
+                c.__dict__[k] = copy.copy(v)
+        for k, p in m._parameters.items():
+            if p is not None and id(p) not in memo:
+                memo[id(p)] = nn.Parameter(tensor(p), requires_grad=p.requires_grad)
+            c._parameters[k] = None if p is None else memo[id(p)]  # type: ignore[assignment]
+        for k, b in m._buffers.items():
+            c._buffers[k] = None if b is None else tensor(b)
+        for k, sub in m._modules.items():
+            c._modules[k] = None if sub is None else module(sub)
+        return c
+
+    return module(model)
+
+
+
 def _check_mode(mode: str) -> None:
     if mode not in MODES:
         raise UsageError(f"unknown mode {mode!r}; choose from {', '.join(MODES)}")

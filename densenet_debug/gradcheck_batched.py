@@ -53,6 +53,21 @@ def affine_in(module: nn.Module, batched: set[Key]) -> str | None:
     return "affine" if len(batched) == 1 else None  # conv, linear: affine in each tensor alone
 
 
+def known(module: nn.Module) -> bool:
+    """A module whose math this file knows (exact type, no hooks): deterministic, no random numbers."""
+    return type(module) in _EVALUATORS and not _hooked(module)
+
+
+def elementwise(module: nn.Module) -> bool:
+    """Output i depends on input i alone (a diagonal Jacobian): masking outputs masks the gradient alike."""
+    return type(module) in (nn.ReLU, nn.Identity) and not _hooked(module)
+
+
+def points_inside(module: nn.Module, key: Key) -> bool:
+    """Whether points of this tensor are best stored inside the batch dim, (N, P, ...) (BN's input)."""
+    return isinstance(module, nn.modules.batchnorm._BatchNorm) and key == 0 and type(module) in _EVALUATORS
+
+
 def reduction_length(module: nn.Module, args: list) -> int | None:
     """The longest chain of roundings behind one output element, by the op's math (None: unknown).
 

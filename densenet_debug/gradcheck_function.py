@@ -18,7 +18,14 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, vmap
 
-from densenet_debug.gradcheck_batched import affine_in, batched_call, reduction_length
+from densenet_debug.gradcheck_batched import (
+    affine_in,
+    batched_call,
+    elementwise,
+    known,
+    points_inside,
+    reduction_length,
+)
 from densenet_debug.trace import Layout, with_layout
 
 CHUNK_BYTES = 1 << 28  # memory for one batch of evaluation points
@@ -42,7 +49,7 @@ class UnitFunction:
     def __init__(
         self, name: str, module: nn.Module, args: list, kwargs: dict, *, buffers: dict[str, Tensor] | None,
         grad_outputs: list[Tensor | None] | None, input_layouts=None, grad_output_layouts=None,
-        grads: dict[str, Tensor | None] | None = None, seed: int = 0,
+        grads: dict[str, Tensor | None] | None = None, seed: int = 0, outputs: list[Tensor] | None = None,
     ) -> None:
         self.name, self.module, self.args, self.kwargs, self.seed = name, module, list(args), kwargs, seed
         self.params = {k: p.detach() for k, p in module.named_parameters()}
@@ -79,7 +86,9 @@ class UnitFunction:
         known = None if self.kwargs else reduction_length(module, self.args)
         self.n_forward = self.n_reduce if known is None else known
         self._magnitude: list[Tensor] | None = None
-        self._base: list[Tensor] | None = None
+        # f(t) as the step computed it (any correct evaluation of f(t) is within the error model).
+        self._base = None if outputs is None or len(outputs) != len(f0) else [o.detach() for o in outputs]
+        self._abs_v: list[Tensor | None] | None = None
 
     @property
     def fmodule(self) -> nn.Module:
@@ -91,6 +100,9 @@ class UnitFunction:
     @contextmanager
     def _rng(self) -> Iterator[None]:
         """Every evaluation sees the same random numbers (dropout masks) and leaves the caller's RNG alone."""
+        if not self.kwargs and known(self.module):  # its ops draw no random numbers
+            yield
+            return
         devices = sorted({d.index or 0 for d in self._devices() if d.type == "cuda"})
         with torch.random.fork_rng(devices=devices):
             torch.default_generator.manual_seed(self.seed)
@@ -122,6 +134,8 @@ class UnitFunction:
         per_point = 8 * (sum(s[0].numel() for s in stacks) + sum(self.out_numel))
         chunk = max(1, min(points, CHUNK_BYTES // max(per_point, 1)))
         parts = [self._evaluate(slots, [s[i:i + chunk] for s in stacks]) for i in range(0, points, chunk)]
+        if len(parts) == 1:
+            return parts[0]
         return [torch.cat([p[o] for p in parts]) for o in range(len(parts[0]))]
 
     def _evaluate(self, slots: list[int], stacks: list[Tensor]) -> list[Tensor]:
@@ -172,6 +186,14 @@ class UnitFunction:
         finally:
             self.args, self.params = saved
 
+    def empty_points(self, slot: int, lead: tuple[int, ...]) -> Tensor:
+        """Storage for ``lead`` points of a slot, laid out as the batched evaluator reads it fastest."""
+        b = self.slots[slot].base
+        if not self.kwargs and b.dim() > 1 and points_inside(self.module, self.slots[slot].key):
+            inner = torch.empty((b.shape[0], *lead, *b.shape[1:]), dtype=b.dtype, device=b.device)
+            return inner.movedim(0, len(lead))  # points inside the batch: BN folds them into channels for free
+        return torch.empty((*lead, *b.shape), dtype=b.dtype, device=b.device)
+
     def affine_in(self, slots: list[int]) -> str | None:
         """What the unit's math says about these slots: affine/piecewise/smooth (the checker verifies it)."""
         return None if self.kwargs else affine_in(self.module, {self.slots[s].key for s in slots})
@@ -182,6 +204,11 @@ class UnitFunction:
             with torch.no_grad(), self._rng():
                 self._base = self.call([s.base for s in self.slots])
         return self._base
+
+    def abs_v(self) -> list[Tensor | None]:
+        if self._abs_v is None:
+            self._abs_v = [None if g is None else g.abs().reshape(-1) for g in self.v]
+        return self._abs_v
 
     def magnitude(self, near: list[Tensor]) -> list[Tensor]:
         """m = max(|f|, |f(|t|)|) per output element, floored at its rms: the size of what each output sums.
@@ -196,10 +223,17 @@ class UnitFunction:
         return self._magnitude
 
     # -- the backward's answers -------------------------------------------------------------------------
-    def analytic(self, v: list[Tensor | None]) -> list[Tensor]:
-        """The unit's gradient for each slot given grad_outputs ``v``: the step's own when v is the step's."""
+    def analytic(self, v: list[Tensor | None], mask: list[Tensor] | None = None) -> list[Tensor]:
+        """The unit's gradient for each slot given grad_outputs ``v``: the step's own when v is the step's.
+
+        ``mask`` (outputs masked out of v) lets an elementwise unit reuse the step's gradient, masked alike:
+        with a diagonal Jacobian, Jᵀ(v ⊙ ¬mask) = (Jᵀv) ⊙ ¬mask.
+        """
         if self.recorded and all(a is b for a, b in zip(v, self.v)):
             return [s.grad if s.grad is not None else torch.zeros_like(s.base) for s in self.slots]
+        if (self.recorded and mask is not None and len(mask) == 1 and not self.kwargs and elementwise(self.module)
+                and all(s.grad is not None and s.grad.shape == mask[0].shape for s in self.slots)):
+            return [s.grad * ~mask[0] for s in self.slots]
         leaves, outs = self._replay_forward()
         pairs = [(o, with_layout(g, lay)) for o, g, lay in zip(outs, v, self.v_layouts)
                  if g is not None and o.requires_grad]
@@ -256,15 +290,23 @@ def _functional_copy(module: nn.Module) -> nn.Module:
     """The unit with train-mode BatchNorms made stateless, so points can be batched with vmap.
 
     In train mode BN normalizes with batch statistics; its running buffers are only written, never
-    read, so dropping them (``torch.func.replace_all_batch_norm_modules_``) leaves the output unchanged.
+    read, so dropping them (as ``torch.func.replace_all_batch_norm_modules_`` does) leaves the output
+    unchanged. The copy is structural: modules are new objects, tensors are shared.
     """
     bns = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
            and m.training and m.track_running_stats]
     if not bns:
         return module
-    clone = copy.deepcopy(module)
-    for m in clone.modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training:
-            m.running_mean = m.running_var = m.num_batches_tracked = None
-            m.track_running_stats = False
+    return _stateless(module)
+
+
+def _stateless(module: nn.Module) -> nn.Module:
+    clone = copy.copy(module)
+    clone._parameters = dict(module._parameters)
+    clone._buffers = dict(module._buffers)
+    clone._modules = {k: None if m is None else _stateless(m) for k, m in module._modules.items()}
+    if isinstance(clone, nn.modules.batchnorm._BatchNorm) and clone.training:
+        for k in ("running_mean", "running_var", "num_batches_tracked"):
+            clone._buffers[k] = None
+        clone.track_running_stats = False
     return clone

@@ -44,6 +44,7 @@ grad_output and S(s) = <v, f(t + sΔ)>:
 from __future__ import annotations
 
 import math
+import random
 from dataclasses import dataclass, field
 
 import torch
@@ -92,6 +93,7 @@ class DirectionPool:
 
     def __init__(self, generator: torch.Generator, size: int = 1 << 20) -> None:
         self.gen = generator
+        self._offsets = random.Random(int(torch.randint(0, 2**62, (1,), generator=generator)))
         self._pools: dict[torch.device, Tensor] = {}
         self._size = size
         self.max_abs = 0.0
@@ -105,7 +107,7 @@ class DirectionPool:
             pool = torch.randn(self._size, generator=self.gen, dtype=torch.float64).to(device)
             self._pools[device] = pool
             self.max_abs = max(self.max_abs, float(pool.abs().max()))
-        start = int(torch.randint(0, pool.numel() - need + 1, (1,), generator=self.gen))
+        start = self._offsets.randrange(pool.numel() - need + 1)
         out = []
         for t in like:
             out.append(pool[start:start + k * t.numel()].view(k, *t.shape))
@@ -143,13 +145,13 @@ def _joint_at(unit: UnitFunction, slots: list[int], pool: DirectionPool, k: int,
     bases = [unit.slots[s].base for s in slots]
     steps = [eta * _rms(b) for b in bases]
     deltas, stacks = [], []
-    for b, h, u in zip(bases, steps, pool.take(k, bases)):
+    for s, b, h, u in zip(slots, bases, steps, pool.take(k, bases)):
         d = u * h  # Δ: the nominal perturbation (exact by definition; 2Δ is exact too)
-        pts = torch.empty((k, 4, *b.shape), dtype=b.dtype, device=b.device)
+        pts = unit.empty_points(s, (k, 4))
         for i, c in enumerate((1.0, -1.0, 2.0, -2.0)):
             torch.add(b, d, alpha=c, out=pts[:, i])
         deltas.append(d.reshape(k, -1))
-        stacks.append(pts.view(4 * k, *b.shape))
+        stacks.append(pts.flatten(0, 1))
     F = unit.evaluate(slots, stacks)
     m = unit.magnitude([f[0] for f in F])
     a_all = unit.analytic(unit.v)
@@ -189,9 +191,9 @@ def _affine_at(unit: UnitFunction, slots: list[int], pool: DirectionPool, k: int
     steps = [eta * _rms(b) for b in bases]
     extra = k if piecewise else 1
     deltas, stacks = [], []
-    for b, h, u in zip(bases, steps, pool.take(k, bases)):
+    for s, b, h, u in zip(slots, bases, steps, pool.take(k, bases)):
         d = u * h
-        pts = torch.empty((k + extra, *b.shape), dtype=b.dtype, device=b.device)
+        pts = unit.empty_points(s, (k + extra,))
         torch.add(b, d, out=pts[:k])
         torch.add(b, d[:extra], alpha=-1.0 if piecewise else 2.0, out=pts[k:])
         deltas.append(d.reshape(k, -1))
@@ -209,16 +211,20 @@ def _affine_at(unit: UnitFunction, slots: list[int], pool: DirectionPool, k: int
             return None
         if count:
             v = [None if g is None else g * ~x for g, x in zip(v, mask)]
+        else:
+            mask = None
+    else:
+        mask = None
     sums = torch.zeros(k + extra, dtype=torch.float64)
     vm, proj = 0.0, 0.0
-    for Fo, base, vo, mo in zip(F, f0, v, m):
+    for Fo, base, vo, mo, va in zip(F, f0, v, m, unit.abs_v()):
         if vo is None:
             continue
         vf = vo.reshape(-1)
         diff = (Fo - base[None]).reshape(k + extra, -1)
         sums += (diff @ vf).cpu()
         vm += float(torch.linalg.vector_norm(vf * mo.reshape(-1))) ** 2
-        proj += _projection_error(diff, vf) ** 2
+        proj += _projection_error(diff, va) ** 2
     sigma = math.sqrt((unit_err ** 2) * vm + proj)
     if piecewise:  # S(+1) - S(0) = D + c/2, S(-1) - S(0) = -D + c/2
         numeric, defect = (sums[:k] - sums[k:]) / 2, (sums[:k] + sums[k:]).abs() / 2
@@ -226,7 +232,7 @@ def _affine_at(unit: UnitFunction, slots: list[int], pool: DirectionPool, k: int
         numeric, defect = sums[:k], (sums[k:] - 2 * sums[:1]).abs().expand(k) / 2
     if float(defect.max()) > 4 * sigma:  # √(4 + 1 + 1)·σ / 2 ≈ 1.2σ is what rounding alone gives
         return None
-    a_all = unit.analytic(v)
+    a_all = unit.analytic(v, mask)
     a = [a_all[s] for s in slots]
     analytic = torch.zeros(k, dtype=torch.float64)
     an_sq, scale_sq, norms = 0.0, 0.0, []
@@ -272,12 +278,12 @@ def _compare(F: list[Tensor], m: list[Tensor], deltas: list[Tensor], steps: list
     for Fo, vo, mo in zip(F, v, m):
         if vo is None:
             continue
-        vf = vo.reshape(-1)
-        f4 = Fo.view(k, 4, -1)
+        vf, va = vo.reshape(-1), vo.abs().reshape(-1)
+        f4 = Fo.unflatten(0, (k, 4))
         for i, acc in ((0, s1), (2, s2)):
-            diff = f4[:, i] - f4[:, i + 1]
+            diff = (f4[:, i] - f4[:, i + 1]).reshape(k, -1)
             acc += (diff @ vf).cpu()
-            proj += _projection_error(diff, vf) ** 2
+            proj += _projection_error(diff, va) ** 2
         vm += float(torch.linalg.vector_norm(vf * mo.reshape(-1))) ** 2
     d1, d2 = s1 / 2, s2 / 4
     numeric = (4 * d1 - d2) / 3
@@ -309,8 +315,7 @@ def _kink_mask(F: list[Tensor], f0: list[Tensor], m: list[Tensor], n_reduce: int
     unit_err = LAMBDA * math.sqrt(n_reduce) * EPS
     masks = []
     for Fo, base, mo in zip(F, f0, m):
-        n = Fo.shape[0] // 4
-        f4 = Fo.view(n, 4, *Fo.shape[1:])
+        f4 = Fo.unflatten(0, (Fo.shape[0] // 4, 4))
         a1 = f4[:, 0] + f4[:, 1] - 2 * base
         a2 = f4[:, 2] + f4[:, 3] - 2 * base
         masks.append(((a2 - 4 * a1).abs() > (16 * unit_err + eta * eta) * mo).any(0))
@@ -372,9 +377,9 @@ def check_full(unit: UnitFunction, slot: int, limit: int = FULL_LIMIT) -> Outcom
 
 
 # -- helpers ----------------------------------------------------------------------------------------------
-def _projection_error(diff: Tensor, v: Tensor) -> float:
-    """Rounding of the length-n dot products <v, diff_k>: λ·√n·ε·Σ|v·diff_k|, worst k."""
-    return LAMBDA * math.sqrt(v.numel()) * EPS * float((diff.abs() @ v.abs()).max())
+def _projection_error(diff: Tensor, v_abs: Tensor) -> float:
+    """Rounding of the length-n dot products <v, diff_k>: λ·√n·ε·Σ|v·diff_k|, worst k (``v_abs`` = |v|)."""
+    return LAMBDA * math.sqrt(v_abs.numel()) * EPS * float((diff.abs() @ v_abs).max())
 
 
 

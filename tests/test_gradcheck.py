@@ -80,6 +80,51 @@ class FaultyReLU(nn.Module):
         return _FaultyReLUFn.apply(x, self.fault)
 
 
+class _FaultyFn(torch.autograd.Function):
+    """Runs a module; the backward is that module's true backward with a fault planted in one gradient."""
+
+    @staticmethod
+    def forward(ctx, box, x, *params):  # noqa: ANN001
+        ctx.box = box
+        ctx.save_for_backward(x, *params)
+        with torch.no_grad():
+            return box.call(x, params)
+
+    @staticmethod
+    def backward(ctx, gy):  # noqa: ANN001
+        box = ctx.box
+        with torch.enable_grad():
+            leaves = [t.detach().requires_grad_() for t in ctx.saved_tensors]
+            grads = list(torch.autograd.grad(box.call(leaves[0], leaves[1:]), leaves, gy))
+        i = 0 if box.target == "input0" else 1 + box.names.index(box.target)
+        g = grads[i].unsqueeze(0) if grads[i].dim() == 1 else grads[i]
+        grads[i] = _plant(g, box.fault, box.channel).reshape(grads[i].shape)
+        return None, *grads
+
+
+class Faulty(nn.Module):
+    """A leaf unit that computes like ``module`` (sharing its parameters); the gradient named ``target``
+    (``input0`` or a parameter name) has ``fault`` planted in channel ``channel``."""
+
+    def __init__(self, module: nn.Module, target: str, fault: str, channel: int = 1) -> None:
+        super().__init__()
+        self._inner = (module,)  # a tuple: not a child module, so this wrapper is the unit
+        self.names = [n for n, _ in module.named_parameters()]
+        self.buffer_names = [n for n, _ in module.named_buffers()]
+        for n, p in module.named_parameters():
+            self.register_parameter(n, p)
+        for n, b in module.named_buffers():  # the wrapper's own, so .to() and the tracer see them
+            self.register_buffer(n, b)
+        self.target, self.fault, self.channel = target, fault, channel
+
+    def call(self, x: torch.Tensor, params: list[torch.Tensor]) -> torch.Tensor:
+        state = {**dict(zip(self.names, params)), **{n: getattr(self, n) for n in self.buffer_names}}
+        return torch.func.functional_call(self._inner[0], state, (x,))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _FaultyFn.apply(self, x, *[getattr(self, n) for n in self.names])
+
+
 def _swap_conv(model: nn.Module, name: str, fault: str, target: str = "input") -> None:
     parent, _, leaf = name.rpartition(".")
     old = model.get_submodule(name)
@@ -146,6 +191,21 @@ def test_planted_fault_in_a_relu_is_caught_despite_its_kinks(fault: str) -> None
     x, y = _data()
     report = gradcheck_model(model, x, y, layers=["block3.layer01"])
     assert report.first_failure == {"layer": "block3.layer01.relu2", "tensor": "input0"}
+
+
+@pytest.mark.slow
+def test_bc100_localizes_a_0p1_percent_fault_in_one_channel_of_a_wide_bn_weight_gradient() -> None:
+    """The hard case at scale: 0.1 % on one of 300+ channels of a BN weight gradient deep in BC-100."""
+    torch.manual_seed(0)
+    model = build_model("densenet-bc-100")
+    bn = model.block3.layer16.norm1
+    model.block3.layer16.norm1 = Faulty(bn, "weight", "scale:1e-3", channel=100)
+    model.block3.layer16.conv2 = Faulty(model.block3.layer16.conv2, "input0", "scale:1e-3", channel=5)
+    x, y = _data(shape=(3, 32, 32))
+    report = gradcheck_model(model, x, y, layers=["block3.layer16", "block3.cat"])
+    failing = {(r.layer, r.tensor) for r in report.failures}
+    assert failing == {("block3.layer16.norm1", "weight"), ("block3.layer16.conv2", "input0")}
+    assert bn.weight.shape[0] > 300
 
 
 def test_unit_at_a_relu_boundary_is_a_kink_not_a_failure() -> None:
@@ -311,6 +371,28 @@ def test_failing_child_explains_its_composite() -> None:
 
 
 # -- modes and model variants --------------------------------------------------------------------------------
+def test_faulty_wrapper_is_itself_exact_when_no_fault_is_planted() -> None:
+    """The test's own fault injector must not be the thing that fails."""
+    torch.manual_seed(0)
+    model = _tiny()
+    model.trans1.norm = Faulty(model.trans1.norm, "weight", "none")
+    x, y = _data()
+    assert gradcheck_model(model, x, y, layers=["trans1"]).verdict == "pass"
+    model.trans1.norm.fault = "scale:1e-3"
+    report = gradcheck_model(model, x, y, layers=["trans1"])
+    assert report.first_failure == {"layer": "trans1.norm", "tensor": "weight"}
+
+
+@pytest.mark.gpu
+def test_cuda_fp64_units_pass_and_a_planted_fault_is_caught() -> None:
+    model = _tiny().cuda()
+    x, y = _data()
+    assert gradcheck_model(model, x.cuda(), y.cuda()).verdict == "pass"
+    _swap_conv(model, "block2.layer01.conv2", "scale:1e-3")
+    report = gradcheck_model(model.cuda(), x.cuda(), y.cuda())
+    assert report.first_failure == {"layer": "block2.layer01.conv2", "tensor": "input0"}
+
+
 @pytest.mark.parametrize("kwargs", [{"drop_rate": 0.2}, {"memory_efficient": True}])
 def test_model_variants_pass(kwargs: dict) -> None:
     torch.manual_seed(0)

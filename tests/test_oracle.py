@@ -161,6 +161,16 @@ def test_a_wrong_cat_backward_is_a_mismatch_at_that_layer() -> None:
     assert {r.layer for r in report.rows if r.status == "mismatch"} == {"block2.layer02.cat"}
 
 
+@pytest.mark.gpu
+def test_cuda_fp64_agrees_with_numpy() -> None:
+    torch.manual_seed(0)
+    model = build_model("densenet-bc-16").cuda()
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(2, 3, 16, 16, generator=g), torch.randint(0, 10, (2,), generator=g)
+    report = compare_with_torch(model, x.cuda(), y.cuda())
+    assert report.verdict == "agree", [r for r in report.rows if r.status != "ok"][:5]
+
+
 def test_unsupported_models_are_usage_errors() -> None:
     x, y = torch.randn(2, 3, 8, 8), torch.tensor([0, 1])
     with pytest.raises(UsageError, match="DenseNet"):

@@ -1,10 +1,15 @@
 """Our fast per-unit gradient check of every unit vs torch.autograd.gradcheck(fast_mode=True), same run.
 
-``scripts/bench.py gradcheck [--model densenet-bc-100] [--batch 2] [--seed 0] [--skip-torch]``.
+``scripts/bench.py gradcheck [--model densenet-bc-100] [--batch 2] [--seed 0] [--threads N] [--skip-torch]``.
 Figures: ``ratio`` = our time / torch's (target <= 0.05, first milestone <= 0.1), both on the same fp64
 model, batch and machine; torch's checks every parameter tensor of the model through the whole network
 (inputs only, one bool), ours every unit's input and parameter gradients, localized. Also the NumPy
 oracle's time for the same model and batch, and how many plain forward+backward passes each costs.
+
+Both sides run with ``--threads`` torch threads, 1 by default: on a shared 2-core machine two OpenMP
+threads stall whenever another process takes a core (torch's check on BC-40 took 3 s one minute and
+125 s the next), so 1 thread is what gives a reproducible ratio. ``--threads 0`` keeps torch's default.
+CPU time (``*_cpu_s``) is reported beside wall time.
 """
 
 from __future__ import annotations
@@ -27,7 +32,11 @@ def run(argv: list[str]) -> dict:
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--skip-torch", action="store_true", help="skip torch's gradcheck (no ratio)")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads for both sides (default 1, steady on a busy machine; 0: torch's default)")
     args = parser.parse_args(argv)
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
 
     torch.manual_seed(args.seed)
     model = build_model(args.model)
@@ -37,12 +46,13 @@ def run(argv: list[str]) -> dict:
 
     fwd_bwd = _time_forward_backward(model, x, y)
     gradcheck_model(model, x, y, layers=["stem"])  # warm up kernels and imports once
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     report = gradcheck_model(model, x, y)
-    ours = time.perf_counter() - start
+    ours, ours_cpu = time.perf_counter() - start, time.process_time() - cpu
     result = {
         "model": args.model, "batch": args.batch, "threads": torch.get_num_threads(),
-        "ours_s": round(ours, 3), "units": len(report.units), "rows": len(report.rows),
+        "ours_s": round(ours, 3), "ours_cpu_s": round(ours_cpu, 3), "units": len(report.units),
+        "rows": len(report.rows),
         "verdict": report.verdict, "kinks": len(report.kinks),
         "worst_resolution": max((r.resolution for r in report.rows if r.resolution is not None), default=None),
         "worst_error_over_tolerance": max((r.error / r.tolerance for r in report.rows if r.tolerance > 0),
@@ -54,9 +64,10 @@ def run(argv: list[str]) -> dict:
         result["oracle_s"] = round(oracle, 3)
         result["oracle_in_forward_backwards"] = round(oracle / fwd_bwd, 1)
     if not args.skip_torch:
-        theirs, passed = _time_torch_gradcheck(model, x, y)
-        result.update(theirs_s=round(theirs, 3), theirs_passed=passed, ratio=round(ours / theirs, 4),
-                      theirs_in_forward_backwards=round(theirs / fwd_bwd, 1))
+        theirs, theirs_cpu, passed, calls = _time_torch_gradcheck(model, x, y)
+        result.update(theirs_s=round(theirs, 3), theirs_cpu_s=round(theirs_cpu, 3), theirs_passed=passed,
+                      theirs_function_calls=calls, ratio=round(ours / theirs, 4),
+                      ratio_cpu=round(ours_cpu / theirs_cpu, 4), theirs_in_forward_backwards=round(theirs / fwd_bwd, 1))
     return result
 
 
@@ -81,10 +92,11 @@ def _time_oracle(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> fl
     numpy_forward_backward(state, model.config, xn, yn)  # warm up
     start = time.perf_counter()
     numpy_forward_backward(state, model.config, xn, yn)
-    return time.perf_counter() - start
+    return time.perf_counter() - start  # NumPy's BLAS threads are its own; wall time
 
 
-def _time_torch_gradcheck(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[float, bool]:
+def _time_torch_gradcheck(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor
+                          ) -> tuple[float, float, bool, int]:
     """torch's fast gradcheck w.r.t. every parameter of the fp64 model (BN in train mode, buffers copied)."""
     m = copy.deepcopy(model).double()
     names = [n for n, _ in m.named_parameters()]
@@ -92,10 +104,13 @@ def _time_torch_gradcheck(model: torch.nn.Module, x: torch.Tensor, y: torch.Tens
     buffers = {k: b.clone() for k, b in m.named_buffers()}
     x = x.double()
 
+    calls = [0]
+
     def loss(*ps: torch.Tensor) -> torch.Tensor:
+        calls[0] += 1
         bufs = {k: b.clone() for k, b in buffers.items()}  # train-mode BN writes its running stats
         return F.cross_entropy(functional_call(m, {**dict(zip(names, ps)), **bufs}, (x,)), y)
 
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     passed = torch.autograd.gradcheck(loss, params, fast_mode=True, raise_exception=False)
-    return time.perf_counter() - start, bool(passed)
+    return time.perf_counter() - start, time.process_time() - cpu, bool(passed), calls[0]
