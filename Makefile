@@ -21,7 +21,7 @@ $(STAMP): $(PY) pyproject.toml
 setup: $(STAMP)
 
 demo: setup
-	$(VENV)/bin/densenet-debug diff
+	$(VENV)/bin/densenet-debug diff --threads 1  # many small ops: one thread avoids OpenMP oversubscription
 
 lint: setup
 	$(VENV)/bin/ruff check densenet_debug tests scripts
