@@ -140,15 +140,27 @@ def check_joint(unit: UnitFunction, slots: list[int], pool: DirectionPool, direc
     return last
 
 
+# Central schemes: the step multiples evaluated per direction, and how the comparison combines them.
+SYMMETRIC = (1.0, -1.0, 2.0, -2.0)  # general units: Richardson over h and 2h, and the kink test
+ONE_SIDED = (1.0, -1.0, 2.0)        # smooth units: f(t) from the step stands in for f(t - 2h)
+
+
 def _joint_at(unit: UnitFunction, slots: list[int], pool: DirectionPool, k: int, eta: float,
               look_for_kinks: bool = True) -> Outcome:
+    """Richardson-extrapolated central differences along K directions (see the module docstring).
+
+    Smooth units (no kinks to look for) use 3 points per direction: with f(t) known, D₁ = (S₊₁ - S₋₁)/2
+    and D' = (-3S₀ + 4S₊₁ - S₊₂)/2 err by +h²S‴/6 and -h²S‴/3, so D_R = (2D₁ + D')/3 errs by O(h³)
+    and |D₁ - D'|/3 estimates D₁'s error; the roundoff coefficient is 2 instead of 1.5.
+    """
+    scheme = SYMMETRIC if look_for_kinks else ONE_SIDED
     bases = [unit.slots[s].base for s in slots]
     steps = [eta * _rms(b) for b in bases]
     deltas, stacks = [], []
     for s, b, h, u in zip(slots, bases, steps, pool.take(k, bases)):
         d = u * h  # Δ: the nominal perturbation (exact by definition; 2Δ is exact too)
-        pts = unit.empty_points(s, (k, 4))
-        for i, c in enumerate((1.0, -1.0, 2.0, -2.0)):
+        pts = unit.empty_points(s, (k, len(scheme)))
+        for i, c in enumerate(scheme):
             torch.add(b, d, alpha=c, out=pts[:, i])
         deltas.append(d.reshape(k, -1))
         stacks.append(pts.flatten(0, 1))
@@ -156,7 +168,8 @@ def _joint_at(unit: UnitFunction, slots: list[int], pool: DirectionPool, k: int,
     m = unit.magnitude([f[0] for f in F])
     a_all = unit.analytic(unit.v)
     bound = [float(torch.linalg.vector_norm(a_all[s] * b)) for s, b in zip(slots, bases)]
-    args = (F, m, deltas, steps, bound, k, eta, unit.n_reduce, unit.n_forward, pool.max_abs)
+    f0 = None if scheme is SYMMETRIC else unit.base_outputs()
+    args = (F, f0, m, deltas, steps, bound, k, eta, unit.n_reduce, unit.n_forward, pool.max_abs)
     o = _compare(*args, [a_all[s] for s in slots], unit.v)
     if not look_for_kinks or (o.status == "pass" and (o.resolution is None or o.resolution <= RESOLUTION_TARGET)):
         return o  # kinks, if any were crossed, did not matter
@@ -169,7 +182,7 @@ def _joint_at(unit: UnitFunction, slots: list[int], pool: DirectionPool, k: int,
         o.status = "kink"
     else:
         vm = [None if v is None else v * ~x for v, x in zip(unit.v, mask)]
-        am = unit.analytic(vm)
+        am = unit.analytic(vm, mask)
         o = _compare(*args, [am[s] for s in slots], vm)
     o.kink_count, o.kink_fraction = count, fraction
     return o
@@ -221,7 +234,8 @@ def _affine_at(unit: UnitFunction, slots: list[int], pool: DirectionPool, k: int
         if vo is None:
             continue
         vf = vo.reshape(-1)
-        diff = (Fo - base[None]).reshape(k + extra, -1)
+        diff = torch.empty(Fo.shape, dtype=Fo.dtype, device=Fo.device)
+        diff = torch.sub(Fo, base, out=diff).view(k + extra, -1)
         sums += (diff @ vf).cpu()
         vm += float(torch.linalg.vector_norm(vf * mo.reshape(-1))) ** 2
         proj += _projection_error(diff, va) ** 2
@@ -269,24 +283,39 @@ def _outcome(analytic: Tensor, numeric: Tensor, tol: Tensor, parts: dict[str, fl
                    eta=eta, directions=k, origin=origin, resolutions=res)
 
 
-def _compare(F: list[Tensor], m: list[Tensor], deltas: list[Tensor], steps: list[float], bound: list[float],
-             k: int, eta: float, n_reduce: int, n_forward: int, max_u: float, a: list[Tensor],
-             v: list[Tensor | None]) -> Outcome:
-    s1 = torch.zeros(k, dtype=torch.float64)
-    s2 = torch.zeros(k, dtype=torch.float64)
+def _compare(F: list[Tensor], f0: list[Tensor] | None, m: list[Tensor], deltas: list[Tensor], steps: list[float],
+             bound: list[float], k: int, eta: float, n_reduce: int, n_forward: int, max_u: float,
+             a: list[Tensor], v: list[Tensor | None]) -> Outcome:
+    """The K comparisons of a central scheme: SYMMETRIC when ``f0`` is None, else ONE_SIDED."""
+    d1 = torch.zeros(k, dtype=torch.float64)
+    d2 = torch.zeros(k, dtype=torch.float64)
     vm, proj = 0.0, 0.0
-    for Fo, vo, mo in zip(F, v, m):
+    for o, (Fo, vo, mo) in enumerate(zip(F, v, m)):
         if vo is None:
             continue
         vf, va = vo.reshape(-1), vo.abs().reshape(-1)
-        f4 = Fo.unflatten(0, (k, 4))
-        for i, acc in ((0, s1), (2, s2)):
-            diff = (f4[:, i] - f4[:, i + 1]).reshape(k, -1)
+        fk = Fo.unflatten(0, (k, -1))
+        # Differences first, elementwise, then the projection: its rounding then acts on O(η) numbers.
+        # Written into contiguous buffers: the points may be laid out batch-major (BN's input).
+        first, second = (torch.empty((k, *Fo.shape[1:]), dtype=Fo.dtype, device=Fo.device) for _ in range(2))
+        torch.sub(fk[:, 0], fk[:, 1], out=first)
+        if f0 is None:
+            torch.sub(fk[:, 2], fk[:, 3], out=second)
+        else:
+            torch.mul(fk[:, 0], 4.0, out=second)
+            second.sub_(fk[:, 2]).sub_(f0[o], alpha=3.0)
+        first, second = first.view(k, -1), second.view(k, -1)
+        for diff, acc in ((first, d1), (second, d2)):
             acc += (diff @ vf).cpu()
             proj += _projection_error(diff, va) ** 2
         vm += float(torch.linalg.vector_norm(vf * mo.reshape(-1))) ** 2
-    d1, d2 = s1 / 2, s2 / 4
-    numeric = (4 * d1 - d2) / 3
+    d1 = d1 / 2
+    if f0 is None:  # D(1), D(2): Richardson (4·D(1) - D(2)) / 3; roundoff coefficients (8+8+1+1)/12
+        d2, coeff = d2 / 4, 1.5
+        numeric = (4 * d1 - d2) / 3
+    else:  # D₁, D': (2·D₁ + D') / 3; roundoff coefficients 1/2 + 1 + 1/3 + 1/6
+        d2, coeff = d2 / 2, 2.0
+        numeric = (2 * d1 + d2) / 3
     unit_err = LAMBDA * math.sqrt(n_forward) * EPS
     analytic = torch.zeros(k, dtype=torch.float64)
     an_sq, scale_sq, norms = 0.0, 0.0, []
@@ -299,7 +328,7 @@ def _compare(F: list[Tensor], m: list[Tensor], deltas: list[Tensor], steps: list
         an_sq += (LAMBDA * EPS * (math.sqrt(n_reduce) * reach + 1.5 * (ax + 2 * reach))) ** 2
         scale_sq += (h * norm) ** 2
     trunc = (d1 - d2).abs() / 3
-    roundoff = 1.5 * math.sqrt(unit_err ** 2 * vm + proj)
+    roundoff = coeff * math.sqrt(unit_err ** 2 * vm + proj)
     an_err = math.sqrt(an_sq)
     tol = 2 * (trunc + roundoff + an_err)
     return _outcome(analytic, numeric, tol, {"truncation": 2 * trunc, "roundoff": 2 * roundoff,
