@@ -10,15 +10,6 @@ from densenet_debug.backends import Backend, parse_backend, unit_roundoff
 from densenet_debug.errors import UsageError
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Two cores are shared by parallel test runs: oversubscribed OpenMP threads spin; one thread each is faster."""
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
-
-
 @pytest.mark.parametrize("spec, message", [
     ("bogus", "unknown backend 'bogus'; valid: native, mkldnn"),
     ("native+", "empty component"),

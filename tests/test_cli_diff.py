@@ -10,15 +10,6 @@ import torch
 
 from densenet_debug.cli import main
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Two cores are shared by parallel test runs: oversubscribed OpenMP threads spin; one thread each is faster."""
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
-
 SMALL = ["--model", "densenet-bc-10", "--batch", "2", "--input-shape", "3,16,16"]
 
 

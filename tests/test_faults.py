@@ -19,15 +19,6 @@ from densenet_debug.models import DenseNet
 from densenet_debug.trace import trace_step
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models: one thread is faster, and immune to a busy machine's oversubscription."""
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
-
-
 def _model(seed: int = 0, name: str = "densenet-bc-16", padded_pools: bool = False, **kw) -> nn.Module:
     torch.manual_seed(seed)
     model = build_model(name, **kw).double()

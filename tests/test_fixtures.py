@@ -31,14 +31,6 @@ from densenet_debug.fixtures import (
 from densenet_debug.trace import Trace, trace_step
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
-
-
 @functools.lru_cache(maxsize=4)
 def _fp64_trace(seed: int = 0, batch: int = 2, model: str = "densenet-bc-10") -> tuple:
     """(model, x, y, initial state, fp64 trace) of one step; cached, so treat as read-only."""

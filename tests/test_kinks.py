@@ -2,21 +2,11 @@
 
 from __future__ import annotations
 
-import pytest
 import torch
 from torch import Tensor, nn
 
 from densenet_debug import kinks
 from densenet_debug.verdict import diff
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Two cores are shared by parallel test runs: oversubscribed OpenMP threads spin; one thread each is faster."""
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
 
 
 class Offset(nn.Module):

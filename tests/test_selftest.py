@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -14,15 +13,6 @@ from densenet_debug.cli import main
 from densenet_debug.faults import BUGS, CONTROLS, FAULTS, eligible_units, make_fault
 from densenet_debug.selftest import harness_batch, harness_model, run_fault, run_selftest
 from densenet_debug.verdict import diff
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models: one thread is faster, and immune to a busy machine's oversubscription."""
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
 
 
 @pytest.mark.parametrize("name", BUGS)

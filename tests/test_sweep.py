@@ -21,15 +21,6 @@ from densenet_debug.sweep import (
 )
 from densenet_debug.trace import trace_step
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Two cores are shared by parallel test runs: oversubscribed OpenMP threads spin; one thread each is faster."""
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
-
 CASES = sweep_cases()
 
 

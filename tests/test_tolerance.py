@@ -14,15 +14,6 @@ from densenet_debug.tolerance import Precision, compare, confidence, linear_boun
 from densenet_debug.verdict import local_check
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Two cores are shared by parallel test runs: oversubscribed OpenMP threads spin; one thread each is faster."""
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
-
-
 def dot_loss(out: Tensor, target: Tensor) -> Tensor:
     return (out * target).sum()
 

@@ -15,15 +15,6 @@ from densenet_debug.errors import UsageError
 from densenet_debug.verdict import diff, judge, local_check, oracle_traces
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Two cores are shared by parallel test runs: oversubscribed OpenMP threads spin; one thread each is faster."""
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
-
-
 def _batch(n: int, seed: int = 0, size: int = 32) -> tuple[Tensor, Tensor]:
     g = torch.Generator().manual_seed(seed)
     return torch.randn(n, 3, size, size, generator=g), torch.randint(0, 10, (n,), generator=g)
