@@ -4,13 +4,15 @@ Each unit (:func:`densenet_debug.trace.discover_units`: leaf modules, plus modul
 does tensor math) is replayed as a pure function of its tensor inputs *and parameters*
 (``torch.func.functional_call``) on the inputs it saw in a real float64 forward/backward of the model.
 The gradient its backward produced in that step, for the grad_output it really received (in the memory
-layout it really had: the #708 bug was a layout bug), is compared with central finite differences.
+layout it really had: the #708 bug was a layout bug), is compared with finite differences of <v, f>.
 
-``fast`` mode compares the scalar ``vᵀ J Δ`` (v = the real grad_output, Δ = a Gaussian direction drawn
-independently for every tensor; all tensors of a unit move together, a failing unit is re-checked one
-tensor at a time to name the tensor). ``full`` mode compares whole Jacobians of tensors under a size limit.
-Tolerances come from an error model, per comparison (see :mod:`densenet_debug.gradcheck_numerics`);
-non-smooth points crossed by a step (a ReLU input near 0) are found, masked and reported as kinks.
+``fast`` mode projects on a few Gaussian directions per tensor, one tensor at a time (units with many
+tensors, a concatenation of 17 features, move them together and re-check alone any tensor whose share
+is too small, or all of them when the unit fails, to name the tensor). ``full`` mode compares whole
+Jacobians of tensors under a size limit. Tolerances come from an error model, per comparison
+(:mod:`densenet_debug.gradcheck_numerics`); non-smooth points crossed by a step (a ReLU input near 0)
+are found, masked and reported as kinks. A composite that fails while every unit inside it passes is
+the culprit (the code in its own ``forward``).
 """
 
 from __future__ import annotations
@@ -91,7 +93,8 @@ def gradcheck_model(
     (dropout masks, directions) come from ``seed``; the caller's RNG state is left as it was.
     """
     _check_mode(mode)
-    cuda = [x.device.index or 0] if x.device.type == "cuda" else []
+    device = _device_of(model, x)
+    cuda = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=cuda):
         torch.manual_seed(seed)
         return _gradcheck_model(model, x, y, mode, layers, seed, eval_mode, progress, directions, loss_fn)
@@ -136,7 +139,7 @@ def _gradcheck_model(model: nn.Module, x: Tensor, y: Tensor, mode: str, layers: 
         kinks += unit_kinks
     if progress is not None:
         progress(len(order), len(order), "")
-    mark_culprits(rows, order)
+    mark_culprits(rows)
     env = {"torch": torch.__version__, "device": str(device), "dtype": "float64", "seed": seed,
            "train": not eval_mode, "batch": int(x.shape[0])}
     return GradcheckReport(rows, kinks, mode, order, time.perf_counter() - start, env)

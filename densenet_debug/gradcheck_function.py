@@ -10,6 +10,7 @@ dropout mask is the same at every point, and leaves the caller's RNG untouched.
 from __future__ import annotations
 
 import copy
+import math
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -68,8 +69,13 @@ class UnitFunction:
                 self.slots.append(Slot(k, "param", k, p.detach(), None, g))
         self._fmodule: nn.Module | None = None
         self.vectorized = True
-        with torch.no_grad(), self._rng():
-            f0 = self.f_abs = self._call_abs()  # also tells the outputs' shapes
+        known = None if self.kwargs else reduction_length(module, self.args)
+        usable = outputs is not None and all(isinstance(o, Tensor) for o in outputs)
+        if known == 1 and usable:  # exact ops (ReLU, cat, flatten): |f| is all the magnitude there is
+            f0, self.f_abs = [o.detach() for o in outputs if o.is_floating_point()], None
+        else:
+            with torch.no_grad(), self._rng():
+                f0 = self.f_abs = self._call_abs()  # also tells the outputs' shapes
         self.out_numel = [o.numel() for o in f0]
         v = list(grad_outputs or [])[: len(f0)]
         v += [None] * (len(f0) - len(v))
@@ -83,12 +89,13 @@ class UnitFunction:
         tensors = [a for a in self.args if isinstance(a, Tensor) and a.is_floating_point()]
         # The largest tensor bounds any reduction length in the unit; the op's own is used where known.
         self.n_reduce = max([t.numel() for t in (*tensors, *self.params.values())] + self.out_numel + [1])
-        known = None if self.kwargs else reduction_length(module, self.args)
         self.n_forward = self.n_reduce if known is None else known
         self._magnitude: list[Tensor] | None = None
         # f(t) as the step computed it (any correct evaluation of f(t) is within the error model).
         self._base = None if outputs is None or len(outputs) != len(f0) else [o.detach() for o in outputs]
         self._abs_v: list[Tensor | None] | None = None
+        self._output_scale: float | None = None
+        self._projected: float | None = None
 
     @property
     def fmodule(self) -> nn.Module:
@@ -205,6 +212,23 @@ class UnitFunction:
                 self._base = self.call([s.base for s in self.slots])
         return self._base
 
+    def projected_magnitude(self) -> float:
+        """‖v ⊙ m‖₂ over all outputs: the scale of the rounding in <v, f> (m from the step's f(t))."""
+        if self._projected is None:
+            m = self.magnitude(self.base_outputs())
+            self._projected = math.sqrt(sum(float(torch.linalg.vector_norm(g * mo)) ** 2
+                                            for g, mo in zip(self.v, m) if g is not None))
+        return self._projected
+
+    def output_scale(self) -> float:
+        """rms over the unit's outputs at t (1 if they are all zero): the scale of an additive tensor."""
+        if self._output_scale is None:
+            outs = self.base_outputs()
+            n = sum(o.numel() for o in outs)
+            r = math.sqrt(sum(float(torch.linalg.vector_norm(o)) ** 2 for o in outs) / n) if n else 0.0
+            self._output_scale = r if r > 0 and math.isfinite(r) else 1.0
+        return self._output_scale
+
     def abs_v(self) -> list[Tensor | None]:
         if self._abs_v is None:
             self._abs_v = [None if g is None else g.abs().reshape(-1) for g in self.v]
@@ -217,7 +241,8 @@ class UnitFunction:
         from large terms (BN's x - mean).
         """
         if self._magnitude is None:
-            mags = [torch.maximum(a.abs(), b.abs()) for a, b in zip(near, self.f_abs)]
+            mags = [a.abs() if self.f_abs is None else torch.maximum(a.abs(), b.abs())
+                    for a, b in zip(near, self.f_abs or near)]
             self._magnitude = [m.clamp_min(float(torch.linalg.vector_norm(m)) / max(1, m.numel()) ** 0.5)
                                for m in mags]
         return self._magnitude

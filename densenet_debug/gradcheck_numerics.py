@@ -12,11 +12,13 @@ grad_output and S(s) = <v, f(t + sΔ)>:
     factor 2 because it is an estimate.
   - roundoff = 1.5·σ, σ = λ·√n·ε·‖v ⊙ m‖₂: ε = 2⁻⁵³; m = max(|f|, |f(|t|)|) elementwise, the size of
     the summands (exact for sums of products: conv, linear, pool, cat), floored at its rms over the
-    output (BN's outputs near 0 come from x - mean of large terms); n = the unit's largest tensor, a
-    bound on any reduction length in it; λ = 6 from the probabilistic rounding model of Higham & Mary
-    (2019): a length-n sum errs by more than λ·√n·ε·Σ|terms| with probability ≤ 2n·exp(-λ²/2) ≈ 3e-8·n.
-    Outputs' errors are independent, so <v, ·> adds them in quadrature; 1.5 = (8 + 8 + 1 + 1) / 12,
-    the coefficients of D_R.
+    output (BN's outputs near 0 come from x - mean of large terms); n = the op's reduction length where
+    its math is known (conv C·k·k, BN N·H·W, pools the window, ReLU / cat 1), else the unit's largest
+    tensor, which bounds any; λ = 6 from the probabilistic rounding model of Higham & Mary (2019): a
+    length-n sum errs by more than λ·√n·ε·Σ|terms| with probability ≤ 2n·exp(-λ²/2) ≈ 3e-8·n.
+    Outputs' errors are independent, so <v, ·> adds them in quadrature; the projection's own rounding,
+    λ·√N·ε·Σ|v·diff| over its N outputs, adds in quadrature too. 1.5 = (8 + 8 + 1 + 1) / 12, the
+    coefficients of D_R (2 for the 3-point scheme of smooth units, see ``_joint_at``).
   - analytic = λ·ε·(√n·‖a‖·max|Δ| + 1.5·(‖a ⊙ t‖ + 2‖a‖·max|Δ|)): the fp64 backward's own rounding,
     and the rounding of t + sΔ (≤ ε·|t + sΔ| per element) seen through a. Negligible at η = 1e-4.
   Never a fixed rtol; each row carries these parts (``origin``).
@@ -24,8 +26,9 @@ grad_output and S(s) = <v, f(t + sΔ)>:
   [0, 1) u, as in torch's fast gradcheck, barely sees errors that sum to 0: permutations, offsets).
   One direction misses it with probability ≤ 0.8·2·tol / (h_j‖δ_j‖); K independent directions multiply.
   ``resolution`` is the relative error ‖δ_j‖/‖a_j‖ missed with probability ≤ 1e-6 (worst tensor).
-  Measured on DenseNet-BC: tol / (h‖a‖) ≈ 1e-9..1e-8, so with K = 3 a 0.1 % error on one channel of
-  400 (‖δ‖/‖a‖ ≈ 5e-5) is missed with probability below 1e-12. Tensors are checked one at a time,
+  Measured on BC-100 (batch 2): every tensor's resolution is ≤ 5.5e-6 (K = 3 on general and smooth
+  units, K = 2 on affine ones, whose tolerances are ~100x tighter), so a 0.1 % error on one channel of
+  400 (‖δ‖/‖a‖ ≈ 5e-5) is missed with probability below (5.5e-6/5e-5)^K·1e-6 < 2e-8. Tensors are checked one at a time,
   except in units with many (a concatenation of 17 features): those move together, and a tensor whose
   share of the joint signal is too small for the target is re-checked alone.
 * Affine shortcuts. Where the unit's math makes it affine in the checked tensors (conv, linear, cat,
@@ -45,6 +48,7 @@ from __future__ import annotations
 
 import math
 import random
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -155,7 +159,7 @@ def _joint_at(unit: UnitFunction, slots: list[int], pool: DirectionPool, k: int,
     """
     scheme = SYMMETRIC if look_for_kinks else ONE_SIDED
     bases = [unit.slots[s].base for s in slots]
-    steps = [eta * _rms(b) for b in bases]
+    steps = [eta * _rms(b, unit.output_scale) for b in bases]
     deltas, stacks = [], []
     for s, b, h, u in zip(slots, bases, steps, pool.take(k, bases)):
         d = u * h  # Δ: the nominal perturbation (exact by definition; 2Δ is exact too)
@@ -199,9 +203,18 @@ def _affine_at(unit: UnitFunction, slots: list[int], pool: DirectionPool, k: int
     touches a kink (crossing it, or starting on it, as an input of exactly 0 does). Outputs above
     4σ_i + η²·m_i are masked out of v; the projected second difference is the defect.
     Tolerance 2·(defect/2 + √2·σ + analytic).
+
+    Affine steps: with no truncation the only limit is rounding, so the step is at least η·rms(t) and
+    large enough that the projected change h·‖a‖ is η of the projected output scale ‖v ⊙ m‖ (a zero
+    bias, or a weight whose gradient cancels, would otherwise move the output by too little to measure).
     """
     bases = [unit.slots[s].base for s in slots]
-    steps = [eta * _rms(b) for b in bases]
+    steps = [eta * _rms(b, unit.output_scale) for b in bases]
+    if not piecewise:
+        a0 = unit.analytic(unit.v)
+        norm = math.sqrt(sum(float(torch.linalg.vector_norm(a0[s])) ** 2 for s in slots))
+        if norm > 0:
+            steps = [max(h, eta * unit.projected_magnitude() / norm) for h in steps]
     extra = k if piecewise else 1
     deltas, stacks = [], []
     for s, b, h, u in zip(slots, bases, steps, pool.take(k, bases)):
@@ -229,7 +242,7 @@ def _affine_at(unit: UnitFunction, slots: list[int], pool: DirectionPool, k: int
     else:
         mask = None
     sums = torch.zeros(k + extra, dtype=torch.float64)
-    vm, proj = 0.0, 0.0
+    vm, proj = (unit.projected_magnitude() ** 2 if v is unit.v else 0.0), 0.0
     for Fo, base, vo, mo, va in zip(F, f0, v, m, unit.abs_v()):
         if vo is None:
             continue
@@ -237,7 +250,8 @@ def _affine_at(unit: UnitFunction, slots: list[int], pool: DirectionPool, k: int
         diff = torch.empty(Fo.shape, dtype=Fo.dtype, device=Fo.device)
         diff = torch.sub(Fo, base, out=diff).view(k + extra, -1)
         sums += (diff @ vf).cpu()
-        vm += float(torch.linalg.vector_norm(vf * mo.reshape(-1))) ** 2
+        if v is not unit.v:
+            vm += float(torch.linalg.vector_norm(vf * mo.reshape(-1))) ** 2
         proj += _projection_error(diff, va) ** 2
     sigma = math.sqrt((unit_err ** 2) * vm + proj)
     if piecewise:  # S(+1) - S(0) = D + c/2, S(-1) - S(0) = -D + c/2
@@ -407,11 +421,15 @@ def check_full(unit: UnitFunction, slot: int, limit: int = FULL_LIMIT) -> Outcom
 
 # -- helpers ----------------------------------------------------------------------------------------------
 def _projection_error(diff: Tensor, v_abs: Tensor) -> float:
-    """Rounding of the length-n dot products <v, diff_k>: λ·√n·ε·Σ|v·diff_k|, worst k (``v_abs`` = |v|)."""
-    return LAMBDA * math.sqrt(v_abs.numel()) * EPS * float((diff.abs() @ v_abs).max())
+    """Rounding of the length-n dot products <v, diff_k>: λ·√n·ε·Σ|v·diff_k|, worst k (``v_abs`` = |v|).
+
+    Takes |diff| in place: call it last on a buffer of differences.
+    """
+    return LAMBDA * math.sqrt(v_abs.numel()) * EPS * float((diff.abs_() @ v_abs).max())
 
 
 
-def _rms(t: Tensor) -> float:
+def _rms(t: Tensor, fallback: Callable[[], float] | None = None) -> float:
+    """rms(t), or ``fallback()`` (the unit's output scale) for an all-zero tensor such as a fresh bias."""
     r = float(torch.linalg.vector_norm(t)) / math.sqrt(t.numel()) if t.numel() else 0.0
-    return r if r > 0 and math.isfinite(r) else 1.0
+    return r if r > 0 and math.isfinite(r) else (fallback() if fallback is not None else 1.0)

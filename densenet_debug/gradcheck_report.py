@@ -99,7 +99,7 @@ class GradcheckReport:
         }
 
 
-def mark_culprits(rows: Sequence[GradRow], units: Sequence[str]) -> None:
+def mark_culprits(rows: Sequence[GradRow]) -> None:
     """A failing unit is a culprit unless a unit inside it fails too (then the inner one explains it).
 
     Composites (modules with their own functional ops and children) are checked whole; when one fails while

@@ -263,6 +263,15 @@ def test_batch_norm_units_pass_and_leave_state_alone(n: int, c: int, hw: int, tr
     assert all(torch.equal(before[k], b) for k, b in bn.named_buffers())  # the check mutated nothing
 
 
+def test_zero_bias_on_large_outputs_is_still_resolved() -> None:
+    """A fresh (zero) bias under eval-mode BN with unnormalized, large activations: the step must scale."""
+    bn = nn.BatchNorm2d(6).double().eval()
+    x = 1e3 * torch.randn(2, 6, 5, 5, dtype=torch.float64)
+    rows = gradcheck_unit(bn, [x], [torch.randn(2, 6, 5, 5, dtype=torch.float64)])
+    assert {r.tensor for r in rows} == {"input0", "weight", "bias"}
+    assert all(r.status == "pass" and r.resolution < 1e-5 for r in rows), rows
+
+
 @settings(max_examples=8, deadline=None)
 @given(parts=st.lists(st.integers(1, 4), min_size=1, max_size=6), n=st.integers(1, 3), seed=st.integers(0, 2**16))
 def test_concat_units_pass(parts: list[int], n: int, seed: int) -> None:

@@ -25,7 +25,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_device_arg(parser)
     parser.add_argument("--mode", choices=MODES, default="fast",
                         help="fast: random directions, every unit in seconds; full: whole Jacobians of tensors "
-                             "under a size limit (2^22 entries, 2^24 for a unit named with --layer), fast above it")
+                             "under a size limit (2^22 entries and 8192 a side; 2^24 and 16384 for a unit named "
+                             "with --layer), fast above it")
     parser.add_argument("--layer", action="append", default=None, metavar="NAME",
                         help="check only this unit, or the units inside this module (repeatable; see --list)")
     parser.add_argument("--eval", action="store_true", help="BatchNorm with running statistics (default: batch)")

@@ -27,6 +27,8 @@ SCHEMA = "densenet-debug/oracle/1"
 
 @dataclass
 class OracleRow:
+    """One quantity of one unit: ``error`` and ``tolerance`` (relative to max|NumPy|) of its worst element."""
+
     layer: str
     pass_: str
     quantity: str
@@ -162,7 +164,8 @@ def _row(layer: str, pass_: str, quantity: str, theirs: np.ndarray, ours: np.nda
     scale = float(np.abs(ours).max()) if ours.size else 0.0
     scale = scale if scale > 0 else 1.0
     worst = float(ratio.reshape(-1)[i]) if ratio.size else 0.0
-    return OracleRow(layer, pass_, quantity, float(diff.max()) / scale if diff.size else 0.0,
+    # Error and tolerance of the same element, the one closest to (or furthest past) its bound.
+    return OracleRow(layer, pass_, quantity, float(diff.reshape(-1)[i]) / scale if diff.size else 0.0,
                      float(np.asarray(bound).reshape(-1)[i]) / scale if ratio.size else 0.0,
                      "mismatch" if worst > 1 else "ok", worst)
 
