@@ -27,7 +27,7 @@ from densenet_debug.gradcheck_batched import (
     points_inside,
     reduction_length,
 )
-from densenet_debug.trace import Layout, with_layout
+from densenet_debug.trace import Layout, flatten_tensors, with_layout
 
 CHUNK_BYTES = 1 << 28  # memory for one batch of evaluation points
 
@@ -133,7 +133,7 @@ class UnitFunction:
         else:  # the real module (its kernels), on copies of the buffers BN would update in place
             module, bufs = self.module, {k: b.clone() for k, b in self.buffers.items()}
         out = functional_call(module, {**params, **bufs}, tuple(args), self.kwargs)
-        return [o for o in _flat(out) if o.is_floating_point()]
+        return [o for o in flatten_tensors(out) if o.is_floating_point()]
 
     def evaluate(self, slots: list[int], stacks: list[Tensor]) -> list[Tensor]:
         """Outputs at P points, (P, *out) each: ``stacks[i]`` holds P values of slot ``slots[i]``."""
@@ -300,15 +300,6 @@ class UnitFunction:
 def _zero_if_none(g: Tensor | None, like: Tensor) -> Tensor:
     return torch.zeros_like(like) if g is None else g
 
-
-def _flat(output: object) -> list[Tensor]:
-    if isinstance(output, Tensor):
-        return [output]
-    if isinstance(output, (tuple, list)):
-        return [t for o in output for t in _flat(o)]
-    if isinstance(output, dict):
-        return [t for o in output.values() for t in _flat(o)]
-    return []
 
 
 def _functional_copy(module: nn.Module) -> nn.Module:

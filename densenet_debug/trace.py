@@ -213,7 +213,7 @@ class Tracer:
             if in_backward() or rec.calls > 1:
                 return
             if "outputs" in self.record:
-                rec.outputs = [self._alias(name, o) for o in _flat(output)]  # type: ignore[misc]
+                rec.outputs = [self._alias(name, o) for o in flatten_tensors(output)]  # type: ignore[misc]
             if "buffers" in self.record:
                 rec.buffers_after = {k: self._keep(b, clone=True) for k, b in module.named_buffers(recurse=False)}
 
@@ -243,13 +243,14 @@ class Tracer:
         return hook
 
 
-def _flat(output: object) -> list[Tensor]:
+def flatten_tensors(output: object) -> list[Tensor]:
+    """The tensors of a module's output (a tensor, or nested tuples, lists and dicts of them), in order."""
     if isinstance(output, Tensor):
         return [output]
     if isinstance(output, (tuple, list)):
-        return [t for o in output for t in _flat(o)]
+        return [t for o in output for t in flatten_tensors(o)]
     if isinstance(output, dict):
-        return [t for o in output.values() for t in _flat(o)]
+        return [t for o in output.values() for t in flatten_tensors(o)]
     return []
 
 
