@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from densenet_debug.trace import UnitRecord, _flat, with_layout
+from densenet_debug.trace import UnitRecord, flatten_tensors, with_layout
 
 
 @dataclass
@@ -59,7 +59,7 @@ def replay_unit(module: nn.Module, oracle: UnitRecord, side: UnitRecord | None, 
         module.train(oracle.training)
         with backend.active(), torch.enable_grad():
             out = module(*inputs)
-            outs = _flat(out)
+            outs = flatten_tensors(out)
             for j, o in enumerate(outs):
                 result.values[f"output.{j}"] = o.detach()
             for k, b in own_buffers.items():
@@ -122,7 +122,7 @@ def exact_expectation(module: nn.Module, replay: Replay) -> dict[str, Tensor | N
     xs = [None if t is None else t.detach().to("cpu", torch.float64).requires_grad_(t.requires_grad)
           for t in replay.inputs]
     with torch.enable_grad():
-        outs = _flat(type(module).forward(module, *xs))
+        outs = flatten_tensors(type(module).forward(module, *xs))
     values: dict[str, Tensor | None] = {f"output.{j}": o.detach() for j, o in enumerate(outs)}
     targets = [(f"grad_input.{i}", x) for i, x in enumerate(xs) if x is not None and x.requires_grad]
     live = [(o, g.detach().to("cpu", torch.float64)) for o, g in zip(outs, replay.grad_outputs)
