@@ -304,6 +304,11 @@ def _resolve_device(device: str | torch.device | None, needs_cuda: list[str]) ->
             raise UsageError(f"backend {'+'.join(needs_cuda)} needs CUDA, but torch.cuda.is_available() is "
                              "False on this machine")
         return torch.device("cuda" if needs_cuda else "cpu")
+    return check_device(device)
+
+
+def check_device(device: str | torch.device) -> torch.device:
+    """A device the user named, usable here: cpu, or cuda[:N] when CUDA is available (UsageError otherwise)."""
     try:
         dev = torch.device(device)
     except (RuntimeError, TypeError) as exc:

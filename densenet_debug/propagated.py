@@ -48,12 +48,21 @@ def accumulated(local: list[Row], oracle_trace: Trace) -> tuple[dict[int, float]
     for r in local:
         target = fwd_tol if r.pass_ == "forward" else bwd_tol
         target[r.order] = max(target.get(r.order, 0.0), r.tolerance)
+    return running_sums(fwd_tol, bwd_tol)
+
+
+Cumulative = tuple[dict[int, float], dict[int, float], float]
+
+
+def running_sums(fwd_tol: dict[int, float], bwd_tol: dict[int, float]) -> Cumulative:
+    """Per-unit tolerances (keyed by forward/backward order) summed along each order; backward starts where
+    forward ends, since every backward quantity depends on the whole forward pass."""
     fwd_cum, running = {}, 0.0
     for i in sorted(fwd_tol):
         running += fwd_tol[i]
         fwd_cum[i] = running
     total_forward = running
-    bwd_cum, running = {}, total_forward
+    bwd_cum = {}
     for i in sorted(bwd_tol):
         running += bwd_tol[i]
         bwd_cum[i] = running
@@ -63,6 +72,12 @@ def accumulated(local: list[Row], oracle_trace: Trace) -> tuple[dict[int, float]
 def floor(cum: dict[int, float], order: int) -> float:
     keys = [k for k in cum if k <= order]
     return cum[max(keys)] if keys else 0.0
+
+
+def propagated_tolerance(cum: Cumulative, pass_: str, order: int) -> float:
+    """The first-order floor for a propagated quantity at ``order`` in its pass."""
+    fwd_cum, bwd_cum, total_forward = cum
+    return floor(fwd_cum, order) if pass_ == "forward" else max(floor(bwd_cum, order), total_forward)
 
 
 def kink_sites(names: list[str], step: int, o_trace: Trace, s_trace: Trace,
@@ -99,12 +114,8 @@ def propagated_rows(names: list[str], step: int, o_trace: Trace, s_trace: Trace,
                 groups[quantity] = (err, index)
         for quantity, (err, _index) in groups.items():
             pass_ = base(next(k for k in truth if base(k)[0] == quantity))[1]
-            if pass_ == "forward":
-                order = o_rec.forward_index
-                tol = floor(fwd_cum, order)
-            else:
-                order = o_rec.backward_index or 0
-                tol = max(floor(bwd_cum, order), total_forward)
+            order = o_rec.forward_index if pass_ == "forward" else (o_rec.backward_index or 0)
+            tol = propagated_tolerance((fwd_cum, bwd_cum, total_forward), pass_, order)
             status = "ok" if err <= tol else "mismatch"
             rows.append(Row(name, pass_, quantity, err, None, tol, status, PROPAGATED_ORIGIN, step, "propagated",
                             None, tol, None, err / tol if tol > 0 else (0.0 if err == 0 else math.inf), None,

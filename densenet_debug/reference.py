@@ -28,6 +28,7 @@ from densenet_debug.backends import default_pair, environment, parse_backend
 from densenet_debug.errors import UsageError
 from densenet_debug.fixtures import Fixture, FixtureError, read_fixture
 from densenet_debug.models import resolve_model
+from densenet_debug.propagated import propagated_tolerance, running_sums
 from densenet_debug.record import model_identity, oracle_traces
 from densenet_debug.replay import oracle_values
 from densenet_debug.report import Kink, Row, first_divergence
@@ -190,8 +191,7 @@ def reproduction_rows(fixture: Fixture, oracle: list[Trace], recomputed: list[di
 
 def _reproduction_row(cum: tuple[dict, dict, float], step: int, layer: str, pass_: str, quantity: str, order: int,
                       stored: Tensor | None, new: Tensor | None) -> Row:
-    fwd, bwd, total_forward = cum
-    tol = _floor(fwd, order) if pass_ == "forward" else max(_floor(bwd, order), total_forward)
+    tol = propagated_tolerance(cum, pass_, order)
     err = _relerr(new, stored)
     ratio = err / tol if tol > 0 else (0.0 if err == 0 else math.inf)
     return Row(layer, pass_, quantity, err, None, tol, "ok" if err <= tol else "mismatch", REPRODUCTION_ORIGIN, step,
@@ -227,21 +227,7 @@ def _accumulated_fp64(trace: Trace, step: int, shared: dict, prec: Precision) ->
             forward = key.split(".")[0] in ("output", "buffer")
             target, order = (fwd_tol, rec.forward_index) if forward else (bwd_tol, rec.backward_index or 0)
             target[order] = max(target.get(order, 0.0), tol)
-    fwd_cum, running = {}, 0.0
-    for i in sorted(fwd_tol):
-        running += fwd_tol[i]
-        fwd_cum[i] = running
-    total_forward = running
-    bwd_cum = {}
-    for i in sorted(bwd_tol):
-        running += bwd_tol[i]
-        bwd_cum[i] = running
-    return fwd_cum, bwd_cum, total_forward
-
-
-def _floor(cum: dict[int, float], order: int) -> float:
-    keys = [k for k in cum if k <= order]
-    return cum[max(keys)] if keys else 0.0
+    return running_sums(fwd_tol, bwd_tol)
 
 
 def _relerr(side: Tensor | None, truth: Tensor | None) -> float:
