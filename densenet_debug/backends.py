@@ -9,7 +9,7 @@ in full.
 CPU components: ``native`` (oneDNN off), ``mkldnn``/``onednn`` (oneDNN on), ``fp64``, ``channels_last``,
 ``bf16`` (autocast), ``compile``. CUDA components: ``cudnn``, ``no-cudnn``, ``cudnn-benchmark``,
 ``cudnn-deterministic``, ``tf32``, ``fp16``, ``bf16``, ``channels_last``, ``compile``. Modifiers:
-``fault:NAME[@LAYER][=MAG]`` (planted faults, :mod:`densenet_debug.faults`) and ``compile:BACKEND``
+``fault:NAME[@LAYER][=MAG]`` (planted faults, :mod:`densenet_debug.faults.registry`) and ``compile:BACKEND``
 (a ``torch.compile`` backend such as ``aot_eager``).
 """
 
@@ -330,8 +330,8 @@ def _compile_backends() -> list[str]:
     return sorted(set(_dynamo().list_backends(exclude_tags=())) | {"eager", "aot_eager"})
 
 
-def _make_fault(text: str):  # noqa: ANN202 - the fault type lives in densenet_debug.faults
-    from densenet_debug.faults import make_fault
+def _make_fault(text: str):  # noqa: ANN202 - the fault type lives in densenet_debug.faults.registry
+    from densenet_debug.faults.registry import make_fault
 
     return make_fault(text)
 
@@ -340,3 +340,10 @@ def default_pair(device: torch.device | None = None) -> tuple[str, str]:
     """``cudnn`` vs ``no-cudnn`` where CUDA is present, else ``mkldnn`` vs ``native``."""
     cuda = (device.type == "cuda") if device is not None else torch.cuda.is_available()
     return ("cudnn", "no-cudnn") if cuda else ("mkldnn", "native")
+
+
+def resolve_device(name: str | None) -> torch.device:
+    """``--device``: cuda when present and not named, else the named device, checked."""
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return check_device(name)

@@ -57,13 +57,13 @@ class GradReference:
         """Judge ``model`` on ``inputs`` against the stored reference; fail the test at a divergence.
 
         ``targets`` default to labels drawn from ``torch.Generator().manual_seed(0)`` over the model's output
-        width. ``max_mb``: above it, only checkpoints are stored (see :mod:`densenet_debug.record`). Returns the
-        :class:`~densenet_debug.reference.ReferenceResult` of each backend.
+        width. ``max_mb``: above it, only checkpoints are stored (see :mod:`densenet_debug.reference.record`).
+        Returns the :class:`~densenet_debug.reference.check.ReferenceResult` of each backend.
         """
         from densenet_debug.errors import UsageError
-        from densenet_debug.fixtures import FixtureError
-        from densenet_debug.record import DEFAULT_MAX_MB, record_reference
-        from densenet_debug.reference import check_reference, default_backend, load_reference, reference_oracle
+        from densenet_debug.reference.check import check_reference, default_backend, load_reference, reference_oracle
+        from densenet_debug.reference.format import FixtureError
+        from densenet_debug.reference.record import DEFAULT_MAX_MB, record_reference
 
         name = name or _safe(self.test_name)
         target = self.path(name)

@@ -81,7 +81,7 @@ def test_unit_roundoffs() -> None:
 
 
 class _Doubler:
-    """A test-local fault: the contract parse_backend expects from densenet_debug.faults."""
+    """A test-local fault: the contract parse_backend expects from densenet_debug.faults.registry."""
 
     name, control, layer = "doubler", False, "1"
     needs = {"steps": 2}
@@ -115,7 +115,7 @@ def test_fault_components_resolve_through_the_registry() -> None:
 @pytest.mark.slow
 def test_compiled_units_really_compile_and_agree_with_eager() -> None:
     """Every unit compiled separately (aot_eager keeps this quick); the report shows graphs were compiled."""
-    from densenet_debug.verdict import diff
+    from densenet_debug.verdict.engine import diff
 
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.AdaptiveAvgPool2d(1),

@@ -7,6 +7,7 @@ import argparse
 import torch
 from torch import nn
 
+from densenet_debug.backends import resolve_device  # noqa: F401 - re-exported for the verbs
 from densenet_debug.errors import UsageError
 from densenet_debug.models import DEFAULT_MODEL, resolve_model
 
@@ -67,11 +68,3 @@ def load_model(args: argparse.Namespace, **kwargs: object) -> nn.Module:
     if not isinstance(out, torch.Tensor) or out.dim() != 2:
         raise UsageError(f"model {args.model} must return logits of shape (batch, classes)")
     return model
-
-
-def resolve_device(name: str | None) -> torch.device:
-    if name is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    from densenet_debug.backends import check_device  # lazily: backends pulls in the verdict machinery's deps
-
-    return check_device(name)

@@ -54,7 +54,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from densenet_debug.canary import CANARY_FAULT, run_canary, save_figure
+    from densenet_debug.faults.canary import CANARY_FAULT, run_canary, save_figure
 
     for path in (args.out, args.json):
         if path and Path(path).is_dir():

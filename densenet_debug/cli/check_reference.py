@@ -7,7 +7,7 @@ import json
 
 from densenet_debug.atomic import write_text
 from densenet_debug.cli._common import add_device_arg, resolve_device
-from densenet_debug.reference import check_reference
+from densenet_debug.reference.check import check_reference
 
 HELP = "check the current PyTorch against a reference fixture, every layer local and propagated (exit 0/1/2)"
 
@@ -26,7 +26,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from densenet_debug.reference import load_reference, reference_oracle
+    from densenet_debug.reference.check import load_reference, reference_oracle
 
     device = resolve_device(args.device) if args.device else None
     fixture, model = load_reference(args.fixture, spec=args.model)

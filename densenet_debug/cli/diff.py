@@ -19,6 +19,7 @@ from densenet_debug.cli._common import (
     resolve_device,
 )
 from densenet_debug.errors import UsageError
+from densenet_debug.models.batch import make_batch
 
 HELP = ("compare two backends layer by layer against a float64 oracle (exit 0 agree, 1 mismatch, "
         "2 usage/environment error)")
@@ -51,27 +52,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--html", default=None, metavar="PATH", help="write a self-contained HTML report here")
 
 
-def make_batch(model: torch.nn.Module, input_shape: tuple[int, ...], batch: int, seed: int,
-               num_classes: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Seeded inputs and labels; the class count is the model's output width unless given."""
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(batch, *input_shape, generator=g)
-    if num_classes is None:
-        was = model.training
-        model.eval()
-        with torch.no_grad():
-            num_classes = int(model(x[:1]).shape[1])
-        model.train(was)
-    return x, torch.randint(0, num_classes, (batch,), generator=g)
-
-
 def run(args: argparse.Namespace) -> int:
-    from densenet_debug.ddp_diff import parse_ddp_side, run_cli
-    from densenet_debug.render import print_report, to_html
-    from densenet_debug.verdict import diff
+    from densenet_debug.distributed.diff import parse_ddp_side
+    from densenet_debug.verdict.engine import diff
+    from densenet_debug.verdict.render import print_report, to_html
 
     if parse_ddp_side(args.a) or parse_ddp_side(args.b):  # DDP vs one process: parameter gradients, own path
-        return run_cli(args)
+        return _run_ddp(args)
     if args.threads:
         torch.set_num_threads(args.threads)
     device = resolve_device(args.device) if args.device else None
@@ -96,7 +83,7 @@ def run(args: argparse.Namespace) -> int:
         console = Console(width=150)
     print_report(report, console, args.top)
     if args.bisect and report.verdict == "mismatch":
-        from densenet_debug.bisect import bisect_backend
+        from densenet_debug.verdict.bisect import bisect_backend
 
         sides = {r.side for r in report.rows if r.status == "mismatch"}
         bisected = []
@@ -127,3 +114,48 @@ def _check_writable(path: str | None) -> None:
         raise UsageError(f"{path} is a directory, not a file")
     if p.parent.exists() and not p.parent.is_dir():
         raise UsageError(f"{p.parent} is not a directory")
+
+
+def _run_ddp(args: argparse.Namespace) -> int:
+    """``diff`` when a side is ``ddp[:N][+HOOK]``: the other side (default mkldnn) is the one-process reference."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from densenet_debug.atomic import write_text
+    from densenet_debug.distributed.diff import ddp_diff, parse_ddp_side
+
+    sides = [(spec, parse_ddp_side(spec)) for spec in (args.a, args.b)]
+    ddp_sides = [parsed for _, parsed in sides if parsed is not None]
+    if len(ddp_sides) != 1:
+        raise UsageError("diff with ddp compares DDP with one process: give ddp[:N] as one side and a CPU backend "
+                         "(e.g. mkldnn, native) as the other")
+    world_size, hook = ddp_sides[0]
+    other = next((spec for spec, parsed in sides if parsed is None), None) or "mkldnn"
+    if args.device not in (None, "cpu"):
+        raise UsageError("diff with ddp runs on CPU (gloo processes); drop --device")
+    unsupported = [flag for flag, used in (("--steps", args.steps != 1), ("--bisect", args.bisect),
+                                           ("--units", bool(args.units)), ("--html", bool(args.html))) if used]
+    if unsupported:
+        raise UsageError(f"{', '.join(unsupported)} not supported when a side is ddp")
+    parse_backend(other, "cpu")
+    torch.manual_seed(args.seed)
+    model = load_model(args)
+    x, y = make_batch(model, args.input_shape, args.batch, args.seed, args.num_classes)
+    model.train(not args.eval)
+    report = ddp_diff(model, x, y, other, world_size=world_size, comm_hook=hook, spec=args.model)
+    console = Console() if Console().is_terminal else Console(width=150)
+    table = Table(title=f"{report.side} vs {report.backend} (one process): parameter gradients, worst first")
+    for column in ("layer", "quantity", "error", "tolerance", "status", "vs full batch"):
+        table.add_column(column)
+    ranked = sorted(report.rows, key=lambda r: r.error / r.tolerance if r.tolerance else float(r.error > 0) * 1e300,
+                    reverse=True)
+    for r in ranked[:args.top]:
+        table.add_row(r.layer, r.quantity, f"{r.error:.3g}", f"{r.tolerance:.3g}",
+                      "[red]mismatch[/red]" if r.status == "mismatch" else "ok", f"{r.full_batch_gap:.3g}")
+    console.print(table)
+    console.print(report.summary(), highlight=False)
+    if args.json:
+        import json
+
+        write_text(args.json, json.dumps(report.to_json(), indent=1) + "\n")
+    return 0 if report.verdict == "agree" else 1

@@ -12,8 +12,8 @@ from rich.table import Table
 
 from densenet_debug.atomic import write_text
 from densenet_debug.cli._common import add_device_arg, add_model_args, add_seed_arg, load_model, resolve_device
-from densenet_debug.gradcheck import MODES, gradcheck_model
-from densenet_debug.gradcheck_report import GradcheckReport
+from densenet_debug.gradcheck.engine import MODES, gradcheck_model
+from densenet_debug.gradcheck.report import GradcheckReport
 from densenet_debug.trace import discover_units
 
 HELP = "check every unit's backward against finite differences (fp64, teacher-forced, kink-aware)"

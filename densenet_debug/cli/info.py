@@ -8,7 +8,7 @@ from rich.console import Console
 from rich.table import Table
 
 from densenet_debug.cli._common import add_model_args, load_model, positive_int
-from densenet_debug.info import summarize
+from densenet_debug.models.info import summarize
 
 HELP = "summarize a model: blocks, layers, parameters, activation memory at a batch size"
 

@@ -11,7 +11,7 @@ from rich.table import Table
 
 from densenet_debug.atomic import write_text
 from densenet_debug.cli._common import add_device_arg, add_model_args, add_seed_arg, load_model, resolve_device
-from densenet_debug.oracle import OracleReport, compare_with_torch
+from densenet_debug.numpy_oracle import OracleReport, compare_with_torch
 
 HELP = "compare PyTorch fp64 with an independent NumPy fp64 DenseNet, layer by layer (outputs and gradients)"
 

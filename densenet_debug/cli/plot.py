@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from densenet_debug.plot import FILENAME, plot_progress
+from densenet_debug.training.plot import FILENAME, plot_progress
 
 HELP = "draw loss and error (train smoothed per epoch, test per epoch, log y) of a train work directory to a PNG"
 

@@ -9,7 +9,13 @@ import torch
 
 from densenet_debug.cli._common import add_model_args, add_seed_arg, load_model, positive_int
 from densenet_debug.errors import UsageError
-from densenet_debug.record import DEFAULT_MAX_MB, POLICIES, OracleDisagreement, generate_batch, record_reference
+from densenet_debug.reference.record import (
+    DEFAULT_MAX_MB,
+    POLICIES,
+    OracleDisagreement,
+    generate_batch,
+    record_reference,
+)
 
 HELP = "record a reference fixture: float64 CPU truth of a training step, layer by layer"
 
@@ -50,7 +56,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"densenet-debug record: refused: {exc}")
         return 1
     size = sum(p.stat().st_size for p in path.iterdir())
-    from densenet_debug.fixtures import read_meta
+    from densenet_debug.reference.format import read_meta
 
     meta = read_meta(path)
     print(f"recorded {path}: {args.model}, batch {args.batch}, seed {args.seed}, {args.steps} step(s), "

@@ -13,7 +13,7 @@ from rich.table import Table
 from densenet_debug.atomic import write_text
 from densenet_debug.cli._common import add_device_arg, positive_int
 from densenet_debug.errors import UsageError
-from densenet_debug.faults import FAULTS
+from densenet_debug.faults.registry import FAULTS
 from densenet_debug.models import BUILDERS
 
 HELP = ("plant faithful copies of historical backend bugs (and precision controls) in a small DenseNet-BC; "
@@ -43,7 +43,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from densenet_debug.backends import parse_backend
     from densenet_debug.cli._common import resolve_device
-    from densenet_debug.selftest import DEFAULT_MODEL, FULL_MODEL, resolve_faults, run_selftest
+    from densenet_debug.faults.selftest import DEFAULT_MODEL, FULL_MODEL, resolve_faults, run_selftest
 
     if args.full and args.model:
         raise UsageError("--full picks densenet-bc-100; give either --full or --model")

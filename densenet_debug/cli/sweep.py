@@ -35,7 +35,7 @@ def _cell(result: object) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from densenet_debug.sweep import GRADS, KERNELS, LAYOUTS, NORMS, run_sweep
+    from densenet_debug.verdict.sweep import GRADS, KERNELS, LAYOUTS, NORMS, run_sweep
 
     device = resolve_device(args.device)
     da, db = default_pair(device)

@@ -6,8 +6,8 @@ import argparse
 import sys
 
 from densenet_debug.cli._common import add_device_arg, add_model_args, positive_int
-from densenet_debug.data import DATASETS
-from densenet_debug.train import OPTIMIZERS, TrainConfig, train
+from densenet_debug.training.data import DATASETS
+from densenet_debug.training.loop import OPTIMIZERS, TrainConfig, train
 
 HELP = ("train a DenseNet on CIFAR-10/100 or SVHN (or synthetic data) with CSV progress, plots, checkpoints, "
         "resume, torchrun and a gradient audit")
@@ -105,7 +105,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 
 
 def run(args: argparse.Namespace) -> int:
-    from densenet_debug.audit import AuditFailure
+    from densenet_debug.training.audit import AuditFailure
 
     try:
         result = train(config_from_args(args))

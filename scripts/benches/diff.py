@@ -2,7 +2,7 @@
 
 Anchor, measured in the same process on the same batch: three plain forward+backward passes, one per
 backend the diff runs (A, B and the fp64 oracle), each in its own flags. Figure: ``ratio`` = seconds of
-one full :func:`densenet_debug.verdict.diff` (oracle, both sides' traces, every unit's teacher-forced
+one full :func:`densenet_debug.verdict.engine.diff` (oracle, both sides' traces, every unit's teacher-forced
 replay, error models, kink counterfactuals, report) over the anchor. Target: <= 2.0 on BC-100, batch 8.
 The minimum over ``--repeat`` runs is taken for both, after one warm-up of each.
 """
@@ -29,7 +29,7 @@ def run(argv: list[str]) -> dict:
 
     from densenet_debug.backends import default_pair, parse_backend
     from densenet_debug.models import build_model
-    from densenet_debug.verdict import diff
+    from densenet_debug.verdict.engine import diff
 
     da, db = default_pair()
     parser = argparse.ArgumentParser(prog="bench.py diff")

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch.func import functional_call
 
-from densenet_debug.gradcheck import gradcheck_model
+from densenet_debug.gradcheck.engine import gradcheck_model
 from densenet_debug.models import build_model
 
 
@@ -93,7 +93,7 @@ def _time_forward_backward(model: torch.nn.Module, x: torch.Tensor, y: torch.Ten
 
 def _time_oracle(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> float | None:
     try:
-        from densenet_debug.oracle import numpy_forward_backward
+        from densenet_debug.numpy_oracle import numpy_forward_backward
     except ImportError:
         return None
     state = {k: v.detach().double().numpy() for k, v in model.state_dict().items()}

@@ -22,7 +22,7 @@ def run(argv: list[str]) -> dict:
     import torch.nn.functional as F
 
     from densenet_debug.backends import parse_backend
-    from densenet_debug.reference import check_reference, default_backend, load_reference, reference_oracle
+    from densenet_debug.reference.check import check_reference, default_backend, load_reference, reference_oracle
 
     parser = argparse.ArgumentParser(prog="bench.py reference")
     parser.add_argument("--fixture", default=str(ROOT / "reference_grads" / "densenet-bc-100"))

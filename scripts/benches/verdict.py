@@ -58,9 +58,9 @@ def _anchor(model, x, y) -> float:  # noqa: ANN001
 def run(argv: list[str]) -> dict:
     import torch
 
-    from densenet_debug.faults import BUGS, make_fault
-    from densenet_debug.selftest import harness_batch, harness_model, is_localized
-    from densenet_debug.verdict import diff
+    from densenet_debug.faults.registry import BUGS, make_fault
+    from densenet_debug.faults.selftest import harness_batch, harness_model, is_localized
+    from densenet_debug.verdict.engine import diff
 
     parser = argparse.ArgumentParser(prog="bench.py verdict")
     parser.add_argument("--configs", type=int, default=200, help="generated configurations (default 200)")

@@ -1,0 +1,1 @@
+"""torch.distributed: process-group runtime under torchrun, and DistributedDataParallel as a diff side."""

@@ -1,0 +1,243 @@
+"""Self-test: plant every fault of the registry, and check that the toolkit catches it where it was planted.
+
+For each fault a fresh small DenseNet-BC is built from ``seed``, the fault is planted at an eligible unit
+drawn from ``seed``, and :func:`densenet_debug.verdict.engine.diff` compares the faulty backend with the same
+backend clean (both against the fp64 oracle), in the harness mode the fault needs (``steps``, ``eval``,
+``memory_efficient``, pools with padding). A fault in the math (a backward inconsistent with its forward)
+is also given to :func:`densenet_debug.gradcheck.engine.gradcheck_model`, in fp64. A bug must be detected and
+should be localised to its unit and pass; a precision control must never be flagged.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from densenet_debug.errors import UsageError
+from densenet_debug.faults.registry import BUGS, CONTROLS, FAULTS, Fault, make_fault
+from densenet_debug.models import BUILDERS, build_model
+
+SCHEMA = "densenet-debug/selftest/1"
+DEFAULT_MODEL = "densenet-bc-16"
+FULL_MODEL = "densenet-bc-100"
+
+
+@dataclass
+class FaultResult:
+    """One planted fault and what diff (and gradcheck) made of it."""
+
+    name: str
+    control: bool
+    layer: str
+    passes: str
+    needs: dict
+    detected: bool
+    localized: bool
+    error: float | None
+    tolerance: float | None
+    verdict: str
+    first_divergence: dict | None
+    gradcheck: str | None = None  # "pass" | "fail" | None (not run)
+    gradcheck_layer: str | None = None
+    seconds: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        """A bug: diff detects it (and gradcheck fails it where it ran). A control: diff stays quiet."""
+        if self.control:
+            return not self.detected
+        return self.detected and self.gradcheck in (None, "fail")
+
+    def to_json(self) -> dict:
+        return {
+            "name": self.name, "control": self.control, "layer": self.layer, "detected": self.detected,
+            "localized": self.localized, "error": _num(self.error), "tolerance": _num(self.tolerance),
+            "ok": self.ok, "pass": self.passes, "needs": self.needs, "verdict": self.verdict,
+            "first_divergence": self.first_divergence, "gradcheck": self.gradcheck,
+            "gradcheck_layer": self.gradcheck_layer, "seconds": round(self.seconds, 3),
+        }
+
+
+@dataclass
+class SelftestReport:
+    model: str
+    seed: int
+    batch: int
+    backend: str
+    results: list[FaultResult] = field(default_factory=list)
+    seconds: float = 0.0
+
+    @property
+    def passed(self) -> bool:
+        return all(r.ok for r in self.results)
+
+    @property
+    def missed(self) -> list[str]:
+        return [r.name for r in self.results if not r.control and not r.ok]
+
+    @property
+    def flagged_controls(self) -> list[str]:
+        return [r.name for r in self.results if r.control and not r.ok]
+
+    @property
+    def not_localized(self) -> list[str]:
+        return [r.name for r in self.results if not r.control and not r.localized]
+
+    def to_json(self) -> dict:
+        return {"schema": SCHEMA, "passed": self.passed, "model": self.model, "seed": self.seed,
+                "batch": self.batch, "backend": self.backend, "seconds": round(self.seconds, 3),
+                "faults": [r.to_json() for r in self.results]}
+
+
+def _num(v: float | None) -> float | str | None:
+    if v is None:
+        return None
+    return v if v == v and abs(v) != float("inf") else str(v)
+
+
+def resolve_faults(names: Sequence[str] | None) -> list[str]:
+    """``None`` or ``["all"]``: every fault and control; otherwise the ``NAME[=MAG]`` given, checked."""
+    if not names or list(names) == ["all"]:
+        return BUGS + CONTROLS
+    unknown = [n for n in names if n.partition("=")[0] not in FAULTS]
+    if unknown:
+        raise UsageError(f"unknown fault(s) {', '.join(unknown)}; known: all, {', '.join(FAULTS)}")
+    placed = [n for n in names if "@" in n]
+    if placed:
+        raise UsageError(f"the self-test draws the layer itself (from --seed); drop '@...' from {placed[0]}")
+    for n in names:
+        make_fault(n)  # a bad magnitude fails here, before any work
+    return list(dict.fromkeys(names))
+
+
+def padded_pools(model: nn.Module) -> nn.Module:
+    """Every 2x2/2 average pool becomes 3x3/2 with padding 1: the same output shapes, padding exercised.
+
+    ``pool_pad_offset`` (pytorch#188344) is invisible at padding 0, and DenseNet-BC's pools have none,
+    so the self-test runs it on this variant, as a user model with padded pools would run.
+    """
+    for parent in list(model.modules()):
+        for child, m in list(parent.named_children()):
+            if isinstance(m, nn.AvgPool2d) and not m.padding:
+                setattr(parent, child, nn.AvgPool2d(3, m.stride or 2, padding=1))
+    return model
+
+
+def harness_model(name: str, fault: Fault, seed: int, in_channels: int = 3) -> nn.Module:
+    """The model a fault is planted in: the builder's, in the configuration the fault needs."""
+    if name not in BUILDERS:
+        raise UsageError(f"unknown model {name!r} for the self-test; choose from {', '.join(BUILDERS)}")
+    torch.manual_seed(seed)
+    model = build_model(name, memory_efficient=bool(fault.needs.get("memory_efficient")), in_channels=in_channels)
+    return padded_pools(model) if fault.needs.get("pool_padding") else model
+
+
+def harness_batch(n: int, seed: int, shape: tuple[int, ...] = (3, 32, 32), classes: int = 10) -> tuple[Tensor, Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, *shape, generator=g), torch.randint(0, classes, (n,), generator=g)
+
+
+def is_localized(fault: Fault, first: dict | None) -> bool:
+    """The first divergence is at a planted unit (or inside a planted composite), in the fault's pass."""
+    if not first:
+        return False
+    layer = first.get("layer") or ""
+    at_unit = any(layer == u or layer.startswith(f"{u}.") for u in fault.units)
+    return at_unit and first.get("pass") == fault.passes
+
+
+def _control_margin(report: object, units: list[str]) -> tuple[float | None, float | None]:
+    """For a control: the planted units' local row closest to its tolerance (how near a false alarm came)."""
+    best = None
+    for r in report.rows:
+        if r.layer in units and r.mode == "local" and r.ratio_a is not None:
+            if best is None or r.ratio_a > best.ratio_a:
+                best = r
+    return (best.error_a, best.tolerance_a) if best is not None else (None, None)
+
+
+def run_fault(
+    name: str, *, model: str = DEFAULT_MODEL, seed: int = 0, batch: int = 4, backend: str = "native",
+    device: str | None = None, layer: str | None = None, gradcheck: bool = True,
+) -> FaultResult:
+    """Plant one fault ``NAME[=MAG]`` (at ``layer``, or a unit drawn from ``seed``); run diff (and gradcheck)."""
+    from densenet_debug.verdict.engine import diff
+
+    start = time.perf_counter()
+    base, _, mag = name.partition("=")
+    fault = make_fault(f"{base}@{layer}" if layer else base, seed=seed)
+    net = harness_model(model, fault, seed)
+    unit = fault.choose(net)[0]
+    fault.units = [unit]
+    batch = max(batch, int(fault.needs.get("min_batch", 1)))
+    x, y = harness_batch(batch, seed)
+    spec = f"{base}@{unit}" + (f"={mag}" if mag else "")
+    report = diff(net, x, y, f"{backend}+fault:{spec}", backend, device=device)
+    first = report.first_divergence
+    detected = report.verdict == "mismatch"
+    if first is not None:
+        error, tolerance = first.get("error"), first.get("tolerance")
+    else:
+        error, tolerance = _control_margin(report, [unit])
+    result = FaultResult(
+        name, fault.control, unit, fault.passes, dict(fault.needs), detected,
+        (not fault.control) and is_localized(fault, first), _float(error), _float(tolerance), report.verdict,
+        first,
+    )
+    if gradcheck and fault.in_math:
+        result.gradcheck, result.gradcheck_layer = _gradcheck(net, spec, unit, x, y, seed, fault)
+    result.seconds = time.perf_counter() - start
+    return result
+
+
+def _float(v: object) -> float | None:
+    try:
+        return None if v is None else float(v)
+    except (TypeError, ValueError):
+        return None
+
+
+def _gradcheck(net: nn.Module, spec: str, unit: str, x: Tensor, y: Tensor, seed: int,
+               fault: Fault) -> tuple[str, str | None]:
+    """The faulty model's planted unit, numerically, in fp64 (the check copies the model)."""
+    from densenet_debug.gradcheck.engine import gradcheck_model
+
+    faulty = make_fault(spec, seed=seed)
+    model = copy.deepcopy(net)
+    faulty.apply(model)
+    report = gradcheck_model(model, x.double(), y, layers=[unit], seed=seed,
+                             eval_mode=bool(fault.needs.get("eval")))
+    first = report.first_failure
+    return report.verdict, first.get("layer") if first else None
+
+
+ProgressFn = Callable[[int, int, str], None]
+
+
+def run_selftest(
+    faults: Sequence[str] | None = None, model: str = DEFAULT_MODEL, seed: int = 0, *, batch: int = 4,
+    backend: str | None = None, device: str | None = None, gradcheck: bool = True,
+    progress: ProgressFn | None = None,
+) -> SelftestReport:
+    """Plant each fault (default: all, controls included) and report detection and localisation."""
+    names = resolve_faults(faults)
+    if batch < 1:
+        raise UsageError(f"batch must be >= 1, got {batch}")
+    dev = torch.device(device) if device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    backend = backend or ("cudnn" if dev.type == "cuda" else "native")
+    report = SelftestReport(model, seed, batch, backend)
+    start = time.perf_counter()
+    for i, name in enumerate(names):
+        if progress is not None:
+            progress(i, len(names), name)
+        report.results.append(run_fault(name, model=model, seed=seed, batch=batch, backend=backend,
+                                        device=str(dev), gradcheck=gradcheck))
+    if progress is not None:
+        progress(len(names), len(names), "")
+    report.seconds = time.perf_counter() - start
+    return report

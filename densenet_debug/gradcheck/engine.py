@@ -1,0 +1,338 @@
+"""Numerical gradient check of every unit of a model, teacher-forced, in float64.
+
+Each unit (:func:`densenet_debug.trace.discover_units`: leaf modules, plus modules whose own ``forward``
+does tensor math) is replayed as a pure function of its tensor inputs *and parameters*
+(``torch.func.functional_call``) on the inputs it saw in a real float64 forward/backward of the model.
+The gradient its backward produced in that step, for the grad_output it really received (in the memory
+layout it really had: the #708 bug was a layout bug), is compared with finite differences of <v, f>.
+
+``fast`` mode projects on a few Gaussian directions per tensor, one tensor at a time (units with many
+tensors, a concatenation of 17 features, move them together and re-check alone any tensor whose share
+is too small, or all of them when the unit fails, to name the tensor). ``full`` mode compares whole
+Jacobians of tensors under a size limit. Tolerances come from an error model, per comparison
+(:mod:`densenet_debug.gradcheck.numerics`); non-smooth points crossed by a step (a ReLU input near 0)
+are found, masked and reported as kinks. A composite that fails while every unit inside it passes is
+the culprit (the code in its own ``forward``).
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+
+import torch
+from torch import Tensor, nn
+
+from densenet_debug.errors import UsageError
+from densenet_debug.gradcheck.function import UnitFunction
+from densenet_debug.gradcheck.numerics import (
+    DIRECTIONS,
+    FULL_LIMIT,
+    FULL_LIMIT_NAMED,
+    JOINT_FROM,
+    RESOLUTION_TARGET,
+    DirectionPool,
+    Outcome,
+    check_full,
+    check_joint,
+)
+from densenet_debug.gradcheck.report import GradcheckReport, GradRow, Kink, mark_culprits
+from densenet_debug.trace import Layout, discover_units, trace_step
+
+__all__ = ["GradRow", "GradcheckReport", "Kink", "gradcheck_model", "gradcheck_unit"]
+
+MODES = ("fast", "full")
+_RECORD = ("inputs", "outputs", "grad_outputs", "grad_inputs")
+ProgressFn = Callable[[int, int, str], None]
+
+
+def gradcheck_unit(
+    module: nn.Module, inputs: Sequence[object], grad_outputs: Sequence[Tensor | None] | None = None, *,
+    mode: str = "fast", seed: int = 0, name: str = "", kwargs: dict | None = None,
+    input_layouts: Sequence[Layout | None] | None = None,
+    grad_output_layouts: Sequence[Layout | None] | None = None,
+    grads: dict[str, Tensor | None] | None = None, buffers: dict[str, Tensor] | None = None,
+    full_limit: int = FULL_LIMIT, directions: int = DIRECTIONS,
+) -> list[GradRow]:
+    """Check one unit on given (teacher-forced) inputs and grad_outputs; one row per checked tensor.
+
+    ``grad_outputs`` None draws Gaussian ones. ``grads`` maps tensor names (``input0``, ``weight``,
+    ``conv.weight``) to the gradients the unit's backward produced in a real step; without it the
+    backward is replayed here (inputs and grad_outputs in ``*_layouts`` when given). Every floating
+    input and every parameter that requires grad is checked unless ``grads`` restricts them.
+    Works in float64: other dtypes are checked on a float64 copy. Kinks crossed are counted in
+    ``row.kinks`` (masked and re-checked when the row passes).
+    """
+    _check_mode(mode)
+    if _needs_cast(module, inputs):
+        module = copy.deepcopy(module).to(torch.float64)
+        inputs = [a.to(torch.float64) if isinstance(a, Tensor) and a.is_floating_point() else a for a in inputs]
+        grad_outputs = None if grad_outputs is None else [
+            None if g is None else g.to(torch.float64) for g in grad_outputs]
+        grads = None if grads is None else {k: None if g is None else g.to(torch.float64) for k, g in grads.items()}
+    unit = UnitFunction(
+        name, module, list(inputs), dict(kwargs or {}),
+        buffers=buffers, grad_outputs=None if grad_outputs is None else list(grad_outputs),
+        input_layouts=input_layouts, grad_output_layouts=grad_output_layouts, grads=grads, seed=seed,
+    )
+    rows, _ = _check_unit(unit, mode, DirectionPool(torch.Generator().manual_seed(seed)), full_limit, directions)
+    return rows
+
+
+def gradcheck_model(
+    model: nn.Module, x: Tensor, y: Tensor, *, mode: str = "fast", layers: list[str] | None = None,
+    seed: int = 0, eval_mode: bool = False, progress: ProgressFn | None = None,
+    directions: int = DIRECTIONS, loss_fn: Callable[[Tensor, Tensor], Tensor] | None = None,
+) -> GradcheckReport:
+    """Check every unit of ``model`` (or those under ``layers``) on one float64 step with ``x``, ``y``.
+
+    The model is copied to float64 (same device); BN runs in train mode with batch statistics unless
+    ``eval_mode``. Rows come in backward order; ``first_failure`` is the first culprit. Random numbers
+    (dropout masks, directions) come from ``seed``; the caller's RNG state is left as it was.
+    """
+    _check_mode(mode)
+    device = _device_of(model, x)
+    cuda = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=cuda):
+        torch.manual_seed(seed)
+        return _gradcheck_model(model, x, y, mode, layers, seed, eval_mode, progress, directions, loss_fn)
+
+
+def _gradcheck_model(model: nn.Module, x: Tensor, y: Tensor, mode: str, layers: list[str] | None, seed: int,
+                     eval_mode: bool, progress: ProgressFn | None, directions: int,
+                     loss_fn: Callable[[Tensor, Tensor], Tensor] | None) -> GradcheckReport:
+    start = time.perf_counter()
+    model64 = fp64_copy(model)
+    model64.train(not eval_mode)
+    device = _device_of(model64, x)
+    x64 = x.to(device=device, dtype=torch.float64)
+    y = y.to(device)
+    named = dict(model64.named_modules())
+    units = discover_units(model64, x64)
+    selected, named_exactly = _select(units, layers, named)
+    buffers0 = {id(b): b.detach().clone() for b in model64.buffers()}  # BN state before the step
+    kw = {} if loss_fn is None else {"loss_fn": loss_fn}
+    with _capturing_calls(model64, selected) as calls:
+        trace = trace_step(model64, x64, y, units=selected, record=_RECORD, **kw)
+    shared = _shared_parameters(named, units, trace)
+    order = trace.backward_order + [n for n in trace.forward_order if trace[n].backward_index is None]
+    rows: list[GradRow] = []
+    kinks: list[Kink] = []
+    pool = DirectionPool(torch.Generator().manual_seed(seed))
+    for i, name in enumerate(order):
+        if progress is not None:
+            progress(i, len(order), name)
+        module, rec = named[name], trace[name]
+        args, kwargs = calls.get(name, (list(rec.inputs), {}))
+        args = [t if t is not None else a for t, a in zip(_pad(rec.inputs, len(args)), args)]
+        grads = _recorded_grads(module, rec, shared)
+        unit = UnitFunction(
+            name, module, args, kwargs, buffers={k: buffers0[id(b)] for k, b in module.named_buffers()},
+            grad_outputs=list(rec.grad_outputs) or None, input_layouts=rec.input_layouts,
+            grad_output_layouts=rec.grad_output_layouts, grads=grads, seed=seed, outputs=rec.outputs,
+        )
+        limit = FULL_LIMIT_NAMED if name in named_exactly else FULL_LIMIT
+        unit_rows, unit_kinks = _check_unit(unit, mode, pool, limit, directions)
+        rows += unit_rows
+        kinks += unit_kinks
+    if progress is not None:
+        progress(len(order), len(order), "")
+    mark_culprits(rows)
+    env = {"torch": torch.__version__, "device": str(device), "dtype": "float64", "seed": seed,
+           "train": not eval_mode, "batch": int(x.shape[0])}
+    return GradcheckReport(rows, kinks, mode, order, time.perf_counter() - start, env)
+
+
+# -- one unit -------------------------------------------------------------------------------------------
+def _check_unit(unit: UnitFunction, mode: str, pool: DirectionPool, full_limit: int, directions: int
+                ) -> tuple[list[GradRow], list[Kink]]:
+    if not unit.slots:
+        return [GradRow(unit.name, "-", 0.0, 0.0, "skip", mode=mode,
+                        note="no gradient flows through this unit in the step")], []
+    rows: list[GradRow] = []
+    kinks: list[Kink] = []
+    joint = list(range(len(unit.slots)))
+    if mode == "full":
+        rest = []
+        for s in joint:
+            outcome = check_full(unit, s, full_limit)
+            if outcome is None:
+                rest.append(s)
+            else:
+                rows.append(_row(unit, [s], outcome, "full"))
+                kinks += _kink(unit, [s], outcome)
+        joint = rest
+    if not joint:
+        return rows, kinks
+    if len(joint) < JOINT_FROM:  # one tensor at a time: cheap with folded points, and sharpest per tensor
+        for s in joint:
+            outcome = check_joint(unit, [s], pool, directions)
+            rows.append(_row(unit, [s], outcome, "fast", full_note=mode == "full"))
+            kinks += _kink(unit, [s], outcome)
+        return rows, kinks
+    outcome = check_joint(unit, joint, pool, directions)
+    singles: list[int] = []
+    if len(joint) > 1 and outcome.status == "fail":
+        singles = list(joint)  # name the tensor: the same check, one tensor moving at a time
+    elif len(joint) > 1 and outcome.status == "pass":
+        # A tensor with a small share of the joint signal (BN's γ, β) gets its own, sharper check.
+        singles = [s for s, r in zip(joint, outcome.resolutions) if r is not None and r > RESOLUTION_TARGET]
+    checked = [(s, check_joint(unit, [s], pool, directions)) for s in singles]
+    if outcome.status == "fail" and not any(o.status == "fail" for _, o in checked):
+        checked = []  # only the joint comparison fails: report it as it is
+    if outcome.status != "fail" or not checked:
+        rest = [r for s, r in zip(joint, outcome.resolutions) if s not in singles and r is not None]
+        if singles:
+            outcome.resolution = max(rest) if rest else None
+            outcome.note = "; ".join(filter(None, [outcome.note, "re-checked alone: " + ", ".join(
+                unit.slots[s].name for s in singles)]))
+        rows.append(_row(unit, joint, outcome, "fast", full_note=mode == "full"))
+        kinks += _kink(unit, joint, outcome)
+    for s, o in checked:
+        rows.append(_row(unit, [s], o, "fast", full_note=mode == "full"))
+        kinks += _kink(unit, [s], o)
+    return rows, kinks
+
+
+def _row(unit: UnitFunction, slots: list[int], o: Outcome, mode: str, full_note: bool = False) -> GradRow:
+    note = o.note
+    if full_note:
+        note = "; ".join(filter(None, [note, f"Jacobian over the full-mode limit: fast check ({o.directions} "
+                                               "directions)"]))
+    return GradRow(
+        layer=unit.name, tensor="+".join(unit.slots[s].name for s in slots), error=o.error,
+        tolerance=o.tolerance, status=o.status, mode=mode, scale=o.scale, resolution=o.resolution,
+        step=o.eta, directions=o.directions, kinks=o.kink_count, origin=o.origin, note=note,
+    )
+
+
+def _kink(unit: UnitFunction, slots: list[int], o: Outcome) -> list[Kink]:
+    if not o.kink_count:
+        return []
+    return [Kink(unit.name, "+".join(unit.slots[s].name for s in slots), o.kink_count, o.kink_fraction, o.eta,
+                 o.status != "kink")]
+
+
+# -- model plumbing ---------------------------------------------------------------------------------------
+def fp64_copy(model: nn.Module) -> nn.Module:
+    """A float64 copy of ``model`` that shares nothing mutable with it.
+
+    Modules of torch.nn and densenet_debug keep their state in their dicts, so they are copied
+    structurally (new module objects, dicts and tensors; fast); any other module means deepcopy.
+    """
+    if not all(type(m).__module__.startswith(("torch.nn.", "densenet_debug.")) for m in model.modules()):
+        return copy.deepcopy(model).to(torch.float64)
+    memo: dict[int, object] = {}
+
+    def tensor(t: Tensor) -> Tensor:
+        dtype = torch.float64 if t.is_floating_point() else t.dtype
+        return t.detach().to(dtype=dtype, copy=True)
+
+    def module(m: nn.Module) -> nn.Module:
+        if id(m) in memo:
+            return memo[id(m)]  # type: ignore[return-value]
+        c = copy.copy(m)
+        memo[id(m)] = c
+        for k, v in list(c.__dict__.items()):
+            if isinstance(v, (dict, list, set)):
+                c.__dict__[k] = copy.copy(v)
+        for k, p in m._parameters.items():
+            if p is not None and id(p) not in memo:
+                memo[id(p)] = nn.Parameter(tensor(p), requires_grad=p.requires_grad)
+            c._parameters[k] = None if p is None else memo[id(p)]  # type: ignore[assignment]
+        for k, b in m._buffers.items():
+            c._buffers[k] = None if b is None else tensor(b)
+        for k, sub in m._modules.items():
+            c._modules[k] = None if sub is None else module(sub)
+        return c
+
+    return module(model)
+
+
+
+def _check_mode(mode: str) -> None:
+    if mode not in MODES:
+        raise UsageError(f"unknown mode {mode!r}; choose from {', '.join(MODES)}")
+
+
+def _needs_cast(module: nn.Module, inputs: Sequence[object]) -> bool:
+    tensors = [t for t in (*module.parameters(), *module.buffers(), *inputs)
+               if isinstance(t, Tensor) and t.is_floating_point()]
+    return any(t.dtype != torch.float64 for t in tensors)
+
+
+def _device_of(model: nn.Module, x: Tensor) -> torch.device:
+    for p in model.parameters():
+        return p.device
+    return x.device
+
+
+def _select(units: list[str], layers: list[str] | None, named: dict[str, nn.Module]) -> tuple[list[str], set[str]]:
+    if not layers:
+        return units, set()
+    chosen: list[str] = []
+    for layer in layers:
+        if layer not in named:
+            raise UsageError(f"unknown --layer {layer!r}: not a module of the model "
+                             "(list unit names with `densenet-debug gradcheck --list`)")
+        inside = [u for u in units if u == layer or (u.startswith(f"{layer}.") if layer else True)]
+        if not inside:
+            raise UsageError(f"--layer {layer!r} runs no computation of its own or below it")
+        chosen += [u for u in inside if u not in chosen]
+    return [u for u in units if u in chosen], {u for u in layers if u in units}
+
+
+def _pad(values: list, n: int) -> list:
+    return list(values[:n]) + [None] * (n - len(values))
+
+
+@contextmanager
+def _capturing_calls(model: nn.Module, names: list[str]) -> Iterator[dict[str, tuple[list, dict]]]:
+    """Record each unit's first call (positional args incl. non-tensors, kwargs) for a faithful replay."""
+    from densenet_debug._autograd import in_backward
+
+    named = dict(model.named_modules())
+    calls: dict[str, tuple[list, dict]] = {}
+    handles = []
+    for name in names:
+        def hook(m: nn.Module, args: tuple, kwargs: dict, n: str = name) -> None:
+            if n not in calls and not in_backward():
+                calls[n] = ([a.detach() if isinstance(a, Tensor) else a for a in args], dict(kwargs))
+
+        handles.append(named[name].register_forward_pre_hook(hook, with_kwargs=True))
+    try:
+        yield calls
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def _shared_parameters(named: dict[str, nn.Module], units: list[str], trace) -> set[int]:
+    """Parameters whose .grad sums several uses (tied weights, a module called twice): not one unit's answer."""
+    seen: dict[int, int] = {}
+    for name in units:
+        module = named[name]
+        if any(True for _ in module.children()):
+            continue
+        for p in module.parameters(recurse=False):
+            seen[id(p)] = seen.get(id(p), 0) + 1
+    shared = {k for k, c in seen.items() if c > 1}
+    for name in units:
+        if name in trace and trace[name].calls > 1:
+            shared |= {id(p) for p in named[name].parameters()}
+    return shared
+
+
+def _recorded_grads(module: nn.Module, rec, shared: set[int]) -> dict[str, Tensor | None] | None:
+    """The unit's own answer from the real step, or None (replay) when a parameter's .grad is not its alone."""
+    params = dict(module.named_parameters())
+    if any(id(p) in shared for p in params.values()):
+        return None
+    grads: dict[str, Tensor | None] = {}
+    for i, g in enumerate(rec.grad_inputs):
+        grads[f"input{i}"] = None if g is None else g.detach()
+    for pname, p in params.items():
+        grads[pname] = None if p.grad is None else p.grad.detach()
+    return grads

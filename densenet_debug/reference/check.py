@@ -1,0 +1,319 @@
+"""Check the current PyTorch against a reference fixture, with the verdict engine's tolerances and statuses.
+
+:func:`check_reference` loads a fixture (every integrity check of :mod:`densenet_debug.reference.format`),
+rebuilds the exact model from its stored weights, rebuilds the float64 oracle (one
+:class:`~densenet_debug.trace.Trace` per step) from the stored arrays and hands it to
+:func:`densenet_debug.verdict.engine.judge` with the chosen backend: every unit local (teacher-forced) and
+propagated, the same rows, tolerances and statuses as ``diff``.
+
+A fixture stored with the ``checkpoints`` policy holds the parameter gradients, buffers, logits, loss and the
+tensors between dense layers, not every intermediate tensor (see :mod:`densenet_debug.reference.record`). Its oracle
+is recomputed in float64 by this PyTorch from the stored inputs and weights, then every stored tensor
+replaces its recomputed copy, and the recomputation is checked against the stored truth ("reproduction"
+rows): the verdict engine's propagated rule at float64's unit roundoff (the sum of the float64 local
+tolerances upstream). A PyTorch whose float64 CPU path drifted from the fixture fails there, by name.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from densenet_debug.backends import default_pair, environment, parse_backend
+from densenet_debug.errors import UsageError
+from densenet_debug.models import resolve_model
+from densenet_debug.reference.format import Fixture, FixtureError, read_fixture
+from densenet_debug.reference.record import model_identity, oracle_traces
+from densenet_debug.trace import Trace
+from densenet_debug.verdict.propagated import propagated_tolerance, running_sums
+from densenet_debug.verdict.replay import oracle_values
+from densenet_debug.verdict.report import Kink, Row, first_divergence
+from densenet_debug.verdict.tolerance import Precision, underflow
+
+SCHEMA = "densenet-debug/check-reference/1"
+U64 = 2.0**-53
+REPRODUCTION_ORIGIN = ("reproduction: this PyTorch's float64 recomputation vs the stored truth; tolerance = the "
+                       "verdict's propagated rule (sum of the local float64 tolerances upstream, u=2^-53)")
+
+
+@dataclass
+class ReferenceResult:
+    """One backend checked against one fixture: judged rows, kinks, and the oracle's reproduction rows."""
+
+    path: Path
+    name: str
+    backend: str
+    verdict: str  # "agree" | "mismatch"
+    first_divergence: dict | None
+    rows: list[Row]
+    kinks: list[Kink]
+    reproduction: list[Row] = field(default_factory=list)
+    environment: dict = field(default_factory=dict)
+    settings: dict = field(default_factory=dict)
+    summary: str = ""
+
+    @property
+    def failures(self) -> list[Row]:
+        return [r for r in self.reproduction + self.rows if r.status == "mismatch"]
+
+    def to_json(self) -> dict:
+        return {"schema": SCHEMA, "fixture": str(self.path), "name": self.name, "backend": self.backend,
+                "verdict": self.verdict, "first_divergence": self.first_divergence,
+                "rows": [r.to_json() for r in self.rows], "kinks": [k.to_json() for k in self.kinks],
+                "reproduction": [r.to_json() for r in self.reproduction], "environment": self.environment,
+                "settings": self.settings, "summary": self.summary}
+
+    def table(self, limit: int = 12) -> str:
+        """Plain-text table: failing rows first, then those closest to their tolerance."""
+        rows = sorted(self.reproduction + self.rows, key=lambda r: (r.status != "mismatch", r.status != "kink",
+                                                                    -_finite(r.ratio_a)))[:limit]
+        head = f"{'layer':34} {'pass':8} {'quantity':24} {'mode':12} {'error':>10} {'tolerance':>10} status"
+        lines = [head, "-" * len(head)]
+        for r in rows:
+            lines.append(f"{r.layer[:34]:34} {r.pass_:8} {r.quantity[:24]:24} {r.mode:12} {_fmt(r.error_a):>10} "
+                         f"{_fmt(r.tolerance):>10} {r.status}")
+        return "\n".join(lines)
+
+    def message(self) -> str:
+        """What a failing test prints: the first divergent layer, then the table."""
+        return f"{self.summary}\n{self.table()}"
+
+
+def default_backend(device: str | torch.device | None = None) -> str:
+    """PyTorch's own default configuration on the device: ``mkldnn`` on CPU, ``cudnn`` on CUDA."""
+    return default_pair(torch.device(device) if device is not None else None)[0]
+
+
+# -- loading -------------------------------------------------------------------------------------------------
+def load_reference(path: str | Path | Fixture, model: nn.Module | None = None, *,
+                   spec: str | None = None) -> tuple[Fixture, nn.Module]:
+    """The fixture and a model with its stored weights. ``model`` (a user's) or ``spec`` must match the fixture.
+
+    Without ``model``, the model is rebuilt from the fixture's recorded spec (a builder name or
+    ``file.py:factory``). A fixture of another model or configuration raises :class:`FixtureError`.
+    """
+    fixture = path if isinstance(path, Fixture) else read_fixture(path)
+    recorded = fixture.meta["model"]
+    where = fixture.path / "meta.json"
+    if spec is not None and recorded.get("spec") != spec:
+        raise FixtureError(where, f"a fixture of model {recorded.get('spec') or recorded.get('class')} "
+                                  f"(config {_short(recorded.get('config'))}), not of {spec} as asked")
+    if model is None:
+        if not recorded.get("spec"):
+            raise FixtureError(where, "records no model spec (recorded from Python): pass the model to check it")
+        model = resolve_model(recorded["spec"], num_classes=recorded.get("num_classes"))
+    ident = model_identity(model)
+    if recorded.get("config") is not None and ident["config"] is not None and recorded["config"] != ident["config"]:
+        diffs = {k: (recorded["config"].get(k), v) for k, v in ident["config"].items()
+                 if recorded["config"].get(k) != v}
+        raise FixtureError(where, f"a fixture of another configuration: recorded vs given {_short(diffs)}")
+    if recorded.get("structure_sha256") != ident["structure_sha256"]:
+        raise FixtureError(where, f"a fixture of another model: its parameters and buffers (names, shapes, dtypes) "
+                                  f"differ from the {ident['class'].rsplit('.', 1)[-1]} given")
+    model = copy.deepcopy(model).cpu()
+    try:
+        model.load_state_dict(fixture.state)
+    except RuntimeError as exc:
+        raise FixtureError(fixture.path / "state.npz", f"does not fit the model: {str(exc).splitlines()[0]}") from None
+    return fixture, model
+
+
+def _short(data: object, limit: int = 160) -> str:
+    text = str(data)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+# -- the oracle ----------------------------------------------------------------------------------------------
+def reference_oracle(fixture: Fixture, model: nn.Module) -> tuple[list[Trace], list[dict]]:
+    """The fixture's float64 oracle (every quantity of every unit), and what this PyTorch recomputed.
+
+    ``full`` fixtures hold the oracle whole (nothing is recomputed). Otherwise it is recomputed by this
+    PyTorch in float64 from the stored inputs and weights (``model`` must hold them, see
+    :func:`load_reference`), and every stored tensor then replaces its recomputed copy, so the truth stays
+    the stored one wherever it was stored. The second item maps, per step, ``(unit, quantity)`` to the
+    recomputed value that was replaced (for :func:`reproduction_rows`).
+    """
+    if fixture.complete:
+        return fixture.traces, [{} for _ in fixture.traces]
+    step = fixture.meta.get("step", {})
+    fresh = oracle_traces(model, fixture.inputs, fixture.targets, steps=int(step.get("steps", len(fixture.traces))),
+                          eval_mode=step.get("bn_mode") == "eval", units=fixture.traces[0].forward_order)
+    recomputed: list[dict] = []
+    for stored, new, kept in zip(fixture.traces, fresh, fixture.stored):
+        missing = [u for u in stored.units if u not in new.units]
+        if missing:
+            raise FixtureError(fixture.path / "index.json", f"unit {missing[0]} is not in the rebuilt model's trace")
+        replaced = {}
+        for name, quantities in kept.items():
+            for q in quantities:
+                replaced[(name, q)] = getattr(new.units[name], q)
+                setattr(new.units[name], q, getattr(stored.units[name], q))
+        replaced[("", "logits")], replaced[("", "loss")] = new.output, new.loss
+        new.output, new.loss = stored.output, stored.loss
+        recomputed.append(replaced)
+    return fresh, recomputed
+
+
+def reproduction_rows(fixture: Fixture, oracle: list[Trace], recomputed: list[dict], shared: dict) -> list[Row]:
+    """Stored truth vs this PyTorch's float64 recomputation, for a ``checkpoints`` fixture (else ``[]``).
+
+    ``shared`` is the cache :func:`densenet_debug.verdict.engine.judge` filled: its per-unit error-model bounds give
+    the float64 local tolerances that the propagated rule sums.
+    """
+    if fixture.complete:
+        return []
+    prec = Precision(u_op=U64, u_acc=U64, u_out=U64, lam=shared.get("lam", 8.0), eta=2 * underflow(torch.float64))
+    rows = []
+    for step, trace in enumerate(oracle):
+        cum = _accumulated_fp64(trace, step, shared, prec)
+        for (name, q), new_value in recomputed[step].items():
+            if not name:
+                continue
+            rec = trace.units[name]
+            for key, (stored_t, new_t) in _pairs(q, getattr(rec, q), new_value).items():
+                pass_ = "forward" if q in ("outputs", "inputs", "buffers_before", "buffers_after") else "backward"
+                order = rec.forward_index if pass_ == "forward" else (rec.backward_index or 0)
+                rows.append(_reproduction_row(cum, step, name, pass_, key, order, stored_t, new_t))
+        if trace.units:
+            last = trace.forward_order[-1]
+            order = trace.units[last].forward_index
+            rows.append(_reproduction_row(cum, step, last, "forward", "logits", order, trace.output,
+                                          recomputed[step][("", "logits")]))
+            rows.append(_reproduction_row(cum, step, "loss", "forward", "loss", order, trace.loss,
+                                          recomputed[step][("", "loss")]))
+    return rows
+
+
+def _reproduction_row(cum: tuple[dict, dict, float], step: int, layer: str, pass_: str, quantity: str, order: int,
+                      stored: Tensor | None, new: Tensor | None) -> Row:
+    tol = propagated_tolerance(cum, pass_, order)
+    err = _relerr(new, stored)
+    ratio = err / tol if tol > 0 else (0.0 if err == 0 else math.inf)
+    return Row(layer, pass_, quantity, err, None, tol, "ok" if err <= tol else "mismatch", REPRODUCTION_ORIGIN, step,
+               "reproduction", None, tol, None, ratio, order=order)
+
+
+def _pairs(q: str, stored: object, recomputed: object) -> dict[str, tuple[Tensor | None, Tensor | None]]:
+    """Quantity label -> (stored, recomputed): ``output``, ``grad_output``, ``grad_weight``, ``running_mean``..."""
+    if isinstance(stored, dict):
+        prefix = {"param_grads": "grad_", "buffers_before": "before:", "buffers_after": ""}[q]
+        return {f"{prefix}{k}": (v, recomputed.get(k)) for k, v in stored.items()}  # type: ignore[union-attr]
+    label = q.removesuffix("s")
+    many = len(stored) > 1  # type: ignore[arg-type]
+    return {f"{label}.{i}" if many else label: (t, recomputed[i] if i < len(recomputed) else None)  # type: ignore
+            for i, t in enumerate(stored) if t is not None}  # type: ignore[arg-type]
+
+
+def _accumulated_fp64(trace: Trace, step: int, shared: dict, prec: Precision) -> tuple[dict, dict, float]:
+    """The verdict's propagated rule (``verdict._accumulated``) with float64 local tolerances."""
+    fwd_tol: dict[int, float] = {}
+    bwd_tol: dict[int, float] = {}
+    for rec in trace:
+        bounds = shared.get((step, rec.name))
+        if bounds is None:
+            raise RuntimeError(f"no error-model bounds for {rec.name} (step {step}): run judge() first")
+        truth = oracle_values(rec)
+        for key in bounds.fns:
+            value, bound = truth.get(key), bounds.bound(key, prec)
+            if value is None or bound is None or not value.is_floating_point() or value.numel() == 0:
+                continue
+            scale = float(value.abs().max()) or 1.0
+            tol = float(torch.broadcast_to(bound, value.shape).max()) / scale
+            forward = key.split(".")[0] in ("output", "buffer")
+            target, order = (fwd_tol, rec.forward_index) if forward else (bwd_tol, rec.backward_index or 0)
+            target[order] = max(target.get(order, 0.0), tol)
+    return running_sums(fwd_tol, bwd_tol)
+
+
+def _relerr(side: Tensor | None, truth: Tensor | None) -> float:
+    if side is None or truth is None or tuple(side.shape) != tuple(truth.shape):
+        return 0.0 if side is None and truth is None else math.inf
+    o, d = truth.double(), (side.double() - truth.double()).abs()
+    if bool(torch.isnan(d).any()):
+        return math.inf
+    scale = float(o.abs().max()) if o.numel() else 0.0
+    err = float(d.max()) if d.numel() else 0.0
+    return err / scale if scale > 0 else (0.0 if err == 0 else math.inf)
+
+
+# -- checking ------------------------------------------------------------------------------------------------
+def check_reference(
+    path: str | Path | Fixture, backend: str | None = None, *, device: str | torch.device | None = None,
+    model: nn.Module | None = None, spec: str | None = None, loaded: tuple | None = None,
+    shared: dict | None = None,
+) -> ReferenceResult:
+    """Judge ``backend`` (default: PyTorch's default on the device) against the fixture at ``path``.
+
+    ``model``: a user's model to check instead of the recorded spec (same structure required; the stored
+    weights are loaded into a copy). ``loaded``: ``(fixture, model, *reference_oracle(...))``, to judge
+    several backends on one load; ``shared``: the judge's cache, shared across those calls.
+    """
+    from densenet_debug.verdict.engine import judge
+
+    if loaded is None:
+        fixture, model = load_reference(path, model, spec=spec)
+        oracle, recomputed = reference_oracle(fixture, model)
+    else:
+        fixture, model, oracle, recomputed = loaded
+    name = backend or default_backend(device)
+    side = parse_backend(name, device)
+    step = fixture.meta.get("step", {})
+    steps, eval_mode = int(step.get("steps", len(oracle))), step.get("bn_mode") == "eval"
+    needs = side.needs
+    if int(needs.get("steps", 1)) > steps or (needs.get("eval") and not eval_mode):
+        raise UsageError(f"backend {side.name} needs {needs} but {fixture.path} was recorded with {steps} step(s), "
+                         f"BN {step.get('bn_mode')}; record a fixture with --steps/--eval for it")
+    shared = {} if shared is None else shared
+    result = judge(model, fixture.inputs, fixture.targets, side, oracle, steps=steps, eval_mode=eval_mode,
+                   _shared=shared)
+    repro = shared.get(("reproduction", id(oracle)))
+    if repro is None:
+        repro = shared[("reproduction", id(oracle))] = reproduction_rows(fixture, oracle, recomputed, shared)
+    rows, kinks = result.rows, result.kinks
+    for k in kinks:
+        k.side = "a"
+    failing_repro = [r for r in repro if r.status == "mismatch"]
+    verdict = "mismatch" if failing_repro or result.failures else "agree"
+    if failing_repro:
+        r = min(failing_repro, key=lambda r: (r.step, r.pass_ != "forward", r.order))
+        first = {"layer": r.layer, "pass": r.pass_, "quantity": r.quantity, "error": r.error_a,
+                 "tolerance": r.tolerance, "side": "reference", "step": r.step, "mode": "reproduction",
+                 "status": "mismatch"}
+    else:
+        first = first_divergence(rows)
+    env = environment()
+    env["flags"], env["device"] = result.flags, str(side.device)
+    out = ReferenceResult(fixture.path, fixture.name, side.name, verdict, first, rows, kinks, repro, env,
+                          {"steps": steps, "eval": eval_mode, "policy": fixture.meta["storage"]["policy"],
+                           "units": len(result.units), "recorded_with": fixture.meta.get("provenance", {})})
+    out.summary = _summarize(out)
+    return out
+
+
+def _summarize(r: ReferenceResult) -> str:
+    n_kinks = sum(k.count for k in r.kinks)
+    kink_text = f"; {n_kinks} kink element(s) explained" if n_kinks else ""
+    if r.verdict == "agree":
+        repro = f", float64 reproduction of {len(r.reproduction)} stored tensors ok" if r.reproduction else ""
+        return (f"agree: {r.backend} matches reference {r.name} at every unit "
+                f"({len(r.rows)} rows{repro}){kink_text}")
+    f = r.first_divergence or {}
+    what = ("this PyTorch's float64 recomputation drifted from the stored truth" if f.get("mode") == "reproduction"
+            else f"{r.backend} diverges from reference {r.name}")
+    return (f"mismatch: {what} first at {f.get('layer')} ({f.get('pass')} {f.get('quantity')}, {f.get('mode')}, "
+            f"step {f.get('step')}): error {_fmt(f.get('error'))} > tolerance {_fmt(f.get('tolerance'))}{kink_text}")
+
+
+def _fmt(v: object) -> str:
+    return f"{v:.3g}" if isinstance(v, float) else str(v)
+
+
+def _finite(v: float | None) -> float:
+    if v is None or math.isnan(v):
+        return 0.0
+    return 1e300 if math.isinf(v) else v

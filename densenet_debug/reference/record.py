@@ -1,0 +1,263 @@
+"""Record a reference fixture: the float64 CPU truth of a model's training step, with how it was made.
+
+:func:`record_reference` runs the oracle (``verdict.oracle_traces``: the same model, weights, inputs,
+labels and BN state in float64 on the CPU, one thread so the bytes are reproducible), cross-checks it
+against the independent NumPy oracle when the model is one of ours, and writes the fixture with
+:func:`densenet_debug.reference.format.write_fixture`.
+
+Storage policy. ``full`` keeps every quantity of every unit (deduplicated). A DenseNet-BC-100 step has
+~475 MB of distinct float64 unit tensors, so large models use ``checkpoints``: every parameter gradient,
+every BN buffer, the logits and the loss, plus the output and grad_output of every unit whose output feeds
+a multi-input unit (in a DenseNet: the stem, each dense layer's new features, each transition) - the
+tensors that everything else in the step is a function of. At check time the rest is recomputed in float64
+and verified against the stored checkpoints (:mod:`densenet_debug.reference.check`). ``auto`` picks ``full``
+when it fits in ``max_mb``.
+"""
+
+from __future__ import annotations
+
+import copy
+import datetime as dt
+import hashlib
+import os
+import platform
+import subprocess
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from densenet_debug import __version__
+from densenet_debug.errors import UsageError
+from densenet_debug.reference.format import ALL_QUANTITIES, DICT_QUANTITIES, write_fixture
+from densenet_debug.trace import Trace
+
+POLICIES = ("auto", "full", "checkpoints")
+DEFAULT_MAX_MB = 8.0
+LOSS = "torch.nn.functional.cross_entropy (mean over the batch)"
+
+
+class OracleDisagreement(Exception):
+    """PyTorch float64 and the independent NumPy oracle disagree: the truth itself is in doubt."""
+
+
+def model_identity(model: nn.Module) -> dict:
+    """Class, configuration and a structure hash (names, shapes, dtypes of the state) of ``model``."""
+    h = hashlib.sha256()
+    for k, v in model.state_dict().items():
+        h.update(f"{k}:{tuple(v.shape)}:{v.dtype};".encode())
+    config = getattr(model, "config", None)
+    return {
+        "class": f"{type(model).__module__}.{type(model).__qualname__}",
+        "config": dict(config) if isinstance(config, dict) else None,
+        "structure_sha256": h.hexdigest(),
+        "num_parameters": sum(p.numel() for p in model.parameters()),
+    }
+
+
+def builder_of(model: nn.Module) -> str | None:
+    """The builder name that makes exactly ``model``'s configuration, for our DenseNets (else None)."""
+    from densenet_debug.models import BUILDERS, DenseNet
+
+    config = getattr(model, "config", None)
+    if not isinstance(model, DenseNet) or not isinstance(config, dict):
+        return None
+    for name, builder in BUILDERS.items():
+        keys = getattr(builder, "keywords", {})
+        if any(config.get(k) != v for k, v in keys.items()):
+            continue  # cheap filter before building the one candidate
+        candidate = builder(num_classes=config["num_classes"])
+        if candidate.config == config:
+            return name
+    return None
+
+
+def generate_batch(batch: int, seed: int, input_shape: tuple[int, ...],
+                   num_classes: int) -> tuple[Tensor, Tensor, dict]:
+    """Inputs and labels from one seeded generator, and the sentence saying how (stored in meta.json)."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, *input_shape, generator=g)
+    y = torch.randint(0, num_classes, (batch,), generator=g)
+    how = {
+        "seed": seed,
+        "inputs": f"torch.randn({batch}, {', '.join(map(str, input_shape))}, generator=g) with "
+                  f"g = torch.Generator().manual_seed({seed})",
+        "targets": f"torch.randint(0, {num_classes}, ({batch},), generator=g), drawn after the inputs",
+    }
+    return x, y, how
+
+
+def checkpoint_plan(trace: Trace) -> dict[str, list[str]]:
+    """Unit -> quantities stored under the ``checkpoints`` policy (see the module docstring)."""
+    def ident(t: Tensor) -> tuple:
+        return (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()))
+
+    producer = {}
+    for rec in trace:
+        for t in rec.outputs:
+            producer.setdefault(ident(t), rec.name)
+    keep = {rec.name: list(DICT_QUANTITIES) for rec in trace}
+    feeders = set()
+    for rec in trace:
+        if sum(t is not None for t in rec.inputs) >= 2:
+            feeders |= {producer[ident(t)] for t in rec.inputs if t is not None and ident(t) in producer}
+    if trace.units:
+        feeders.add(trace.forward_order[-1])
+    for name in feeders:
+        keep[name] += ["outputs", "grad_outputs"]
+    return keep
+
+
+def distinct_bytes(trace: Trace) -> int:
+    """An upper bound of the bytes a ``full`` fixture of ``trace`` holds (distinct storages)."""
+    seen: dict[int, int] = {}
+    for rec in trace:
+        tensors = [t for q in ("inputs", "outputs", "grad_outputs", "grad_inputs") for t in getattr(rec, q)]
+        tensors += [t for q in DICT_QUANTITIES for t in getattr(rec, q).values()]
+        for t in tensors:
+            if t is not None:
+                seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+    return sum(seen.values())
+
+
+@contextmanager
+def one_thread() -> Iterator[None]:
+    """Float64 results depend on the thread count (blocked reductions); the truth is made with one."""
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(saved)
+
+
+def oracle_traces(model: nn.Module, inputs: Tensor, targets: Tensor, steps: int = 1, eval_mode: bool = False,
+                  units: list[str] | None = None, keep_graph: bool = True) -> list[Trace]:
+    """The verdict engine's float64 CPU oracle (``model`` untouched), computed with one thread.
+
+    ``units``: the unit names, when known (a fixture's), which spares the discovery pass; ``keep_graph``
+    keeps each step's autograd graph for the judge's kink explanations (not needed to record).
+    """
+    from densenet_debug.verdict.engine import oracle_traces as oracle
+
+    with one_thread():
+        return oracle(model, inputs, targets, steps=steps, eval_mode=eval_mode, units=units, keep_graph=keep_graph)
+
+
+def cross_check(model: nn.Module, inputs: Tensor, targets: Tensor, steps: int, eval_mode: bool) -> dict:
+    """PyTorch float64 vs the independent NumPy oracle (our DenseNets), unit by unit; raise if they disagree."""
+    try:
+        from densenet_debug.numpy_oracle import compare_with_torch
+    except ImportError:
+        return {"status": "unavailable", "why": "densenet_debug.numpy_oracle is not installed in this toolkit version"}
+    from densenet_debug.models.densenet import DenseNet
+
+    if not isinstance(model, DenseNet):
+        return {"status": "not applicable", "why": f"the NumPy oracle runs our DenseNets, not {type(model).__name__}"}
+    try:
+        with one_thread():
+            report = compare_with_torch(copy.deepcopy(model), inputs, targets, train=not eval_mode)
+    except UsageError as exc:
+        return {"status": "not applicable", "why": str(exc)}
+    ratios = [r.ratio for r in report.rows if r.ratio == r.ratio]
+    summary = {
+        "status": report.verdict,
+        "oracle": "densenet_debug.numpy_oracle: NumPy float64 forward and backward, no torch in its math; every unit "
+                  "fed the inputs and grad_outputs PyTorch float64 saw, judged against its derived rounding bound",
+        "rows": len(report.rows),
+        "worst_error_over_tolerance": max(ratios, default=0.0),
+        "first_divergence": report.first_divergence,
+        "step": "the first" if steps > 1 else "the only",
+    }
+    if report.verdict != "agree":
+        raise OracleDisagreement(f"PyTorch float64 disagrees with the NumPy oracle at {report.first_divergence}")
+    return summary
+
+
+def provenance(device: str = "cpu") -> dict:
+    """Versions, device, flags in force, toolkit commit, date (``SOURCE_DATE_EPOCH`` when set)."""
+    from densenet_debug.backends import environment
+
+    epoch = os.environ.get("SOURCE_DATE_EPOCH")
+    when = dt.datetime.fromtimestamp(int(epoch), dt.timezone.utc) if epoch else dt.datetime.now(dt.timezone.utc)
+    env = environment()
+    env["threads"] = 1
+    return {
+        "torch": torch.__version__, "numpy": np.__version__, "python": platform.python_version(),
+        "toolkit": __version__, "git_commit": _git_commit(), "device": device,
+        "environment": env,
+        "flags": {"mkldnn.enabled": torch.backends.mkldnn.enabled, "deterministic_algorithms":
+                  torch.are_deterministic_algorithms_enabled(), "default_dtype": str(torch.get_default_dtype())},
+        "date": when.replace(microsecond=0).isoformat(),
+    }
+
+
+def _git_commit() -> str:
+    root = Path(__file__).resolve().parents[1]
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return out.stdout.strip() if out.returncode == 0 and out.stdout.strip() else "unknown"
+
+
+def record_reference(
+    model: nn.Module, inputs: Tensor, targets: Tensor, path: str | Path, *, name: str | None = None,
+    spec: str | None = None, data: dict | None = None, steps: int = 1, eval_mode: bool = False,
+    policy: str = "auto", max_mb: float = DEFAULT_MAX_MB, check_oracle: bool = True,
+) -> Path:
+    """Record the float64 truth of ``steps`` training steps of ``model`` on ``(inputs, targets)`` at ``path``.
+
+    ``spec``: how to rebuild the model (a builder name or ``file.py:factory``; inferred for our builders),
+    stored for ``check-reference``; ``data``: how the inputs were generated. The weights are stored too, so the
+    fixture rebuilds the exact model. Raises :class:`OracleDisagreement` if the NumPy cross-check fails.
+    """
+    if policy not in POLICIES:
+        raise UsageError(f"unknown storage policy {policy!r}; choose from {', '.join(POLICIES)}")
+    if steps < 1:
+        raise UsageError(f"steps must be >= 1, got {steps}")
+    model = copy.deepcopy(model).cpu()
+    inputs, targets = inputs.detach().cpu(), targets.detach().cpu()
+    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    traces = oracle_traces(model, inputs, targets, steps=steps, eval_mode=eval_mode, keep_graph=False)
+    checked = cross_check(model, inputs, targets, steps, eval_mode) if check_oracle else {"status": "skipped"}
+    full_bytes = max(distinct_bytes(t) for t in traces)
+    chosen = policy if policy != "auto" else ("full" if full_bytes <= max_mb * 1e6 else "checkpoints")
+    keep = None
+    if chosen == "checkpoints":
+        plans = [checkpoint_plan(t) for t in traces]
+        keep = {u: sorted({q for p in plans for q in p.get(u, ())}) for p in plans for u in p}
+    storage = {
+        "policy": chosen,
+        "quantities": list(ALL_QUANTITIES),
+        "checkpoint_units": None if keep is None else sorted(u for u, q in keep.items() if "outputs" in q),
+        "recomputed": None if keep is None else (
+            "quantities not stored are recomputed in float64 on the CPU (one thread) from the stored inputs and "
+            "weights at check time, and that recomputation is verified against every stored tensor first"),
+        "dedup": "each distinct tensor once; concatenations and their input gradients as verified recipes",
+        "full_bytes_upper_bound": full_bytes,
+    }
+    inferred = None if spec else builder_of(model)
+    meta = {
+        "name": name or Path(path).name,
+        "model": {"spec": spec or inferred, "spec_from": "given" if spec else ("config" if inferred else None),
+                  **model_identity(model),
+                  "num_classes": int(traces[0].output.shape[-1]) if traces[0].output is not None else None},
+        "data": {"batch": int(inputs.shape[0]), "input_shape": list(inputs.shape[1:]),
+                 "input_dtype": str(inputs.dtype).removeprefix("torch."),
+                 "generation": data or {"how": "supplied by the caller; stored in inputs.npz"}},
+        "step": {"steps": steps, "bn_mode": "eval" if eval_mode else "train", "loss": LOSS,
+                 "between_steps": "verdict.oracle_traces's update (see densenet_debug.verdict.engine)"},
+        "dtype": "float64",
+        "units": len(traces[0]),
+        "truth": {"computed_by": "PyTorch float64 on the CPU, one thread "
+                                 "(densenet_debug.verdict.engine.oracle_traces): "
+                                 "the same model, weights, inputs, labels and BN state as every side",
+                  "cross_check": checked},
+        "storage": storage,
+        "provenance": provenance(),
+    }
+    return write_fixture(path, meta, inputs, targets, state, traces, keep)

@@ -1,0 +1,384 @@
+"""The verdict engine: is a backend's gradient wrong, where, and is it a bug or precision noise?
+
+* The **oracle** is the same model, weights, inputs, labels and BN state in float64 on the CPU
+  (:func:`oracle_traces`, one :class:`~densenet_debug.trace.Trace` per step).
+* **Local (teacher-forced)** rows: every unit of the side's prepared model is re-run on the oracle's inputs
+  and grad_outputs, in the dtype and memory layout the side saw (:mod:`densenet_debug.verdict.replay`), and each
+  output, input grad, parameter grad and BN buffer is checked elementwise against a bound *derived* from the
+  unit roundoffs and an error model of the op (:mod:`densenet_debug.verdict.tolerance`). A side is wrong at a unit
+  only when a local row fails.
+* **Propagated** rows (:mod:`densenet_debug.verdict.propagated`): the side's end-to-end trace against the oracle.
+  Errors accumulate, so a row is first screened against the first-order sum of the local tolerances
+  upstream. Kinks (:mod:`densenet_debug.verdict.kinks`) cannot move forward values by more than their margin, but
+  they do move gradients: a backward divergence is explained (status ``kink``) when the side agrees with the
+  *counterfactual* oracle that takes the side's branch at exactly its kink elements
+  (:mod:`densenet_debug.verdict.counterfactual`). What is left is explained as amplified upstream error when the
+  unit reproduces its own exact math at its own propagated inputs (an fp64 replay there); otherwise it is a
+  ``mismatch``: a state, sequence or fusion fault that no teacher-forced replay shows, or a missing gradient.
+* Several steps: between steps every copy takes the same in-place SGD step made from the *oracle's*
+  gradients (so weights change as in training, caches keyed on weights are exercised, and all sides keep
+  the same weights); BN running buffers carry over and are compared every step.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from densenet_debug.backends import Backend, default_pair, environment, parse_backend
+from densenet_debug.errors import UsageError
+from densenet_debug.trace import Trace, discover_units, trace_step
+from densenet_debug.verdict import counterfactual
+from densenet_debug.verdict import kinks as kinkmod
+from densenet_debug.verdict.counterfactual import traced_step_with_gates
+from densenet_debug.verdict.local import blame_children, compose_tolerances, element_count, local_rows
+from densenet_debug.verdict.propagated import (
+    carried_state,
+    explain_by_local,
+    kink_sites,
+    propagated_rows,
+    self_consistent,
+)
+from densenet_debug.verdict.report import DiffReport, Kink, Row, SideResult, first_divergence, merge_sides
+from densenet_debug.verdict.tolerance import confidence, unit_bounds
+
+LEARNING_RATE = 0.1  # the shared SGD step between steps; any value that changes the weights will do
+LossFn = Callable[[Tensor, Tensor], Tensor]
+FAIL_ON = ("mismatch", "kink")
+
+__all__ = ["DiffReport", "Kink", "Row", "SideResult", "diff", "judge", "judge_many", "local_check", "oracle_traces",
+           "release"]
+
+
+# -- preparing copies -------------------------------------------------------------------------------------
+def _set_mode(model: nn.Module, eval_mode: bool) -> nn.Module:
+    model.train(not eval_mode)
+    for m in model.modules():  # dropout draws differ between dtypes; its randomness is no backend property
+        if isinstance(m, nn.modules.dropout._DropoutNd):
+            m.eval()
+    return model
+
+
+def _fp64(model: nn.Module, eval_mode: bool) -> nn.Module:
+    ref = copy.deepcopy(model).to("cpu", torch.float64)
+    return _set_mode(ref, eval_mode)
+
+
+def _unit_names(model: nn.Module, x: Tensor, units: object) -> list[str] | object:
+    """The units to judge: every unit :func:`discover_units` finds (the model's state is kept), or the names
+    given plus every computing unit inside them (a composite's tolerance is built from its descendants')."""
+    if callable(units):
+        return units
+    probe = copy.deepcopy(model)  # the probing forward must not touch the user's model (or its modules' state)
+    param = next(probe.parameters(), None)
+    like = x.detach().to(param.device, param.dtype) if param is not None and param.is_floating_point() else x
+    found = discover_units(probe, like)
+    if units is None:
+        return found
+    chosen = list(dict.fromkeys(units))
+    inside = [n for n in found if n not in chosen and any(n.startswith(c + ".") for c in chosen if c)]
+    return chosen + inside
+
+
+def _sgd_step(model: nn.Module, trace: Trace) -> None:
+    """In place, every traced parameter moves by -lr * (the oracle's gradient)."""
+    modules = dict(model.named_modules())
+    with torch.no_grad():
+        for rec in trace:
+            module = modules.get(rec.name)
+            if module is None:
+                continue
+            for pname, g in rec.param_grads.items():
+                p = getattr(module, pname)
+                p.sub_(LEARNING_RATE * g.to(p.device, p.dtype))
+
+
+def _params64(module: nn.Module) -> dict[str, Tensor]:
+    return {n: p.detach().to("cpu", torch.float64) for n, p in module.named_parameters(recurse=False)}
+
+
+def _input(x: Tensor, device: torch.device, dtype: torch.dtype, backend: Backend | None = None) -> Tensor:
+    """A copy of the inputs for one side; inputs that require grad keep requiring it (their grad is checked)."""
+    out = backend.prepare_input(x.detach()) if backend is not None else x.detach().to(device, dtype)
+    return out.requires_grad_(x.requires_grad)
+
+
+def _target(y: Tensor, device: torch.device, dtype: torch.dtype) -> Tensor:
+    """Labels keep their dtype; a floating target (a custom loss's) takes the side's dtype."""
+    return y.detach().to(device, dtype) if y.is_floating_point() else y.detach().to(device)
+
+
+def _check_inputs(x: Tensor, y: Tensor) -> None:
+    if not isinstance(x, Tensor) or not x.is_floating_point():
+        raise UsageError("inputs must be a floating-point tensor")
+    if not isinstance(y, Tensor) or y.shape[:1] != x.shape[:1]:
+        raise UsageError(f"labels must be a tensor with one entry per sample ({x.shape[0]})")
+
+
+# -- the oracle --------------------------------------------------------------------------------------------
+def oracle_traces(model: nn.Module, x: Tensor, y: Tensor, *, steps: int = 1, eval_mode: bool = False,
+                  units: object = None, loss_fn: LossFn = F.cross_entropy, keep_graph: bool = True) -> list[Trace]:
+    """The fp64 CPU truth: ``steps`` traced steps of a float64 copy of ``model`` (``model`` is untouched).
+
+    ``keep_graph`` keeps each step's autograd graph (``trace.retained``) so that kinks can be explained by one
+    more fp64 backward instead of a whole step; :func:`release` frees it.
+    """
+    _check_inputs(x, y)
+    if steps < 1:
+        raise UsageError(f"steps must be >= 1, got {steps}")
+    ref = _fp64(model, eval_mode)
+    names = _unit_names(model, x, units)
+    x64, y64 = _input(x, torch.device("cpu"), torch.float64), _target(y, torch.device("cpu"), torch.float64)
+    traces = []
+    for step in range(steps):
+        trace = traced_step_with_gates(ref, x64, y64, names, loss_fn) if keep_graph else trace_step(
+            ref, x64, y64, units=names, loss_fn=loss_fn)
+        traces.append(trace)
+        if step + 1 < steps:
+            if keep_graph:  # the kept graph saved these weights: the next step updates a copy, not them
+                ref = _detached_copy(ref)
+            _sgd_step(ref, trace)
+    return traces
+
+
+def _detached_copy(model: nn.Module) -> nn.Module:
+    with torch.no_grad():
+        return copy.deepcopy(model)
+
+
+def release(oracle: list[Trace]) -> None:
+    """Free the autograd graphs :func:`oracle_traces` kept for counterfactuals (the traces stay valid)."""
+    for trace in oracle:
+        if getattr(trace, "retained", None) is not None:
+            trace.retained = None
+
+
+# -- one side ---------------------------------------------------------------------------------------------
+def judge(model: nn.Module, x: Tensor, y: Tensor, backend: str | Backend, oracle: list[Trace], *,
+          units: object = None, steps: int = 1, eval_mode: bool = False, loss_fn: LossFn = F.cross_entropy,
+          propagated: bool = True, _shared: dict | None = None) -> SideResult:
+    """Judge one backend against the oracle: propagated rows plus local teacher-forced rows, every step.
+
+    ``oracle`` holds one :class:`Trace` per step (from :func:`oracle_traces` or rebuilt from stored arrays);
+    only what a Trace holds is used, plus ``model`` for the weights at the start. ``_shared``, when given,
+    keeps every unit's error model under ``(step, name)`` (and ``"lam"``) for the caller.
+    """
+    return judge_many(model, x, y, [backend], oracle, units=units, steps=steps, eval_mode=eval_mode,
+                      loss_fn=loss_fn, propagated=propagated, _shared=_shared)[0]
+
+
+def judge_many(model: nn.Module, x: Tensor, y: Tensor, backends: list[str | Backend], oracle: list[Trace], *,
+               units: object = None, steps: int = 1, eval_mode: bool = False, loss_fn: LossFn = F.cross_entropy,
+               propagated: bool = True, _shared: dict | None = None) -> list[SideResult]:
+    """:func:`judge` for several backends in lockstep: each unit's error model is built once, used by every
+    side, and dropped (unless ``_shared`` keeps it), so memory does not grow with the number of units."""
+    _check_inputs(x, y)
+    steps = max(steps, len(oracle)) if oracle else steps
+    if len(oracle) < steps:
+        raise UsageError(f"the oracle has {len(oracle)} step(s), {steps} asked")
+    shared = _shared if _shared is not None else {}
+    names = list(units) if units is not None and not callable(units) else oracle[0].forward_order
+    sides = [_Side(parse_backend(b), model, x, y, names, eval_mode) for b in backends]
+    ref = _Reference(model, eval_mode, oracle)
+    lam = shared.setdefault("lam", confidence(element_count(oracle[:steps])))
+    scales = shared.setdefault("scales", {})  # max |oracle| per oracle tensor, for every side
+    for step in range(steps):
+        o_trace = oracle[step]
+        for side in sides:
+            side.run_step(names, loss_fn)
+        for name in names:
+            if name not in o_trace:
+                continue
+            bounds = shared.get((step, name))
+            if bounds is None:
+                unit = ref.at(step)[name]
+                bounds = unit_bounds(unit, o_trace[name], _params64(unit))
+                if _shared is not None:
+                    shared[(step, name)] = bounds
+            for side in sides:
+                side.local_unit(name, step, o_trace[name], bounds, lam, scales)
+        for side in sides:
+            side.finish_step(step, names, o_trace, ref, x, y, loss_fn, lam, scales, propagated)
+    return [side.result for side in sides]
+
+
+class _Side:
+    """One backend's prepared model, inputs and findings while :func:`judge_many` walks the steps."""
+
+    def __init__(self, backend: Backend, model: nn.Module, x: Tensor, y: Tensor, names: list[str],
+                 eval_mode: bool) -> None:
+        self.backend = backend
+        self.model = _set_mode(backend.prepare_model(model), eval_mode)
+        self.modules = dict(self.model.named_modules())
+        missing = [n for n in names if n not in self.modules]
+        if missing:
+            raise UsageError(f"unit(s) not in the model: {', '.join(missing[:5])}")
+        self.x = _input(x, backend.device, backend.param_dtype, backend)
+        self.y = _target(y, backend.device, backend.param_dtype)
+        self.result = SideResult(backend.name, [], [], {}, names)
+        self.trace: Trace | None = None
+        self.previous: dict[str, dict[str, Tensor]] | None = None  # buffers each unit left, last step
+        self.local: list[Row] = []
+        self.step_kinks: list[Kink] = []
+
+    def run_step(self, names: list[str], loss_fn: LossFn) -> None:
+        with self.backend.active():
+            self.trace = trace_step(self.model, self.x, self.y, units=names, loss_fn=loss_fn)
+        self.result.flags = self.backend.flags_in_force()
+        self.local, self.step_kinks = [], []
+
+    def local_unit(self, name: str, step: int, o_rec: object, bounds: object, lam: float, scales: dict) -> None:
+        self.local += local_rows(name, step, self.modules[name], o_rec, self.trace.units.get(name), bounds,
+                                 self.backend, lam, self.step_kinks, scales)
+
+    def finish_step(self, step: int, names: list[str], o_trace: Trace, ref: _Reference, x: Tensor, y: Tensor,
+                    loss_fn: LossFn, lam: float, scales: dict, propagated: bool) -> None:
+        s_trace, local = self.trace, self.local
+        compose_tolerances(local, names)
+        blame_children(local, names)
+        sites = kink_sites(names, step, o_trace, s_trace, self.modules)
+        self.step_kinks += [Kink(s.layer, s.count, s.min_margin, s.relative_margin, "", step) for s in sites]
+        prop_rows = propagated_rows(names, step, o_trace, s_trace, local, scales) if propagated else []
+        if sites and any(r.status == "mismatch" and r.pass_ == "backward" for r in prop_rows):
+            cf = _counterfactual(ref, step, x, y, o_trace, sites, names, loss_fn)
+            self.result.counterfactual_steps.append(step)
+            counterfactual.explain(prop_rows, s_trace, o_trace, cf, sites)
+        if any(r.status == "mismatch" for r in prop_rows):
+            self_consistent(prop_rows, s_trace, ref.at(step), self.backend, lam)
+        explain_by_local(prop_rows, local)
+        if propagated and self.previous is not None:
+            prop_rows += carried_state(names, step, self.previous, s_trace)
+        self.previous = {rec.name: rec.buffers_after for rec in s_trace if rec.buffers_after}
+        self.trace = None
+        self.result.rows += local + prop_rows
+        self.result.kinks += self.step_kinks
+        _sgd_step(self.model, o_trace)
+
+
+class _Reference:
+    """The fp64 CPU copy of the model at a step (weights moved by the oracle's SGD steps), built on demand:
+    with the error-model magnitudes already shared by another side, a judge needs none."""
+
+    def __init__(self, model: nn.Module, eval_mode: bool, oracle: list[Trace]) -> None:
+        self.model, self.eval_mode, self.oracle = model, eval_mode, oracle
+        self.ref: nn.Module | None = None
+        self.modules: dict[str, nn.Module] = {}
+        self.step = 0
+
+    def module(self, step: int) -> nn.Module:
+        if self.ref is None or self.step > step:
+            self.ref, self.step = _fp64(self.model, self.eval_mode), 0
+            self.modules = dict(self.ref.named_modules())
+        while self.step < step:
+            _sgd_step(self.ref, self.oracle[self.step])
+            self.step += 1
+        return self.ref
+
+    def at(self, step: int) -> dict[str, nn.Module]:
+        self.module(step)
+        return self.modules
+
+
+def _counterfactual(ref: _Reference, step: int, x: Tensor, y: Tensor, o_trace: Trace,
+                    sites: list[kinkmod.KinkSite], names: list[str], loss_fn: LossFn) -> dict:
+    """grad_outputs and parameter grads of the oracle taking the side's branch at the side's kink elements."""
+    retained = getattr(o_trace, "retained", None)
+    if retained is not None:
+        try:
+            return retained.gradients(sites)
+        except RuntimeError:  # a graph that cannot be walked twice (e.g. freed by a checkpoint): re-run
+            o_trace.retained = None
+    cpu = torch.device("cpu")
+    return counterfactual.rerun_gradients(ref.module(step), _input(x, cpu, torch.float64),
+                                          _target(y, cpu, torch.float64), o_trace, sites, names, loss_fn)
+
+
+# -- two sides --------------------------------------------------------------------------------------------
+def diff(model: nn.Module, x: Tensor, y: Tensor, a: str | Backend | None = None, b: str | Backend | None = None, *,
+         steps: int = 1, eval_mode: bool = False, units: object = None, fail_on: str = "mismatch",
+         device: str | torch.device | None = None, loss_fn: LossFn = F.cross_entropy) -> DiffReport:
+    """Backend ``a`` against backend ``b``, both judged against the fp64 oracle, layer by layer."""
+    if fail_on not in FAIL_ON:
+        raise UsageError(f"fail_on must be one of {', '.join(FAIL_ON)}, got {fail_on!r}")
+    if a is None or b is None:
+        da, db = default_pair(torch.device(device) if device is not None else None)
+        a, b = a or da, b or db
+    ba, bb = parse_backend(a, device), parse_backend(b, device)
+    for backend in (ba, bb):
+        needs = backend.needs
+        steps = max(steps, int(needs.get("steps", 1)))
+        eval_mode = eval_mode or bool(needs.get("eval", False))
+    names = _unit_names(model, x, units)
+    oracle = oracle_traces(model, x, y, steps=steps, eval_mode=eval_mode, units=names, loss_fn=loss_fn)
+    try:
+        side_a, side_b = judge_many(model, x, y, [ba, bb], oracle, units=names, steps=steps, eval_mode=eval_mode,
+                                    loss_fn=loss_fn)
+    finally:
+        release(oracle)
+    return _report(side_a, side_b, oracle, ba, bb, fail_on, steps, eval_mode, x)
+
+
+def _report(side_a: SideResult, side_b: SideResult, oracle: list[Trace], ba: Backend, bb: Backend, fail_on: str,
+            steps: int, eval_mode: bool, x: Tensor) -> DiffReport:
+    rows = merge_sides(side_a, side_b)
+    for k in side_a.kinks:
+        k.side = "a"
+    for k in side_b.kinks:
+        k.side = "b"
+    kinks = side_a.kinks + side_b.kinks
+    kinks_fail = fail_on == "kink"
+    failing = any(r.status == "mismatch" for r in rows) or (kinks_fail and (kinks or any(r.status == "kink"
+                                                                                         for r in rows)))
+    verdict = "mismatch" if failing else "agree"
+    first = first_divergence(rows, kinks_fail)
+    if first is None and kinks_fail and kinks:
+        k = kinks[0]
+        first = {"layer": k.layer, "pass": "forward", "quantity": "kink", "error": k.min_margin, "tolerance": 0.0,
+                 "side": k.side, "step": k.step, "mode": k.mode, "status": "kink"}
+    env = environment()
+    env["flags_a"], env["flags_b"] = side_a.flags, side_b.flags
+    env["device"] = str(ba.device)
+    report = DiffReport(verdict, first, rows, kinks, env, ba.name, bb.name,
+                        {"steps": steps, "eval": eval_mode, "batch": int(x.shape[0]), "fail_on": fail_on,
+                         "units": len(side_a.units), "false_alarm_probability": 1e-6,
+                         "counterfactual_steps_a": side_a.counterfactual_steps,
+                         "counterfactual_steps_b": side_b.counterfactual_steps})
+    report.summary = summarize(report)
+    return report
+
+
+def summarize(report: DiffReport) -> str:
+    """The one-line verdict."""
+    kink_rows = sum(1 for r in report.rows if r.status == "kink")
+    sites = {s: [k for k in report.kinks if k.side == s and k.mode == "propagated"] for s in ("a", "b")}
+    flips = {s: sum(k.count for k in ks) for s, ks in sites.items()}
+    kink_text = (f"; kinks (the other branch of a ReLU within rounding of its boundary): {report.a} at {flips['a']} "
+                 f"element(s) in {len(sites['a'])} unit(s), {report.b} at {flips['b']} in {len(sites['b'])}; they "
+                 f"explain {kink_rows} propagated row(s)") if any(flips.values()) else ""
+    if report.verdict == "agree":
+        return f"agree: {report.a} and {report.b} match the fp64 oracle within derived tolerances{kink_text}"
+    f = report.first_divergence or {}
+    who = {"a": report.a, "b": report.b, "both": f"{report.a} and {report.b}"}.get(f.get("side"), "?")
+    return (f"mismatch: {who} wrong at {f.get('layer')} ({f.get('pass')} {f.get('quantity')}, {f.get('mode')}, "
+            f"step {f.get('step')}): error {_fmt(f.get('error'))} > tolerance {_fmt(f.get('tolerance'))}{kink_text}")
+
+
+def _fmt(v: object) -> str:
+    return f"{v:.3g}" if isinstance(v, float) else str(v)
+
+
+def local_check(model: nn.Module, x: Tensor, y: Tensor, backend: str | Backend, *, units: object = None,
+                loss_fn: LossFn = F.cross_entropy) -> list[Row]:
+    """Teacher-forced rows only, one backend against fp64 (one step); for audits during training.
+
+    ``model`` is not modified (copies are judged). A row with ``status == "mismatch"`` is a wrong unit.
+    """
+    backend = parse_backend(backend)
+    names = _unit_names(model, x, units)
+    oracle = oracle_traces(model, x, y, units=names, loss_fn=loss_fn, keep_graph=False)
+    result = judge(model, x, y, backend, oracle, units=names, loss_fn=loss_fn, propagated=False)
+    return result.rows

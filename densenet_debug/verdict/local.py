@@ -1,0 +1,188 @@
+"""Local (teacher-forced) rows: each unit of a side re-run on the oracle's inputs and grad_outputs.
+
+A side is wrong at a unit only when one of these rows fails. The bound of every quantity is derived by
+:mod:`densenet_debug.verdict.tolerance` for the precision that side computes it in (:func:`precision`); exact ops
+(cat, ReLU, flatten) must equal themselves evaluated in fp64 on the side's own rounded operands. A composite
+unit (a module with its own math around children) is replayed whole; its tolerance adds its descendants'.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+
+import torch
+from torch import Tensor, nn
+
+from densenet_debug.backends import Backend, unit_roundoff
+from densenet_debug.trace import Trace
+from densenet_debug.verdict import kinks as kinkmod
+from densenet_debug.verdict.compare import compare
+from densenet_debug.verdict.replay import exact_expectation, oracle_values, replay_unit
+from densenet_debug.verdict.report import Kink, Row
+from densenet_debug.verdict.tolerance import Precision, UnitBounds, underflow
+
+QUANTITY_PASS = {"output": "forward", "buffer": "forward"}
+
+
+def base(key: str) -> tuple[str, str, int | None]:
+    """``grad_input.3`` -> (``grad_input``, ``backward``, 3); ``buffer.running_mean`` -> (``running_mean``...)."""
+    head, _, tail = key.partition(".")
+    if head == "buffer":
+        return tail, "forward", None
+    index = int(tail) if tail.isdigit() else None
+    return head, QUANTITY_PASS.get(head, "backward"), index
+
+
+def precision(backend: Backend, unit: str, bounds: UnitBounds, side_tensor: Tensor | None,
+               operands: Iterable[Tensor | None], lam: float) -> Precision:
+    """The roundoffs of one quantity: operand dtypes, TF32/autocast operand rounding, result dtype."""
+    dtypes = [t.dtype for t in operands if isinstance(t, Tensor) and t.is_floating_point()]
+    u_op = max((unit_roundoff(d) for d in dtypes), default=backend.unit_roundoff)
+    out_dtype = side_tensor.dtype if isinstance(side_tensor, Tensor) else backend.dtype
+    u_out = unit_roundoff(out_dtype)
+    if bounds.matmul:
+        u_op = max(u_op, backend.matmul_operand_roundoff(unit))
+        if backend.autocast is not None:  # computed in the autocast dtype, then cast back (a grad to fp32 params)
+            u_out = max(u_out, unit_roundoff(backend.autocast))
+    if backend.autocast is not None and dtypes:
+        # An op on low-precision operands may round its result to their dtype before it is cast up (the
+        # gradient of an fp32 parameter of a BN that ran on bf16 activations): one rounding of that dtype.
+        u_out = max(u_out, max(unit_roundoff(d) for d in dtypes))
+    u_acc = backend.accumulate_roundoff if out_dtype != torch.float64 else unit_roundoff(torch.float64)
+    u_cmp = max([u_acc] + [unit_roundoff(d) for d in dtypes])
+    low = min(dtypes + [out_dtype], key=lambda d: torch.finfo(d).smallest_normal if d.is_floating_point else 0.0)
+    eta = 2 * underflow(low)
+    return Precision(u_op=u_op, u_acc=u_acc, u_out=u_out, lam=lam, eta=eta, u_cmp=u_cmp)
+
+
+def element_count(oracle: list[Trace]) -> int:
+    total = 0
+    for trace in oracle:
+        for rec in trace:
+            total += sum(t.numel() for t in rec.outputs if t is not None)
+            total += sum(t.numel() for t in rec.grad_inputs if t is not None)
+            total += sum(t.numel() for t in rec.param_grads.values())
+            total += sum(t.numel() for t in rec.buffers_after.values())
+    return 4 * total  # two sides, local and propagated
+
+
+def describe(p: Precision) -> str:
+    def pw(u: float) -> str:
+        return f"2^{round(math.log2(u))}" if u > 0 else "0"
+
+    return (f"u_op={pw(p.u_op)} u_acc={pw(p.u_acc)} u_out={pw(p.u_out)} lam={p.lam:.1f} "
+            "(Hoeffding, union bound: P(any false alarm) <= 1e-6)")
+
+
+class _Aggregate:
+    """Max over the tensors of one quantity (a cat's many grad_inputs make one row)."""
+
+    def __init__(self) -> None:
+        self.best = None
+        self.index = None
+
+    def add(self, comp: object, index: int | None) -> None:
+        if self.best is None or comp.ratio > self.best.ratio or (comp.ratio == self.best.ratio
+                                                                 and comp.error > self.best.error):
+            keep_error = max(comp.error, self.best.error) if self.best is not None else comp.error
+            self.best, self.index = comp, index
+            self.best.error = keep_error
+        elif comp.error > self.best.error:
+            self.best.error = comp.error
+
+
+def local_rows(name: str, step: int, module: nn.Module, o_rec: object, s_rec: object, bounds: UnitBounds,
+                backend: Backend, lam: float, kinks_out: list[Kink], cache: dict | None = None) -> list[Row]:
+    replay = replay_unit(module, o_rec, s_rec, backend)
+    operands = [t for t in replay.inputs if t is not None]
+    truth = oracle_values(o_rec)
+    expected = exact_expectation(module, replay) if bounds.exact else truth
+    exclude = None
+    if bounds.kinky and kinkmod.is_kinky(module) and o_rec.inputs and operands:
+        site = kinkmod.find(name, step, module, o_rec.inputs[0], replay.inputs[0])
+        if site is not None:  # the oracle input itself rounds across the boundary (underflow, a tie)
+            exclude = site.mask
+            kinks_out.append(Kink(name, site.count, site.min_margin, site.relative_margin, "", step, "local"))
+    groups: dict[str, _Aggregate] = {}
+    meta: dict[str, tuple[str, str]] = {}
+    keys = set(truth) | {k for k in replay.values if not k.startswith("buffer.") or k in truth}
+    for key in sorted(keys):
+        quantity, pass_, index = base(key)
+        side_t, oracle_t = replay.values.get(key), expected.get(key, truth.get(key))
+        if oracle_t is None and side_t is None:
+            continue
+        if bounds.exact:
+            bound = exact_bound(side_t, operands)
+            meta[quantity] = (pass_, bounds.origin)
+        elif key in bounds:
+            prec = precision(backend, name, bounds, side_t, operands, lam)
+            bound = bounds.bound(key, prec)
+            meta[quantity] = (pass_, f"{bounds.origin}; {describe(prec)}")
+        else:  # integer buffers (num_batches_tracked) and anything without a model must match exactly
+            bound = None
+            meta.setdefault(quantity, (pass_, f"{bounds.origin}; no rounding model: must be exact"))
+        ex = exclude if (exclude is not None and quantity == "grad_input" and side_t is not None
+                         and side_t.shape == exclude.shape) else None
+        comp = compare(side_t, oracle_t, bound, ex, None if bounds.exact else cache)
+        groups.setdefault(quantity, _Aggregate()).add(comp, index)
+    rows = []
+    for quantity, agg in groups.items():
+        comp, index = agg.best, agg.index
+        pass_, origin = meta[quantity]
+        worst = ((index,) if index is not None and _multi(truth, quantity) else ()) + tuple(comp.worst)
+        order = o_rec.forward_index if pass_ == "forward" else (o_rec.backward_index or 0)
+        rows.append(Row(name, pass_, quantity, comp.error, None, comp.tolerance, "ok" if comp.ok else "mismatch",
+                        origin, step, "local", None, comp.tolerance, None, comp.ratio, None, worst or None, None,
+                        order, f"{comp.excluded} kink element(s) excluded" if comp.excluded else ""))
+    return rows
+
+
+def exact_bound(side_t: Tensor | None, operands: list[Tensor]) -> Tensor | None:
+    """Zero, unless the op stores its result in a narrower dtype than its operands (then one rounding)."""
+    if side_t is None or not side_t.is_floating_point():
+        return None
+    u_out = unit_roundoff(side_t.dtype)
+    if all(unit_roundoff(t.dtype) >= u_out for t in operands if t.is_floating_point()):
+        return None
+    return None if side_t is None else side_t.detach().to("cpu", torch.float64).abs() * u_out
+
+
+def _multi(values: dict, quantity: str) -> bool:
+    return sum(1 for k in values if k.startswith(quantity + ".")) > 1
+
+
+def compose_tolerances(local: list[Row], names: list[str]) -> None:
+    """A composite unit's replay runs its descendants too: its tolerance adds theirs (first order, per pass)."""
+    composites = {n for n in names if any(m.startswith(n + ".") for m in names if n)}
+    if not composites:
+        return
+    per_unit: dict[tuple[int, str, str], float] = {}
+    for r in local:
+        key = (r.step, r.layer, r.pass_)
+        per_unit[key] = max(per_unit.get(key, 0.0), r.tolerance)
+    for r in local:
+        if r.layer not in composites:
+            continue
+        extra = sum(t for (step, layer, pass_), t in per_unit.items()
+                    if step == r.step and pass_ == r.pass_ and layer.startswith(r.layer + "."))
+        if r.pass_ == "backward":  # the backward of the descendants runs on their own forward values
+            extra += sum(t for (step, layer, pass_), t in per_unit.items()
+                         if step == r.step and pass_ == "forward" and layer.startswith(r.layer + "."))
+        if extra <= 0:
+            continue
+        r.tolerance = r.tolerance_a = r.tolerance + extra
+        r.ratio_a = r.error_a / r.tolerance if r.tolerance > 0 else math.inf
+        r.status = "ok" if r.error_a <= r.tolerance else "mismatch"
+        r.origin += "; plus the sum of its descendant units' local tolerances (first order)"
+
+
+def blame_children(local: list[Row], names: list[str]) -> None:
+    """A failing composite unit with a failing descendant is not the culprit; the descendant is."""
+    failing = {(r.step, r.layer) for r in local if r.status == "mismatch"}
+    for r in local:
+        if r.status != "mismatch":
+            continue
+        kids = [n for (s, n) in failing if s == r.step and n != r.layer and n.startswith(r.layer + ".")]
+        if kids and r.layer:
+            r.note = f"explained by failing unit {sorted(kids)[0]}"

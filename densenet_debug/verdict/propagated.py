@@ -1,0 +1,230 @@
+"""Propagated rows: a side's end-to-end step against the oracle, and what may explain a divergence.
+
+Errors accumulate, so a propagated row is first judged against the first-order sum of the local tolerances
+upstream (:func:`accumulated`). A row above it is not yet a fault: it may come from kinks
+(:mod:`densenet_debug.verdict.counterfactual`, status ``kink``) or from upstream precision error amplified by a
+correct unit (a train-mode BN backward at a small batch turns a tiny relative error in its grad_output into a
+large one in its grad_input). :func:`self_consistent` settles the second: the unit's exact math, in fp64, at
+the side's *own* propagated inputs and grad_outputs, must reproduce what the side computed there within the
+unit's local bound. Only a divergence that fails that too (a state, sequence or fusion fault that no
+teacher-forced replay shows), or a missing gradient, stays a ``mismatch``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+from densenet_debug.backends import Backend
+from densenet_debug.trace import Trace, UnitRecord
+from densenet_debug.verdict import kinks as kinkmod
+from densenet_debug.verdict.compare import abs_difference, compare, oracle_scale
+from densenet_debug.verdict.local import base, exact_bound, precision
+from densenet_debug.verdict.replay import Replay, exact_expectation, oracle_values, side_values
+from densenet_debug.verdict.report import Row
+
+PROPAGATED_ORIGIN = ("propagated: sum of the local tolerances of every unit upstream (first order, errors "
+                     "passed on unamplified)")
+
+
+def relerr(side_t: Tensor | None, truth: Tensor | None, cache: dict | None = None) -> float:
+    """max |side - truth| / max |truth|; a missing or misshapen tensor, or a NaN, is infinitely wrong."""
+    if truth is None and side_t is None:
+        return 0.0
+    if truth is None or side_t is None or tuple(side_t.shape) != tuple(truth.shape):
+        return math.inf
+    if truth.numel() == 0:
+        return 0.0
+    err = float(abs_difference(side_t, truth).max())
+    return math.inf if math.isnan(err) else err / oracle_scale(truth, cache)
+
+
+def accumulated(local: list[Row], oracle_trace: Trace) -> tuple[dict[int, float], dict[int, float], float]:
+    """First-order accumulation of local tolerances: running sums along forward and backward order."""
+    fwd_tol: dict[int, float] = {}
+    bwd_tol: dict[int, float] = {}
+    for r in local:
+        target = fwd_tol if r.pass_ == "forward" else bwd_tol
+        target[r.order] = max(target.get(r.order, 0.0), r.tolerance)
+    return running_sums(fwd_tol, bwd_tol)
+
+
+Cumulative = tuple[dict[int, float], dict[int, float], float]
+
+
+def running_sums(fwd_tol: dict[int, float], bwd_tol: dict[int, float]) -> Cumulative:
+    """Per-unit tolerances (keyed by forward/backward order) summed along each order; backward starts where
+    forward ends, since every backward quantity depends on the whole forward pass."""
+    fwd_cum, running = {}, 0.0
+    for i in sorted(fwd_tol):
+        running += fwd_tol[i]
+        fwd_cum[i] = running
+    total_forward = running
+    bwd_cum = {}
+    for i in sorted(bwd_tol):
+        running += bwd_tol[i]
+        bwd_cum[i] = running
+    return fwd_cum, bwd_cum, total_forward
+
+
+def floor(cum: dict[int, float], order: int) -> float:
+    keys = [k for k in cum if k <= order]
+    return cum[max(keys)] if keys else 0.0
+
+
+def propagated_tolerance(cum: Cumulative, pass_: str, order: int) -> float:
+    """The first-order floor for a propagated quantity at ``order`` in its pass."""
+    fwd_cum, bwd_cum, total_forward = cum
+    return floor(fwd_cum, order) if pass_ == "forward" else max(floor(bwd_cum, order), total_forward)
+
+
+def kink_sites(names: list[str], step: int, o_trace: Trace, s_trace: Trace,
+                modules: dict[str, nn.Module]) -> list[kinkmod.KinkSite]:
+    sites = []
+    for name in names:
+        module = modules[name]
+        if not kinkmod.is_kinky(module) or name not in o_trace or name not in s_trace:
+            continue
+        o_in, s_in = o_trace[name].inputs, s_trace[name].inputs
+        if not o_in or not s_in or o_in[0] is None or s_in[0] is None:
+            continue
+        site = kinkmod.find(name, step, module, o_in[0], s_in[0])
+        if site is not None:
+            sites.append(site)
+    return sites
+
+
+def propagated_rows(names: list[str], step: int, o_trace: Trace, s_trace: Trace, local: list[Row],
+                     scales: dict | None = None) -> list[Row]:
+    fwd_cum, bwd_cum, total_forward = accumulated(local, o_trace)
+    rows = []
+    for name in names:
+        if name not in o_trace:
+            continue
+        o_rec = o_trace[name]
+        truth = oracle_values(o_rec)
+        got = side_values(s_trace[name]) if name in s_trace else {}
+        groups: dict[str, tuple[float, int | None]] = {}
+        for key in truth:
+            quantity, pass_, index = base(key)
+            err = relerr(got.get(key), truth[key], scales)
+            if quantity not in groups or err > groups[quantity][0]:
+                groups[quantity] = (err, index)
+        for quantity, (err, _index) in groups.items():
+            pass_ = base(next(k for k in truth if base(k)[0] == quantity))[1]
+            order = o_rec.forward_index if pass_ == "forward" else (o_rec.backward_index or 0)
+            tol = propagated_tolerance((fwd_cum, bwd_cum, total_forward), pass_, order)
+            status = "ok" if err <= tol else "mismatch"
+            rows.append(Row(name, pass_, quantity, err, None, tol, status, PROPAGATED_ORIGIN, step, "propagated",
+                            None, tol, None, err / tol if tol > 0 else (0.0 if err == 0 else math.inf), None,
+                            None, None, order))
+    return rows
+
+
+def explain_by_local(rows: list[Row], local: list[Row]) -> None:
+    failing = sorted((r for r in local if r.status == "mismatch"), key=lambda r: (r.pass_ != "forward", r.order))
+    if not failing:
+        return
+    first = failing[0]
+    for r in rows:
+        if r.status == "mismatch":
+            r.note = r.note or f"downstream of the local failure at {first.layer} ({first.pass_})"
+
+
+def _as_fp64(rec: UnitRecord) -> UnitRecord:
+    """A copy of a side's record with every tensor in fp64 on the CPU (the side's values, exactly)."""
+    def f(t: Tensor | None) -> Tensor | None:
+        if t is None:
+            return None
+        t = t.detach().to("cpu")
+        return t.double() if t.is_floating_point() else t
+
+    return UnitRecord(rec.name, rec.kind, rec.forward_index, rec.training, [f(t) for t in rec.inputs],
+                      [f(t) for t in rec.outputs], [f(t) for t in rec.grad_outputs], [f(t) for t in rec.grad_inputs],
+                      {k: f(v) for k, v in rec.param_grads.items()}, {k: f(v) for k, v in rec.buffers_before.items()},
+                      {k: f(v) for k, v in rec.buffers_after.items()}, rec.input_layouts, rec.grad_output_layouts,
+                      rec.backward_index, rec.calls)
+
+
+def self_consistent(rows: list[Row], s_trace: Trace, modules64: dict[str, nn.Module], backend: Backend,
+                    lam: float) -> None:
+    """Rows still failing: does the unit reproduce its own exact math at the side's own inputs?
+
+    The unit is replayed in fp64 (clean weights of the step, no planted faults) on the side's propagated
+    inputs and grad_outputs, with BN buffers as the side had them; its bound is re-derived at that point. A
+    row whose side values match that replay within the bound diverged only because its inputs did (status
+    ``ok``, with a note); the others stay ``mismatch``.
+    """
+    from densenet_debug.backends import parse_backend
+    from densenet_debug.verdict.replay import replay_unit
+    from densenet_debug.verdict.tolerance import unit_bounds
+
+    fp64 = parse_backend("fp64", "cpu")
+    # A missing or misshapen tensor (infinite error) is no amplification: those rows stay as they are.
+    failing = sorted({r.layer for r in rows if r.status == "mismatch" and r.mode == "propagated"
+                      and r.error_a is not None and math.isfinite(r.error_a)})
+    for name in failing:
+        s_rec = s_trace.units.get(name)
+        if s_rec is None or name not in modules64:
+            continue
+        rec64 = _as_fp64(s_rec)
+        module = modules64[name]
+        params = {n: p.detach() for n, p in module.named_parameters(recurse=False)}
+        bounds = unit_bounds(module, rec64, params)
+        replay = replay_unit(module, rec64, None, fp64)
+        expected = exact_expectation(module, _at(rec64, s_rec)) if bounds.exact else replay.values
+        worst: dict[str, float] = {}
+        for key, side_t in side_values(s_rec).items():
+            quantity = base(key)[0]
+            want = expected.get(key)
+            if side_t is None and want is None:
+                continue
+            operands = [t for t in s_rec.inputs if t is not None]
+            if bounds.exact:
+                bound = exact_bound(side_t, operands)
+            elif key in bounds:
+                bound = bounds.bound(key, precision(backend, name, bounds, side_t, operands, lam))
+            else:
+                bound = None
+            worst[quantity] = max(worst.get(quantity, 0.0), compare(side_t, want, bound).ratio)
+        for r in rows:
+            if (r.layer == name and r.status == "mismatch" and r.mode == "propagated" and math.isfinite(r.error_a)
+                    and worst.get(r.quantity, math.inf) <= 1):
+                r.status = "ok"
+                r.note = (f"amplified upstream error: {name} reproduces its exact math at its own propagated inputs "
+                          f"(fp64 replay, worst element at {worst[r.quantity]:.2f} of its bound)")
+
+
+def _at(rec64: UnitRecord, s_rec: UnitRecord) -> Replay:
+    """The side's own operands, for an exact op's expectation (its dtype decides the rounding allowed)."""
+    return Replay(inputs=[None if t is None else t.detach().to("cpu").requires_grad_(g is not None)
+                          for t, g in zip(s_rec.inputs, s_rec.grad_inputs + [None] * len(s_rec.inputs))],
+                  grad_outputs=[None if g is None else g.detach() for g in s_rec.grad_outputs])
+
+
+CARRIED_ORIGIN = ("state carried between steps: a unit's buffers at the start of a step must equal, bit for bit, "
+                  "what it left at the end of its forward in the previous step")
+
+
+def carried_state(names: list[str], step: int, before: dict[str, dict[str, Tensor]], now: Trace) -> list[Row]:
+    """One row per unit with buffers: did anything touch them between two steps (a recompute, a hook)?
+
+    ``before``: each unit's ``buffers_after`` from the previous step.
+    """
+    rows = []
+    for name in names:
+        if name not in before or name not in now:
+            continue
+        left, found = before[name], now[name].buffers_before
+        for key, t in found.items():
+            prev = left.get(key)
+            if prev is None:
+                continue
+            same = prev.shape == t.shape and bool(torch.equal(prev.to(t.device), t))
+            err = 0.0 if same else relerr(t, prev.detach().to("cpu", torch.float64))
+            rows.append(Row(name, "forward", f"{key} (carried)", err if same else max(err, 1e-300), None, 0.0,
+                            "ok" if same else "mismatch", CARRIED_ORIGIN, step, "propagated", None, 0.0, None,
+                            0.0 if same else math.inf, None, None, None, now[name].forward_index))
+    return rows

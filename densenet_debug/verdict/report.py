@@ -1,0 +1,175 @@
+"""Rows, per-side results and the diff report, with the JSON contract ``densenet-debug/diff/1``."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+SCHEMA = "densenet-debug/diff/1"
+STATUS_ORDER = {"ok": 0, "kink": 1, "mismatch": 2}
+
+
+@dataclass
+class Row:
+    """One quantity of one unit in one step, local (teacher-forced) or propagated (end to end).
+
+    ``error_*`` is ``max |side - oracle| / max |oracle|``; ``tolerance`` the scalar that the derived
+    elementwise bound implies at the worst element (so ``error > tolerance`` exactly when some element
+    exceeds its bound); ``ratio_*`` is that worst element's error over its bound. Propagated rows compare
+    against an accumulated tolerance instead (see ``origin``).
+    """
+
+    layer: str
+    pass_: str  # "forward" | "backward"
+    quantity: str
+    error_a: float | None
+    error_b: float | None
+    tolerance: float
+    status: str  # "ok" | "mismatch" | "kink"
+    origin: str
+    step: int = 0
+    mode: str = "local"  # "local" | "propagated"
+    side: str | None = None  # the side(s) that fail: "a", "b", "both"
+    tolerance_a: float | None = None
+    tolerance_b: float | None = None
+    ratio_a: float | None = None
+    ratio_b: float | None = None
+    worst_a: tuple[int, ...] | None = None
+    worst_b: tuple[int, ...] | None = None
+    order: int = 0  # forward index for forward quantities, backward index for backward ones
+    note: str = ""
+
+    def to_json(self) -> dict:
+        out = {"layer": self.layer, "pass": self.pass_, "quantity": self.quantity, "error_a": _num(self.error_a),
+               "error_b": _num(self.error_b), "tolerance": _num(self.tolerance), "status": self.status,
+               "origin": self.origin, "step": self.step, "mode": self.mode, "side": self.side,
+               "tolerance_a": _num(self.tolerance_a), "tolerance_b": _num(self.tolerance_b),
+               "ratio_a": _num(self.ratio_a), "ratio_b": _num(self.ratio_b),
+               "worst_a": list(self.worst_a) if self.worst_a else None,
+               "worst_b": list(self.worst_b) if self.worst_b else None}
+        if self.note:
+            out["note"] = self.note
+        return out
+
+    @property
+    def key(self) -> tuple:
+        return (self.step, self.mode, self.layer, self.quantity)
+
+    @property
+    def worst_ratio(self) -> float:
+        return max((r for r in (self.ratio_a, self.ratio_b) if r is not None), default=0.0)
+
+
+@dataclass
+class Kink:
+    """Kinks of one side at one unit: how many elements took the other branch, and the closest call."""
+
+    layer: str
+    count: int
+    min_margin: float
+    relative_margin: float
+    side: str
+    step: int = 0
+    mode: str = "propagated"
+
+    def to_json(self) -> dict:
+        return {"layer": self.layer, "count": self.count, "min_margin": self.min_margin,
+                "relative_margin": self.relative_margin, "side": self.side, "step": self.step, "mode": self.mode}
+
+
+@dataclass
+class SideResult:
+    """What :func:`densenet_debug.verdict.engine.judge` finds for one backend: rows (error in ``error_a``) and kinks."""
+
+    backend: str
+    rows: list[Row]
+    kinks: list[Kink]
+    flags: dict
+    units: list[str]
+    checked_elements: int = 0
+    counterfactual_steps: list[int] = field(default_factory=list)
+
+    @property
+    def failures(self) -> list[Row]:
+        return [r for r in self.rows if r.status == "mismatch"]
+
+
+@dataclass
+class DiffReport:
+    verdict: str  # "agree" | "mismatch"
+    first_divergence: dict | None
+    rows: list[Row]
+    kinks: list[Kink]
+    environment: dict
+    a: str = ""
+    b: str = ""
+    settings: dict = field(default_factory=dict)
+    summary: str = ""
+
+    def to_json(self) -> dict:
+        return {"schema": SCHEMA, "verdict": self.verdict, "first_divergence": self.first_divergence,
+                "rows": [r.to_json() for r in self.rows], "kinks": [k.to_json() for k in self.kinks],
+                "environment": self.environment, "a": self.a, "b": self.b, "settings": self.settings,
+                "summary": self.summary}
+
+    def worst_rows(self, n: int = 15) -> list[Row]:
+        """Failing rows first, then the rows closest to their tolerance."""
+        return sorted(self.rows, key=lambda r: (-STATUS_ORDER[r.status], -_finite(r.worst_ratio)))[:n]
+
+
+def merge_sides(a: SideResult, b: SideResult) -> list[Row]:
+    """One row per (step, mode, unit, quantity) with both sides' errors; status = the worse side's."""
+    by_key: dict[tuple, Row] = {}
+    for r in a.rows:
+        by_key[r.key] = Row(r.layer, r.pass_, r.quantity, r.error_a, None, r.tolerance, r.status, r.origin, r.step,
+                            r.mode, "a" if r.status != "ok" else None, r.tolerance, None, r.ratio_a, None,
+                            r.worst_a, None, r.order, r.note)
+    for r in b.rows:
+        row = by_key.get(r.key)
+        if row is None:
+            by_key[r.key] = Row(r.layer, r.pass_, r.quantity, None, r.error_a, r.tolerance, r.status, r.origin,
+                                r.step, r.mode, "b" if r.status != "ok" else None, None, r.tolerance, None,
+                                r.ratio_a, None, r.worst_a, r.order, r.note)
+            continue
+        row.error_b, row.tolerance_b, row.ratio_b, row.worst_b = r.error_a, r.tolerance, r.ratio_a, r.worst_a
+        a_rank, b_rank = STATUS_ORDER[row.status], STATUS_ORDER[r.status]
+        if b_rank > a_rank or (b_rank == a_rank and _finite(r.ratio_a or 0) > _finite(row.ratio_a or 0)):
+            row.tolerance, row.origin = r.tolerance, r.origin
+        if b_rank > a_rank:
+            row.status, row.side, row.note = r.status, "b", r.note or row.note
+        elif b_rank == a_rank and b_rank > 0:
+            row.side = "both"
+    return list(by_key.values())
+
+
+def first_divergence(rows: list[Row], kinks_fail: bool = False) -> dict | None:
+    """The earliest failing unit: local failures first (they localise), forward before backward."""
+    def rank(r: Row) -> tuple:
+        return (r.mode != "local", r.step, r.pass_ != "forward", r.order)
+
+    failing = [r for r in rows if r.status == "mismatch" or (kinks_fail and r.status == "kink")]
+    if not failing:
+        return None
+    culprits = [r for r in failing if not r.note.startswith("explained by failing unit")]
+    r = min(culprits or failing, key=rank)
+    side = r.side if r.side in ("a", "b") else ("a" if (r.ratio_a or 0) >= (r.ratio_b or 0) else "b")
+    error = r.error_a if side == "a" else r.error_b
+    return {"layer": r.layer, "pass": r.pass_, "quantity": r.quantity, "error": _num(error),
+            "tolerance": _num(r.tolerance), "side": r.side, "step": r.step, "mode": r.mode, "status": r.status}
+
+
+def _finite(v: float | None) -> float:
+    if v is None or math.isnan(v):
+        return 0.0
+    return 1e300 if math.isinf(v) else v
+
+
+def _num(v: float | None) -> float | str | None:
+    """JSON has no inf/nan: write them as strings."""
+    if v is None:
+        return None
+    if math.isnan(v):
+        return "nan"
+    if math.isinf(v):
+        return "inf" if v > 0 else "-inf"
+    return float(v)

@@ -1,0 +1,374 @@
+"""Derived tolerances: an elementwise error bound for every quantity a unit produces, from an error model.
+
+Nothing here is tuned. A bound is first order in four unit roundoffs, each multiplying a magnitude that is
+computed once, in float64, from the oracle's own record (so both sides of a diff share it)::
+
+    B = u_op * op  +  lam * u_acc * red  +  u_acc * cmp  +  u_out * out  +  eta
+
+* ``op``  - rounding of the operands as they enter the op (the fp64 oracle's inputs cast to the side's
+  dtype; TF32/autocast rounding of conv and matmul operands): ``u_op`` per operand and term.
+* ``red`` - accumulation error of a reduction of length K. Under the random-rounding model of Higham &
+  Mary (SIAM J. Sci. Comput. 2019) the K rounding errors of a sum are independent, mean zero and each
+  bounded by u times a partial sum, itself at most ``M = sum |terms|``; Hoeffding's inequality gives
+  ``P(|err| > lam * u * sqrt(K) * M) <= 2 exp(-lam^2 / 2)``. ``red`` holds ``sqrt(K) * M``; ``lam`` is
+  chosen by :func:`confidence` so that a union bound over every element checked in a run keeps the chance
+  of one false alarm below 1e-6.
+* ``cmp`` - deterministic elementwise roundings inside the op (a subtraction, a square root ...), each
+  bounded by ``u_cmp`` (``u_acc``, or the operands' u when they are bf16/fp16 and intermediates may be
+  stored so) times the magnitude of its result.
+* ``out`` - rounding of the stored result (``u_out`` of the dtype the side returns it in).
+* ``eta`` - half the smallest subnormal of the result dtype: the absolute error of a gradual underflow.
+
+``M`` for conv, linear, pooling, cat and any other op linear in each operand is exact and cheap: the same
+op evaluated on ``|inputs|`` and ``|parameters|`` (forward) and back-propagated with ``|grad_output|``
+(backward) gives ``sum |terms|`` for the output, the input grads and the parameter grads in one fp64 pass.
+BatchNorm, whose statistics and gradients cancel, gets its own first-order model; piecewise-linear ops
+(ReLU ...) are exact up to operand rounding, their branch flips being kinks (:mod:`densenet_debug.verdict.kinks`).
+Unknown modules fall back to the |.|-evaluation with K = the number of input elements (stated as such).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from densenet_debug.models.densenet import Concat
+from densenet_debug.verdict.compare import Comparison, abs_difference, compare, oracle_scale  # re-exported
+from densenet_debug.verdict.magnitude import MagnitudeMode, magnitude_module
+
+FALSE_ALARM = 1e-6  # chance, per run, that a correct backend fails any single element of any check
+
+
+def confidence(elements: int, false_alarm: float = FALSE_ALARM) -> float:
+    """lam with ``elements * 2 exp(-lam^2/2) <= false_alarm`` (Hoeffding + union bound)."""
+    return math.sqrt(2.0 * math.log(2.0 * max(elements, 1) / false_alarm))
+
+
+def underflow(dtype: torch.dtype) -> float:
+    """Half the smallest positive subnormal of ``dtype``: the absolute error of rounding near zero."""
+    if not dtype.is_floating_point:
+        return 0.0
+    info = torch.finfo(dtype)
+    return info.smallest_normal * info.eps / 2  # smallest subnormal = tiny * eps
+
+
+@dataclass(frozen=True)
+class Precision:
+    """The unit roundoffs one side computes a quantity with, and the confidence factor of the run."""
+
+    u_op: float
+    u_acc: float
+    u_out: float
+    lam: float
+    eta: float = 0.0
+    u_cmp: float = 0.0  # elementwise intermediates; 0 means u_acc
+
+    @property
+    def cmp(self) -> float:
+        return self.u_cmp or self.u_acc
+
+
+BoundFn = Callable[[Precision], Tensor]
+
+
+def linear_bound(magnitude: Tensor, operands: int, k: int) -> BoundFn:
+    """``(operands*u_op + lam*u_acc*sqrt(K) + u_out) * M + eta``: the bound of a sum of K products."""
+    exact = k <= 1 and operands <= 1
+
+    def bound(p: Precision) -> Tensor:
+        if exact:  # data movement: only the cast of the operand rounds
+            return magnitude * p.u_op + p.eta
+        return magnitude * (operands * p.u_op + p.lam * p.u_acc * math.sqrt(k) + p.u_out) + p.eta
+
+    return bound
+
+
+@dataclass
+class UnitBounds:
+    """Error models of one unit: quantity key -> bound function of the side's :class:`Precision`.
+
+    Bounds are memoised per precision, so two sides computing in the same precision share one evaluation.
+    """
+
+    fns: dict[str, BoundFn] = field(default_factory=dict)
+    origin: str = ""
+    matmul: bool = False  # conv/linear class: operands take TF32/autocast rounding
+    kinky: bool = False  # piecewise op: branch flips are kinks, not errors
+    exact: bool = False  # data movement or a ReLU-like op: must equal itself evaluated on the side's inputs
+    _memo: dict = field(default_factory=dict, repr=False)
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.fns
+
+    def bound(self, key: str, p: Precision) -> Tensor | None:
+        if key not in self.fns:
+            return None
+        memo_key = (key, p)
+        if memo_key not in self._memo:
+            self._memo[memo_key] = self.fns[key](p)
+        return self._memo[memo_key]
+
+
+# -- classification -----------------------------------------------------------------------------------
+CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+CONV_T = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+NORM = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
+PIECEWISE = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.Hardtanh, nn.Threshold)
+MAXPOOL = (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d)
+EXACT = (Concat, nn.Flatten, nn.Unflatten, nn.Identity, nn.Dropout, nn.Dropout2d)
+AVGPOOL = (nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d,
+           nn.AdaptiveAvgPool3d)
+
+
+def is_kinky(module: nn.Module) -> bool:
+    return isinstance(module, PIECEWISE + MAXPOOL)
+
+
+def unit_bounds(module: nn.Module, rec: object, params: dict[str, Tensor]) -> UnitBounds:
+    """Magnitudes for every quantity of ``rec`` (an oracle :class:`~densenet_debug.trace.UnitRecord`).
+
+    ``module`` is the unit (any dtype/device: only its type and hyper-parameters are read); ``params`` its
+    parameters in fp64 at the oracle's step. Quantity keys: ``output.i``, ``grad_input.i``,
+    ``grad_<param>``, ``buffer.<name>``.
+    """
+    if isinstance(module, NORM):
+        return _batchnorm(module, rec, params)
+    if isinstance(module, EXACT + PIECEWISE):
+        return UnitBounds(origin=f"{type(module).__name__}: exact op; must equal itself evaluated in fp64 on the "
+                                 "side's own (rounded) inputs and grad_output", exact=True)
+    if isinstance(module, MAXPOOL):
+        return _piecewise(module, rec)
+    return _multilinear(module, rec, params)
+
+
+# -- multilinear ops: the |.|-evaluation ---------------------------------------------------------------
+def _reduction_lengths(module: nn.Module, rec: object) -> tuple[dict[str, int], str]:
+    """K per quantity key, and the sentence that says why."""
+    x = rec.inputs[0] if rec.inputs else None
+    if isinstance(module, CONV + CONV_T):
+        kernel = math.prod(module.kernel_size)
+        cin, cout = module.in_channels // module.groups, module.out_channels // module.groups
+        out = rec.outputs[0]
+        per_weight = out.shape[0] * math.prod(out.shape[2:]) if not isinstance(module, CONV_T) else (
+            x.shape[0] * math.prod(x.shape[2:]))
+        fwd, bwd = (cin * kernel, cout * kernel) if not isinstance(module, CONV_T) else (cout * kernel, cin * kernel)
+        ks = {"output": fwd, "grad_input": bwd, "grad_weight": per_weight, "grad_bias": per_weight}
+        return ks, (f"conv: K = {fwd} (Cin/g*k*k) forward, {bwd} (Cout/g*k*k) grad_input, {per_weight} "
+                    "(N*H*W) grad_weight")
+    if isinstance(module, nn.Linear):
+        rows = x.numel() // module.in_features
+        ks = {"output": module.in_features, "grad_input": module.out_features, "grad_weight": rows,
+              "grad_bias": rows}
+        return ks, f"linear: K = {module.in_features} forward, {module.out_features} grad_input, {rows} grad_weight"
+    if isinstance(module, AVGPOOL):
+        window = _pool_window(module, x)
+        ks = {"output": window, "grad_input": window}
+        return ks, f"average pool: K = {window} (window)"
+    if isinstance(module, EXACT):
+        return {"output": 1, "grad_input": 1}, f"{type(module).__name__}: exact data movement (K = 1)"
+    total = sum(t.numel() for t in rec.inputs if t is not None) + sum(p.numel() for p in module.parameters())
+    return {"*": max(total, 1)}, (f"generic ({type(module).__name__}): every aten op evaluated on the magnitudes "
+                                  f"of its operands (exact sum |terms| for ops linear in each operand, a "
+                                  f"heuristic otherwise), K = {total} (all input elements)")
+
+
+def _pool_window(module: nn.Module, x: Tensor | None) -> int:
+    if x is None:
+        return 1
+    if isinstance(module, (nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d)):
+        k = module.kernel_size
+        return math.prod(k) if isinstance(k, tuple) else k ** (x.dim() - 2)
+    out = module.output_size if isinstance(module.output_size, tuple) else (module.output_size,) * (x.dim() - 2)
+    return math.prod(math.ceil(s / (o or s)) + 1 if s % (o or s) else s // (o or s)
+                     for s, o in zip(x.shape[2:], out))
+
+
+def _multilinear(module: nn.Module, rec: object, params: dict[str, Tensor]) -> UnitBounds:
+    ks, why = _reduction_lengths(module, rec)
+    operands = 1 if isinstance(module, EXACT + AVGPOOL) else 2
+    clone = magnitude_module(module, params)
+    clone.train(rec.training)
+    if isinstance(module, nn.Dropout | nn.Dropout2d):
+        clone.eval()
+    xs = [None if t is None else t.detach().abs().requires_grad_(i < len(rec.grad_inputs)
+                                                                and rec.grad_inputs[i] is not None)
+          for i, t in enumerate(rec.inputs)]
+    named = dict(clone.named_parameters(recurse=False))
+    # Known ops (conv, linear, pooling) never subtract, so |operands| alone give sum |terms|; the aten-level
+    # mode is for unknown units (and its first use costs an import of torch._dynamo).
+    mode = contextlib.nullcontext if isinstance(module, CONV + CONV_T + AVGPOOL + (nn.Linear,)) else MagnitudeMode
+    with torch.enable_grad(), mode():
+        out = clone(*xs)
+    outs = [out] if isinstance(out, Tensor) else [o for o in out if isinstance(o, Tensor)]
+    result = UnitBounds(origin=why, matmul=isinstance(module, CONV + CONV_T + (nn.Linear,)))
+
+    def fn(key: str, mag: Tensor) -> BoundFn:
+        return linear_bound(mag, operands, ks.get(key.split(".")[0], ks.get("*", 1)))
+
+    for i, o in enumerate(outs):
+        result.fns[f"output.{i}"] = fn("output", o.detach())
+    grads_out = [None if g is None else g.abs() for g in rec.grad_outputs]
+    wanted = [(f"grad_input.{i}", t) for i, t in enumerate(xs) if t is not None and t.requires_grad]
+    wanted += [(f"grad_{n}", p) for n, p in named.items() if n in rec.param_grads]
+    live = [(o, g) for o, g in zip(outs, grads_out) if g is not None and o.requires_grad]
+    if wanted and live:
+        with mode():
+            grads = torch.autograd.grad([o for o, _ in live], [t for _, t in wanted], [g for _, g in live],
+                                        allow_unused=True)
+        for (key, t), g in zip(wanted, grads):
+            result.fns[key] = fn(key, torch.zeros_like(t) if g is None else g)
+    return result
+
+
+# -- piecewise-linear ops (ReLU family, max pooling): exact on either side of a kink ----------------------
+def _piecewise(module: nn.Module, rec: object) -> UnitBounds:
+    """Output: the cast of the input (u_op); grad_input: the cast grad_output routed by the oracle's branch.
+
+    The |grad_output| routed through the oracle's own backward is ``|J|^T |g|`` (the Jacobian of these ops
+    is non-negative), which also covers max pools whose windows overlap (sums of up to K routed terms).
+    """
+    result = UnitBounds(origin=f"{type(module).__name__}: exact per branch (operand rounding only); "
+                               "branch flips are kinks", kinky=True)
+    for i, o in enumerate(rec.outputs):
+        result.fns[f"output.{i}"] = linear_bound(o.abs(), 1, 1)
+    x = rec.inputs[0] if rec.inputs else None
+    g = rec.grad_outputs[0] if rec.grad_outputs else None
+    if x is None or g is None or not rec.grad_inputs or rec.grad_inputs[0] is None:
+        return result
+    xr = x.detach().requires_grad_(True)
+    with torch.enable_grad():
+        y = type(module).forward(module, xr)
+    (routed,) = torch.autograd.grad(y, xr, g.abs())
+    k = _overlap(module)
+    result.fns["grad_input.0"] = linear_bound(routed, 1, k) if k > 1 else linear_bound(routed, 1, 1)
+    return result
+
+
+def _overlap(module: nn.Module) -> int:
+    """Windows of a max pool that can cover one input element (1 for elementwise ops)."""
+    if not isinstance(module, MAXPOOL) or isinstance(module, (nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d)):
+        return 1
+    ks = module.kernel_size if isinstance(module.kernel_size, tuple) else (module.kernel_size,)
+    st = module.stride if isinstance(module.stride, tuple) else (module.stride,)
+    return math.prod(math.ceil(k / s) for k, s in zip(ks, st))
+
+
+# -- batch normalisation ---------------------------------------------------------------------------------
+def _batchnorm(module: nn.Module, rec: object, params: dict[str, Tensor]) -> UnitBounds:
+    """First-order rounding model of BN forward, backward and running-stat update (derivation inline).
+
+    Per channel, with R = N*H*W: mean and variance are sums over R (the variance bounded with E[x^2], so
+    the one-pass E[x^2] - mu^2 formula and its cancellation are covered); sigma's relative error is half the
+    variance's; xhat = (x - mu)/sigma inherits both. Backward: grad_bias = sum g, grad_weight = sum g*xhat,
+    grad_input = gamma/sigma * (g - sum g / R - xhat * sum g*xhat / R), each term bounded with |.|.
+    """
+    x = rec.inputs[0]
+    dims = [d for d in range(x.dim()) if d != 1]
+    shape = [1, -1] + [1] * (x.dim() - 2)
+    R = x.numel() // x.shape[1]
+    batch_stats = rec.training or not module.track_running_stats
+    result = UnitBounds(origin=f"batch norm ({'batch' if batch_stats else 'running'} statistics): first-order "
+                               f"model, sums over R = {R} (N*H*W) bounded with |terms| (cancellation included)")
+    memo: dict[Precision, dict[str, Tensor]] = {}
+
+    def all_bounds(p: Precision) -> dict[str, Tensor]:
+        if p not in memo:
+            memo.clear()
+            memo[p] = _bn_bounds(module, rec, params, p, dims, shape, R, batch_stats)
+        return memo[p]
+
+    keys = ["output.0"]
+    if rec.grad_outputs and rec.grad_outputs[0] is not None:
+        keys += [f"grad_{n}" for n in ("weight", "bias") if n in rec.param_grads]
+        if rec.grad_inputs and rec.grad_inputs[0] is not None:
+            keys.append("grad_input.0")
+    if batch_stats and module.track_running_stats and rec.buffers_after:
+        keys += ["buffer.running_mean", "buffer.running_var"]
+        if "num_batches_tracked" in rec.buffers_after:
+            result.fns["buffer.num_batches_tracked"] = lambda p: torch.zeros(())
+    for key in keys:
+        result.fns[key] = lambda p, key=key: all_bounds(p)[key]
+    return result
+
+
+def _bn_bounds(module: nn.Module, rec: object, params: dict[str, Tensor], p: Precision, dims: list[int],
+               shape: list[int], R: int, batch_stats: bool) -> dict[str, Tensor]:
+    """The terms of the model above, with per-channel factors folded so each full-size tensor is touched once.
+
+    Forward:  e_mu = (u_op + r) mean|x| + c|mu|;  e_var = (2u_op + r + 3c) E[x^2] + 2|mu| e_mu;
+              rel = e_var / (2 (var + eps)) + 2c;  e_xhat = u_op|x|/sigma + e_mu/sigma + |xhat| (rel + 2c);
+              e_y = |gamma| e_xhat + (u_op + 2c)|gamma xhat| + (u_op + c)|beta| + u_out|y|.
+    Backward: e_sg = (u_op + r) sum|g|;  e_sgx = (u_op + r + c) sum|g xhat| + sum |g| e_xhat;
+              e_t = (u_op + 2c)|g| + e_sg/R + |xhat| e_sgx/R + e_xhat |s_gx|/R + 2c(|s_g| + |xhat s_gx|)/R;
+              e_gx = |gamma|/sigma (e_t + (rel + 2c)|t|) + u_out|gx|,  t = g - s_g/R - xhat s_gx/R.
+    (r = lam u_acc sqrt(R), c = u_cmp; running statistics in eval mode carry u_op instead.)
+    """
+    uo, c, uout = p.u_op, p.cmp, p.u_out
+    r = p.lam * p.u_acc * math.sqrt(R)  # probabilistic bound of a sum of R terms, per unit of sum |terms|
+    x = rec.inputs[0]
+    channels = x.shape[1]
+    gamma = params.get("weight", torch.ones(channels, dtype=torch.float64)).view(shape).abs()
+    beta = params.get("bias", torch.zeros(channels, dtype=torch.float64)).view(shape).abs()
+    ax = x.abs()
+    if batch_stats:
+        mu = x.mean(dims, keepdim=True)
+        var = x.var(dims, unbiased=False, keepdim=True)
+        m1 = ax.mean(dims, keepdim=True)
+        q = var + mu * mu  # E[x^2]
+        e_mu = (uo + r) * m1 + c * mu.abs()
+        e_var = (2 * uo + r + 3 * c) * q + 2 * mu.abs() * e_mu
+    else:
+        mu = rec.buffers_before["running_mean"].view(shape)
+        var = rec.buffers_before["running_var"].view(shape)
+        e_mu, e_var = uo * mu.abs(), uo * var.abs()
+    inv_sigma = torch.rsqrt(var + module.eps)
+    rel = e_var / (2 * (var + module.eps)) + 2 * c
+    xhat = (x - mu).mul_(inv_sigma)
+    axhat = xhat.abs()
+    bound = ax * (gamma * uo * inv_sigma)
+    bound.addcmul_(axhat, gamma * (rel + 4 * c + uo)).add_(gamma * e_mu * inv_sigma + (uo + c) * beta + p.eta)
+    out = {"output.0": bound.add_(rec.outputs[0].abs().mul_(uout))}
+    g = rec.grad_outputs[0] if rec.grad_outputs else None
+    if g is not None:
+        ag = g.abs()
+        sum_ag = ag.sum(dims, keepdim=True)
+        s_g = g.sum(dims, keepdim=True)
+        s_gx = (g * xhat).sum(dims, keepdim=True)
+        a1 = (ag * axhat).sum(dims, keepdim=True)
+        g_ex = uo * inv_sigma * (ag * ax).sum(dims, keepdim=True) + e_mu * inv_sigma * sum_ag + (rel + 2 * c) * a1
+        e_sg = (uo + r) * sum_ag
+        e_sgx = (uo + r + c) * a1 + g_ex
+        out["grad_bias"] = (e_sg + uout * s_g.abs()).reshape(-1) + p.eta
+        out["grad_weight"] = (e_sgx + uout * s_gx.abs()).reshape(-1) + p.eta
+        if rec.grad_inputs and rec.grad_inputs[0] is not None:
+            a = gamma * inv_sigma
+            if batch_stats:
+                k = s_gx.abs() / R
+                gx_b = ag * (a * (uo + 2 * c))
+                gx_b.addcmul_(axhat, a * (e_sgx / R + (4 * c + rel) * k))
+                gx_b.addcmul_(ax, a * uo * inv_sigma * k)
+                gx_b.add_(a * (e_sg / R + 2 * c * s_g.abs() / R + e_mu * inv_sigma * k) + p.eta)
+                t = (g - s_g / R).sub_(xhat.mul_(s_gx / R)).abs_()  # xhat is not needed after this
+                gx_b.addcmul_(t, a * rel + 2 * c * a)
+            else:
+                gx_b = ag * (a * (uo + 3 * c + rel)) + p.eta
+            out["grad_input.0"] = gx_b.add_(rec.grad_inputs[0].abs().mul_(uout))
+    if batch_stats and module.track_running_stats and rec.buffers_after:
+        nbt = rec.buffers_before.get("num_batches_tracked")
+        m = module.momentum if module.momentum is not None else 1.0 / (float(nbt) + 1 if nbt is not None else 1.0)
+        rm0, rv0 = rec.buffers_before["running_mean"], rec.buffers_before["running_var"]
+        rm1, rv1 = rec.buffers_after["running_mean"], rec.buffers_after["running_var"]
+        out["buffer.running_mean"] = ((1 - m) * uo * rm0.abs() + m * e_mu.reshape(-1) + (2 * c + uout) * rm1.abs()
+                                      + p.eta)
+        out["buffer.running_var"] = ((1 - m) * uo * rv0.abs() + m * R / max(R - 1, 1) * e_var.reshape(-1)
+                                     + (3 * c + uout) * rv1.abs() + p.eta)
+    return out
+
+
+__all__ = ["FALSE_ALARM", "Comparison", "Precision", "UnitBounds", "abs_difference", "compare", "confidence",
+           "linear_bound", "oracle_scale", "underflow", "unit_bounds"]
