@@ -18,9 +18,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="backend to judge (repeatable; default: PyTorch's default on the device, "
                              "mkldnn on CPU, cudnn on CUDA)")
     add_device_arg(parser)
-    parser.add_argument("--model", default=None,
-                        help="the model the fixture must be of (refused if it records another); default: the "
-                             "model it records")
+    parser.add_argument("--model", default=None, metavar="M",
+                        help="the model to rebuild: a builder name, path/to/file.py:factory or "
+                             "package.module:factory, called as recorded (with or without num_classes) and "
+                             "refused unless its structure matches the fixture's. Required for a fixture of a "
+                             "user's model (a fixture never runs code); default: the builder it records")
     parser.add_argument("--json", default=None, metavar="P", help="also write the result(s) as JSON to P")
     parser.add_argument("--rows", type=int, default=12, help="table rows to print per backend (default 12)")
 

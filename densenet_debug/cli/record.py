@@ -50,8 +50,11 @@ def run(args: argparse.Namespace) -> int:
     x, y, how = generate_batch(args.batch, args.seed, args.input_shape, classes)
     how["weights"] = f"torch.manual_seed({args.seed}) then the model's constructor"
     try:
-        path = record_reference(model, x, y, target, name=args.name, spec=args.model, data=how, steps=args.steps,
-                                eval_mode=args.eval, policy=args.policy, max_mb=args.max_mb)
+        # how load_model called the factory: check-reference calls it the same way
+        called = {} if args.num_classes is None else {"num_classes": args.num_classes}
+        path = record_reference(model, x, y, target, name=args.name, spec=args.model, factory_kwargs=called,
+                                data=how, steps=args.steps, eval_mode=args.eval, policy=args.policy,
+                                max_mb=args.max_mb)
     except OracleDisagreement as exc:
         print(f"densenet-debug record: refused: {exc}")
         return 1
@@ -59,7 +62,9 @@ def run(args: argparse.Namespace) -> int:
     from densenet_debug.reference.format import read_meta
 
     meta = read_meta(path)
+    rebuild = "" if meta["model"]["kind"] == "builder" else (
+        f"; check it with --model {args.model} (the fixture stores {meta['model']['spec']} and never imports it)")
     print(f"recorded {path}: {args.model}, batch {args.batch}, seed {args.seed}, {args.steps} step(s), "
           f"BN {'eval' if args.eval else 'train'}, policy {meta['storage']['policy']}, "
-          f"{size / 1e6:.2f} MB, cross-check {meta['truth']['cross_check']['status']}")
+          f"{size / 1e6:.2f} MB, cross-check {meta['truth']['cross_check']['status']}{rebuild}")
     return 0

@@ -26,7 +26,7 @@ from torch import Tensor, nn
 
 from densenet_debug.backends import default_pair, environment, parse_backend
 from densenet_debug.errors import UsageError
-from densenet_debug.models import resolve_model
+from densenet_debug.models import BUILDERS, build_model, resolve_model
 from densenet_debug.reference.format import Fixture, FixtureError, read_fixture
 from densenet_debug.reference.record import model_identity, oracle_traces
 from densenet_debug.trace import Trace
@@ -92,35 +92,66 @@ def default_backend(device: str | torch.device | None = None) -> str:
 # -- loading -------------------------------------------------------------------------------------------------
 def load_reference(path: str | Path | Fixture, model: nn.Module | None = None, *,
                    spec: str | None = None) -> tuple[Fixture, nn.Module]:
-    """The fixture and a model with its stored weights. ``model`` (a user's) or ``spec`` must match the fixture.
+    """The fixture and a model holding its stored weights. Nothing a fixture names is ever imported or run.
 
-    Without ``model``, the model is rebuilt from the fixture's recorded spec (a builder name or
-    ``file.py:factory``). A fixture of another model or configuration raises :class:`FixtureError`.
+    ``model``: the caller's model (Python). ``spec``: the model a user names (``--model``): a builder name,
+    ``file.py:factory`` or ``package.module:factory``, called the way the fixture records (``factory_kwargs``:
+    with or without ``num_classes``). Neither: the fixture must be of one of our builders, rebuilt from
+    :data:`densenet_debug.models.BUILDERS` and meta.json; a fixture of a user's model asks for ``--model``.
+    Whatever the source, the model must have the recorded structure hash (and configuration, for ours), else
+    :class:`FixtureError`.
     """
     fixture = path if isinstance(path, Fixture) else read_fixture(path)
-    recorded = fixture.meta["model"]
+    recorded = fixture.meta["model"]  # validated by read_fixture: kind, spec and factory_kwargs fit together
     where = fixture.path / "meta.json"
-    if spec is not None and recorded.get("spec") != spec:
-        raise FixtureError(where, f"a fixture of model {recorded.get('spec') or recorded.get('class')} "
-                                  f"(config {_short(recorded.get('config'))}), not of {spec} as asked")
-    if model is None:
-        if not recorded.get("spec"):
-            raise FixtureError(where, "records no model spec (recorded from Python): pass the model to check it")
-        model = resolve_model(recorded["spec"], num_classes=recorded.get("num_classes"))
+    kind, kwargs = recorded["kind"], recorded["factory_kwargs"]
+    if model is not None:
+        given = "the model given"
+    elif spec is not None:
+        if kind == "builder" and spec in BUILDERS and spec != recorded["spec"]:
+            raise FixtureError(where, f"a fixture of model {recorded['spec']} (config {_short(recorded['config'])}), "
+                                      f"not of {spec} as asked")
+        model = resolve_model(spec, **(kwargs or {}))  # code the user named, never code the fixture names
+        given = spec
+    elif kind == "builder":
+        model = build_model(recorded["spec"], **kwargs)
+        given = recorded["spec"]
+    else:
+        raise FixtureError(where, f"a fixture of a user's model ({_described(recorded)}); a fixture never runs "
+                                  f"code: pass --model {_spec_hint(recorded)} to rebuild it (its structure must "
+                                  f"match the recorded one)")
     ident = model_identity(model)
-    if recorded.get("config") is not None and ident["config"] is not None and recorded["config"] != ident["config"]:
+    if recorded["config"] is not None and ident["config"] is not None and recorded["config"] != ident["config"]:
         diffs = {k: (recorded["config"].get(k), v) for k, v in ident["config"].items()
                  if recorded["config"].get(k) != v}
         raise FixtureError(where, f"a fixture of another configuration: recorded vs given {_short(diffs)}")
-    if recorded.get("structure_sha256") != ident["structure_sha256"]:
-        raise FixtureError(where, f"a fixture of another model: its parameters and buffers (names, shapes, dtypes) "
-                                  f"differ from the {ident['class'].rsplit('.', 1)[-1]} given")
+    if recorded["structure_sha256"] != ident["structure_sha256"]:
+        counts = (f"; {recorded.get('num_parameters')} recorded vs {ident['num_parameters']} parameters"
+                  if recorded.get("num_parameters") != ident["num_parameters"] else "")
+        raise FixtureError(where, f"a fixture of another model: the structure of {given} "
+                                  f"({_qualname(ident['class'])}: module names and types, parameter and buffer "
+                                  f"names, shapes, dtypes) differs from the recorded {_described(recorded)}{counts}")
     model = copy.deepcopy(model).cpu()
     try:
         model.load_state_dict(fixture.state)
     except RuntimeError as exc:
         raise FixtureError(fixture.path / "state.npz", f"does not fit the model: {str(exc).splitlines()[0]}") from None
     return fixture, model
+
+
+def _qualname(cls: str) -> str:
+    return cls.rsplit(".", 1)[-1]
+
+
+def _described(recorded: dict) -> str:
+    source = recorded["spec"] or "recorded from Python"
+    return f"{source}, class {_qualname(recorded['class'])}"
+
+
+def _spec_hint(recorded: dict) -> str:
+    if recorded["kind"] == "file":
+        return f"path/to/{recorded['spec']}"
+    return recorded["spec"] or "FILE.py:FACTORY (a function or class returning the model, called without arguments)"
 
 
 def _short(data: object, limit: int = 160) -> str:

@@ -27,8 +27,9 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import re
 import zipfile
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -44,11 +45,20 @@ SCHEMA = "densenet-debug/reference/1"
 SCHEMA_PREFIX = "densenet-debug/reference/"
 SCHEMA_VERSION = 1
 ARRAY_FILES = ("inputs.npz", "state.npz", "trace.npz")
+FILE_NAMES = ("index.json", "inputs.npz", "state.npz", "trace.npz")  # every file meta.json checksums
+MODEL_KINDS = ("builder", "file", "module", "python")
+_SPEC_FORMS = {"builder": "a builder name of densenet_debug.models.BUILDERS", "file": "FILE.py:FACTORY (a file name, "
+               "no directory)", "module": "package.module:FACTORY", "python": "null (recorded from Python)"}
+_FILE_SPEC = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*:[A-Za-z_][A-Za-z0-9_]*", re.ASCII)
+_MODULE_SPEC = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*", re.ASCII)
+_HEX64 = re.compile(r"[0-9a-f]{64}")
 TENSOR_QUANTITIES = ("inputs", "outputs", "grad_outputs", "grad_inputs")
 DICT_QUANTITIES = ("param_grads", "buffers_before", "buffers_after")
 ALL_QUANTITIES = TENSOR_QUANTITIES + DICT_QUANTITIES
 _ZIP_DATE = (1980, 1, 1, 0, 0, 0)
 _WIDENED = {torch.bfloat16: torch.float32}
+_NARROWED = {"bfloat16": torch.bfloat16}  # state_dtypes values a reader accepts
+_NUMERIC_KINDS = "biuf"
 
 
 class FixtureError(UsageError):
@@ -100,16 +110,39 @@ def npz_bytes(arrays: Mapping[str, np.ndarray]) -> bytes:
 
 
 def load_npz(path: Path) -> dict[str, np.ndarray]:
-    """Every array of ``path``; pickled (object) arrays and damaged zips raise :class:`FixtureError`."""
+    """Every array of ``path``: numeric ``.npy`` members only, in native byte order.
+
+    Pickled (object) arrays, members that are not ``.npy`` arrays, non-numeric dtypes and damaged zips raise
+    :class:`FixtureError` naming the file and the member.
+    """
     try:
+        with zipfile.ZipFile(path) as zf:
+            names = zf.namelist()
+        for member in names:
+            if not member.endswith(".npy") or "/" in member:
+                raise FixtureError(path, f"member {member!r} is not a .npy array; fixtures hold numeric arrays only")
         with np.load(path, allow_pickle=False) as npz:
-            return {key: npz[key] for key in npz.files}
+            arrays = {key: npz[key] for key in npz.files}
+    except FixtureError:
+        raise
     except ValueError as exc:
         if "allow_pickle" in str(exc) or "Object arrays" in str(exc):
             raise FixtureError(path, "holds an object (pickled) array; refused, fixtures are numeric only") from None
-        raise FixtureError(path, f"not a readable npz file: {exc}") from None
-    except (zipfile.BadZipFile, EOFError, OSError) as exc:
-        raise FixtureError(path, f"not a readable npz file ({type(exc).__name__}: {exc})") from None
+        raise FixtureError(path, f"not a readable npz file: {_first_line(exc)}") from None
+    except Exception as exc:  # zipfile, zlib, EOF, OS errors from a damaged file: all the same to the user
+        raise FixtureError(path, f"not a readable npz file ({type(exc).__name__}: {_first_line(exc)})") from None
+    for key, array in arrays.items():
+        if not isinstance(array, np.ndarray) or array.dtype.kind not in _NUMERIC_KINDS:
+            what = getattr(array, "dtype", type(array).__name__)
+            raise FixtureError(path, f"array {key!r} has dtype {what}; fixtures hold bool, integer and float arrays")
+        if not array.dtype.isnative:
+            arrays[key] = array.astype(array.dtype.newbyteorder("="))
+    return arrays
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return lines[0] if lines else type(exc).__name__
 
 
 def to_numpy(t: Tensor) -> np.ndarray:
@@ -245,11 +278,21 @@ def _layout_json(layout: Layout | None) -> list | None:
 
 
 def _layout(data: list | None) -> Layout | None:
-    return None if data is None else Layout(tuple(data[0]), tuple(data[1]), int(data[2]))
+    if data is None:
+        return None
+    if not isinstance(data, list) or len(data) != 3:
+        raise ValueError(f"a layout is [size, stride, offset], got {data!r}")
+    return Layout(tuple(int(v) for v in data[0]), tuple(int(v) for v in data[1]), int(data[2]))
 
 
-def decode_traces(index: list[dict], arrays: Mapping[str, np.ndarray], where: Path) -> tuple[list[Trace], list]:
-    """Rebuild the traces of :func:`encode_traces` (tensors shared where they were). Returns (traces, stored)."""
+def decode_traces(index: list[dict], arrays: Mapping[str, np.ndarray], where: Path,
+                  state_shapes: Mapping[str, tuple[int, ...]] | None = None) -> tuple[list[Trace], list]:
+    """Rebuild the traces of :func:`encode_traces` (tensors shared where they were). Returns (traces, stored).
+
+    Every tensor's shape is checked against what the index says it must be (the layout recorded with it,
+    its parameter's shape in ``state_shapes``), so a swapped or reshaped array is refused here, by name,
+    and never reaches the judge.
+    """
     tensors: dict[str, Tensor] = {}
 
     def resolve(ref: object) -> Tensor | None:
@@ -270,29 +313,63 @@ def decode_traces(index: list[dict], arrays: Mapping[str, np.ndarray], where: Pa
 
     traces, stored = [], []
     try:
-        for step in index:
+        for step_no, step in enumerate(index):
             units, kept = {}, {}
             # JSON keys are sorted on disk; a trace lists its units in forward order
             for name, entry in sorted(step["units"].items(), key=lambda item: item[1]["forward_index"]):
-                rec = UnitRecord(name, entry["kind"], int(entry["forward_index"]), bool(entry["training"]),
-                                 backward_index=entry["backward_index"], calls=int(entry["calls"]))
+                rec = UnitRecord(name, str(entry["kind"]), int(entry["forward_index"]), bool(entry["training"]),
+                                 backward_index=_opt_int(entry["backward_index"]), calls=int(entry["calls"]))
                 rec.input_layouts = [_layout(lo) for lo in entry["input_layouts"]]
                 rec.grad_output_layouts = [_layout(lo) for lo in entry["grad_output_layouts"]]
                 for q, refs in entry["tensors"].items():
                     if q in TENSOR_QUANTITIES:
                         setattr(rec, q, [resolve(r) for r in refs])
                     elif q in DICT_QUANTITIES:
-                        setattr(rec, q, {k: resolve(r) for k, r in refs.items()})
+                        setattr(rec, q, {str(k): resolve(r) for k, r in refs.items()})
                     else:
                         raise FixtureError(where, f"unit {name}: unknown quantity {q!r}")
+                _check_shapes(rec, state_shapes or {}, where, step_no)
                 units[name] = rec
                 kept[name] = set(entry["tensors"])
             trace = Trace(units, output=resolve(step["output"]), loss=resolve(step["loss"]))
+            if trace.loss is not None and trace.loss.dim() != 0:
+                raise FixtureError(where, f"step {step_no}: the loss has shape {tuple(trace.loss.shape)}, not a scalar")
             traces.append(trace)
             stored.append(kept)
-    except (KeyError, TypeError, ValueError, IndexError, RuntimeError) as exc:
-        raise FixtureError(where, f"malformed index ({type(exc).__name__}: {exc})") from None
+    except FixtureError:
+        raise
+    except (KeyError, TypeError, ValueError, IndexError, RuntimeError, AttributeError) as exc:
+        raise FixtureError(where, f"malformed index ({type(exc).__name__}: {_first_line(exc)})") from None
     return traces, stored
+
+
+def _opt_int(value: object) -> int | None:
+    return None if value is None else int(value)  # type: ignore[arg-type]
+
+
+def _check_shapes(rec: UnitRecord, state_shapes: Mapping[str, tuple[int, ...]], where: Path, step: int) -> None:
+    """Each stored tensor has the shape its record implies; a unit called twice is checked per hook only."""
+    def expect(what: str, t: Tensor | None, shape: tuple[int, ...] | None) -> None:
+        if t is not None and shape is not None and tuple(t.shape) != tuple(shape):
+            raise FixtureError(where, f"step {step}, unit {rec.name}: {what} has shape {tuple(t.shape)}, "
+                                      f"the index records {tuple(shape)} (a wrongly shaped trace array)")
+
+    def sizes(layouts: list[Layout | None], n: int) -> list[tuple[int, ...] | None]:
+        return [lo.size if lo is not None else None for lo in layouts[:n]] + [None] * max(0, n - len(layouts))
+
+    for i, (t, shape) in enumerate(zip(rec.inputs, sizes(rec.input_layouts, len(rec.inputs)))):
+        expect(f"input {i}", t, shape)
+    for i, (t, shape) in enumerate(zip(rec.grad_outputs, sizes(rec.grad_output_layouts, len(rec.grad_outputs)))):
+        expect(f"grad_output {i}", t, shape)
+    if rec.calls == 1:  # one call: outputs and grad_outputs, inputs and grad_inputs come from the same call
+        for i, (t, shape) in enumerate(zip(rec.outputs, sizes(rec.grad_output_layouts, len(rec.outputs)))):
+            expect(f"output {i}", t, shape)
+        for i, (t, shape) in enumerate(zip(rec.grad_inputs, sizes(rec.input_layouts, len(rec.grad_inputs)))):
+            expect(f"grad_input {i}", t, shape)
+    prefix = f"{rec.name}." if rec.name else ""
+    for q in DICT_QUANTITIES:
+        for k, t in getattr(rec, q).items():
+            expect(f"{q} {k}", t, state_shapes.get(prefix + k))
 
 
 # -- write / read -------------------------------------------------------------------------------------------
@@ -300,7 +377,10 @@ def write_fixture(
     path: str | Path, meta: dict, inputs: Tensor, targets: Tensor, state: Mapping[str, Tensor],
     traces: list[Trace], keep: Mapping[str, Iterable[str]] | None = None,
 ) -> Path:
-    """Write a fixture directory atomically; ``meta`` gains ``schema``, ``files`` and storage figures."""
+    """Write a fixture directory atomically; ``meta`` gains ``schema``, ``files`` and storage figures.
+
+    ``meta`` must hold every field :func:`validate_meta` asks for (``record_reference`` writes them all).
+    """
     target = Path(path)
     index, arrays = encode_traces(traces, keep)
     payload = {
@@ -314,10 +394,11 @@ def write_fixture(
     meta["schema"] = SCHEMA
     meta["state_dtypes"] = {k: str(v.dtype).removeprefix("torch.") for k, v in state.items()
                             if v.dtype in _WIDENED}
-    meta.setdefault("storage", {})["arrays"] = len(arrays)
-    meta["storage"]["tensor_bytes"] = int(sum(a.nbytes for a in arrays.values()))
+    meta["storage"] = {**meta.get("storage", {}), "arrays": len(arrays),
+                       "tensor_bytes": int(sum(a.nbytes for a in arrays.values()))}
     meta["files"] = {name: {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
                      for name, data in sorted(payload.items())}
+    validate_meta(meta, target / "meta.json")  # never write what a reader would refuse
     with writing_dir(target) as tmp:
         for name, data in payload.items():
             (tmp / name).write_bytes(data)
@@ -326,7 +407,7 @@ def write_fixture(
 
 
 def read_meta(path: str | Path) -> dict:
-    """``meta.json`` of the fixture at ``path``, with its schema checked (one-line errors)."""
+    """``meta.json`` of the fixture at ``path``, with its schema and every field checked (one-line errors)."""
     root = Path(path)
     if not root.exists():
         raise FixtureError(root, "no such fixture directory")
@@ -352,33 +433,118 @@ def read_meta(path: str | Path) -> dict:
                                       "upgrade densenet-debug or re-record the fixture")
     if int(version) < SCHEMA_VERSION:
         raise FixtureError(meta_path, f"schema {schema} is older than {SCHEMA}; re-record the fixture")
-    for key in ("files", "storage", "model"):
-        if not isinstance(meta.get(key), dict):
-            raise FixtureError(meta_path, f"no {key!r} section")
+    validate_meta(meta, meta_path)
     return meta
 
 
+# -- meta.json: every field a reader uses, with its type; nothing in it names a path or runs code -----------
+def stored_model_spec(spec: str) -> tuple[str, str]:
+    """``(kind, spec as stored)`` for a ``--model`` spec: the form that works from any directory.
+
+    A builder name stays (``builder``); ``path/to/m.py:factory`` becomes ``m.py:factory`` (``file``: the
+    user names the file again with ``--model``); ``package.module:factory`` stays (``module``).
+    """
+    from densenet_debug.models import BUILDERS
+
+    if spec in BUILDERS:
+        return "builder", spec
+    where, _, factory = spec.rpartition(":")
+    if where.endswith(".py") or "/" in where or "\\" in where:  # the rule of models.resolve_model
+        return "file", f"{Path(where.replace(chr(92), '/')).name}:{factory}"
+    return "module", spec
+
+
+def _spec_fits(kind: str, spec: object) -> bool:
+    from densenet_debug.models import BUILDERS
+
+    if kind == "python":
+        return spec is None
+    if not isinstance(spec, str):
+        return False
+    if kind == "builder":
+        return spec in BUILDERS
+    return bool((_FILE_SPEC if kind == "file" else _MODULE_SPEC).fullmatch(spec))
+
+
+def _is_int(value: object, low: int = 0) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= low
+
+
+def _is_hex64(value: object) -> bool:
+    return isinstance(value, str) and bool(_HEX64.fullmatch(value))
+
+
+def _shown(value: object, limit: int = 60) -> str:
+    text = json.dumps(value) if not isinstance(value, str) else repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def validate_meta(meta: dict, where: Path) -> None:
+    """Raise :class:`FixtureError` naming the first field of ``meta`` that is missing or ill-typed."""
+    def get(dotted: str, ok: Callable[[object], bool], expected: str) -> object:
+        node: object = meta
+        for part in dotted.split("."):
+            if not isinstance(node, dict) or part not in node:
+                raise FixtureError(where, f"field {dotted} is missing; re-record the fixture "
+                                          "(scripts/regen_reference, or densenet-debug record --force)")
+            node = node[part]
+        if not ok(node):
+            raise FixtureError(where, f"field {dotted} must be {expected}, got {_shown(node)}")
+        return node
+
+    is_dict = lambda v: isinstance(v, dict)  # noqa: E731
+    get("name", lambda v: isinstance(v, str) and bool(v), "a non-empty string")
+    for section in ("model", "data", "step", "storage", "files", "state_dtypes"):
+        get(section, is_dict, "an object")
+    kind = get("model.kind", lambda v: v in MODEL_KINDS, f"one of {', '.join(MODEL_KINDS)}")
+    spec = get("model.spec", lambda v: v is None or isinstance(v, str), "a string or null")
+    if not _spec_fits(str(kind), spec):
+        raise FixtureError(where, f"field model.spec must be {_SPEC_FORMS[str(kind)]} for model.kind {kind}, got "
+                                  f"{_shown(spec)}; a fixture names no paths and runs no code")
+    get("model.factory_kwargs", lambda v: v is None or (isinstance(v, dict) and set(v) <= {"num_classes"}
+                                                       and all(_is_int(n, 1) for n in v.values())),
+        "null or an object with at most num_classes (a positive integer)")
+    if kind != "python" and meta["model"]["factory_kwargs"] is None:
+        raise FixtureError(where, f"field model.factory_kwargs must say how the {kind} was called, got null")
+    get("model.structure_sha256", _is_hex64, "a SHA-256 (64 hex digits)")
+    get("model.class", lambda v: isinstance(v, str), "a string")
+    get("model.config", lambda v: v is None or is_dict(v), "an object or null")
+    get("model.num_classes", lambda v: v is None or _is_int(v, 1), "a positive integer or null")
+    get("data.batch", lambda v: _is_int(v, 1), "a positive integer")
+    get("data.input_shape", lambda v: isinstance(v, list) and all(_is_int(n, 1) for n in v),
+        "a list of positive integers")
+    get("step.steps", lambda v: _is_int(v, 1), "a positive integer")
+    get("step.bn_mode", lambda v: v in ("train", "eval"), "train or eval")
+    get("storage.policy", lambda v: v in ("full", "checkpoints"), "full or checkpoints")
+    get("state_dtypes", lambda v: all(isinstance(k, str) and d in _NARROWED for k, d in v.items()),  # type: ignore
+        f"an object mapping state names to {', '.join(_NARROWED)}")
+    files = meta["files"]
+    if set(files) != set(FILE_NAMES):
+        extra, missing = sorted(set(files) - set(FILE_NAMES)), sorted(set(FILE_NAMES) - set(files))
+        cause = f"names {_shown(extra[0])}, not a file of a fixture" if extra else f"lacks {', '.join(missing)}"
+        raise FixtureError(where, f"field files must list exactly {', '.join(FILE_NAMES)}; it {cause}")
+    for name in FILE_NAMES:
+        info = files[name]
+        if not (is_dict(info) and _is_int(info.get("bytes")) and _is_hex64(info.get("sha256"))):
+            raise FixtureError(where, f"field files[{name!r}] must be an object with bytes (an integer) and "
+                                      f"sha256 (64 hex digits), got {_shown(info)}")
+
+
 def verify_files(path: str | Path, meta: dict) -> None:
-    """Every file named in ``meta['files']`` exists with the recorded size and SHA-256."""
+    """Every file named in ``meta['files']`` (see :func:`validate_meta`) has the recorded size and SHA-256."""
     root = Path(path)
-    expected = set(ARRAY_FILES) | {"index.json"}
-    missing_entries = expected - set(meta["files"])
-    if missing_entries:
-        raise FixtureError(root / "meta.json", f"lists no checksum for {', '.join(sorted(missing_entries))}")
-    for name, info in sorted(meta["files"].items()):
-        file = root / name
-        if "/" in name or name.startswith("."):
-            raise FixtureError(root / "meta.json", f"bad file name {name!r}")
+    for name in FILE_NAMES:
+        info, file = meta["files"][name], root / name
         if not file.is_file():
             raise FixtureError(file, "missing")
         size = file.stat().st_size
-        if size != info.get("bytes"):
-            cause = "truncated" if size < int(info.get("bytes") or 0) else "wrong size"
-            raise FixtureError(file, f"{cause}: {size} bytes, meta.json records {info.get('bytes')}")
+        if size != info["bytes"]:
+            cause = "truncated" if size < info["bytes"] else "wrong size"
+            raise FixtureError(file, f"{cause}: {size} bytes, meta.json records {info['bytes']}")
         digest = sha256(file)
-        if digest != info.get("sha256"):
+        if digest != info["sha256"]:
             raise FixtureError(file, f"SHA-256 mismatch (corrupted or edited): {digest[:16]}..., "
-                                     f"meta.json records {str(info.get('sha256'))[:16]}...")
+                                     f"meta.json records {info['sha256'][:16]}...")
 
 
 def read_fixture(path: str | Path) -> Fixture:
@@ -386,19 +552,46 @@ def read_fixture(path: str | Path) -> Fixture:
     root = Path(path)
     meta = read_meta(root)
     verify_files(root, meta)
-    io_arrays = load_npz(root / "inputs.npz")
-    if set(io_arrays) != {"inputs", "targets"}:
-        raise FixtureError(root / "inputs.npz", f"expected arrays inputs and targets, found {sorted(io_arrays)}")
-    widened = meta.get("state_dtypes", {})
+    inputs, targets = _read_batch(root / "inputs.npz", meta)
     state = {}
     for k, a in load_npz(root / "state.npz").items():
         t = torch.from_numpy(a)
-        state[k] = t.to(getattr(torch, widened[k])) if k in widened else t
+        state[k] = t.to(_NARROWED[meta["state_dtypes"][k]]) if k in meta["state_dtypes"] else t
+    unknown = sorted(set(meta["state_dtypes"]) - set(state))
+    if unknown:
+        raise FixtureError(root / "meta.json", f"field state_dtypes names {unknown[0]!r}, which state.npz lacks")
     try:
         index = json.loads((root / "index.json").read_text())
         steps = index["steps"]
     except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as exc:
         raise FixtureError(root / "index.json", f"malformed ({exc})") from None
-    traces, stored = decode_traces(steps, load_npz(root / "trace.npz"), root / "index.json")
-    return Fixture(root, meta, torch.from_numpy(io_arrays["inputs"]), torch.from_numpy(io_arrays["targets"]),
-                   state, traces, stored)
+    if not isinstance(steps, list) or len(steps) != meta["step"]["steps"]:
+        raise FixtureError(root / "index.json", f"field steps must list {meta['step']['steps']} step(s) as "
+                                                f"meta.json records, got {_shown(steps)}")
+    shapes = {k: tuple(t.shape) for k, t in state.items()}
+    traces, stored = decode_traces(steps, load_npz(root / "trace.npz"), root / "index.json", shapes)
+    classes = meta["model"]["num_classes"]
+    for i, trace in enumerate(traces):
+        if trace.output is not None and (trace.output.dim() != 2 or trace.output.shape[0] != inputs.shape[0]
+                                         or (classes is not None and trace.output.shape[1] != classes)):
+            raise FixtureError(root / "trace.npz", f"step {i}: logits of shape {tuple(trace.output.shape)}, expected "
+                                                   f"({inputs.shape[0]}, {classes}) (a wrongly shaped trace array)")
+    return Fixture(root, meta, inputs, targets, state, traces, stored)
+
+
+def _read_batch(path: Path, meta: dict) -> tuple[Tensor, Tensor]:
+    """``inputs`` and ``targets``, checked against meta.json's batch, input shape and classes."""
+    arrays = load_npz(path)
+    if set(arrays) != {"inputs", "targets"}:
+        raise FixtureError(path, f"expected arrays inputs and targets, found {sorted(arrays)}")
+    inputs, targets = arrays["inputs"], arrays["targets"]
+    expected = (meta["data"]["batch"], *meta["data"]["input_shape"])
+    if inputs.shape != expected:
+        raise FixtureError(path, f"array inputs has shape {inputs.shape}, meta.json records {expected}")
+    if targets.shape != expected[:1] or targets.dtype.kind not in "iu":
+        raise FixtureError(path, f"array targets must be {expected[0]} integer labels, got shape {targets.shape} "
+                                 f"{targets.dtype}")
+    classes = meta["model"]["num_classes"]
+    if targets.size and (targets.min() < 0 or (classes is not None and targets.max() >= classes)):
+        raise FixtureError(path, f"array targets holds labels outside [0, {classes}): {targets.min()}..{targets.max()}")
+    return torch.from_numpy(inputs), torch.from_numpy(targets)

@@ -22,6 +22,7 @@ import hashlib
 import os
 import platform
 import subprocess
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -32,11 +33,12 @@ from torch import Tensor, nn
 
 from densenet_debug import __version__
 from densenet_debug.errors import UsageError
-from densenet_debug.reference.format import ALL_QUANTITIES, DICT_QUANTITIES, write_fixture
+from densenet_debug.reference.format import ALL_QUANTITIES, DICT_QUANTITIES, stored_model_spec, write_fixture
 from densenet_debug.trace import Trace
 
 POLICIES = ("auto", "full", "checkpoints")
 DEFAULT_MAX_MB = 8.0
+USER_MODULE_PREFIX = "_densenet_debug_user_"  # the module name models.resolve_model gives a user file
 LOSS = "torch.nn.functional.cross_entropy (mean over the batch)"
 
 
@@ -44,16 +46,33 @@ class OracleDisagreement(Exception):
     """PyTorch float64 and the independent NumPy oracle disagree: the truth itself is in doubt."""
 
 
+def structure(model: nn.Module) -> list[str]:
+    """What a fixture's structure hash covers, one line per item, in registration order.
+
+    Every module's name and type (class name without its module: a file imported from another directory, or
+    by pytest under another module name, is the same model), and every parameter and buffer: name, shape,
+    dtype. Weights are not in it (they are stored); behaviour is not (that is what the check judges).
+    """
+    lines = []
+    for name, module in model.named_modules():
+        lines.append(f"module {name} {type(module).__qualname__}")
+        for kind, items in (("parameter", module.named_parameters(recurse=False)),
+                            ("buffer", module.named_buffers(recurse=False))):
+            for key, t in items:
+                lines.append(f"{kind} {name + '.' if name else ''}{key} {tuple(t.shape)} {t.dtype}")
+    return lines
+
+
 def model_identity(model: nn.Module) -> dict:
-    """Class, configuration and a structure hash (names, shapes, dtypes of the state) of ``model``."""
-    h = hashlib.sha256()
-    for k, v in model.state_dict().items():
-        h.update(f"{k}:{tuple(v.shape)}:{v.dtype};".encode())
+    """Class, configuration and structure hash (SHA-256 of :func:`structure`) of ``model``."""
     config = getattr(model, "config", None)
+    module = type(model).__module__
+    if module.startswith(USER_MODULE_PREFIX):  # a file loaded by models.resolve_model: name it by its file
+        module = Path(getattr(sys.modules.get(module), "__file__", None) or "user").stem
     return {
-        "class": f"{type(model).__module__}.{type(model).__qualname__}",
+        "class": f"{module}.{type(model).__qualname__}",
         "config": dict(config) if isinstance(config, dict) else None,
-        "structure_sha256": h.hexdigest(),
+        "structure_sha256": hashlib.sha256("\n".join(structure(model)).encode()).hexdigest(),
         "num_parameters": sum(p.numel() for p in model.parameters()),
     }
 
@@ -73,6 +92,34 @@ def builder_of(model: nn.Module) -> str | None:
         if candidate.config == config:
             return name
     return None
+
+
+def model_description(model: nn.Module, spec: str | None, factory_kwargs: dict | None) -> dict:
+    """meta.json's ``model`` section: how to rebuild ``model``, and its identity.
+
+    ``kind`` says how check-reference gets the model back. ``builder``: our own builder, rebuilt from meta.json
+    alone (``BUILDERS[spec](**factory_kwargs)``). ``file``/``module``: a user's factory, stored as
+    ``m.py:factory`` (file name only, so the fixture works from any directory) or ``package.module:factory``;
+    a fixture never imports it: the user passes ``--model`` again, the factory is called with the stored
+    ``factory_kwargs``, and the rebuilt model must have the recorded structure hash. ``python``: recorded from
+    Python with no spec (the pytest plugin); checkable with ``--model``, the factory called without arguments.
+    """
+    if spec is None:
+        inferred = builder_of(model)
+        kind, stored = ("builder", inferred) if inferred else ("python", None)
+        spec_from = "config" if inferred else None
+    else:
+        kind, stored = stored_model_spec(spec)
+        spec_from = "given"
+    config = getattr(model, "config", None)
+    if kind == "python":
+        factory_kwargs = None
+    elif factory_kwargs is None and kind == "builder" and isinstance(config, dict) and "num_classes" in config:
+        factory_kwargs = {"num_classes": int(config["num_classes"])}
+    elif factory_kwargs is None:
+        factory_kwargs = {}  # a Python caller that named a factory but not its arguments: called without any
+    return {"kind": kind, "spec": stored, "spec_from": spec_from,
+            "factory_kwargs": None if factory_kwargs is None else dict(factory_kwargs), **model_identity(model)}
 
 
 def generate_batch(batch: int, seed: int, input_shape: tuple[int, ...],
@@ -206,13 +253,15 @@ def _git_commit() -> str:
 
 def record_reference(
     model: nn.Module, inputs: Tensor, targets: Tensor, path: str | Path, *, name: str | None = None,
-    spec: str | None = None, data: dict | None = None, steps: int = 1, eval_mode: bool = False,
-    policy: str = "auto", max_mb: float = DEFAULT_MAX_MB, check_oracle: bool = True,
+    spec: str | None = None, factory_kwargs: dict | None = None, data: dict | None = None, steps: int = 1,
+    eval_mode: bool = False, policy: str = "auto", max_mb: float = DEFAULT_MAX_MB, check_oracle: bool = True,
 ) -> Path:
     """Record the float64 truth of ``steps`` training steps of ``model`` on ``(inputs, targets)`` at ``path``.
 
-    ``spec``: how to rebuild the model (a builder name or ``file.py:factory``; inferred for our builders),
-    stored for ``check-reference``; ``data``: how the inputs were generated. The weights are stored too, so the
+    ``spec``: how ``model`` was made (a builder name, ``file.py:factory`` or ``package.module:factory``;
+    inferred for our builders) and ``factory_kwargs`` the keywords it was called with (``{}`` or
+    ``{"num_classes": n}``), stored so that ``check-reference`` rebuilds it the same way (see
+    :func:`model_description`); ``data``: how the inputs were generated. The weights are stored too, so the
     fixture rebuilds the exact model. Raises :class:`OracleDisagreement` if the NumPy cross-check fails.
     """
     if policy not in POLICIES:
@@ -240,11 +289,9 @@ def record_reference(
         "dedup": "each distinct tensor once; concatenations and their input gradients as verified recipes",
         "full_bytes_upper_bound": full_bytes,
     }
-    inferred = None if spec else builder_of(model)
     meta = {
         "name": name or Path(path).name,
-        "model": {"spec": spec or inferred, "spec_from": "given" if spec else ("config" if inferred else None),
-                  **model_identity(model),
+        "model": {**model_description(model, spec, factory_kwargs),
                   "num_classes": int(traces[0].output.shape[-1]) if traces[0].output is not None else None},
         "data": {"batch": int(inputs.shape[0]), "input_shape": list(inputs.shape[1:]),
                  "input_dtype": str(inputs.dtype).removeprefix("torch."),

@@ -68,16 +68,24 @@ def pristine(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return _write(tmp_path_factory.mktemp("pristine"))
 
 
+def _meta(name: str = "fx", batch: int = 2, input_shape: tuple[int, ...] = (3, 32, 32)) -> dict:
+    """Every field meta.json must hold, for a fixture of densenet-bc-10 (what record_reference writes)."""
+    from densenet_debug.reference.record import model_description
+
+    return {"name": name, "model": {**model_description(build_model("densenet-bc-10"), "densenet-bc-10", None),
+                                    "num_classes": 10},
+            "data": {"batch": batch, "input_shape": list(input_shape)}, "step": {"steps": 1, "bn_mode": "train"},
+            "storage": {"policy": "full"}}
+
+
 def _write(tmp_path: Path, name: str = "fx", **kw) -> Path:
     m, x, y, state, trace = _fp64_trace(**kw)
-    meta = {"name": name, "model": {"spec": "densenet-bc-10"}, "storage": {"policy": "full"}}
-    return write_fixture(tmp_path / name, meta, x, y, state, [trace])
+    return write_fixture(tmp_path / name, _meta(name, x.shape[0]), x, y, state, [trace])
 
 
 def test_round_trip_is_bit_exact_with_layouts(tmp_path: Path) -> None:
     m, x, y, state, trace = _fp64_trace()
-    meta = {"name": "fx", "model": {"spec": "densenet-bc-10"}, "storage": {"policy": "full"}}
-    fx = read_fixture(write_fixture(tmp_path / "fx", meta, x, y, state, [trace]))
+    fx = read_fixture(write_fixture(tmp_path / "fx", _meta(), x, y, state, [trace]))
     _assert_same_trace(trace, fx.traces[0])
     assert torch.equal(fx.inputs, x) and torch.equal(fx.targets, y)
     assert fx.state.keys() == state.keys() and all(torch.equal(fx.state[k], v) for k, v in state.items())
@@ -137,8 +145,7 @@ def test_npz_is_readable_by_numpy_and_refuses_objects(tmp_path: Path) -> None:
 def test_bfloat16_state_round_trips(tmp_path: Path) -> None:
     _, x, y, state, trace = _fp64_trace()
     state = {k: (v.to(torch.bfloat16) if v.is_floating_point() else v) for k, v in state.items()}
-    meta = {"name": "bf", "model": {}, "storage": {"policy": "full"}}
-    fx = read_fixture(write_fixture(tmp_path / "bf", meta, x, y, state, [trace]))
+    fx = read_fixture(write_fixture(tmp_path / "bf", _meta("bf"), x, y, state, [trace]))
     assert fx.state["stem.weight"].dtype == torch.bfloat16
     assert torch.equal(fx.state["stem.weight"], state["stem.weight"])
 
@@ -245,7 +252,7 @@ def test_write_is_atomic(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Non
     monkeypatch.setattr(fixtures, "canonical_json", boom)
     m, x, y, state, trace = _fp64_trace(seed=1)
     with pytest.raises(RuntimeError):
-        write_fixture(root, {"model": {}, "storage": {}}, x, y, state, [trace])
+        write_fixture(root, _meta(), x, y, state, [trace])
     assert {p.name: p.read_bytes() for p in root.iterdir()} == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["fx"]
 
