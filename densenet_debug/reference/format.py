@@ -328,7 +328,7 @@ def decode_traces(index: list[dict], arrays: Mapping[str, np.ndarray], where: Pa
                         setattr(rec, q, {str(k): resolve(r) for k, r in refs.items()})
                     else:
                         raise FixtureError(where, f"unit {name}: unknown quantity {q!r}")
-                _check_shapes(rec, state_shapes or {}, where, step_no)
+                _check_shapes(rec, state_shapes or {}, where, step_no, tensors)
                 units[name] = rec
                 kept[name] = set(entry["tensors"])
             trace = Trace(units, output=resolve(step["output"]), loss=resolve(step["loss"]))
@@ -347,12 +347,16 @@ def _opt_int(value: object) -> int | None:
     return None if value is None else int(value)  # type: ignore[arg-type]
 
 
-def _check_shapes(rec: UnitRecord, state_shapes: Mapping[str, tuple[int, ...]], where: Path, step: int) -> None:
+def _check_shapes(rec: UnitRecord, state_shapes: Mapping[str, tuple[int, ...]], where: Path, step: int,
+                  tensors: Mapping[str, Tensor]) -> None:
     """Each stored tensor has the shape its record implies; a unit called twice is checked per hook only."""
     def expect(what: str, t: Tensor | None, shape: tuple[int, ...] | None) -> None:
         if t is not None and shape is not None and tuple(t.shape) != tuple(shape):
-            raise FixtureError(where, f"step {step}, unit {rec.name}: {what} has shape {tuple(t.shape)}, "
-                                      f"the index records {tuple(shape)} (a wrongly shaped trace array)")
+            key = next((k for k, v in tensors.items() if v is t), None)
+            array = f"array {key}" if key else "a recipe of arrays"
+            raise FixtureError(where.parent / "trace.npz", f"{array} ({what} of unit {rec.name}, step {step}) "
+                                                           f"has shape {tuple(t.shape)}, {where.name} records "
+                                                           f"{tuple(shape)}")
 
     def sizes(layouts: list[Layout | None], n: int) -> list[tuple[int, ...] | None]:
         return [lo.size if lo is not None else None for lo in layouts[:n]] + [None] * max(0, n - len(layouts))
