@@ -13,11 +13,20 @@ training step (cross-entropy on ``targets``, or on labels drawn from ``torch.Gen
 every unit's inputs, outputs and gradients. Plain ``pytest`` then judges the model under the current
 PyTorch (default backend of its device, or ``--reference-backend``) against it with the verdict engine,
 every unit local and propagated, and fails with the first divergent layer and a table.
+
+As a user meets it: ``--update-reference`` ends with a summary of where each reference went and what it
+holds; two tests using one ``name=`` are an error (one would silently replace the other's reference); a
+failure prints its message once; with several ``--reference-backend``, every backend is judged and every
+failing one reported; a CUDA backend on a machine without CUDA is skipped with the reason (the test is
+skipped when no requested backend can run here). A reference recorded from Python stores no code: check it
+from the command line with ``densenet-debug check-reference DIR --model test_file.py:ModelClassOrFactory``
+(called without arguments; the model must have the recorded structure).
 """
 
 from __future__ import annotations
 
 import re
+import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -42,11 +51,15 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 class GradReference:
     """Record (``--update-reference``) or check a model's gradients against ``<dir>/reference_grads/<name>/``."""
 
-    def __init__(self, directory: Path, test_name: str, update: bool, backends: list[str] | None) -> None:
+    def __init__(self, directory: Path, test_name: str, update: bool, backends: list[str] | None,
+                 nodeid: str = "", claimed: dict[Path, str] | None = None, written: list[str] | None = None) -> None:
         self.directory = Path(directory)
         self.test_name = test_name
         self.update = update
         self.backends = backends
+        self.nodeid = nodeid or test_name
+        self._claimed = {} if claimed is None else claimed  # fixture path -> the test that uses it (this session)
+        self._written = [] if written is None else written  # what --update-reference wrote, for the summary
 
     def path(self, name: str) -> Path:
         return self.directory / FOLDER / name
@@ -58,54 +71,134 @@ class GradReference:
 
         ``targets`` default to labels drawn from ``torch.Generator().manual_seed(0)`` over the model's output
         width. ``max_mb``: above it, only checkpoints are stored (see :mod:`densenet_debug.reference.record`).
-        Returns the :class:`~densenet_debug.reference.check.ReferenceResult` of each backend.
+        Every backend is judged and every failing one reported; a CUDA backend on a machine without CUDA is
+        skipped with a reason (the test is skipped when no backend can run). Returns the
+        :class:`~densenet_debug.reference.check.ReferenceResult` of each backend judged.
         """
-        from densenet_debug.errors import UsageError
-        from densenet_debug.reference.check import check_reference, default_backend, load_reference, reference_oracle
-        from densenet_debug.reference.format import FixtureError
-        from densenet_debug.reference.record import DEFAULT_MAX_MB, record_reference
-
         name = name or _safe(self.test_name)
         target = self.path(name)
+        self._claim(target, name)
         if targets is None:
             targets = default_targets(model, inputs)
-        device = _device(model)
         if self.update:
+            _fail_if(self._record(model, inputs, targets, target, name, steps, eval_mode, max_mb))
+        elif not target.exists():
+            _fail_if(f"no gradient reference at {target}; run pytest --update-reference to record it")
+        loaded, problem = _load(target, model, inputs, targets, steps, eval_mode)
+        _fail_if(problem)
+        chosen = backend if backend is not None else (self.backends or [None])
+        names = [chosen] if isinstance(chosen, str) else list(chosen)
+        return self._judge(loaded, names, name, target, _device(model))
+
+    # -- steps of check ------------------------------------------------------------------------------------------
+    def _claim(self, target: Path, name: str) -> None:
+        """Two tests with one ``name=`` would overwrite each other's reference: an error, not a race."""
+        owner = self._claimed.setdefault(target.resolve(), self.nodeid)
+        _fail_if(None if owner == self.nodeid else (
+            f"grad_reference name {name!r} is already used by {owner}; two tests would record and check the same "
+            f"{target} (the later silently replacing the earlier): give each check its own name="))
+
+    def _record(self, model: nn.Module, inputs: Tensor, targets: Tensor, target: Path, name: str, steps: int,
+                eval_mode: bool, max_mb: float | None) -> str | None:
+        from densenet_debug.errors import UsageError
+        from densenet_debug.reference.format import read_meta
+        from densenet_debug.reference.record import DEFAULT_MAX_MB, OracleDisagreement, record_reference
+
+        try:
             record_reference(model, inputs, targets, target, name=name, steps=steps, eval_mode=eval_mode,
                              data={"how": f"given by the test {self.test_name}; stored in inputs.npz"},
                              max_mb=DEFAULT_MAX_MB if max_mb is None else max_mb)
-        elif not target.exists():
-            pytest.fail(f"no gradient reference at {target}; run pytest --update-reference to record it",
-                        pytrace=False)
-        try:
-            fixture, loaded_model = load_reference(target, model)
-        except FixtureError as exc:
-            pytest.fail(f"{exc}; re-record with pytest --update-reference", pytrace=False)
-        _same_or_fail("inputs", inputs, fixture.inputs, target / "inputs.npz")
-        _same_or_fail("targets", targets, fixture.targets, target / "inputs.npz")
-        state = model.state_dict()
-        for key, stored in fixture.state.items():
-            _same_or_fail(f"weight {key}", state[key], stored, target / "state.npz")
-        step = fixture.meta.get("step", {})
-        if int(step.get("steps", 1)) != steps or (step.get("bn_mode") == "eval") != eval_mode:
-            pytest.fail(f"{target}/meta.json: recorded with steps={step.get('steps')}, BN {step.get('bn_mode')}; "
-                        f"asked steps={steps}, eval_mode={eval_mode}; re-record with --update-reference",
-                        pytrace=False)
-        names = backend if backend is not None else (self.backends or [default_backend(device)])
-        names = [names] if isinstance(names, str) else list(names)
-        oracle, recomputed = reference_oracle(fixture, loaded_model)
+        except (UsageError, OracleDisagreement) as exc:
+            return f"grad_reference: recording {target} failed: {exc}"
+        meta = read_meta(target)
+        files = sorted(p.name for p in target.iterdir())
+        size = sum((target / f).stat().st_size for f in files)
+        self._written.append(
+            f"{target}/ for {self.nodeid}: {_qualname(meta['model']['class'])}, {steps} step(s), BN "
+            f"{meta['step']['bn_mode']}, {meta.get('units')} units, policy {meta['storage']['policy']}, "
+            f"{size / 1e6:.2f} MB in {', '.join(files)}")
+        return None
+
+    def _judge(self, loaded: tuple, names: list[str | None], name: str, target: Path, device: torch.device) -> list:
+        import torch
+
+        from densenet_debug.errors import UsageError
+        from densenet_debug.reference.check import check_reference, default_backend, reference_oracle
+
+        fixture, model = loaded
+        oracle, recomputed = reference_oracle(fixture, model)
         shared: dict = {}
-        results = []
+        results, failures, skipped = [], [], []
         for b in names:
+            b = b or default_backend(device)
+            on = device
+            if device.type == "cpu" and _needs_cuda(b):
+                if not torch.cuda.is_available():
+                    skipped.append(b)
+                    continue
+                on = torch.device("cuda")
             try:
-                result = check_reference(target, b, device=device, loaded=(fixture, loaded_model, oracle, recomputed),
+                result = check_reference(target, b, device=on, loaded=(fixture, model, oracle, recomputed),
                                          shared=shared)
             except UsageError as exc:
-                pytest.fail(f"grad_reference: {exc}", pytrace=False)
+                failures.append(f"backend {b}: {exc}")
+                continue
             results.append(result)
             if result.verdict != "agree":
-                pytest.fail(f"gradient reference {name} ({target}):\n{result.message()}", pytrace=False)
+                failures.append(f"backend {result.backend}:\n{result.message()}")
+        judged = [r.backend for r in results]
+        if failures:
+            agreeing = [r.backend for r in results if r.verdict == "agree"]
+            ran = f"; agree: {', '.join(agreeing)}" if agreeing else ""
+            gone = f"; skipped without CUDA: {', '.join(skipped)}" if skipped else ""
+            pytest.fail(f"gradient reference {name} ({target}): {len(failures)} of {len(names)} backend(s) "
+                        f"failed{ran}{gone}\n" + "\n\n".join(failures), pytrace=False)
+        if skipped and not results:
+            pytest.skip(f"backend(s) {', '.join(skipped)} need CUDA; torch.cuda.is_available() is False here")
+        if skipped:
+            warnings.warn(f"grad_reference {name}: skipped {', '.join(skipped)} (needs CUDA, absent here); "
+                          f"judged {', '.join(judged)}", pytest.PytestWarning, stacklevel=3)
         return results
+
+
+def _load(target: Path, model: nn.Module, inputs: Tensor, targets: Tensor, steps: int,
+          eval_mode: bool) -> tuple[tuple | None, str | None]:
+    """``((fixture, model with its weights), None)``, or ``(None, why the test fails)``: one message, no chain."""
+    from densenet_debug.reference.check import load_reference
+    from densenet_debug.reference.format import FixtureError
+
+    try:
+        fixture, loaded = load_reference(target, model)
+    except FixtureError as exc:
+        return None, f"{exc}; re-record with pytest --update-reference"
+    state = model.state_dict()
+    problem = (_differs("inputs", inputs, fixture.inputs, target / "inputs.npz")
+               or _differs("targets", targets, fixture.targets, target / "inputs.npz")
+               or next((d for key, stored in fixture.state.items()
+                        if (d := _differs(f"weight {key}", state[key], stored, target / "state.npz"))), None))
+    if problem:
+        return None, problem
+    step = fixture.meta["step"]
+    if step["steps"] != steps or (step["bn_mode"] == "eval") != eval_mode:
+        return None, (f"{target}/meta.json: recorded with steps={step['steps']}, BN {step['bn_mode']}; asked "
+                      f"steps={steps}, eval_mode={eval_mode}; re-record with --update-reference")
+    return (fixture, loaded), None
+
+
+def _fail_if(message: str | None) -> None:
+    """Fail with ``message`` alone, raised outside any ``except`` block (no "During handling" chain)."""
+    if message:
+        pytest.fail(message, pytrace=False)
+
+
+def _needs_cuda(backend: str) -> bool:
+    from densenet_debug.backends import COMPONENTS
+
+    return any(getattr(COMPONENTS.get(part.strip()), "devices", None) == ("cuda",) for part in backend.split("+"))
+
+
+def _qualname(cls: str) -> str:
+    return cls.rsplit(".", 1)[-1]
 
 
 def default_targets(model: nn.Module, inputs: Tensor) -> Tensor:
@@ -127,25 +220,44 @@ def _device(model: nn.Module) -> torch.device:
     return p.device if p is not None else torch.device("cpu")
 
 
-def _same_or_fail(what: str, given: Tensor, stored: Tensor, where: Path) -> None:
+def _differs(what: str, given: Tensor, stored: Tensor, where: Path) -> str | None:
+    """Why ``given`` is not the recorded ``stored`` (None when it is, bit for bit)."""
     import torch
 
     given = given.detach().cpu()
-    if given.shape != stored.shape or given.dtype != stored.dtype or not torch.equal(given, stored):
-        detail = (f"shape {tuple(given.shape)} {given.dtype} vs recorded {tuple(stored.shape)} {stored.dtype}"
-                  if given.shape != stored.shape or given.dtype != stored.dtype
-                  else f"max |difference| {float((given.double() - stored.double()).abs().max()):.3g}")
-        pytest.fail(f"{where}: the {what} given differ from the recorded ones ({detail}); the check needs the "
-                    "same model state and batch (seed them), or re-record with --update-reference", pytrace=False)
+    if given.shape == stored.shape and given.dtype == stored.dtype and torch.equal(given, stored):
+        return None
+    detail = (f"shape {tuple(given.shape)} {given.dtype} vs recorded {tuple(stored.shape)} {stored.dtype}"
+              if given.shape != stored.shape or given.dtype != stored.dtype
+              else f"max |difference| {float((given.double() - stored.double()).abs().max()):.3g}")
+    return (f"{where}: the {what} given differ from the recorded ones ({detail}); the check needs the same model "
+            "state and batch (seed them), or re-record with --update-reference")
 
 
 def _safe(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "-", text).strip("-.") or "reference"
 
 
+_CLAIMED = pytest.StashKey[dict]()
+_WRITTEN = pytest.StashKey[list]()
+
+
 @pytest.fixture
 def grad_reference(request: pytest.FixtureRequest) -> GradReference:
     """Check a model's per-layer gradients against a stored float64 reference (see the module docstring)."""
+    config = request.config
     return GradReference(Path(request.node.path).parent, request.node.name,
-                         bool(request.config.getoption("--update-reference")),
-                         request.config.getoption("--reference-backend"))
+                         bool(config.getoption("--update-reference")), config.getoption("--reference-backend"),
+                         nodeid=request.node.nodeid, claimed=config.stash.setdefault(_CLAIMED, {}),
+                         written=config.stash.setdefault(_WRITTEN, []))
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter, exitstatus: int,
+                            config: pytest.Config) -> None:
+    """``--update-reference``: say where each reference went and what it holds."""
+    written = config.stash.get(_WRITTEN, [])
+    if config.getoption("--update-reference", False):
+        terminalreporter.write_sep("-", f"densenet-debug --update-reference wrote {len(written)} gradient "
+                                        "reference(s)")
+        for line in written:
+            terminalreporter.write_line(f"recorded {line}")

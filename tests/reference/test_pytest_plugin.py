@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 pytest_plugins = ["pytester"]
 ARGS = ("-q", "-p", "no:cacheprovider", "-p", "no:hypothesispytest")
@@ -122,3 +123,94 @@ def test_changed_weights_then_corruption_are_refused_in_one_line(user_suite: pyt
     corrupted = user_suite.runpytest(*ARGS)
     corrupted.assert_outcomes(failed=1)
     corrupted.stdout.fnmatch_lines(["*trace.npz: SHA-256 mismatch (corrupted or edited)*--update-reference*"])
+
+
+# -- the plugin as a user meets it ------------------------------------------------------------------------------
+def _user_test(name: str, test: str = "test_net_gradients", backend: str | None = None) -> str:
+    """USER_TEST's model and check, with another test name, reference name and backends."""
+    body = USER_TEST.replace('name="tiny-net", backend=["native", "fp64"])', f'name="{name}", backend={backend!r})')
+    body = body.replace('    assert [r.verdict for r in results] == ["agree", "agree"]\n', "    assert results\n")
+    return body.replace("def test_net_gradients(", f"def {test}(")
+
+
+def test_update_reference_says_where_it_wrote_what(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile(test_a=_user_test("net-a"), test_b=_user_test("net-b"))
+    result = pytester.runpytest(*ARGS, "--update-reference")
+    result.assert_outcomes(passed=2)
+    result.stdout.fnmatch_lines([
+        "*densenet-debug --update-reference wrote 2 gradient reference(s)*",
+        f"recorded {pytester.path}/reference_grads/net-a/ for test_a.py::test_net_gradients: Net, 1 step(s), "
+        "BN train, 5 units, policy full, * MB in index.json, inputs.npz, meta.json, state.npz, trace.npz",
+        f"recorded {pytester.path}/reference_grads/net-b/ for test_b.py::test_net_gradients: *",
+    ])
+    plain = pytester.runpytest(*ARGS)
+    plain.assert_outcomes(passed=2)
+    assert "--update-reference wrote" not in plain.stdout.str()  # a check run writes nothing and says nothing
+
+
+def test_two_tests_with_one_name_are_an_error_not_an_overwrite(pytester: pytest.Pytester) -> None:
+    second = _user_test("shared", test="test_second").replace("manual_seed(1))", "manual_seed(2))")
+    pytester.makepyfile(test_dup=_user_test("shared", test="test_first") + second)
+    for flags in (("--update-reference",), ()):
+        result = pytester.runpytest(*ARGS, *flags)
+        result.assert_outcomes(passed=1, failed=1)
+        result.stdout.fnmatch_lines(["*grad_reference name 'shared' is already used by "
+                                     "test_dup.py::test_first; two tests would record and check the same "
+                                     "*reference_grads/shared*give each check its own name=*"])
+    # the first test's reference is intact: recorded from its own batch
+    meta = json.loads((pytester.path / "reference_grads" / "shared" / "meta.json").read_text())
+    assert "test_first" in meta["data"]["generation"]["how"]
+
+
+def test_failures_print_once(user_suite: pytest.Pytester) -> None:
+    user_suite.makepyfile(test_user=_user_test("tiny-net"))
+    user_suite.runpytest(*ARGS, "--update-reference").assert_outcomes(passed=1)
+    (user_suite.path / "reference_grads" / "tiny-net" / "trace.npz").unlink()
+    broken = user_suite.runpytest(*ARGS)
+    broken.assert_outcomes(failed=1)
+    user_suite.runpytest(*ARGS, "--update-reference").assert_outcomes(passed=1)
+    unknown = user_suite.runpytest(*ARGS, "--reference-backend", "warp-drive")
+    unknown.assert_outcomes(failed=1)
+    for result, message in ((broken, "trace.npz: missing; re-record with pytest --update-reference"),
+                            (unknown, "backend warp-drive: unknown backend 'warp-drive'")):
+        out = result.stdout.str()
+        assert out.count(message) == 1, out  # once (the short summary line shows its truncated start)
+        assert "During handling of the above exception" not in out and "Traceback" not in out
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is present: cudnn runs here")
+def test_a_cuda_backend_without_cuda_skips_with_a_reason(user_suite: pytest.Pytester) -> None:
+    user_suite.makepyfile(test_user=_user_test("tiny-net"))
+    user_suite.runpytest(*ARGS, "--update-reference").assert_outcomes(passed=1)
+    alone = user_suite.runpytest(*ARGS, "-rs", "--reference-backend", "cudnn")
+    alone.assert_outcomes(skipped=1)
+    alone.stdout.fnmatch_lines(["*backend(s) cudnn need CUDA; torch.cuda.is_available() is False here*"])
+    mixed = user_suite.runpytest(*ARGS, "--reference-backend", "cudnn", "--reference-backend", "native")
+    mixed.assert_outcomes(passed=1, warnings=1)
+    mixed.stdout.fnmatch_lines(["*grad_reference tiny-net: skipped cudnn (needs CUDA, absent here); judged native*"])
+
+
+def test_every_failing_backend_is_reported(user_suite: pytest.Pytester) -> None:
+    user_suite.makepyfile(test_user=_user_test("tiny-net"))
+    user_suite.runpytest(*ARGS, "--update-reference").assert_outcomes(passed=1)
+    backends = ["native+fault:bn_invstd_as_var@bn", "native", "fp64+fault:bn_invstd_as_var@bn"]
+    result = user_suite.runpytest(*ARGS, *(a for b in backends for a in ("--reference-backend", b)))
+    result.assert_outcomes(failed=1)
+    out = result.stdout.str()
+    assert "tiny-net (" in out and "2 of 3 backend(s) failed; agree: native" in out
+    for b in (backends[0], backends[2]):
+        assert f"mismatch: {b} diverges from reference tiny-net first at bn (" in out, out
+
+
+def test_a_reference_recorded_from_python_is_checkable_from_the_cli(user_suite: pytest.Pytester,
+                                                                     capsys: pytest.CaptureFixture) -> None:
+    from densenet_debug.cli import main
+
+    user_suite.runpytest(*ARGS, "--update-reference").assert_outcomes(passed=1)
+    fixture = user_suite.path / "reference_grads" / "tiny-net"
+    capsys.readouterr()
+    assert main(["check-reference", str(fixture), "--backend", "native"]) == 2
+    assert "pass --model FILE.py:FACTORY" in capsys.readouterr().err
+    assert main(["check-reference", str(fixture), "--backend", "native", "--model",
+                 str(user_suite.path / "test_user.py:Net")]) == 0
+    assert "agree: native matches reference tiny-net" in capsys.readouterr().out
