@@ -31,6 +31,8 @@ pytest: setup
 
 test: lint pytest
 
+# One virtualenv per torch release under .nox/ (~8 GB of disk for the two default releases); exits non-zero
+# when any cell is not agree, and work/matrix.md marks the cells that changed between releases.
 matrix: setup
 	$(VENV)/bin/nox -f noxfile.py
 
