@@ -3,8 +3,15 @@
 Schema ``densenet-debug/reference/1``; a fixture directory holds
 
 * ``meta.json``: what was recorded and how (model, data generation, step, storage policy, how the truth was
-  computed), the size and SHA-256 of every other file, provenance. The only file not checksummed: it holds
-  the checksums.
+  computed), the size and SHA-256 of every other file, provenance. The only file not checksummed (it holds
+  the checksums), so it is validated field by field instead (:func:`validate_meta`): every field a reader
+  uses has its type, ``files`` lists exactly the four files below, and the model section names no path and
+  nothing to import. ``model.kind`` says how the model comes back: ``builder`` (one of
+  ``densenet_debug.models.BUILDERS``, rebuilt from meta.json), ``file``/``module`` (a user's
+  ``m.py:factory`` or ``package.module:factory``, which the user names again; see
+  :func:`densenet_debug.reference.record.model_description`) or ``python`` (recorded from Python, no spec);
+  ``model.factory_kwargs`` how the builder or factory was called; ``model.structure_sha256`` the structure
+  the rebuilt model must have.
 * ``index.json``: per step and per unit, its kind, forward/backward order, mode, call count, the layouts
   its inputs and grad_outputs had, and for each stored quantity the references of its tensors.
 * ``inputs.npz``: ``inputs`` and ``targets`` exactly as fed to the model.
@@ -18,8 +25,10 @@ write time: ``{"cat": [refs], "dim": d}`` (a concatenation's output is its input
 output gradient). Recipes and content deduplication are what make the truth of a DenseNet small: there,
 most tensors are concatenations or copies of earlier ones.
 
-Arrays are loaded with ``allow_pickle=False``; an object array is refused. The ``.npz`` files are zips
-written with fixed timestamps and sorted names, so the same arrays give the same bytes.
+Arrays are loaded with ``allow_pickle=False``; an object array, a member that is not a ``.npy`` array and a
+non-numeric dtype are refused, and every tensor must have the shape the index records for it. The ``.npz``
+files are zips written with fixed timestamps and sorted names, so the same arrays give the same bytes.
+Every refusal is a :class:`FixtureError`: one line naming the file and the field (the CLI exits 2).
 """
 
 from __future__ import annotations
