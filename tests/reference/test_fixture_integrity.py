@@ -22,6 +22,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from densenet_debug.cli import main
 from densenet_debug.reference.format import FILE_NAMES, load_npz, npz_bytes, stored_model_spec
@@ -333,3 +335,54 @@ def test_a_factory_called_with_num_classes_is_called_so_again(user_dir: Path, ca
     # a model of another structure is refused, whatever its name
     assert main(["check-reference", str(fixture), "--model", "densenet-bc-10"]) == 2
     assert "a fixture of another model" in _one_line_error(capsys)
+
+
+def test_a_module_factory_round_trips(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                      capsys: pytest.CaptureFixture) -> None:
+    package = tmp_path / "site" / "userpkg"
+    package.mkdir(parents=True)
+    (package / "__init__.py").write_text("")
+    (package / "nets.py").write_text(USER_MODELS)
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    monkeypatch.chdir(tmp_path)
+    assert main(["record", "--name", "mod", "--model", "userpkg.nets:good", "--input-shape", "3,8,8"]) == 0
+    fixture = tmp_path / "reference_grads" / "mod"
+    model = _meta(fixture)["model"]
+    assert (model["kind"], model["spec"], model["factory_kwargs"]) == ("module", "userpkg.nets:good", {})
+    assert main(["check-reference", str(fixture)]) == 2
+    assert "pass --model userpkg.nets:good" in _one_line_error(capsys)
+    assert main(["check-reference", str(fixture), "--backend", "native", "--model", "userpkg.nets:good"]) == 0
+
+
+# -- the structure hash: the same structure whatever the weights, another one for any change -------------------
+@settings(max_examples=12, deadline=None)
+@given(width=st.integers(1, 6), classes=st.integers(2, 5), seed=st.integers(0, 2**16),
+       change=st.sampled_from(["width", "classes", "dtype", "buffer", "type", "name"]))
+def test_structure_hash_ignores_weights_and_sees_every_structural_change(width: int, classes: int, seed: int,
+                                                                         change: str) -> None:
+    import torch
+    from torch import nn
+
+    from densenet_debug.reference.record import model_identity
+
+    def net(w: int, c: int) -> nn.Module:
+        return nn.Sequential(nn.Conv2d(3, w, 3), nn.BatchNorm2d(w), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+                             nn.Flatten(), nn.Linear(w, c))
+
+    torch.manual_seed(seed)
+    a, b = net(width, classes), net(width, classes)
+    assert model_identity(a)["structure_sha256"] == model_identity(b)["structure_sha256"]
+    if change == "width":
+        b = net(width + 1, classes)
+    elif change == "classes":
+        b = net(width, classes + 1)
+    elif change == "dtype":
+        b = b.double()
+    elif change == "buffer":
+        b.register_buffer("extra", torch.zeros(1))
+    elif change == "type":
+        b[2] = nn.GELU()  # same parameters, another op
+    else:
+        b = nn.Sequential(*[m for m in b])  # same modules...
+        b.add_module("renamed", b._modules.pop("5"))  # ...one under another name
+    assert model_identity(a)["structure_sha256"] != model_identity(b)["structure_sha256"]
