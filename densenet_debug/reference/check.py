@@ -132,6 +132,11 @@ def load_reference(path: str | Path | Fixture, model: nn.Module | None = None, *
                                   f"({_qualname(ident['class'])}: module names and types, parameter and buffer "
                                   f"names, shapes, dtypes) differs from the recorded {_described(recorded)}{counts}")
     model = copy.deepcopy(model).cpu()
+    own = model.state_dict()
+    for key, stored in fixture.state.items():  # load_state_dict would cast silently
+        if key in own and stored.dtype != own[key].dtype:
+            raise FixtureError(fixture.path / "state.npz", f"array {key!r} has dtype {stored.dtype}, the model's is "
+                                                           f"{own[key].dtype}")
     try:
         model.load_state_dict(fixture.state)
     except RuntimeError as exc:

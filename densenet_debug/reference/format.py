@@ -526,6 +526,8 @@ def validate_meta(meta: dict, where: Path) -> None:
     get("data.batch", lambda v: _is_int(v, 1), "a positive integer")
     get("data.input_shape", lambda v: isinstance(v, list) and all(_is_int(n, 1) for n in v),
         "a list of positive integers")
+    if "input_dtype" in meta["data"]:
+        get("data.input_dtype", lambda v: isinstance(v, str), "a dtype name")
     get("step.steps", lambda v: _is_int(v, 1), "a positive integer")
     get("step.bn_mode", lambda v: v in ("train", "eval"), "train or eval")
     get("storage.policy", lambda v: v in ("full", "checkpoints"), "full or checkpoints")
@@ -601,6 +603,9 @@ def _read_batch(path: Path, meta: dict) -> tuple[Tensor, Tensor]:
     expected = (meta["data"]["batch"], *meta["data"]["input_shape"])
     if inputs.shape != expected:
         raise FixtureError(path, f"array inputs has shape {inputs.shape}, meta.json records {expected}")
+    dtype = str(torch.from_numpy(inputs[:0]).dtype).removeprefix("torch.")
+    if dtype != meta["data"].get("input_dtype", dtype):
+        raise FixtureError(path, f"array inputs has dtype {dtype}, meta.json records {meta['data']['input_dtype']}")
     if targets.shape != expected[:1] or targets.dtype.kind not in "iu":
         raise FixtureError(path, f"array targets must be {expected[0]} integer labels, got shape {targets.shape} "
                                  f"{targets.dtype}")

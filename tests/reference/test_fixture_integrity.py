@@ -190,6 +190,15 @@ def _labels_out_of_range(root: Path) -> None:
     _resign(root)
 
 
+def _retype(file: str, key: str, dtype: type) -> Callable[[Path], None]:
+    def apply(root: Path) -> None:
+        arrays = load_npz(root / file)
+        arrays[key] = arrays[key].astype(dtype)
+        (root / file).write_bytes(npz_bytes(arrays))
+        _resign(root)
+    return apply
+
+
 def _broken_deflate(root: Path) -> None:
     data = bytearray((root / "trace.npz").read_bytes())
     data[len(data) // 2] ^= 0xFF  # inside a compressed member: a zlib or CRC error, not a header one
@@ -228,6 +237,10 @@ BAD_FILES = {
     "logits reshaped": (_reshape_logits, "trace.npz: array t{} (output 0 of unit head.fc, step 0) has shape (2, 3), "
                                          "index.json records (2, 10)"),
     "text array": (_text_array, "trace.npz: array 't"),
+    "integer inputs": (_retype("inputs.npz", "inputs", np.int64),
+                       "inputs.npz: array inputs has dtype int64, meta.json records float32"),
+    "float64 weights": (_retype("state.npz", "stem.weight", np.float64),
+                        "state.npz: array 'stem.weight' has dtype torch.float64, the model's is torch.float32"),
     "broken deflate stream": (_broken_deflate, "trace.npz: not a readable npz file"),
     "labels out of range": (_labels_out_of_range, "inputs.npz: array targets holds labels outside [0, 10)"),
     "index steps vs meta": (_index_steps, "index.json: field steps must list 1 step(s)"),
