@@ -42,10 +42,12 @@ FOLDER = "reference_grads"
 def pytest_addoption(parser: pytest.Parser) -> None:
     group = parser.getgroup("densenet-debug", "gradient reference fixtures (densenet-debug)")
     group.addoption("--update-reference", action="store_true", default=False,
-                    help="(re)record the fixtures of grad_reference.check instead of only checking them")
+                    help="(re)record the fixtures of grad_reference.check, then check them; the run ends "
+                         "with where each was written")
     group.addoption("--reference-backend", action="append", default=None, metavar="BACKEND",
-                    help="backend grad_reference.check judges, repeatable (default: PyTorch's default on the "
-                         "model's device: mkldnn on CPU, cudnn on CUDA)")
+                    help="backend grad_reference.check judges, repeatable: every one is judged and every "
+                         "failing one reported; a CUDA backend skips without CUDA (default: PyTorch's default on "
+                         "the model's device: mkldnn on CPU, cudnn on CUDA)")
 
 
 class GradReference:
