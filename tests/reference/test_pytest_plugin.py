@@ -214,3 +214,13 @@ def test_a_reference_recorded_from_python_is_checkable_from_the_cli(user_suite: 
     assert main(["check-reference", str(fixture), "--backend", "native", "--model",
                  str(user_suite.path / "test_user.py:Net")]) == 0
     assert "agree: native matches reference tiny-net" in capsys.readouterr().out
+
+
+@pytest.mark.gpu
+def test_a_cuda_backend_judges_a_cpu_model_on_cuda(user_suite: pytest.Pytester) -> None:
+    """With CUDA, a CPU-built model checked with --reference-backend cudnn is judged on the GPU, not skipped."""
+    user_suite.makepyfile(test_user=_user_test("tiny-net"))
+    user_suite.runpytest(*ARGS, "--update-reference").assert_outcomes(passed=1)
+    result = user_suite.runpytest(*ARGS, "--reference-backend", "cudnn", "--reference-backend", "native")
+    result.assert_outcomes(passed=1)
+    assert "skipped cudnn" not in result.stdout.str()
