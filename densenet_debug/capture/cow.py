@@ -48,33 +48,31 @@ class Slot:
         return self.container[self.key] is self.tensor and self.tensor._version != self.version
 
 
-class CopyOnWrite(TorchDispatchMode):
-    """Replace watched aliases by copies right before an aten op writes their storage."""
+class Watcher:
+    """Storage-keyed registry of kept aliases, copied out just before a write reaches their storage."""
 
     def __init__(self) -> None:
-        super().__init__()
         self._watched: dict[int, list[Slot]] = {}
         self.copies = 0
 
     def watch(self, container: Container, key: object, label: str = "") -> None:
-        """Keep ``container[key]`` (a tensor) at its current value for as long as the mode is active."""
+        """Keep ``container[key]`` (a tensor) at its current value for as long as writes are reported."""
         t = container[key]
         storage = storage_key(t) if isinstance(t, Tensor) else None
         if storage is not None:
             self._watched.setdefault(storage, []).append(Slot(container, key, t, t._version, label))
 
     def stale(self) -> list[str]:
-        """Labels of watched aliases changed by a write this mode did not see."""
+        """Labels of watched aliases changed by a write that was not reported."""
         return [s.label for slots in self._watched.values() for s in slots if s.is_stale]
 
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
-        kwargs = kwargs or {}
+    def before_op(self, func, args: tuple, kwargs: dict) -> None:  # noqa: ANN001
+        """Copy out every watched alias on a storage ``func`` is about to write."""
         if self._watched and is_mutating(func):
             for t in written_tensors(func, args, kwargs):
-                self._copy_out(t)
-        return func(*args, **kwargs)
+                self.copy_out(t)
 
-    def _copy_out(self, written: Tensor) -> None:
+    def copy_out(self, written: Tensor) -> None:
         slots = self._watched.pop(storage_key(written), None)
         copies: dict[tuple, Tensor] = {}  # one copy per distinct view, shared by every slot holding it
         for slot in slots or ():
@@ -86,3 +84,22 @@ class CopyOnWrite(TorchDispatchMode):
                 copies[view] = t.clone()
                 self.copies += 1
             slot.container[slot.key] = copies[view]
+
+
+class CopyOnWrite(TorchDispatchMode):
+    """A dispatch mode that reports every aten op's writes to a :class:`Watcher`."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.watcher = Watcher()
+
+    def watch(self, container: Container, key: object, label: str = "") -> None:
+        self.watcher.watch(container, key, label)
+
+    def stale(self) -> list[str]:
+        return self.watcher.stale()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
+        kwargs = kwargs or {}
+        self.watcher.before_op(func, args, kwargs)
+        return func(*args, **kwargs)
