@@ -60,7 +60,7 @@ def make_batch(model: torch.nn.Module, input_shape: tuple[int, ...], batch: int,
         was = model.training
         model.eval()
         with torch.no_grad():
-            num_classes = int(model(x[:1]).shape[1])
+            num_classes = int(model(x[:2]).shape[1])  # two samples: a squeezed output keeps its batch dim
         model.train(was)
     return x, torch.randint(0, num_classes, (batch,), generator=g)
 
