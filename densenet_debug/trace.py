@@ -10,6 +10,7 @@ finds them; :class:`Tracer` records them with hooks and removes every hook on ex
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -19,6 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.autograd.graph import Node
 from torch.overrides import TorchFunctionMode
+from torch.utils._python_dispatch import _disable_current_modes
 
 from densenet_debug._autograd import in_backward
 from densenet_debug.capture.cow import CopyOnWrite
@@ -177,11 +179,12 @@ class Tracer:
         stale = self._cow.stale()
         if stale:
             raise RuntimeError(f"a tensor recorded at {stale[0]} was modified in place after it was recorded")
-        for name, rec in self._records.items():
-            if "param_grads" in self.record:
-                for pname, p in self.modules[name].named_parameters(recurse=False):
-                    if p.grad is not None:
-                        rec.param_grads[pname] = self._keep(p.grad, clone=True)
+        with _disable_current_modes():  # the copies are the tool's, no op of the step
+            for name, rec in self._records.items():
+                if "param_grads" in self.record:
+                    for pname, p in self.modules[name].named_parameters(recurse=False):
+                        if p.grad is not None:
+                            rec.param_grads[pname] = self._keep(p.grad, clone=True)
         return Trace(dict(self._records))
 
     # -- forward hooks -------------------------------------------------------------------------------
@@ -217,7 +220,7 @@ class Tracer:
             if "buffers" in self.record:
                 rec.buffers_before = {k: self._keep(b, clone=True) for k, b in module.named_buffers(recurse=False)}
 
-        return hook
+        return _unobserved(hook)
 
     def _post_hook(self, name: str) -> Callable:
         def hook(module: nn.Module, args: tuple, kwargs: dict, output: object) -> None:
@@ -233,7 +236,7 @@ class Tracer:
             if call is not None:
                 self._hook_nodes(rec, call, [gradient_edge(o) for o in outputs])
 
-        return hook
+        return _unobserved(hook)
 
     # -- backward: hooks on the call's own autograd nodes ----------------------------------------------
     def _hook_nodes(self, rec: UnitRecord, call: _FirstCall, output_edges: list[Edge | None]) -> None:
@@ -281,7 +284,7 @@ class Tracer:
                     for i in (i for jj, i in self._calls[rec.name].passthrough if jj == j):
                         _accumulate(rec.grad_inputs, i, self._keep(g, clone=True))
 
-        return hook
+        return _unobserved(hook)
 
     def _grad_in_hook(self, rec: UnitRecord, pairs: list[tuple[int, int]], n_in: int) -> Callable:
         done = [False]
@@ -297,7 +300,19 @@ class Tracer:
                 if g is not None:
                     _accumulate(rec.grad_inputs, i, self._keep(g, clone=True))
 
-        return hook
+        return _unobserved(hook)
+
+
+def _unobserved(hook: Callable) -> Callable:
+    """Run a hook with dispatch modes off: its own detaches and copies are not ops of the model's step
+    (an op-level capture around the Tracer must not record them)."""
+
+    @functools.wraps(hook)
+    def run(*args: object) -> object:
+        with _disable_current_modes():
+            return hook(*args)
+
+    return run
 
 
 @dataclass
@@ -350,7 +365,8 @@ def trace_step(
         loss = loss_fn(output, target)
         loss.backward()
     trace = tracer.trace()
-    trace.output, trace.loss = output.detach(), loss.detach()
+    with _disable_current_modes():
+        trace.output, trace.loss = output.detach(), loss.detach()
     return trace
 
 

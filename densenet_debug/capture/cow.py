@@ -18,7 +18,7 @@ from collections.abc import MutableMapping, MutableSequence
 from dataclasses import dataclass
 
 from torch import Tensor
-from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
 
 from densenet_debug.capture.writes import is_mutating, written_tensors
 
@@ -81,7 +81,8 @@ class Watcher:
             t = slot.tensor
             view = (t.storage_offset(), tuple(t.shape), tuple(t.stride()), t.dtype)
             if view not in copies:
-                copies[view] = t.clone()
+                with _disable_current_modes():  # the tool's copy is no op of the step: no mode may see it
+                    copies[view] = t.clone()
                 self.copies += 1
             slot.container[slot.key] = copies[view]
 

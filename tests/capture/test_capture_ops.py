@@ -196,3 +196,15 @@ def test_kink_sites_count_the_elements_within_the_margin(seed: int, margin: floa
     assert count("aten.max_pool2d_with_indices_backward.default") == count("aten.max_pool2d_with_indices.default")
     pooled = F.max_pool2d(F.relu(x.detach()), 2)
     assert count("aten.clamp.default") == int(torch.minimum((pooled + 1).abs(), (pooled - 0.5).abs()).le(margin).sum())
+
+
+def test_a_tracer_inside_a_capture_adds_no_op() -> None:
+    """The Tracer's own detaches and copies (forward and node hooks) are not ops of the model's step."""
+    from densenet_debug.trace import trace_step
+
+    alone, _ = _step("torchvision")
+    model = build("torchvision")
+    x, y = batch(3)
+    with capture(model) as cap:
+        trace_step(model, x, y)
+    assert [r.key for r in cap] == [r.key for r in alone]
