@@ -208,3 +208,16 @@ def test_a_tracer_inside_a_capture_adds_no_op() -> None:
     with capture(model) as cap:
         trace_step(model, x, y)
     assert [r.key for r in cap] == [r.key for r in alone]
+
+
+@pytest.mark.gpu
+def test_capture_on_cuda_attributes_backward_ops_run_on_the_device_thread() -> None:
+    """CUDA backward runs on autograd's device thread: the mode and node numbers must still reach it."""
+    model = build("torchvision", efficient=True).cuda()
+    x, y = batch(3)
+    with capture(model) as cap:
+        F.cross_entropy(model(x.cuda()), y.cuda()).backward()
+    backward = cap.phase("backward")
+    assert backward and all(r.creator is not None for r in backward)
+    assert cap.phase("recompute") and all(r.module != OUTSIDE for r in cap.phase("recompute"))
+    assert all(lo.device.startswith("cuda") for r in backward for lo in r.input_layouts)
