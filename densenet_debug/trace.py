@@ -159,16 +159,22 @@ class Tracer:
         for name, module in self.modules.items():
             self._handles.append(module.register_forward_pre_hook(self._pre_hook(name), with_kwargs=True))
             self._handles.append(module.register_forward_hook(self._post_hook(name), with_kwargs=True))
-        self._cow.__enter__()
+        if self._keeps_aliases:  # only kept aliases need copy-on-write; its dispatch mode costs every op
+            self._cow.__enter__()
         self._active = True
         return self
 
     def __exit__(self, *exc: object) -> None:
         self._active = False
-        self._cow.__exit__(*exc)
+        if self._keeps_aliases:
+            self._cow.__exit__(*exc)
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
+
+    @property
+    def _keeps_aliases(self) -> bool:
+        return bool(self.record & {"inputs", "outputs"})
 
     @property
     def _wants_grads(self) -> bool:
