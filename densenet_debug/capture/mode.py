@@ -166,8 +166,9 @@ class OpCapture(TorchDispatchMode):
         seq, name = node._sequence_nr(), node.name()
         ref = NodeRef(sequence_nr=seq, name=name)
         if name == ACCUMULATE_GRAD:
-            param = self.params.get(id(node.variable), OUTSIDE)
-            return _Where("accumulate", param.rpartition(".")[0], ref, ("param", param))
+            param = self.params.get(id(node.variable))
+            module = OUTSIDE if param is None else param.rpartition(".")[0]
+            return _Where("accumulate", module, ref, ("param", param or OUTSIDE))
         creator = self.capture.creators.get(seq)
         cls = getattr(node, "_forward_cls", None)
         phase: Phase = "accumulate" if id(node) in self._finished else "backward"
