@@ -10,7 +10,7 @@ finds them; :class:`Tracer` records them with hooks and removes every hook on ex
 
 from __future__ import annotations
 
-import warnings
+import functools
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -18,9 +18,13 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.autograd.graph import Node
 from torch.overrides import TorchFunctionMode
+from torch.utils._python_dispatch import _disable_current_modes
 
 from densenet_debug._autograd import in_backward
+from densenet_debug.capture.cow import CopyOnWrite
+from densenet_debug.capture.graph import Edge, call_graph, gradient_edge, next_sequence_nr
 
 QUANTITIES = ("inputs", "outputs", "grad_outputs", "grad_inputs", "param_grads", "buffers")
 
@@ -121,8 +125,15 @@ class Tracer:
 
     ``units``: names, a predicate ``(name, module) -> bool``, or None for every leaf module.
     ``record``: a subset of :data:`QUANTITIES`, to bound memory. ``to_cpu`` moves records to the CPU.
-    Tensors are kept as detached aliases, not copies; if one is changed in place before :meth:`trace`,
-    tracing fails loudly instead of returning a wrong record.
+    Tensors are kept as detached aliases, not copies; an in-place op inside the step copies the aliases it is
+    about to overwrite first (:class:`~densenet_debug.capture.cow.CopyOnWrite`). If one is changed in place
+    where that cannot see it (after the block), :meth:`trace` fails loudly instead of returning a wrong record.
+
+    Gradients come from hooks on the autograd nodes each unit's first call created (found by sequence number,
+    :mod:`densenet_debug.capture.graph`), not from module full backward hooks, which wrap tensors and make
+    in-place ops (``nn.ReLU(inplace=True)``) crash. A unit's ``grad_outputs`` are what its output nodes'
+    backward received, in that layout; ``grad_inputs[i]`` is the sum of what its own nodes send to input i.
+    Only the first call of a unit is recorded (``calls`` counts them); hooks run until the block exits.
     """
 
     def __init__(
@@ -138,54 +149,62 @@ class Tracer:
         self.modules = dict(_select(model, units))
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
         self._records: dict[str, UnitRecord] = {}
-        self._versions: list[tuple[str, Tensor, int]] = []
+        self._calls: dict[str, _FirstCall] = {}
+        self._cow = CopyOnWrite()
+        self._active = False
         self._forward_count = 0
         self._backward_count = 0
 
     def __enter__(self) -> Tracer:
-        # Expected for the first unit, whose input needs no gradient: its grad_inputs are then None.
-        self._warnings = warnings.catch_warnings()
-        self._warnings.__enter__()
-        warnings.filterwarnings("ignore", message="Full backward hook is firing when gradients are computed")
         for name, module in self.modules.items():
             self._handles.append(module.register_forward_pre_hook(self._pre_hook(name), with_kwargs=True))
             self._handles.append(module.register_forward_hook(self._post_hook(name), with_kwargs=True))
-            if self.record & {"grad_outputs", "grad_inputs"}:
-                self._handles.append(module.register_full_backward_pre_hook(self._grad_out_hook(name)))
-                self._handles.append(module.register_full_backward_hook(self._grad_in_hook(name)))
+        if self._keeps_aliases:  # only kept aliases need copy-on-write; its dispatch mode costs every op
+            self._cow.__enter__()
+        self._active = True
         return self
 
     def __exit__(self, *exc: object) -> None:
+        self._active = False
+        if self._keeps_aliases:
+            self._cow.__exit__(*exc)
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
-        self._warnings.__exit__(*exc)
+
+    @property
+    def _keeps_aliases(self) -> bool:
+        return bool(self.record & {"inputs", "outputs"})
+
+    @property
+    def _wants_grads(self) -> bool:
+        return bool(self.record & {"grad_outputs", "grad_inputs"})
 
     def trace(self) -> Trace:
         """Collect the records (parameter gradients are read now, after backward)."""
-        for name, tensor, version in self._versions:
-            if tensor._version != version:
-                raise RuntimeError(f"a tensor recorded at {name} was modified in place after it was recorded")
-        for name, rec in self._records.items():
-            if "param_grads" in self.record:
-                for pname, p in self.modules[name].named_parameters(recurse=False):
-                    if p.grad is not None:
-                        rec.param_grads[pname] = self._keep(p.grad, clone=True)
+        stale = self._cow.stale()
+        if stale:
+            raise RuntimeError(f"a tensor recorded at {stale[0]} was modified in place after it was recorded")
+        with _disable_current_modes():  # the copies are the tool's, no op of the step
+            for name, rec in self._records.items():
+                if "param_grads" in self.record:
+                    for pname, p in self.modules[name].named_parameters(recurse=False):
+                        if p.grad is not None:
+                            rec.param_grads[pname] = self._keep(p.grad, clone=True)
         return Trace(dict(self._records))
 
-    # -- hooks -------------------------------------------------------------------------------------
+    # -- forward hooks -------------------------------------------------------------------------------
     def _keep(self, t: Tensor, clone: bool = False) -> Tensor:
         t = t.detach()
         if self.to_cpu:
             return t.to("cpu", copy=clone)
         return t.clone() if clone else t
 
-    def _alias(self, name: str, t: object) -> Tensor | None:
-        if not isinstance(t, Tensor):
-            return None
-        kept = self._keep(t)
-        if not self.to_cpu:
-            self._versions.append((name, kept, kept._version))
+    def _aliases(self, name: str, values: Sequence[object]) -> list[Tensor | None]:
+        kept: list[Tensor | None] = [self._keep(v) if isinstance(v, Tensor) else None for v in values]
+        for i, (k, v) in enumerate(zip(kept, values)):
+            if k is not None and k.device == v.device:  # type: ignore[union-attr]
+                self._cow.watch(kept, i, label=name)
         return kept
 
     def _pre_hook(self, name: str) -> Callable:
@@ -200,47 +219,120 @@ class Tracer:
             self._forward_count += 1
             self._records[name] = rec
             rec.input_layouts = [Layout.of(a) if isinstance(a, Tensor) else None for a in args]
+            if self._wants_grads:
+                self._calls[name] = _FirstCall(next_sequence_nr(), [gradient_edge(a) for a in args])
             if "inputs" in self.record:
-                rec.inputs = [self._alias(name, a) for a in args]
+                rec.inputs = self._aliases(name, args)
             if "buffers" in self.record:
                 rec.buffers_before = {k: self._keep(b, clone=True) for k, b in module.named_buffers(recurse=False)}
 
-        return hook
+        return _unobserved(hook)
 
     def _post_hook(self, name: str) -> Callable:
         def hook(module: nn.Module, args: tuple, kwargs: dict, output: object) -> None:
             rec = self._records[name]
             if in_backward() or rec.calls > 1:
                 return
+            outputs = flatten_tensors(output)
             if "outputs" in self.record:
-                rec.outputs = [self._alias(name, o) for o in flatten_tensors(output)]  # type: ignore[misc]
+                rec.outputs = self._aliases(name, outputs)  # type: ignore[assignment]
             if "buffers" in self.record:
                 rec.buffers_after = {k: self._keep(b, clone=True) for k, b in module.named_buffers(recurse=False)}
+            call = self._calls.get(name)
+            if call is not None:
+                self._hook_nodes(rec, call, [gradient_edge(o) for o in outputs])
 
-        return hook
+        return _unobserved(hook)
 
-    def _grad_out_hook(self, name: str) -> Callable:
-        def hook(module: nn.Module, grad_output: tuple) -> None:
-            rec = self._records.get(name)
-            if rec is None or rec.backward_index is not None:
+    # -- backward: hooks on the call's own autograd nodes ----------------------------------------------
+    def _hook_nodes(self, rec: UnitRecord, call: _FirstCall, output_edges: list[Edge | None]) -> None:
+        graph = call_graph(call.first_seq, next_sequence_nr(), output_edges, call.input_edges)
+        n_in, n_out = len(call.input_edges), len(output_edges)
+        by_node: dict[int, tuple[Node, list[tuple[int, int]]]] = {}
+        for j, edge in enumerate(output_edges):
+            if edge is not None:
+                by_node.setdefault(id(edge[0]), (edge[0], []))[1].append((j, edge[1]))
+        for node, slots in by_node.values():
+            self._handles.append(node.register_prehook(self._grad_out_hook(rec, slots, n_out, n_in)))
+        # An output that is an input returned as-is: its gradient passes through this unit unchanged.
+        passthrough = [(j, i) for j, e in enumerate(output_edges) for i, f in enumerate(call.input_edges)
+                       if e is not None and f is not None and e[0] is f[0] and e[1] == f[1]]
+        call.passthrough = passthrough
+        feeds: dict[int, tuple[Node, list[tuple[int, int]]]] = {}
+        for feed in graph.feeds:
+            feeds.setdefault(id(feed.node), (feed.node, []))[1].append((feed.position, feed.input_index))
+        if "grad_inputs" in self.record:
+            for node, pairs in feeds.values():
+                self._handles.append(node.register_hook(self._grad_in_hook(rec, pairs, n_in)))
+
+    def _grad_out_hook(self, rec: UnitRecord, slots: list[tuple[int, int]], n_out: int, n_in: int) -> Callable:
+        def hook(grad_outputs: tuple) -> None:
+            if not self._active:
                 return
-            rec.backward_index = self._backward_count
-            self._backward_count += 1
-            rec.grad_output_layouts = [None if g is None else Layout.of(g) for g in grad_output]
-            if "grad_outputs" in self.record:
-                rec.grad_outputs = [None if g is None else self._keep(g, clone=True) for g in grad_output]
+            if rec.backward_index is None:
+                rec.backward_index = self._backward_count
+                self._backward_count += 1
+                rec.grad_output_layouts = [None] * n_out
+                if "grad_outputs" in self.record:
+                    rec.grad_outputs = [None] * n_out
+                if "grad_inputs" in self.record:
+                    rec.grad_inputs = [None] * n_in
+            elif rec.grad_output_layouts and all(rec.grad_output_layouts[j] is not None for j, _ in slots):
+                return  # a second backward through a kept graph: the first one is the record
+            for j, nr in slots:
+                g = grad_outputs[nr] if nr < len(grad_outputs) else None
+                if g is None:
+                    continue
+                rec.grad_output_layouts[j] = Layout.of(g)
+                if "grad_outputs" in self.record:
+                    rec.grad_outputs[j] = self._keep(g, clone=True)
+                if "grad_inputs" in self.record:
+                    for i in (i for jj, i in self._calls[rec.name].passthrough if jj == j):
+                        _accumulate(rec.grad_inputs, i, self._keep(g, clone=True))
 
-        return hook
+        return _unobserved(hook)
 
-    def _grad_in_hook(self, name: str) -> Callable:
-        def hook(module: nn.Module, grad_input: tuple, grad_output: tuple) -> None:
-            rec = self._records.get(name)
-            if rec is None or rec.grad_inputs:
+    def _grad_in_hook(self, rec: UnitRecord, pairs: list[tuple[int, int]], n_in: int) -> Callable:
+        done = [False]
+
+        def hook(grad_inputs: tuple, grad_outputs: tuple) -> None:
+            if not self._active or done[0]:
                 return
-            if "grad_inputs" in self.record:
-                rec.grad_inputs = [None if g is None else self._keep(g, clone=True) for g in grad_input]
+            done[0] = True
+            if not rec.grad_inputs:
+                rec.grad_inputs = [None] * n_in
+            for position, i in pairs:
+                g = grad_inputs[position]
+                if g is not None:
+                    _accumulate(rec.grad_inputs, i, self._keep(g, clone=True))
 
-        return hook
+        return _unobserved(hook)
+
+
+def _unobserved(hook: Callable) -> Callable:
+    """Run a hook with dispatch modes off: its own detaches and copies are not ops of the model's step
+    (an op-level capture around the Tracer must not record them)."""
+
+    @functools.wraps(hook)
+    def run(*args: object) -> object:
+        with _disable_current_modes():
+            return hook(*args)
+
+    return run
+
+
+@dataclass
+class _FirstCall:
+    """What the pre-hook of a unit's first call saw: the next sequence number and its inputs' gradient edges."""
+
+    first_seq: int
+    input_edges: list[Edge | None]
+    passthrough: list[tuple[int, int]] = field(default_factory=list)
+
+
+def _accumulate(grads: list[Tensor | None], i: int, g: Tensor) -> None:
+    """Add ``g`` into ``grads[i]`` (several of a unit's nodes can feed one input)."""
+    grads[i] = g if grads[i] is None else grads[i] + g
 
 
 def flatten_tensors(output: object) -> list[Tensor]:
@@ -279,7 +371,8 @@ def trace_step(
         loss = loss_fn(output, target)
         loss.backward()
     trace = tracer.trace()
-    trace.output, trace.loss = output.detach(), loss.detach()
+    with _disable_current_modes():
+        trace.output, trace.loss = output.detach(), loss.detach()
     return trace
 
 

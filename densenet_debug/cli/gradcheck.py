@@ -73,7 +73,7 @@ def _batch(model: torch.nn.Module, args: argparse.Namespace, device: torch.devic
     x = torch.randn(args.batch, *args.input_shape, generator=g)
     with torch.no_grad():
         was = model.training
-        classes = model.eval()(x[:1].to(device)).shape[1]
+        classes = model.eval()(x[:2].to(device)).shape[1]  # two samples: squeeze keeps the batch dim
         model.train(was)
     y = torch.randint(0, classes, (args.batch,), generator=g)
     return x.to(device), y.to(device)
