@@ -121,6 +121,15 @@ def test_make_batch_counts_classes_on_a_squeezed_model(batch: int, seed: int) ->
     assert torch.equal(make_batch(model, (3, 4, 4), batch, seed, num_classes=5)[1], y)
 
 
+def test_the_seed_bc100_gets_its_class_count_where_diff_crashed() -> None:
+    """``diff --model seed.py:bc100`` died in the class-count probe (IndexError after torch.squeeze at batch 1)."""
+    model = load_checked_model(f"{USER / 'seed_style.py'}:bc100", (3, 32, 32))
+    assert sum(p.numel() for p in model.parameters()) == 769_162  # the seed's BC-100, as the paper counts it
+    x, y = make_batch(model, (3, 32, 32), 8, 0)
+    assert x.shape == (8, 3, 32, 32) and int(y.max()) < 10
+    assert torch.equal(y, make_batch(model, (3, 32, 32), 8, 0, num_classes=10)[1])
+
+
 def test_make_batch_at_batch_one_names_the_squeeze() -> None:
     model = resolve_model(f"{USER / 'squeezed.py'}:squeezed")
     with pytest.raises(UsageError, match=r"returns shape \(10,\) for a batch of 1, not \(1, 10\)"):

@@ -50,6 +50,11 @@ class DenseNet(nn.Module):
         nChannels = nOutChannels
         self.dense2 = self._make_dense(nChannels, growthRate, nDenseBlocks)
         nChannels += nDenseBlocks * growthRate
+        nOutChannels = int(math.floor(nChannels * reduction))
+        self.trans2 = Transition(nChannels, nOutChannels)
+        nChannels = nOutChannels
+        self.dense3 = self._make_dense(nChannels, growthRate, nDenseBlocks)
+        nChannels += nDenseBlocks * growthRate
         self.bn1 = nn.BatchNorm2d(nChannels)
         self.fc = nn.Linear(nChannels, nClasses)
 
@@ -63,7 +68,8 @@ class DenseNet(nn.Module):
     def forward(self, x):
         out = self.conv1(x)
         out = self.trans1(self.dense1(out))
-        out = self.dense2(out)
+        out = self.trans2(self.dense2(out))
+        out = self.dense3(out)
         out = torch.squeeze(F.avg_pool2d(F.relu(self.bn1(out)), out.shape[-1]))
         return F.log_softmax(self.fc(out), dim=-1)
 
@@ -77,3 +83,9 @@ def small():
 def small_classes(num_classes=10):
     torch.manual_seed(0)
     return DenseNet(growthRate=4, depth=10, reduction=0.5, nClasses=num_classes, bottleneck=True)
+
+
+def bc100():
+    """The seed's own configuration, exactly as its train.py builds it (its diff crashed at the class probe)."""
+    torch.manual_seed(0)
+    return DenseNet(growthRate=12, depth=100, reduction=0.5, nClasses=10, bottleneck=True)
