@@ -71,9 +71,10 @@ def test_module_spec_from_cwd_is_not_found_elsewhere(tmp_path: Path) -> None:
     assert "cannot import module 'seed_style'" in err
 
 
-@pytest.mark.parametrize("verb", ["diff", "gradcheck"])
-def test_batch_of_one_with_a_squeezed_output_is_one_line(verb: str) -> None:
-    err = one_line_error(cli(verb, "--model", "squeezed.py:squeezed", "--batch", "1", cwd=USER))
+@pytest.mark.parametrize("verb", ["diff", "gradcheck", "graph", "record"])
+def test_batch_of_one_with_a_squeezed_output_is_one_line(verb: str, tmp_path: Path) -> None:
+    out = {"graph": ["--out", str(tmp_path / "g.dot")], "record": ["--name", "x", "--out-dir", str(tmp_path)]}
+    err = one_line_error(cli(verb, "--model", "squeezed.py:squeezed", "--batch", "1", *out.get(verb, []), cwd=USER))
     assert "for a batch of 1" in err and "--batch 2" in err
 
 
