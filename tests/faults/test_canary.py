@@ -115,7 +115,7 @@ def test_the_figure_tells_the_story(tmp_path):
                           Run("faulty", [2.3, 2.0, 1.9, 1.9], [0.1, 0.3], units=units), loc,
                           {"model": "densenet-bc-10"})
     fig = loss_figure(report)
-    texts = [fig._suptitle.get_text()] + [t.get_text() for ax in fig.axes for t in ax.texts]
+    texts = [fig.get_suptitle()] + [t.get_text() for ax in fig.axes for t in ax.texts]
     joined = "\n".join(texts)
     assert "pytorch#708" in joined and "torch.cat" in joined
     assert all(u in joined for u in units)
