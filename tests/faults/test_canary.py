@@ -105,6 +105,7 @@ def test_canary_reproduces_non_convergence_and_localizes(tmp_path):
 
 def test_the_figure_tells_the_story(tmp_path):
     """What #708 was (title), where it was planted and the layer diff names, as text on the figure."""
+    pytest.importorskip("matplotlib", reason="the figure needs the [plot] extra")
     from densenet_debug.faults.canary import CanaryReport, Run, loss_figure
 
     units = [f"block{b}.layer01.conv2" for b in (1, 2, 3)]
