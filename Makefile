@@ -15,7 +15,7 @@ $(PY):
 # torch is installed only when the venv has none, so an override or a CUDA build is kept.
 $(STAMP): $(PY) pyproject.toml
 	$(PY) -c "import torch" 2>/dev/null || $(PIP) install --quiet "$(TORCH)"
-	$(PIP) install --quiet -e ".[test,plot,canary,dev]"
+	$(PIP) install --quiet -e ".[test,plot,canary,train,dev]"
 	touch $(STAMP)
 
 setup: $(STAMP)

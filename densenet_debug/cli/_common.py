@@ -4,12 +4,10 @@ from __future__ import annotations
 
 import argparse
 
-import torch
 from torch import nn
 
 from densenet_debug.backends import resolve_device  # noqa: F401 - re-exported for the verbs
-from densenet_debug.errors import UsageError
-from densenet_debug.models import DEFAULT_MODEL, resolve_model
+from densenet_debug.models import DEFAULT_MODEL, load_checked_model
 
 
 def add_model_args(parser: argparse.ArgumentParser, batch: int | None = None) -> None:
@@ -53,18 +51,5 @@ def positive_int(text: str) -> int:
 
 
 def load_model(args: argparse.Namespace, **kwargs: object) -> nn.Module:
-    """The model ``--model``/``--num-classes`` name, checked to accept ``--input-shape``."""
-    model = resolve_model(args.model, num_classes=args.num_classes, **kwargs)
-    probe = torch.zeros(2, *args.input_shape)
-    try:
-        with torch.no_grad():
-            was = model.training
-            model.eval()
-            out = model(probe)
-            model.train(was)
-    except Exception as exc:  # user model vs user shape: say so in one line
-        raise UsageError(f"model {args.model} does not accept inputs of shape "
-                         f"{','.join(map(str, args.input_shape))}: {type(exc).__name__}: {exc}") from exc
-    if not isinstance(out, torch.Tensor) or out.dim() != 2:
-        raise UsageError(f"model {args.model} must return logits of shape (batch, classes)")
-    return model
+    """The model ``--model``/``--num-classes`` name, checked to map ``--input-shape`` to (batch, classes)."""
+    return load_checked_model(args.model, tuple(args.input_shape), num_classes=args.num_classes, **kwargs)

@@ -69,7 +69,7 @@ def run(args: argparse.Namespace) -> int:
         _check_writable(path)
     torch.manual_seed(args.seed)
     model = load_model(args)
-    x, y = make_batch(model, args.input_shape, args.batch, args.seed, args.num_classes)
+    x, y = make_batch(model, args.input_shape, args.batch, args.seed, args.num_classes, args.model)
     units = [u.strip() for u in args.units.split(",") if u.strip()] if args.units else None
     if units:
         known = dict(model.named_modules())
@@ -140,7 +140,7 @@ def _run_ddp(args: argparse.Namespace) -> int:
     parse_backend(other, "cpu")
     torch.manual_seed(args.seed)
     model = load_model(args)
-    x, y = make_batch(model, args.input_shape, args.batch, args.seed, args.num_classes)
+    x, y = make_batch(model, args.input_shape, args.batch, args.seed, args.num_classes, args.model)
     model.train(not args.eval)
     report = ddp_diff(model, x, y, other, world_size=world_size, comm_hook=hook, spec=args.model)
     console = Console() if Console().is_terminal else Console(width=150)

@@ -14,6 +14,7 @@ from densenet_debug.atomic import write_text
 from densenet_debug.cli._common import add_device_arg, add_model_args, add_seed_arg, load_model, resolve_device
 from densenet_debug.gradcheck.engine import MODES, gradcheck_model
 from densenet_debug.gradcheck.report import GradcheckReport
+from densenet_debug.models.batch import make_batch
 from densenet_debug.trace import discover_units
 
 HELP = "check every unit's backward against finite differences (fp64, teacher-forced, kink-aware)"
@@ -69,13 +70,7 @@ def _fp64(model: torch.nn.Module, eval_mode: bool) -> torch.nn.Module:
 
 
 def _batch(model: torch.nn.Module, args: argparse.Namespace, device: torch.device) -> tuple[torch.Tensor, ...]:
-    g = torch.Generator().manual_seed(args.seed)
-    x = torch.randn(args.batch, *args.input_shape, generator=g)
-    with torch.no_grad():
-        was = model.training
-        classes = model.eval()(x[:2].to(device)).shape[1]  # two samples: squeeze keeps the batch dim
-        model.train(was)
-    y = torch.randint(0, classes, (args.batch,), generator=g)
+    x, y = make_batch(model, args.input_shape, args.batch, args.seed, args.num_classes, args.model)
     return x.to(device), y.to(device)
 
 

@@ -9,6 +9,7 @@ import torch
 
 from densenet_debug.cli._common import add_model_args, add_seed_arg, load_model
 from densenet_debug.graph import autograd_graph, cat_readers, collapse, repeated_groups, to_dot, write_graph
+from densenet_debug.models.batch import check_batch_of_one, output_classes
 
 HELP = ("write the autograd graph (grad_fn.next_functions) with parameter names, concatenations and the convs "
         "around them highlighted, as DOT or (with Graphviz) SVG/PNG/PDF")
@@ -28,6 +29,9 @@ def run(args: argparse.Namespace) -> int:
     model = load_model(args)
     torch.manual_seed(args.seed)
     x = torch.randn(args.batch, *args.input_shape)
+    if args.batch == 1:  # a squeezed output has lost its batch dimension: one line, not a traceback
+        classes = args.num_classes or output_classes(model, torch.cat([x, x]), args.model)
+        check_batch_of_one(model, x, classes, args.model)
     graph = autograd_graph(model.train(), x)
     full = len(graph.nodes)
     if args.collapse:

@@ -11,6 +11,7 @@ from rich.table import Table
 
 from densenet_debug.atomic import write_text
 from densenet_debug.cli._common import add_device_arg, add_model_args, add_seed_arg, load_model, resolve_device
+from densenet_debug.models.batch import make_batch
 from densenet_debug.numpy_oracle import OracleReport, compare_with_torch
 
 HELP = "compare PyTorch fp64 with an independent NumPy fp64 DenseNet, layer by layer (outputs and gradients)"
@@ -30,10 +31,7 @@ def run(args: argparse.Namespace) -> int:
     model = load_model(args)
     device = resolve_device(args.device)
     model = model.to(device)
-    g = torch.Generator().manual_seed(args.seed)
-    x = torch.randn(args.batch, *args.input_shape, generator=g)
-    classes = int(getattr(model, "config", {}).get("num_classes", 10))
-    y = torch.randint(0, classes, (args.batch,), generator=g)
+    x, y = make_batch(model, args.input_shape, args.batch, args.seed, args.num_classes, args.model)
     report = compare_with_torch(model, x.to(device), y.to(device), train=not args.eval)
     _print(report, args.all_rows)
     if args.json:

@@ -9,6 +9,7 @@ import torch
 
 from densenet_debug.cli._common import add_model_args, add_seed_arg, load_model, positive_int
 from densenet_debug.errors import UsageError
+from densenet_debug.models.batch import check_batch_of_one, output_classes
 from densenet_debug.reference.record import (
     DEFAULT_MAX_MB,
     POLICIES,
@@ -44,8 +45,9 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(f"{target} exists; pass --force to replace it")
     torch.manual_seed(args.seed)
     model = load_model(args)
-    with torch.no_grad():
-        classes = args.num_classes or int(model.eval()(torch.zeros(1, *args.input_shape)).shape[-1])
+    classes = args.num_classes or output_classes(model, torch.zeros(2, *args.input_shape), args.model)
+    if args.batch == 1:
+        check_batch_of_one(model, torch.zeros(1, *args.input_shape), classes, args.model)
     model.train()
     x, y, how = generate_batch(args.batch, args.seed, args.input_shape, classes)
     how["weights"] = f"torch.manual_seed({args.seed}) then the model's constructor"

@@ -1,20 +1,32 @@
-"""Model builders by name, and loading of user models from ``file.py:factory`` or ``pkg.mod:factory``."""
+"""Model builders by name, and loading of user models from ``file.py:factory`` or ``pkg.mod:factory``.
+
+A user's model loads the way Python runs the user's own code: a model file's directory goes on ``sys.path``
+(as for ``python file.py``), so it can import the modules beside it; a ``module:factory`` spec is looked up
+from the current directory too (as for ``python -m``). A factory is called with ``num_classes=`` only when
+it has such a parameter; otherwise with no arguments, and the class count is then checked against the
+model's output width (:func:`load_checked_model`).
+"""
 
 from __future__ import annotations
 
 import importlib
 import importlib.util
+import inspect
+import os
 import sys
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 
+import torch
 from torch import nn
 
 from densenet_debug.errors import UsageError
+from densenet_debug.models.batch import output_classes
 from densenet_debug.models.densenet import Concat, DenseNet
 
-__all__ = ["BUILDERS", "Concat", "DenseNet", "build_model", "resolve_model"]
+__all__ = ["BUILDERS", "Concat", "DenseNet", "build_model", "load_checked_model", "resolve_model",
+           "takes_num_classes"]
 
 DEFAULT_MODEL = "densenet-bc-100"
 
@@ -62,7 +74,8 @@ def resolve_model(spec: str, num_classes: int | None = None, **kwargs: object) -
     if not callable(factory):
         raise UsageError(f"{where}:{factory_name} is not callable")
     try:
-        model = factory(num_classes=num_classes) if num_classes is not None else factory()
+        model = factory(num_classes=num_classes) if num_classes is not None and takes_num_classes(factory) \
+            else factory()
     except Exception as exc:  # user code: report it in one line
         raise UsageError(f"{where}:{factory_name}() failed: {type(exc).__name__}: {exc}") from exc
     if not isinstance(model, nn.Module):
@@ -70,10 +83,39 @@ def resolve_model(spec: str, num_classes: int | None = None, **kwargs: object) -
     return model
 
 
+def takes_num_classes(factory: Callable[..., object]) -> bool:
+    """Whether ``factory`` accepts a ``num_classes=`` keyword (by name or through ``**kwargs``).
+
+    A callable whose signature cannot be read (some C extensions) is assumed to take it, as before.
+    """
+    try:
+        params = inspect.signature(factory).parameters.values()
+    except (TypeError, ValueError):
+        return True
+    return any(p.kind is p.VAR_KEYWORD or (p.name == "num_classes" and p.kind is not p.POSITIONAL_ONLY
+                                           and p.kind is not p.VAR_POSITIONAL) for p in params)
+
+
+def load_checked_model(spec: str, input_shape: tuple[int, ...], num_classes: int | None = None,
+                       **kwargs: object) -> nn.Module:
+    """:func:`resolve_model`, then checked to map a batch of two ``input_shape`` samples to (2, classes).
+
+    The probe batch is 2, never 1: a model that squeezes its output (``torch.squeeze`` after the pool, as
+    research code often does) drops the batch dimension at batch 1. With ``num_classes`` given, the output
+    width must equal it (a factory without a ``num_classes`` parameter builds its own head).
+    """
+    model = resolve_model(spec, num_classes=num_classes, **kwargs)
+    width = output_classes(model, torch.zeros(2, *input_shape), spec)
+    if num_classes is not None and width != num_classes:
+        raise UsageError(f"model {spec} returns {width} classes, not --num-classes {num_classes}")
+    return model
+
+
 def _import_file(path: str) -> object:
     file = Path(path)
     if not file.is_file():
         raise UsageError(f"model file not found: {path}")
+    _on_path(str(file.resolve().parent))  # as `python file.py` does: its siblings import
     name = f"_densenet_debug_user_{abs(hash(str(file.resolve())))}"
     spec = importlib.util.spec_from_file_location(name, file)
     if spec is None or spec.loader is None:
@@ -89,9 +131,16 @@ def _import_file(path: str) -> object:
 
 
 def _import_module(name: str) -> object:
+    if "" not in sys.path:
+        _on_path(os.getcwd())  # as `python -m` does; the console script's sys.path[0] is its bin directory
     try:
         return importlib.import_module(name)
     except ImportError as exc:
         raise UsageError(f"cannot import module {name!r}: {exc}") from exc
     except Exception as exc:
         raise UsageError(f"importing {name} failed: {type(exc).__name__}: {exc}") from exc
+
+
+def _on_path(directory: str) -> None:
+    if directory not in sys.path:
+        sys.path.insert(0, directory)

@@ -20,7 +20,6 @@ from torch import Tensor
 from torch.utils.data import DistributedSampler
 
 from densenet_debug.errors import UsageError
-from densenet_debug.training.matfile import load_mat
 
 DATASETS = ("cifar10", "cifar100", "svhn")
 
@@ -155,7 +154,7 @@ def _read_svhn(root: Path, split: str) -> tuple[Tensor, Tensor]:
         except ValueError as exc:  # object arrays need pickle, which we refuse
             raise UsageError(f"{path}: {exc}") from None
     else:
-        arrays = load_mat(path)
+        arrays = _load_mat(path)
     if "X" not in arrays or "y" not in arrays:
         raise UsageError(f"{path}: expected arrays X and y, found {', '.join(sorted(arrays)) or 'none'}")
     x, y = arrays["X"], arrays["y"].reshape(-1)
@@ -164,6 +163,25 @@ def _read_svhn(root: Path, split: str) -> tuple[Tensor, Tensor]:
     images = torch.from_numpy(np.ascontiguousarray(x.transpose(3, 2, 0, 1)).astype(np.uint8, copy=False))
     labels = torch.from_numpy(y.astype(np.int64) % 10)  # 10 -> 0 (digit zero), 1..9 unchanged
     return images, labels
+
+
+def _load_mat(path: Path) -> dict[str, np.ndarray]:
+    """``X`` and ``y`` of a MATLAB (level 5, v4/v6/v7) file, read by ``scipy.io.loadmat`` (no pickle, no code).
+
+    scipy is an optional extra of the training install (``densenet-debug[train]``); without it a .mat file
+    is a one-line error that also names the npz alternative.
+    """
+    try:
+        from scipy.io import loadmat
+    except ImportError:
+        raise UsageError(f"reading {path} needs scipy: pip install 'densenet-debug[train]' (or save X and y as "
+                         f"{path.with_suffix('.npz').name})") from None
+    try:
+        return loadmat(path, variable_names=("X", "y"))
+    except NotImplementedError:  # scipy's answer to a v7.3 file, which is HDF5
+        raise UsageError(f"{path}: MAT 7.3 (HDF5) is not supported; save it with -v7 or as an npz") from None
+    except Exception as exc:  # a user's file: truncated, not a MAT-file, a corrupt stream
+        raise UsageError(f"{path}: not a readable MAT-file ({type(exc).__name__}: {exc})") from None
 
 
 def augment(images: Tensor, generator: torch.Generator, padding: int = 4, flip: bool = True) -> Tensor:
