@@ -31,10 +31,39 @@ def _cast(t: Tensor, like: Tensor | None, device: torch.device, default_dtype: t
     return t.to(device=device, dtype=like.dtype if like is not None else default_dtype)
 
 
+def grad_entry(x: Tensor) -> tuple[Tensor, Tensor]:
+    """``x`` as a differentiable *non-leaf* in its exact layout, and the leaf its gradient is read from.
+
+    A unit may write into its input (``nn.ReLU(inplace=True)``); autograd forbids that on a leaf that requires
+    grad and on a view of one, but allows it on a view of a non-leaf. So the storage ``x`` spans becomes the
+    leaf, ``leaf * 1`` the non-leaf, and the input is that non-leaf viewed with ``x``'s strides and offset, so
+    kernels see the layout the side saw. :func:`input_grad` reads the input's gradient back through the same
+    strides. Overlapping layouts (a stride 0 over more than one element) would sum aliased gradients, so they
+    stay a plain leaf (no unit writes into an expanded input).
+    """
+    if any(st == 0 and n > 1 for n, st in zip(x.shape, x.stride())) or x.numel() == 0:
+        leaf = x.detach().requires_grad_(True)
+        return leaf, leaf
+    extent = x.storage_offset() + 1 + sum((n - 1) * st for n, st in zip(x.shape, x.stride()))
+    leaf = x.detach().as_strided((extent,), (1,), 0).clone().requires_grad_(True)
+    with torch.enable_grad():
+        return (leaf * 1).as_strided(x.shape, x.stride(), x.storage_offset()), leaf
+
+
+def input_grad(x: Tensor, leaf: Tensor, grad: Tensor | None) -> Tensor:
+    """The gradient of the input ``x`` made by :func:`grad_entry`, from its leaf's gradient."""
+    if grad is None:
+        return torch.zeros_like(x)
+    if leaf is x:
+        return grad.detach()
+    return grad.detach().as_strided(x.shape, x.stride(), x.storage_offset())
+
+
 def replay_unit(module: nn.Module, oracle: UnitRecord, side: UnitRecord | None, backend: object) -> Replay:
     """Re-run ``module`` (the side's unit) on ``oracle``'s inputs and grad_outputs; return what it produced."""
     device, default = backend.device, backend.param_dtype
     inputs: list[Tensor | None] = []
+    leaves: dict[int, Tensor] = {}
     for i, t in enumerate(oracle.inputs):
         if t is None:
             inputs.append(None)
@@ -45,12 +74,16 @@ def replay_unit(module: nn.Module, oracle: UnitRecord, side: UnitRecord | None, 
         if x.data_ptr() == t.data_ptr():  # a cast to the same dtype/device aliases the record: never touch it
             x = x.detach().clone()
         wants_grad = i < len(oracle.grad_inputs) and oracle.grad_inputs[i] is not None and x.is_floating_point()
-        inputs.append(x.requires_grad_(True) if wants_grad else x)
+        if wants_grad:
+            x, leaves[i] = grad_entry(x)
+        inputs.append(x)
     own_buffers = dict(module.named_buffers(recurse=False))
     every_buffer = dict(module.named_buffers())  # a composite's replay runs its children: restore theirs too
     saved_buffers = {k: b.clone() for k, b in every_buffer.items()}
     saved_modes = {m: m.training for m in module.modules()}
-    result = Replay(inputs=inputs)
+    # What went in, kept apart: a unit that writes into its input must not change the operands we judge by.
+    result = Replay(inputs=[None if x is None else x.detach().clone().requires_grad_(i in leaves)
+                            for i, x in enumerate(inputs)])
     try:
         with torch.no_grad():
             for k, b in own_buffers.items():
@@ -65,7 +98,7 @@ def replay_unit(module: nn.Module, oracle: UnitRecord, side: UnitRecord | None, 
             for k, b in own_buffers.items():
                 result.values[f"buffer.{k}"] = b.detach().clone()
             params = [(n, p) for n, p in module.named_parameters(recurse=False) if n in oracle.param_grads]
-            targets = [(f"grad_input.{i}", x) for i, x in enumerate(inputs) if x is not None and x.requires_grad]
+            targets = [(f"grad_input.{i}", leaf) for i, leaf in leaves.items()]
             targets += [(f"grad_{n}", p) for n, p in params]
             live = []
             for j, o in enumerate(outs):
@@ -81,7 +114,11 @@ def replay_unit(module: nn.Module, oracle: UnitRecord, side: UnitRecord | None, 
                 grads = torch.autograd.grad([o for o, _ in live], [t for _, t in targets], [g for _, g in live],
                                             allow_unused=True)
                 for (key, t), g in zip(targets, grads):
-                    result.values[key] = torch.zeros_like(t) if g is None else g.detach()
+                    if key.startswith("grad_input."):
+                        x = inputs[int(key.rpartition(".")[2])]
+                        result.values[key] = input_grad(x, t, g)
+                    else:
+                        result.values[key] = torch.zeros_like(t) if g is None else g.detach()
     finally:
         with torch.no_grad():
             for k, b in every_buffer.items():
@@ -119,17 +156,22 @@ def exact_expectation(module: nn.Module, replay: Replay) -> dict[str, Tensor | N
 
     The class's ``forward`` is called, not the instance's: a planted fault replaces the instance's.
     """
-    xs = [None if t is None else t.detach().to("cpu", torch.float64).requires_grad_(t.requires_grad)
-          for t in replay.inputs]
+    xs: list[Tensor | None] = []
+    leaves: dict[int, Tensor] = {}
+    for i, t in enumerate(replay.inputs):
+        x = None if t is None else t.detach().to("cpu", torch.float64)
+        if x is not None and t.requires_grad:
+            x, leaves[i] = grad_entry(x)
+        xs.append(x)
     with torch.enable_grad():
         outs = flatten_tensors(type(module).forward(module, *xs))
     values: dict[str, Tensor | None] = {f"output.{j}": o.detach() for j, o in enumerate(outs)}
-    targets = [(f"grad_input.{i}", x) for i, x in enumerate(xs) if x is not None and x.requires_grad]
+    targets = [(f"grad_input.{i}", leaf) for i, leaf in leaves.items()]
     live = [(o, g.detach().to("cpu", torch.float64)) for o, g in zip(outs, replay.grad_outputs)
             if g is not None and o.requires_grad]
     if targets and live:
         grads = torch.autograd.grad([o for o, _ in live], [t for _, t in targets], [g for _, g in live],
                                     allow_unused=True)
         for (key, t), g in zip(targets, grads):
-            values[key] = torch.zeros_like(t) if g is None else g
+            values[key] = input_grad(xs[int(key.rpartition(".")[2])], t, g)
     return values
