@@ -74,6 +74,16 @@ class Precision:
 
 
 BoundFn = Callable[[Precision], Tensor]
+U64 = 2.0**-53
+
+
+def fp64_precision(lam: float) -> Precision:
+    """A float64 evaluation on the CPU: every unit roundoff 2^-53 (the teacher's own, see :func:`teacher_bound`)."""
+    return Precision(u_op=U64, u_acc=U64, u_out=U64, lam=lam, eta=2 * underflow(torch.float64), u_cmp=U64)
+
+
+TEACHER_ORIGIN = ("plus the teacher's own bound: the oracle is itself a float64 evaluation of this unit on "
+                  "these inputs (u=2^-53 over the same magnitudes), which may round differently from this one's")
 
 
 def linear_bound(magnitude: Tensor, operands: int, k: int) -> BoundFn:
@@ -370,5 +380,5 @@ def _bn_bounds(module: nn.Module, rec: object, params: dict[str, Tensor], p: Pre
     return out
 
 
-__all__ = ["FALSE_ALARM", "Comparison", "Precision", "UnitBounds", "abs_difference", "compare", "confidence",
-           "linear_bound", "oracle_scale", "underflow", "unit_bounds"]
+__all__ = ["FALSE_ALARM", "TEACHER_ORIGIN", "U64", "Comparison", "Precision", "UnitBounds", "abs_difference",
+           "compare", "confidence", "fp64_precision", "linear_bound", "oracle_scale", "underflow", "unit_bounds"]
