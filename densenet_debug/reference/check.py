@@ -44,9 +44,10 @@ from densenet_debug.models import resolve_model
 from densenet_debug.reference.format import Fixture, FixtureError, read_fixture
 from densenet_debug.reference.record import model_identity, oracle_traces
 from densenet_debug.trace import Trace
+from densenet_debug.verdict.nonfinite import NonFiniteOracle, check_oracle, finite, where
 from densenet_debug.verdict.propagated import propagated_tolerance, running_sums
 from densenet_debug.verdict.replay import oracle_values
-from densenet_debug.verdict.report import Kink, Row, Status, first_divergence
+from densenet_debug.verdict.report import FAILING, STATUS_ORDER, Kink, Row, Status, first_divergence
 from densenet_debug.verdict.tolerance import U64, Precision, fp64_precision
 
 SCHEMA = "densenet-debug/check-reference/1"
@@ -72,10 +73,11 @@ class ReferenceResult:
     environment: dict = field(default_factory=dict)
     settings: dict = field(default_factory=dict)
     summary: str = ""
+    nonfinite: list[dict] = field(default_factory=list)  # per step: where the side's first NaN/Inf was produced
 
     @property
     def failures(self) -> list[Row]:
-        return [r for r in self.reproduction + self.rows if r.status == "mismatch"]
+        return [r for r in self.reproduction + self.rows if r.status in FAILING]
 
     def to_json(self) -> dict:
         return {"schema": SCHEMA, "fixture": str(self.path), "name": self.name, "backend": self.backend,
@@ -86,7 +88,7 @@ class ReferenceResult:
 
     def table(self, limit: int = 12) -> str:
         """Plain-text table: failing rows first, then those closest to their tolerance."""
-        rows = sorted(self.reproduction + self.rows, key=lambda r: (r.status != "mismatch", r.status != "kink",
+        rows = sorted(self.reproduction + self.rows, key=lambda r: (-STATUS_ORDER.get(r.status, 0),
                                                                     -_finite(r.ratio_a)))[:limit]
         head = f"{'layer':34} {'pass':8} {'quantity':24} {'mode':12} {'error':>10} {'tolerance':>10} status"
         lines = [head, "-" * len(head)]
@@ -157,6 +159,7 @@ def reference_oracle(fixture: Fixture, model: nn.Module) -> tuple[list[Trace], l
     ``("", "logits")``, ``("", "loss")``) to the stored value, for :func:`reproduction_rows`.
     """
     if fixture.complete:
+        check_oracle(fixture.traces, f"the stored truth of {fixture.path}")
         return fixture.traces, [{} for _ in fixture.traces]
     step = fixture.meta.get("step", {})
     fresh = oracle_traces(model, fixture.inputs, fixture.targets, steps=int(step.get("steps", len(fixture.traces))),
@@ -168,8 +171,18 @@ def reference_oracle(fixture: Fixture, model: nn.Module) -> tuple[list[Trace], l
             raise FixtureError(fixture.path / "index.json", f"unit {missing[0]} is not in the rebuilt model's trace")
         values = {(name, q): getattr(stored.units[name], q) for name, quantities in kept.items() for q in quantities}
         values[("", "logits")], values[("", "loss")] = stored.output, stored.loss
+        _check_stored(fixture, values, len(stored_values))
         stored_values.append(values)
     return fresh, stored_values
+
+
+def _check_stored(fixture: Fixture, values: dict, step: int) -> None:
+    """A stored tensor with a NaN/Inf is no truth: refused in one line naming it (exit 2)."""
+    for (name, q), value in values.items():
+        tensors = value.values() if isinstance(value, dict) else value if isinstance(value, list) else [value]
+        if not all(finite(t) for t in tensors):
+            raise NonFiniteOracle(f"the stored truth of {fixture.path} is non-finite (NaN/Inf) at "
+                                  f"{name or q} ({q}, step {step}): there is no finite truth to judge against")
 
 
 def reproduction_rows(fixture: Fixture, oracle: list[Trace], stored: list[dict], shared: dict) -> list[Row]:
@@ -309,7 +322,7 @@ def check_reference(
     rows, kinks = result.rows, result.kinks
     for k in kinks:
         k.side = "a"
-    failing_repro = [r for r in repro if r.status == "mismatch"]
+    failing_repro = [r for r in repro if r.status in FAILING]
     verdict = "mismatch" if failing_repro or result.failures else "agree"
     if failing_repro:
         r = min(failing_repro, key=lambda r: (r.step, r.pass_ != "forward", r.order))
@@ -323,6 +336,7 @@ def check_reference(
     out = ReferenceResult(fixture.path, fixture.name, side.name, verdict, first, rows, kinks, repro, env,
                           {"steps": steps, "eval": eval_mode, "policy": fixture.meta["storage"]["policy"],
                            "units": len(result.units), "recorded_with": fixture.meta.get("provenance", {})})
+    out.nonfinite = result.nonfinite
     out.summary = _summarize(out)
     return out
 
@@ -337,6 +351,11 @@ def _summarize(r: ReferenceResult) -> str:
     f = r.first_divergence or {}
     what = ("this PyTorch's float64 recomputation drifted from the stored truth" if f.get("mode") == "reproduction"
             else f"{r.backend} diverges from reference {r.name}")
+    if f.get("status") == Status.NONFINITE:
+        firsts = "; ".join(where(n) for n in r.nonfinite) or "none"
+        return (f"mismatch: {r.backend} non-finite (NaN/Inf) where reference {r.name} is finite, first at "
+                f"{f.get('layer')} ({f.get('pass')} {f.get('quantity')}, {f.get('mode')}, step {f.get('step')}); "
+                f"first NaN/Inf produced end to end: {firsts}{kink_text}")
     return (f"mismatch: {what} first at {f.get('layer')} ({f.get('pass')} {f.get('quantity')}, {f.get('mode')}, "
             f"step {f.get('step')}): error {_fmt(f.get('error'))} > tolerance {_fmt(f.get('tolerance'))}{kink_text}")
 

@@ -18,11 +18,13 @@ from densenet_debug.backends import Backend, unit_roundoff
 from densenet_debug.trace import Trace
 from densenet_debug.verdict import kinks as kinkmod
 from densenet_debug.verdict.compare import compare
+from densenet_debug.verdict.nonfinite import finite
 from densenet_debug.verdict.replay import exact_expectation, oracle_values, replay_unit
 from densenet_debug.verdict.report import FAILING, Kink, Row, Status
 from densenet_debug.verdict.tolerance import TEACHER_ORIGIN, Precision, UnitBounds, fp64_precision, underflow
 
 QUANTITY_PASS = {"output": "forward", "buffer": "forward"}
+NONFINITE_NOTE = "NaN/Inf where the fp64 oracle is finite"
 
 
 def base(key: str) -> tuple[str, str, int | None]:
@@ -81,8 +83,10 @@ class _Aggregate:
     def __init__(self) -> None:
         self.best = None
         self.index = None
+        self.nonfinite = False
 
     def add(self, comp: object, index: int | None) -> None:
+        self.nonfinite |= comp.nonfinite
         if self.best is None or comp.ratio > self.best.ratio or (comp.ratio == self.best.ratio
                                                                  and comp.error > self.best.error):
             keep_error = max(comp.error, self.best.error) if self.best is not None else comp.error
@@ -125,6 +129,7 @@ def local_rows(name: str, step: int, module: nn.Module, o_rec: object, s_rec: ob
         ex = exclude if (exclude is not None and quantity == "grad_input" and side_t is not None
                          and side_t.shape == exclude.shape) else None
         comp = compare(side_t, oracle_t, bound, ex, None if bounds.exact else cache)
+        comp.nonfinite = not finite(side_t) and finite(oracle_t)
         groups.setdefault(quantity, _Aggregate()).add(comp, index)
     rows = []
     for quantity, agg in groups.items():
@@ -132,11 +137,13 @@ def local_rows(name: str, step: int, module: nn.Module, o_rec: object, s_rec: ob
         pass_, origin = meta[quantity]
         worst = ((index,) if index is not None and _multi(truth, quantity) else ()) + tuple(comp.worst)
         order = o_rec.forward_index if pass_ == "forward" else (o_rec.backward_index or 0)
+        status = Status.NONFINITE if agg.nonfinite else (Status.OK if comp.ok else Status.MISMATCH)
+        note = (NONFINITE_NOTE if agg.nonfinite else
+                f"{comp.excluded} kink element(s) excluded" if comp.excluded else "")
         rows.append(Row(layer=name, pass_=pass_, quantity=quantity, error_a=comp.error, error_b=None,
-                        tolerance=comp.tolerance, status=Status.OK if comp.ok else Status.MISMATCH, origin=origin,
-                        step=step, mode="local", tolerance_a=comp.tolerance, ratio_a=comp.ratio,
-                        worst_a=worst or None, order=order,
-                        note=f"{comp.excluded} kink element(s) excluded" if comp.excluded else ""))
+                        tolerance=comp.tolerance, status=status, origin=origin, step=step, mode="local",
+                        tolerance_a=comp.tolerance, ratio_a=comp.ratio, worst_a=worst or None, order=order,
+                        note=note))
     return rows
 
 

@@ -21,9 +21,10 @@ from densenet_debug.backends import Backend
 from densenet_debug.trace import Trace, UnitRecord
 from densenet_debug.verdict import kinks as kinkmod
 from densenet_debug.verdict.compare import abs_difference, compare, oracle_scale
-from densenet_debug.verdict.local import base, exact_bound, precision, with_teacher
+from densenet_debug.verdict.local import NONFINITE_NOTE, base, exact_bound, precision, with_teacher
+from densenet_debug.verdict.nonfinite import finite
 from densenet_debug.verdict.replay import Replay, exact_expectation, oracle_values, side_values
-from densenet_debug.verdict.report import Row, Status
+from densenet_debug.verdict.report import FAILING, Row, Status
 
 PROPAGATED_ORIGIN = ("propagated: sum of the local tolerances of every unit upstream (first order, errors "
                      "passed on unamplified)")
@@ -107,29 +108,33 @@ def propagated_rows(names: list[str], step: int, o_trace: Trace, s_trace: Trace,
         truth = oracle_values(o_rec)
         got = side_values(s_trace[name]) if name in s_trace else {}
         groups: dict[str, tuple[float, int | None]] = {}
+        bad: set[str] = set()
         for key in truth:
             quantity, pass_, index = base(key)
             err = relerr(got.get(key), truth[key], scales)
+            if not finite(got.get(key)) and finite(truth[key]):
+                bad.add(quantity)
             if quantity not in groups or err > groups[quantity][0]:
                 groups[quantity] = (err, index)
         for quantity, (err, _index) in groups.items():
             pass_ = base(next(k for k in truth if base(k)[0] == quantity))[1]
             order = o_rec.forward_index if pass_ == "forward" else (o_rec.backward_index or 0)
             tol = propagated_tolerance((fwd_cum, bwd_cum, total_forward), pass_, order)
-            status = Status.OK if err <= tol else Status.MISMATCH
+            status = Status.NONFINITE if quantity in bad else (Status.OK if err <= tol else Status.MISMATCH)
             rows.append(Row(layer=name, pass_=pass_, quantity=quantity, error_a=err, error_b=None, tolerance=tol,
                             status=status, origin=PROPAGATED_ORIGIN, step=step, mode="propagated", tolerance_a=tol,
-                            ratio_a=err / tol if tol > 0 else (0.0 if err == 0 else math.inf), order=order))
+                            ratio_a=err / tol if tol > 0 else (0.0 if err == 0 else math.inf), order=order,
+                            note=NONFINITE_NOTE if quantity in bad else ""))
     return rows
 
 
 def explain_by_local(rows: list[Row], local: list[Row]) -> None:
-    failing = sorted((r for r in local if r.status == "mismatch"), key=lambda r: (r.pass_ != "forward", r.order))
+    failing = sorted((r for r in local if r.status in FAILING), key=lambda r: (r.pass_ != "forward", r.order))
     if not failing:
         return
     first = failing[0]
     for r in rows:
-        if r.status == "mismatch":
+        if r.status in FAILING:
             r.note = r.note or f"downstream of the local failure at {first.layer} ({first.pass_})"
 
 

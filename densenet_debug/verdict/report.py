@@ -107,6 +107,7 @@ class SideResult:
     units: list[str]
     checked_elements: int = 0
     counterfactual_steps: list[int] = field(default_factory=list)
+    nonfinite: list[dict] = field(default_factory=list)  # per step with a NaN/Inf: where it was first produced
 
     @property
     def failures(self) -> list[Row]:
