@@ -1,7 +1,10 @@
 """Local (teacher-forced) rows: each unit of a side re-run on the oracle's inputs and grad_outputs.
 
 A side is wrong at a unit only when one of these rows fails. The bound of every quantity is derived by
-:mod:`densenet_debug.verdict.tolerance` for the precision that side computes it in (:func:`precision`); exact ops
+:mod:`densenet_debug.verdict.tolerance` for the precision that side computes it in (:func:`precision`), plus the
+float64 teacher's own bound (:func:`with_teacher`: the oracle's record is one float64 evaluation of the unit on
+the same inputs, and float64 rounds differently across machines); a NaN/Inf where the oracle is finite is
+status ``nonfinite``, never a comparison (:mod:`densenet_debug.verdict.nonfinite`); exact ops
 (cat, ReLU, flatten) must equal themselves evaluated in fp64 on the side's own rounded operands. A composite
 unit (a module with its own math around children) is replayed whole; its tolerance adds its descendants'.
 """

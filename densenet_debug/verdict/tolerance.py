@@ -25,6 +25,13 @@ op evaluated on ``|inputs|`` and ``|parameters|`` (forward) and back-propagated 
 BatchNorm, whose statistics and gradients cancel, gets its own first-order model; piecewise-linear ops
 (ReLU ...) are exact up to operand rounding, their branch flips being kinks (:mod:`densenet_debug.verdict.kinks`).
 Unknown modules fall back to the |.|-evaluation with K = the number of input elements (stated as such).
+
+The teacher is a float64 evaluation too. A side is compared with the oracle's record of the unit, which is
+itself the unit evaluated once in float64 on the same inputs, on this machine or on the one that recorded a
+fixture (another thread count, CPU kernel set or PyTorch release rounds differently; float64 is never
+bit-exact across machines). Both are within their bounds of the exact result, so a local row allows
+``B(side precision) + B(fp64_precision)`` over the same magnitudes (``TEACHER_ORIGIN``): for a float32 side the
+teacher adds 2^-29 of its bound, for a float64 side it doubles it.
 """
 
 from __future__ import annotations
