@@ -25,6 +25,8 @@ from densenet_debug.errors import UsageError
 from densenet_debug.verdict.nonfinite import NonFiniteOracle, first_nonfinite
 from densenet_debug.verdict.report import Row, Status
 
+pytest_plugins = ["pytester"]
+
 MODELS = """
 import torch
 from torch import nn
@@ -211,3 +213,32 @@ def test_selftest_counts_a_nonfinite_gradcheck_as_caught() -> None:
     assert not result(False, True, "pass").ok
     assert not result(True, True, None).ok  # a control with a NaN finding is flagged, not "within tolerance"
     assert result(False, True, "nonfinite").to_json()["error"] == "nan"
+
+
+PLUGIN_TEST = MODELS + '''
+
+def test_exp_net_gradients(grad_reference):
+    model = exp_net()
+    x = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    grad_reference.check(model, x, name="exp-net", backend=["fp64", "native"])
+'''
+
+
+def test_pytest_plugin_fails_a_side_that_overflows(pytester: pytest.Pytester) -> None:
+    """Recorded (finite float64 truth), then checked: fp64 agrees, native's +inf is a failure naming the unit."""
+    import torch._dynamo  # noqa: F401  (imported once, outside the inner runs: see tests/reference/test_pytest_plugin.py)
+
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        pytester.makepyfile(test_user=PLUGIN_TEST)
+        args = ("-q", "-p", "no:cacheprovider", "-p", "no:hypothesispytest")
+        recorded = pytester.runpytest(*args, "--update-reference")
+        recorded.assert_outcomes(failed=1)  # recording succeeds, then native's check fails in the same run
+        checked = pytester.runpytest(*args)
+        checked.assert_outcomes(failed=1)
+        out = checked.stdout.str()
+        assert "mismatch: native non-finite (NaN/Inf) where reference exp-net is finite" in out, out
+        assert (pytester.path / "reference_grads" / "exp-net" / "meta.json").is_file()
+    finally:
+        torch.set_num_threads(saved)
