@@ -21,7 +21,8 @@ FMA, PyTorch release). Every bound below is derived, never tuned:
   |teacher - exact| <= B_side + B_64`` (:func:`densenet_debug.verdict.local.with_teacher`).
 * Reproduction rows: the stored truth and this recomputation are two float64 runs of the same step, each
   within the verdict's propagated rule at u = 2^-53 of the exact step (the first-order sum of the float64
-  local bounds upstream, :func:`_accumulated_fp64`), so they differ by at most twice that
+  local bounds upstream, :func:`_accumulated_fp64`; a later step starts from everything the earlier steps
+  accumulated, since their gradients moved its weights and BN buffers), so they differ by at most twice that
   (``REPRODUCERS``). The loss adds its own rounding (:func:`_loss_tolerance`).
 
 A float64 that rounds differently within that error model agrees; one that drifts beyond it (a changed
@@ -195,9 +196,10 @@ def reproduction_rows(fixture: Fixture, oracle: list[Trace], stored: list[dict],
     if fixture.complete:
         return []
     prec = fp64_precision(shared.get("lam", 8.0))
-    rows = []
+    rows, carried = [], 0.0
     for step, trace in enumerate(oracle):
-        cum = _accumulated_fp64(trace, step, shared, prec)
+        cum = _accumulated_fp64(trace, step, shared, prec, carried)
+        carried = max([cum[2], *cum[0].values(), *cum[1].values()])
         for (name, q), stored_value in stored[step].items():
             if not name:
                 continue
@@ -254,8 +256,12 @@ def _pairs(q: str, stored: object, recomputed: object) -> dict[str, tuple[Tensor
             for i, t in enumerate(stored) if t is not None}  # type: ignore[arg-type]
 
 
-def _accumulated_fp64(trace: Trace, step: int, shared: dict, prec: Precision) -> tuple[dict, dict, float]:
-    """The verdict's propagated rule (``verdict._accumulated``) with float64 local tolerances."""
+def _accumulated_fp64(trace: Trace, step: int, shared: dict, prec: Precision,
+                      carried: float = 0.0) -> tuple[dict, dict, float]:
+    """The verdict's propagated rule (``verdict._accumulated``) with float64 local tolerances.
+
+    ``carried``: what the earlier steps accumulated (their weights and BN buffers feed this one), added first.
+    """
     fwd_tol: dict[int, float] = {}
     bwd_tol: dict[int, float] = {}
     for rec in trace:
@@ -272,7 +278,9 @@ def _accumulated_fp64(trace: Trace, step: int, shared: dict, prec: Precision) ->
             forward = key.split(".")[0] in ("output", "buffer")
             target, order = (fwd_tol, rec.forward_index) if forward else (bwd_tol, rec.backward_index or 0)
             target[order] = max(target.get(order, 0.0), tol)
-    return running_sums(fwd_tol, bwd_tol)
+    fwd_cum, bwd_cum, total_forward = running_sums(fwd_tol, bwd_tol)
+    return ({k: v + carried for k, v in fwd_cum.items()}, {k: v + carried for k, v in bwd_cum.items()},
+            total_forward + carried)
 
 
 def _relerr(side: Tensor | None, truth: Tensor | None) -> float:

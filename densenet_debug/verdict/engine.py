@@ -260,11 +260,11 @@ class _Side:
         sites = kink_sites(names, step, o_trace, s_trace, self.modules)
         self.step_kinks += [Kink(s.layer, s.count, s.min_margin, s.relative_margin, "", step) for s in sites]
         prop_rows = propagated_rows(names, step, o_trace, s_trace, local, scales) if propagated else []
-        if sites and any(r.status == "mismatch" and r.pass_ == "backward" for r in prop_rows):
+        if sites and any(r.status == Status.MISMATCH and r.pass_ == "backward" for r in prop_rows):
             cf = _counterfactual(ref, step, x, y, o_trace, sites, names, loss_fn)
             self.result.counterfactual_steps.append(step)
             counterfactual.explain(prop_rows, s_trace, o_trace, cf, sites)
-        if any(r.status == "mismatch" for r in prop_rows):
+        if any(r.status == Status.MISMATCH for r in prop_rows):
             self_consistent(prop_rows, s_trace, ref.at(step), self.backend, lam)
         explain_by_local(prop_rows, local)
         if propagated and self.previous is not None:
@@ -370,7 +370,7 @@ def _report(side_a: SideResult, side_b: SideResult, oracle: list[Trace], ba: Bac
 
 def summarize(report: DiffReport, nonfinite: dict[str, list[dict]] | None = None) -> str:
     """The one-line verdict; ``nonfinite``: per side, where each step's first NaN/Inf was produced."""
-    kink_rows = sum(1 for r in report.rows if r.status == "kink")
+    kink_rows = sum(1 for r in report.rows if r.status == Status.KINK)
     sites = {s: [k for k in report.kinks if k.side == s and k.mode == "propagated"] for s in ("a", "b")}
     flips = {s: sum(k.count for k in ks) for s, ks in sites.items()}
     kink_text = (f"; kinks (the other branch of a ReLU within rounding of its boundary): {report.a} at {flips['a']} "
