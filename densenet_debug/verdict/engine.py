@@ -193,8 +193,10 @@ def judge_many(model: nn.Module, x: Tensor, y: Tensor, backends: list[str | Back
     steps = max(steps, len(oracle)) if oracle else steps
     if len(oracle) < steps:
         raise UsageError(f"the oracle has {len(oracle)} step(s), {steps} asked")
-    check_oracle(oracle[:steps])
     shared = _shared if _shared is not None else {}
+    if shared.get("finite_oracle") is not oracle:  # checked once per oracle, however many sides judge it
+        check_oracle(oracle[:steps])
+        shared["finite_oracle"] = oracle
     names = list(units) if units is not None and not callable(units) else oracle[0].forward_order
     sides = [_Side(parse_backend(b), model, x, y, names, eval_mode) for b in backends]
     ref = _Reference(model, eval_mode, oracle)
@@ -252,9 +254,6 @@ class _Side:
     def finish_step(self, step: int, names: list[str], o_trace: Trace, ref: _Reference, x: Tensor, y: Tensor,
                     loss_fn: LossFn, lam: float, scales: dict, propagated: bool) -> None:
         s_trace, local = self.trace, self.local
-        found = first_nonfinite(s_trace, step)
-        if found is not None:
-            self.result.nonfinite.append(found)
         compose_tolerances(local, names)
         blame_children(local, names)
         sites = kink_sites(names, step, o_trace, s_trace, self.modules)
@@ -267,6 +266,10 @@ class _Side:
         if any(r.status == Status.MISMATCH for r in prop_rows):
             self_consistent(prop_rows, s_trace, ref.at(step), self.backend, lam)
         explain_by_local(prop_rows, local)
+        if any(r.status == Status.NONFINITE for r in local + prop_rows):  # name where the side's NaN/Inf began
+            found = first_nonfinite(s_trace, step)
+            if found is not None:
+                self.result.nonfinite.append(found)
         if propagated and self.previous is not None:
             prop_rows += carried_state(names, step, self.previous, s_trace)
         self.previous = {rec.name: rec.buffers_after for rec in s_trace if rec.buffers_after}

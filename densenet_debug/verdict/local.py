@@ -132,7 +132,8 @@ def local_rows(name: str, step: int, module: nn.Module, o_rec: object, s_rec: ob
         ex = exclude if (exclude is not None and quantity == "grad_input" and side_t is not None
                          and side_t.shape == exclude.shape) else None
         comp = compare(side_t, oracle_t, bound, ex, None if bounds.exact else cache)
-        comp.nonfinite = not finite(side_t) and finite(oracle_t)
+        # a NaN/Inf side makes the worst ratio non-finite; only then is it worth scanning for one
+        comp.nonfinite = not math.isfinite(comp.ratio) and not finite(side_t) and finite(oracle_t)
         groups.setdefault(quantity, _Aggregate()).add(comp, index)
     rows = []
     for quantity, agg in groups.items():
@@ -157,9 +158,7 @@ def with_teacher(bounds: UnitBounds, key: str, prec: Precision) -> Tensor | None
     inputs: on another machine, thread count or CPU kernel it rounds differently, within the float64 bound
     over the same magnitudes (:func:`~densenet_debug.verdict.tolerance.fp64_precision`).
     """
-    side = bounds.bound(key, prec)
-    teacher = bounds.bound(key, fp64_precision(prec.lam))
-    return side if side is None or teacher is None else side + teacher
+    return bounds.bound(key, prec.plus(fp64_precision(prec.lam)))
 
 
 def exact_bound(side_t: Tensor | None, operands: list[Tensor]) -> Tensor | None:

@@ -112,7 +112,7 @@ def propagated_rows(names: list[str], step: int, o_trace: Trace, s_trace: Trace,
         for key in truth:
             quantity, pass_, index = base(key)
             err = relerr(got.get(key), truth[key], scales)
-            if not finite(got.get(key)) and finite(truth[key]):
+            if not math.isfinite(err) and not finite(got.get(key)) and finite(truth[key]):
                 bad.add(quantity)
             if quantity not in groups or err > groups[quantity][0]:
                 groups[quantity] = (err, index)

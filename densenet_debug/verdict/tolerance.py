@@ -79,6 +79,13 @@ class Precision:
     def cmp(self) -> float:
         return self.u_cmp or self.u_acc
 
+    def plus(self, other: Precision) -> Precision:
+        """Roundoffs added component-wise (same ``lam``). Every bound here is linear in (u_op, u_acc, u_cmp,
+        u_out, eta), each term carrying exactly one of them, so ``B(p.plus(q)) == B(p) + B(q)``: one
+        evaluation, memoised once for every side that shares ``p``."""
+        return Precision(u_op=self.u_op + other.u_op, u_acc=self.u_acc + other.u_acc, u_out=self.u_out + other.u_out,
+                         lam=self.lam, eta=self.eta + other.eta, u_cmp=self.cmp + other.cmp)
+
 
 BoundFn = Callable[[Precision], Tensor]
 U64 = 2.0**-53
