@@ -85,7 +85,7 @@ def run(args: argparse.Namespace) -> int:
     if args.bisect and report.verdict == "mismatch":
         from densenet_debug.verdict.bisect import bisect_backend
 
-        sides = {r.side for r in report.rows if r.status == "mismatch"}
+        sides = {r.side for r in report.rows if r.status in ("mismatch", "nonfinite")}
         bisected = []
         for side, spec in (("a", a), ("b", b)):
             if (side in sides or "both" in sides) and "+" in spec:

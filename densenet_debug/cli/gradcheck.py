@@ -78,8 +78,8 @@ def _print(report: GradcheckReport, all_rows: bool, worst: int = 12) -> None:
     console = Console()
     rows = report.rows
     if not all_rows:
-        shown = [r for r in rows if r.status in ("fail", "kink")]
-        rest = sorted((r for r in rows if r.status not in ("fail", "kink") and r.tolerance > 0),
+        shown = [r for r in rows if r.status in ("fail", "nonfinite", "kink")]
+        rest = sorted((r for r in rows if r.status not in ("fail", "nonfinite", "kink") and r.tolerance > 0),
                       key=lambda r: r.error / r.tolerance, reverse=True)
         rows = shown + rest[:max(0, worst - len(shown))]
     table = Table(title=f"gradcheck ({report.mode}): {'all rows' if all_rows else 'failures and closest rows'}")
@@ -89,7 +89,7 @@ def _print(report: GradcheckReport, all_rows: bool, worst: int = 12) -> None:
     for r in rows:
         ratio = r.error / r.tolerance if r.tolerance > 0 else (0.0 if r.error == 0 else float("inf"))
         status = {"fail": "[red]FAIL[/]" + (" (culprit)" if r.culprit else ""), "kink": "[yellow]kink[/]",
-                  "skip": "skip"}.get(r.status, "ok")
+                  "skip": "skip", "nonfinite": "[red]NaN/Inf[/]"}.get(r.status, "ok")
         table.add_row(r.layer or "(model)", _short(r.tensor), f"{r.error:.2e}", f"{r.tolerance:.2e}", f"{ratio:.3f}",
                       "-" if r.resolution is None else f"{r.resolution:.1e}", f"{r.step:.0e}", str(r.kinks), status)
     console.print(table)

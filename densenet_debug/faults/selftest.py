@@ -42,7 +42,7 @@ class FaultResult:
     tolerance: float | None
     verdict: str
     first_divergence: dict | None
-    gradcheck: str | None = None  # "pass" | "fail" | None (not run)
+    gradcheck: str | None = None  # "pass" | "fail" | "nonfinite" | None (not run)
     gradcheck_layer: str | None = None
     seconds: float = 0.0
 
@@ -51,7 +51,7 @@ class FaultResult:
         """A bug: diff detects it (and gradcheck fails it where it ran). A control: diff stays quiet."""
         if self.control:
             return not self.detected
-        return self.detected and self.gradcheck in (None, "fail")
+        return self.detected and self.gradcheck in (None, "fail", "nonfinite")
 
     def to_json(self) -> dict:
         return {
@@ -156,7 +156,7 @@ def _control_margin(report: object, units: list[str]) -> tuple[float | None, flo
     best = None
     for r in report.rows:
         if r.layer in units and r.mode == "local" and r.ratio_a is not None:
-            if best is None or r.ratio_a > best.ratio_a:
+            if best is None or not r.ratio_a <= best.ratio_a:  # a NaN ratio is the closest call, never hidden
                 best = r
     return (best.error_a, best.tolerance_a) if best is not None else (None, None)
 
@@ -206,12 +206,16 @@ def _gradcheck(net: nn.Module, spec: str, unit: str, x: Tensor, y: Tensor, seed:
                fault: Fault) -> tuple[str, str | None]:
     """The faulty model's planted unit, numerically, in fp64 (the check copies the model)."""
     from densenet_debug.gradcheck.engine import gradcheck_model
+    from densenet_debug.verdict.nonfinite import NonFiniteOracle
 
     faulty = make_fault(spec, seed=seed)
     model = copy.deepcopy(net)
     faulty.apply(model)
-    report = gradcheck_model(model, x.double(), y, layers=[unit], seed=seed,
-                             eval_mode=bool(fault.needs.get("eval")))
+    try:
+        report = gradcheck_model(model, x.double(), y, layers=[unit], seed=seed,
+                                 eval_mode=bool(fault.needs.get("eval")))
+    except NonFiniteOracle:  # the fault turns the float64 step itself into NaN/Inf: never a pass
+        return "nonfinite", unit
     first = report.first_failure
     return report.verdict, first.get("layer") if first else None
 

@@ -18,6 +18,7 @@ the culprit (the code in its own ``forward``).
 from __future__ import annotations
 
 import copy
+import math
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -40,6 +41,7 @@ from densenet_debug.gradcheck.numerics import (
 )
 from densenet_debug.gradcheck.report import GradcheckReport, GradRow, Kink, mark_culprits
 from densenet_debug.trace import Layout, discover_units, trace_step
+from densenet_debug.verdict.nonfinite import check_oracle, finite
 
 __all__ = ["GradRow", "GradcheckReport", "Kink", "gradcheck_model", "gradcheck_unit"]
 
@@ -114,8 +116,11 @@ def _gradcheck_model(model: nn.Module, x: Tensor, y: Tensor, mode: str, layers: 
     selected, named_exactly = _select(units, layers, named)
     buffers0 = {id(b): b.detach().clone() for b in model64.buffers()}  # BN state before the step
     kw = {} if loss_fn is None else {"loss_fn": loss_fn}
+    if not finite(x64):
+        raise UsageError("the inputs hold NaN/Inf: nothing can be differentiated on them")
     with _capturing_calls(model64, selected) as calls:
         trace = trace_step(model64, x64, y, units=selected, record=_RECORD, **kw)
+    check_oracle([trace], "the float64 step gradcheck differentiates")
     shared = _shared_parameters(named, units, trace)
     order = trace.backward_order + [n for n in trace.forward_order if trace[n].backward_index is None]
     rows: list[GradRow] = []
@@ -201,9 +206,13 @@ def _row(unit: UnitFunction, slots: list[int], o: Outcome, mode: str, full_note:
     if full_note:
         note = "; ".join(filter(None, [note, f"Jacobian over the full-mode limit: fast check ({o.directions} "
                                                "directions)"]))
+    status = o.status
+    if not (math.isfinite(o.error) and math.isfinite(o.tolerance)):  # nan <= nan is no pass, inf <= inf neither
+        status = "nonfinite"
+        note = "; ".join(filter(None, [note, "NaN/Inf in the error or its tolerance: never a pass"]))
     return GradRow(
         layer=unit.name, tensor="+".join(unit.slots[s].name for s in slots), error=o.error,
-        tolerance=o.tolerance, status=o.status, mode=mode, scale=o.scale, resolution=o.resolution,
+        tolerance=o.tolerance, status=status, mode=mode, scale=o.scale, resolution=o.resolution,
         step=o.eta, directions=o.directions, kinks=o.kink_count, origin=o.origin, note=note,
     )
 

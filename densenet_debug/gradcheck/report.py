@@ -7,7 +7,8 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 
 SCHEMA = "densenet-debug/gradcheck/1"
-STATUSES = ("pass", "fail", "kink", "skip")
+STATUSES = ("pass", "fail", "kink", "skip", "nonfinite")
+FAILING = ("fail", "nonfinite")  # a NaN/Inf error or tolerance is never "within tolerance"
 
 
 @dataclass
@@ -24,7 +25,7 @@ class GradRow:
     tensor: str
     error: float
     tolerance: float
-    status: str
+    status: str  # one of STATUSES
     mode: str = "fast"
     scale: float = 0.0
     resolution: float | None = None
@@ -71,17 +72,17 @@ class GradcheckReport:
 
     @property
     def verdict(self) -> str:
-        return "fail" if any(r.status == "fail" for r in self.rows) else "pass"
+        return "fail" if any(r.status in FAILING for r in self.rows) else "pass"
 
     @property
     def failures(self) -> list[GradRow]:
-        return [r for r in self.rows if r.status == "fail"]
+        return [r for r in self.rows if r.status in FAILING]
 
     @property
     def first_failure(self) -> dict | None:
         """The first culprit in row order (rows follow backward order): ``{"layer", "tensor"}``."""
         for row in self.rows:
-            if row.status == "fail" and row.culprit:
+            if row.status in FAILING and row.culprit:
                 return {"layer": row.layer, "tensor": row.tensor}
         return None
 
@@ -105,9 +106,9 @@ def mark_culprits(rows: Sequence[GradRow]) -> None:
     Composites (modules with their own functional ops and children) are checked whole; when one fails while
     every unit inside it passes, the code in its own ``forward`` is to blame and it is the culprit.
     """
-    failing = {r.layer for r in rows if r.status == "fail"}
+    failing = {r.layer for r in rows if r.status in FAILING}
     for row in rows:
-        if row.status != "fail":
+        if row.status not in FAILING:
             row.culprit = False
             continue
         prefix = f"{row.layer}." if row.layer else ""

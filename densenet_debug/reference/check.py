@@ -7,11 +7,26 @@ rebuilds the exact model from its stored weights, rebuilds the float64 oracle (o
 propagated, the same rows, tolerances and statuses as ``diff``.
 
 A fixture stored with the ``checkpoints`` policy holds the parameter gradients, buffers, logits, loss and the
-tensors between dense layers, not every intermediate tensor (see :mod:`densenet_debug.reference.record`). Its oracle
-is recomputed in float64 by this PyTorch from the stored inputs and weights, then every stored tensor
-replaces its recomputed copy, and the recomputation is checked against the stored truth ("reproduction"
-rows): the verdict engine's propagated rule at float64's unit roundoff (the sum of the float64 local
-tolerances upstream). A PyTorch whose float64 CPU path drifted from the fixture fails there, by name.
+tensors between dense layers, not every intermediate tensor (see :mod:`densenet_debug.reference.record`). Its
+oracle is the float64 step recomputed by this PyTorch from the stored inputs and weights, kept whole, so every
+teacher-forced row compares a side's replay with the float64 result of the *same* teacher inputs. The stored
+tensors are the truth that recomputation must reproduce ("reproduction" rows).
+
+Fixtures cross machines, and float64 is not bit-exact across them (thread count, CPU kernels, oneDNN/MKL,
+FMA, PyTorch release). Every bound below is derived, never tuned:
+
+* Local rows carry the teacher's own uncertainty. The teacher (a unit's stored or recomputed record) is one
+  float64 evaluation of that unit on those inputs; with ``B_side`` the side's bound and ``B_64`` the same
+  error model at u = 2^-53 over the same sum|terms| magnitudes, ``|side - teacher| <= |side - exact| +
+  |teacher - exact| <= B_side + B_64`` (:func:`densenet_debug.verdict.local.with_teacher`).
+* Reproduction rows: the stored truth and this recomputation are two float64 runs of the same step, each
+  within the verdict's propagated rule at u = 2^-53 of the exact step (the first-order sum of the float64
+  local bounds upstream, :func:`_accumulated_fp64`; a later step starts from everything the earlier steps
+  accumulated, since their gradients moved its weights and BN buffers), so they differ by at most twice that
+  (``REPRODUCERS``). The loss adds its own rounding (:func:`_loss_tolerance`).
+
+A float64 that rounds differently within that error model agrees; one that drifts beyond it (a changed
+kernel that is wrong, a stored tensor edited by 1e-9) fails by name, as does a non-finite value anywhere.
 """
 
 from __future__ import annotations
@@ -30,15 +45,18 @@ from densenet_debug.models import BUILDERS, build_model, resolve_model
 from densenet_debug.reference.format import Fixture, FixtureError, read_fixture
 from densenet_debug.reference.record import model_identity, oracle_traces
 from densenet_debug.trace import Trace
+from densenet_debug.verdict.nonfinite import NonFiniteOracle, check_oracle, finite, where
 from densenet_debug.verdict.propagated import propagated_tolerance, running_sums
 from densenet_debug.verdict.replay import oracle_values
-from densenet_debug.verdict.report import Kink, Row, first_divergence
-from densenet_debug.verdict.tolerance import Precision, underflow
+from densenet_debug.verdict.report import FAILING, STATUS_ORDER, Kink, Row, Status, first_divergence
+from densenet_debug.verdict.tolerance import U64, Precision, fp64_precision
 
 SCHEMA = "densenet-debug/check-reference/1"
-U64 = 2.0**-53
-REPRODUCTION_ORIGIN = ("reproduction: this PyTorch's float64 recomputation vs the stored truth; tolerance = the "
-                       "verdict's propagated rule (sum of the local float64 tolerances upstream, u=2^-53)")
+REPRODUCERS = 2  # the stored truth and this recomputation: two float64 evaluations, each within the bound
+REPRODUCTION_ORIGIN = ("reproduction: this PyTorch's float64 recomputation vs the stored truth; tolerance = 2 x the "
+                       "verdict's propagated rule at u=2^-53 (sum of the float64 local bounds upstream, over the "
+                       "same sum|terms| magnitudes): two float64s that round differently, each within it of the "
+                       "exact result")
 
 
 @dataclass
@@ -56,10 +74,11 @@ class ReferenceResult:
     environment: dict = field(default_factory=dict)
     settings: dict = field(default_factory=dict)
     summary: str = ""
+    nonfinite: list[dict] = field(default_factory=list)  # per step: where the side's first NaN/Inf was produced
 
     @property
     def failures(self) -> list[Row]:
-        return [r for r in self.reproduction + self.rows if r.status == "mismatch"]
+        return [r for r in self.reproduction + self.rows if r.status in FAILING]
 
     def to_json(self) -> dict:
         return {"schema": SCHEMA, "fixture": str(self.path), "name": self.name, "backend": self.backend,
@@ -70,7 +89,7 @@ class ReferenceResult:
 
     def table(self, limit: int = 12) -> str:
         """Plain-text table: failing rows first, then those closest to their tolerance."""
-        rows = sorted(self.reproduction + self.rows, key=lambda r: (r.status != "mismatch", r.status != "kink",
+        rows = sorted(self.reproduction + self.rows, key=lambda r: (-STATUS_ORDER.get(r.status, 0),
                                                                     -_finite(r.ratio_a)))[:limit]
         head = f"{'layer':34} {'pass':8} {'quantity':24} {'mode':12} {'error':>10} {'tolerance':>10} status"
         lines = [head, "-" * len(head)]
@@ -166,72 +185,100 @@ def _short(data: object, limit: int = 160) -> str:
 
 # -- the oracle ----------------------------------------------------------------------------------------------
 def reference_oracle(fixture: Fixture, model: nn.Module) -> tuple[list[Trace], list[dict]]:
-    """The fixture's float64 oracle (every quantity of every unit), and what this PyTorch recomputed.
+    """The fixture's float64 oracle (every quantity of every unit), and the stored tensors to reproduce.
 
-    ``full`` fixtures hold the oracle whole (nothing is recomputed). Otherwise it is recomputed by this
-    PyTorch in float64 from the stored inputs and weights (``model`` must hold them, see
-    :func:`load_reference`), and every stored tensor then replaces its recomputed copy, so the truth stays
-    the stored one wherever it was stored. The second item maps, per step, ``(unit, quantity)`` to the
-    recomputed value that was replaced (for :func:`reproduction_rows`).
+    ``full`` fixtures hold the oracle whole (nothing is recomputed): one float64 run, self-consistent.
+    Otherwise the oracle is the float64 step recomputed *by this PyTorch* from the stored inputs and weights
+    (``model`` must hold them, see :func:`load_reference`), kept whole: every unit's outputs and gradients
+    are then this machine's float64 result of that unit's own teacher inputs, so a teacher-forced row never
+    compares a replay on recomputed inputs with outputs stored by another float64. The stored tensors are
+    the truth that recomputation must reproduce: the second item maps, per step, ``(unit, quantity)`` (and
+    ``("", "logits")``, ``("", "loss")``) to the stored value, for :func:`reproduction_rows`.
     """
     if fixture.complete:
+        check_oracle(fixture.traces, f"the stored truth of {fixture.path}")
         return fixture.traces, [{} for _ in fixture.traces]
     step = fixture.meta.get("step", {})
     fresh = oracle_traces(model, fixture.inputs, fixture.targets, steps=int(step.get("steps", len(fixture.traces))),
                           eval_mode=step.get("bn_mode") == "eval", units=fixture.traces[0].forward_order)
-    recomputed: list[dict] = []
+    stored_values: list[dict] = []
     for stored, new, kept in zip(fixture.traces, fresh, fixture.stored):
         missing = [u for u in stored.units if u not in new.units]
         if missing:
             raise FixtureError(fixture.path / "index.json", f"unit {missing[0]} is not in the rebuilt model's trace")
-        replaced = {}
-        for name, quantities in kept.items():
-            for q in quantities:
-                replaced[(name, q)] = getattr(new.units[name], q)
-                setattr(new.units[name], q, getattr(stored.units[name], q))
-        replaced[("", "logits")], replaced[("", "loss")] = new.output, new.loss
-        new.output, new.loss = stored.output, stored.loss
-        recomputed.append(replaced)
-    return fresh, recomputed
+        values = {(name, q): getattr(stored.units[name], q) for name, quantities in kept.items() for q in quantities}
+        values[("", "logits")], values[("", "loss")] = stored.output, stored.loss
+        _check_stored(fixture, values, len(stored_values))
+        stored_values.append(values)
+    return fresh, stored_values
 
 
-def reproduction_rows(fixture: Fixture, oracle: list[Trace], recomputed: list[dict], shared: dict) -> list[Row]:
+def _check_stored(fixture: Fixture, values: dict, step: int) -> None:
+    """A stored tensor with a NaN/Inf is no truth: refused in one line naming it (exit 2)."""
+    for (name, q), value in values.items():
+        tensors = value.values() if isinstance(value, dict) else value if isinstance(value, list) else [value]
+        if not all(finite(t) for t in tensors):
+            raise NonFiniteOracle(f"the stored truth of {fixture.path} is non-finite (NaN/Inf) at "
+                                  f"{name or q} ({q}, step {step}): there is no finite truth to judge against")
+
+
+def reproduction_rows(fixture: Fixture, oracle: list[Trace], stored: list[dict], shared: dict) -> list[Row]:
     """Stored truth vs this PyTorch's float64 recomputation, for a ``checkpoints`` fixture (else ``[]``).
 
-    ``shared`` is the cache :func:`densenet_debug.verdict.engine.judge` filled: its per-unit error-model bounds give
-    the float64 local tolerances that the propagated rule sums.
+    ``stored``: the second item of :func:`reference_oracle`. ``shared`` is the cache
+    :func:`densenet_debug.verdict.engine.judge` filled: its per-unit error-model bounds give the float64 local
+    tolerances that the propagated rule sums (see the module docstring for the bound).
     """
     if fixture.complete:
         return []
-    prec = Precision(u_op=U64, u_acc=U64, u_out=U64, lam=shared.get("lam", 8.0), eta=2 * underflow(torch.float64))
-    rows = []
+    prec = fp64_precision(shared.get("lam", 8.0))
+    rows, carried = [], 0.0
     for step, trace in enumerate(oracle):
-        cum = _accumulated_fp64(trace, step, shared, prec)
-        for (name, q), new_value in recomputed[step].items():
+        cum = _accumulated_fp64(trace, step, shared, prec, carried)
+        carried = max([cum[2], *cum[0].values(), *cum[1].values()])
+        for (name, q), stored_value in stored[step].items():
             if not name:
                 continue
             rec = trace.units[name]
-            for key, (stored_t, new_t) in _pairs(q, getattr(rec, q), new_value).items():
+            for key, (stored_t, new_t) in _pairs(q, stored_value, getattr(rec, q)).items():
                 pass_ = "forward" if q in ("outputs", "inputs", "buffers_before", "buffers_after") else "backward"
                 order = rec.forward_index if pass_ == "forward" else (rec.backward_index or 0)
-                rows.append(_reproduction_row(cum, step, name, pass_, key, order, stored_t, new_t))
+                tol = REPRODUCERS * propagated_tolerance(cum, pass_, order)
+                rows.append(_reproduction_row(tol, step, name, pass_, key, order, stored_t, new_t))
         if trace.units:
             last = trace.forward_order[-1]
             order = trace.units[last].forward_index
-            rows.append(_reproduction_row(cum, step, last, "forward", "logits", order, trace.output,
-                                          recomputed[step][("", "logits")]))
-            rows.append(_reproduction_row(cum, step, "loss", "forward", "loss", order, trace.loss,
-                                          recomputed[step][("", "loss")]))
+            tol_logits = REPRODUCERS * propagated_tolerance(cum, "forward", order)
+            logits, loss = stored[step][("", "logits")], stored[step][("", "loss")]
+            rows.append(_reproduction_row(tol_logits, step, last, "forward", "logits", order, logits, trace.output))
+            rows.append(_reproduction_row(_loss_tolerance(tol_logits, logits, loss), step, "loss", "forward", "loss",
+                                          order, loss, trace.loss))
     return rows
 
 
-def _reproduction_row(cum: tuple[dict, dict, float], step: int, layer: str, pass_: str, quantity: str, order: int,
+def _loss_tolerance(tol_logits: float, logits: Tensor | None, loss: Tensor | None) -> float:
+    """Relative bound of the loss (cross-entropy, mean over N) from the logits' bound and its own rounding.
+
+    d loss / d z has l1 norm <= 2 per sample (softmax - onehot) and the mean divides by N, so
+    |d loss| <= 2 max |d z| = 2 tol_logits max|z|; each float64 rounds log-sum-exp over C classes, the
+    subtraction and the mean with at most (C + N + 3) u (|lse| <= max|z| + log C); two float64s: twice that.
+    """
+    if logits is None or loss is None or loss.numel() != 1 or logits.numel() == 0:
+        return tol_logits
+    scale = abs(float(loss)) or 1.0
+    zmax = float(logits.detach().abs().max())
+    classes, batch = logits.shape[-1], logits.numel() // logits.shape[-1]
+    own = REPRODUCERS * U64 * (classes + batch + 3) * (zmax + math.log(classes) + 1)
+    return (2 * tol_logits * zmax + own) / scale
+
+
+def _reproduction_row(tol: float, step: int, layer: str, pass_: str, quantity: str, order: int,
                       stored: Tensor | None, new: Tensor | None) -> Row:
-    tol = propagated_tolerance(cum, pass_, order)
     err = _relerr(new, stored)
     ratio = err / tol if tol > 0 else (0.0 if err == 0 else math.inf)
-    return Row(layer, pass_, quantity, err, None, tol, "ok" if err <= tol else "mismatch", REPRODUCTION_ORIGIN, step,
-               "reproduction", None, tol, None, ratio, order=order)
+    return Row(layer=layer, pass_=pass_, quantity=quantity, error_a=err, error_b=None, tolerance=tol,
+               status=Status.OK if err <= tol else Status.MISMATCH, origin=REPRODUCTION_ORIGIN, step=step,
+               mode="reproduction", tolerance_a=tol, ratio_a=ratio, order=order)
 
 
 def _pairs(q: str, stored: object, recomputed: object) -> dict[str, tuple[Tensor | None, Tensor | None]]:
@@ -245,8 +292,12 @@ def _pairs(q: str, stored: object, recomputed: object) -> dict[str, tuple[Tensor
             for i, t in enumerate(stored) if t is not None}  # type: ignore[arg-type]
 
 
-def _accumulated_fp64(trace: Trace, step: int, shared: dict, prec: Precision) -> tuple[dict, dict, float]:
-    """The verdict's propagated rule (``verdict._accumulated``) with float64 local tolerances."""
+def _accumulated_fp64(trace: Trace, step: int, shared: dict, prec: Precision,
+                      carried: float = 0.0) -> tuple[dict, dict, float]:
+    """The verdict's propagated rule (``verdict._accumulated``) with float64 local tolerances.
+
+    ``carried``: what the earlier steps accumulated (their weights and BN buffers feed this one), added first.
+    """
     fwd_tol: dict[int, float] = {}
     bwd_tol: dict[int, float] = {}
     for rec in trace:
@@ -263,7 +314,9 @@ def _accumulated_fp64(trace: Trace, step: int, shared: dict, prec: Precision) ->
             forward = key.split(".")[0] in ("output", "buffer")
             target, order = (fwd_tol, rec.forward_index) if forward else (bwd_tol, rec.backward_index or 0)
             target[order] = max(target.get(order, 0.0), tol)
-    return running_sums(fwd_tol, bwd_tol)
+    fwd_cum, bwd_cum, total_forward = running_sums(fwd_tol, bwd_tol)
+    return ({k: v + carried for k, v in fwd_cum.items()}, {k: v + carried for k, v in bwd_cum.items()},
+            total_forward + carried)
 
 
 def _relerr(side: Tensor | None, truth: Tensor | None) -> float:
@@ -313,7 +366,7 @@ def check_reference(
     rows, kinks = result.rows, result.kinks
     for k in kinks:
         k.side = "a"
-    failing_repro = [r for r in repro if r.status == "mismatch"]
+    failing_repro = [r for r in repro if r.status in FAILING]
     verdict = "mismatch" if failing_repro or result.failures else "agree"
     if failing_repro:
         r = min(failing_repro, key=lambda r: (r.step, r.pass_ != "forward", r.order))
@@ -327,6 +380,7 @@ def check_reference(
     out = ReferenceResult(fixture.path, fixture.name, side.name, verdict, first, rows, kinks, repro, env,
                           {"steps": steps, "eval": eval_mode, "policy": fixture.meta["storage"]["policy"],
                            "units": len(result.units), "recorded_with": fixture.meta.get("provenance", {})})
+    out.nonfinite = result.nonfinite
     out.summary = _summarize(out)
     return out
 
@@ -341,6 +395,11 @@ def _summarize(r: ReferenceResult) -> str:
     f = r.first_divergence or {}
     what = ("this PyTorch's float64 recomputation drifted from the stored truth" if f.get("mode") == "reproduction"
             else f"{r.backend} diverges from reference {r.name}")
+    if f.get("status") == Status.NONFINITE:
+        firsts = "; ".join(where(n) for n in r.nonfinite) or "none"
+        return (f"mismatch: {r.backend} non-finite (NaN/Inf) where reference {r.name} is finite, first at "
+                f"{f.get('layer')} ({f.get('pass')} {f.get('quantity')}, {f.get('mode')}, step {f.get('step')}); "
+                f"first NaN/Inf produced end to end: {firsts}{kink_text}")
     return (f"mismatch: {what} first at {f.get('layer')} ({f.get('pass')} {f.get('quantity')}, {f.get('mode')}, "
             f"step {f.get('step')}): error {_fmt(f.get('error'))} > tolerance {_fmt(f.get('tolerance'))}{kink_text}")
 

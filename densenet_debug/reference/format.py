@@ -445,7 +445,9 @@ def read_meta(path: str | Path) -> dict:
         raise FixtureError(meta_path, f"schema {schema} is newer than this toolkit reads ({SCHEMA}); "
                                       "upgrade densenet-debug or re-record the fixture")
     if int(version) < SCHEMA_VERSION:
-        raise FixtureError(meta_path, f"schema {schema} is older than {SCHEMA}; re-record the fixture")
+        raise FixtureError(meta_path, f"schema {schema} is older than {SCHEMA}; re-record it: scripts/regen_reference "
+                                      "for the committed fixtures, `densenet-debug record --force` (same options) for "
+                                      "your own")
     validate_meta(meta, meta_path)
     return meta
 

@@ -111,7 +111,7 @@ class GradientAudit:
             for row in worst:
                 self.log.append([epoch, step, self.backend, layer_group(row.layer), row.layer, row.pass_, row.quantity,
                                  float(row.error_a), float(row.tolerance), row.status])
-        bad = [r for r in rows if r.status == "mismatch"]
+        bad = [r for r in rows if r.status in ("mismatch", "nonfinite")]  # NaN/Inf never passes
         if not bad:
             return worst, ""
         r = bad[0]

@@ -18,6 +18,7 @@ class Comparison:
     ratio: float  # max over elements of |side - oracle| / bound (> 1 fails)
     worst: tuple[int, ...]  # index of the element with the largest ratio
     excluded: int = 0  # elements left out (kinks)
+    nonfinite: bool = False  # the side holds NaN/Inf where the oracle is finite (set by the caller)
 
     @property
     def ok(self) -> bool:

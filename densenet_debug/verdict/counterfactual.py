@@ -25,7 +25,7 @@ from torch import Tensor, nn
 from densenet_debug.trace import Trace, Tracer
 from densenet_debug.verdict import kinks as kinkmod
 from densenet_debug.verdict.compare import abs_difference, oracle_scale
-from densenet_debug.verdict.report import Row
+from densenet_debug.verdict.report import Row, Status
 
 
 class _Gates:
@@ -188,7 +188,7 @@ def explain(rows: list[Row], s_trace: Trace, o_trace: Trace, cf: dict[str, dict[
     """Turn backward ``mismatch`` rows the kinks explain into ``kink`` rows (see the module docstring)."""
     del o_trace, sites  # the rule needs only the side's grad_outputs and parameter grads against the cf
     for r in rows:
-        if r.status != "mismatch" or r.pass_ != "backward" or r.layer not in cf or r.layer not in s_trace:
+        if r.status != Status.MISMATCH or r.pass_ != "backward" or r.layer not in cf or r.layer not in s_trace:
             continue
         s_rec, grads = s_trace[r.layer], cf[r.layer]
         if r.quantity == "grad_input":  # follows from the grad_output: the unit passed its local check
@@ -198,5 +198,5 @@ def explain(rows: list[Row], s_trace: Trace, o_trace: Trace, cf: dict[str, dict[
             errs = [_relerr(s_rec.param_grads.get(r.quantity[len("grad_"):]), grads.get(r.quantity))]
         err = max(errs, default=math.inf)
         if err <= r.tolerance:
-            r.status = "kink"
+            r.status = Status.KINK
             r.note = f"agrees with the counterfactual oracle (the side's branch at its kinks): error {err:.2e}"

@@ -36,6 +36,7 @@ from densenet_debug.verdict import counterfactual
 from densenet_debug.verdict import kinks as kinkmod
 from densenet_debug.verdict.counterfactual import traced_step_with_gates
 from densenet_debug.verdict.local import blame_children, compose_tolerances, element_count, local_rows
+from densenet_debug.verdict.nonfinite import check_oracle, finite, first_nonfinite, where
 from densenet_debug.verdict.propagated import (
     carried_state,
     explain_by_local,
@@ -43,7 +44,16 @@ from densenet_debug.verdict.propagated import (
     propagated_rows,
     self_consistent,
 )
-from densenet_debug.verdict.report import DiffReport, Kink, Row, SideResult, first_divergence, merge_sides
+from densenet_debug.verdict.report import (
+    FAILING,
+    DiffReport,
+    Kink,
+    Row,
+    SideResult,
+    Status,
+    first_divergence,
+    merge_sides,
+)
 from densenet_debug.verdict.tolerance import confidence, unit_bounds
 
 LEARNING_RATE = 0.1  # the shared SGD step between steps; any value that changes the weights will do
@@ -115,6 +125,8 @@ def _target(y: Tensor, device: torch.device, dtype: torch.dtype) -> Tensor:
 def _check_inputs(x: Tensor, y: Tensor) -> None:
     if not isinstance(x, Tensor) or not x.is_floating_point():
         raise UsageError("inputs must be a floating-point tensor")
+    if not finite(x) or not finite(y):
+        raise UsageError("inputs or labels hold NaN/Inf: nothing can be judged on them")
     if not isinstance(y, Tensor) or y.shape[:1] != x.shape[:1]:
         raise UsageError(f"labels must be a tensor with one entry per sample ({x.shape[0]})")
 
@@ -142,6 +154,7 @@ def oracle_traces(model: nn.Module, x: Tensor, y: Tensor, *, steps: int = 1, eva
             if keep_graph:  # the kept graph saved these weights: the next step updates a copy, not them
                 ref = _detached_copy(ref)
             _sgd_step(ref, trace)
+    check_oracle(traces)
     return traces
 
 
@@ -181,6 +194,9 @@ def judge_many(model: nn.Module, x: Tensor, y: Tensor, backends: list[str | Back
     if len(oracle) < steps:
         raise UsageError(f"the oracle has {len(oracle)} step(s), {steps} asked")
     shared = _shared if _shared is not None else {}
+    if shared.get("finite_oracle") is not oracle:  # checked once per oracle, however many sides judge it
+        check_oracle(oracle[:steps])
+        shared["finite_oracle"] = oracle
     names = list(units) if units is not None and not callable(units) else oracle[0].forward_order
     sides = [_Side(parse_backend(b), model, x, y, names, eval_mode) for b in backends]
     ref = _Reference(model, eval_mode, oracle)
@@ -243,13 +259,17 @@ class _Side:
         sites = kink_sites(names, step, o_trace, s_trace, self.modules)
         self.step_kinks += [Kink(s.layer, s.count, s.min_margin, s.relative_margin, "", step) for s in sites]
         prop_rows = propagated_rows(names, step, o_trace, s_trace, local, scales) if propagated else []
-        if sites and any(r.status == "mismatch" and r.pass_ == "backward" for r in prop_rows):
+        if sites and any(r.status == Status.MISMATCH and r.pass_ == "backward" for r in prop_rows):
             cf = _counterfactual(ref, step, x, y, o_trace, sites, names, loss_fn)
             self.result.counterfactual_steps.append(step)
             counterfactual.explain(prop_rows, s_trace, o_trace, cf, sites)
-        if any(r.status == "mismatch" for r in prop_rows):
+        if any(r.status == Status.MISMATCH for r in prop_rows):
             self_consistent(prop_rows, s_trace, ref.at(step), self.backend, lam)
         explain_by_local(prop_rows, local)
+        if any(r.status == Status.NONFINITE for r in local + prop_rows):  # name where the side's NaN/Inf began
+            found = first_nonfinite(s_trace, step)
+            if found is not None:
+                self.result.nonfinite.append(found)
         if propagated and self.previous is not None:
             prop_rows += carried_state(names, step, self.previous, s_trace)
         self.previous = {rec.name: rec.buffers_after for rec in s_trace if rec.buffers_after}
@@ -331,7 +351,7 @@ def _report(side_a: SideResult, side_b: SideResult, oracle: list[Trace], ba: Bac
         k.side = "b"
     kinks = side_a.kinks + side_b.kinks
     kinks_fail = fail_on == "kink"
-    failing = any(r.status == "mismatch" for r in rows) or (kinks_fail and (kinks or any(r.status == "kink"
+    failing = any(r.status in FAILING for r in rows) or (kinks_fail and (kinks or any(r.status == "kink"
                                                                                          for r in rows)))
     verdict = "mismatch" if failing else "agree"
     first = first_divergence(rows, kinks_fail)
@@ -347,13 +367,13 @@ def _report(side_a: SideResult, side_b: SideResult, oracle: list[Trace], ba: Bac
                          "units": len(side_a.units), "false_alarm_probability": 1e-6,
                          "counterfactual_steps_a": side_a.counterfactual_steps,
                          "counterfactual_steps_b": side_b.counterfactual_steps})
-    report.summary = summarize(report)
+    report.summary = summarize(report, {"a": side_a.nonfinite, "b": side_b.nonfinite})
     return report
 
 
-def summarize(report: DiffReport) -> str:
-    """The one-line verdict."""
-    kink_rows = sum(1 for r in report.rows if r.status == "kink")
+def summarize(report: DiffReport, nonfinite: dict[str, list[dict]] | None = None) -> str:
+    """The one-line verdict; ``nonfinite``: per side, where each step's first NaN/Inf was produced."""
+    kink_rows = sum(1 for r in report.rows if r.status == Status.KINK)
     sites = {s: [k for k in report.kinks if k.side == s and k.mode == "propagated"] for s in ("a", "b")}
     flips = {s: sum(k.count for k in ks) for s, ks in sites.items()}
     kink_text = (f"; kinks (the other branch of a ReLU within rounding of its boundary): {report.a} at {flips['a']} "
@@ -363,6 +383,12 @@ def summarize(report: DiffReport) -> str:
         return f"agree: {report.a} and {report.b} match the fp64 oracle within derived tolerances{kink_text}"
     f = report.first_divergence or {}
     who = {"a": report.a, "b": report.b, "both": f"{report.a} and {report.b}"}.get(f.get("side"), "?")
+    if f.get("status") == Status.NONFINITE:
+        firsts = [f"{name} at {where(found[0])}" for side, name in (("a", report.a), ("b", report.b))
+                  if (found := (nonfinite or {}).get(side))]
+        return (f"mismatch: {who} non-finite (NaN/Inf) where the fp64 oracle is finite, first at {f.get('layer')} "
+                f"({f.get('pass')} {f.get('quantity')}, {f.get('mode')}, step {f.get('step')}); first NaN/Inf "
+                f"produced end to end: {'; '.join(firsts) or 'none'}{kink_text}")
     return (f"mismatch: {who} wrong at {f.get('layer')} ({f.get('pass')} {f.get('quantity')}, {f.get('mode')}, "
             f"step {f.get('step')}): error {_fmt(f.get('error'))} > tolerance {_fmt(f.get('tolerance'))}{kink_text}")
 
@@ -375,7 +401,8 @@ def local_check(model: nn.Module, x: Tensor, y: Tensor, backend: str | Backend, 
                 loss_fn: LossFn = F.cross_entropy) -> list[Row]:
     """Teacher-forced rows only, one backend against fp64 (one step); for audits during training.
 
-    ``model`` is not modified (copies are judged). A row with ``status == "mismatch"`` is a wrong unit.
+    ``model`` is not modified (copies are judged). A row whose status is in ``FAILING`` (``mismatch``, or
+    ``nonfinite``: NaN/Inf where the fp64 oracle is finite) is a wrong unit.
     """
     backend = parse_backend(backend)
     names = _unit_names(model, x, units)

@@ -1,7 +1,10 @@
 """Local (teacher-forced) rows: each unit of a side re-run on the oracle's inputs and grad_outputs.
 
 A side is wrong at a unit only when one of these rows fails. The bound of every quantity is derived by
-:mod:`densenet_debug.verdict.tolerance` for the precision that side computes it in (:func:`precision`); exact ops
+:mod:`densenet_debug.verdict.tolerance` for the precision that side computes it in (:func:`precision`), plus the
+float64 teacher's own bound (:func:`with_teacher`: the oracle's record is one float64 evaluation of the unit on
+the same inputs, and float64 rounds differently across machines); a NaN/Inf where the oracle is finite is
+status ``nonfinite``, never a comparison (:mod:`densenet_debug.verdict.nonfinite`); exact ops
 (cat, ReLU, flatten) must equal themselves evaluated in fp64 on the side's own rounded operands. A composite
 unit (a module with its own math around children) is replayed whole; its tolerance adds its descendants'.
 """
@@ -18,11 +21,13 @@ from densenet_debug.backends import Backend, unit_roundoff
 from densenet_debug.trace import Trace
 from densenet_debug.verdict import kinks as kinkmod
 from densenet_debug.verdict.compare import compare
+from densenet_debug.verdict.nonfinite import finite
 from densenet_debug.verdict.replay import exact_expectation, oracle_values, replay_unit
-from densenet_debug.verdict.report import Kink, Row
-from densenet_debug.verdict.tolerance import Precision, UnitBounds, underflow
+from densenet_debug.verdict.report import FAILING, Kink, Row, Status
+from densenet_debug.verdict.tolerance import TEACHER_ORIGIN, Precision, UnitBounds, fp64_precision, underflow
 
 QUANTITY_PASS = {"output": "forward", "buffer": "forward"}
+NONFINITE_NOTE = "NaN/Inf where the fp64 oracle is finite"
 
 
 def base(key: str) -> tuple[str, str, int | None]:
@@ -81,8 +86,10 @@ class _Aggregate:
     def __init__(self) -> None:
         self.best = None
         self.index = None
+        self.nonfinite = False
 
     def add(self, comp: object, index: int | None) -> None:
+        self.nonfinite |= comp.nonfinite
         if self.best is None or comp.ratio > self.best.ratio or (comp.ratio == self.best.ratio
                                                                  and comp.error > self.best.error):
             keep_error = max(comp.error, self.best.error) if self.best is not None else comp.error
@@ -117,14 +124,16 @@ def local_rows(name: str, step: int, module: nn.Module, o_rec: object, s_rec: ob
             meta[quantity] = (pass_, bounds.origin)
         elif key in bounds:
             prec = precision(backend, name, bounds, side_t, operands, lam)
-            bound = bounds.bound(key, prec)
-            meta[quantity] = (pass_, f"{bounds.origin}; {describe(prec)}")
+            bound = with_teacher(bounds, key, prec)
+            meta[quantity] = (pass_, f"{bounds.origin}; {describe(prec)}; {TEACHER_ORIGIN}")
         else:  # integer buffers (num_batches_tracked) and anything without a model must match exactly
             bound = None
             meta.setdefault(quantity, (pass_, f"{bounds.origin}; no rounding model: must be exact"))
         ex = exclude if (exclude is not None and quantity == "grad_input" and side_t is not None
                          and side_t.shape == exclude.shape) else None
         comp = compare(side_t, oracle_t, bound, ex, None if bounds.exact else cache)
+        # a NaN/Inf side makes the worst ratio non-finite; only then is it worth scanning for one
+        comp.nonfinite = not math.isfinite(comp.ratio) and not finite(side_t) and finite(oracle_t)
         groups.setdefault(quantity, _Aggregate()).add(comp, index)
     rows = []
     for quantity, agg in groups.items():
@@ -132,10 +141,24 @@ def local_rows(name: str, step: int, module: nn.Module, o_rec: object, s_rec: ob
         pass_, origin = meta[quantity]
         worst = ((index,) if index is not None and _multi(truth, quantity) else ()) + tuple(comp.worst)
         order = o_rec.forward_index if pass_ == "forward" else (o_rec.backward_index or 0)
-        rows.append(Row(name, pass_, quantity, comp.error, None, comp.tolerance, "ok" if comp.ok else "mismatch",
-                        origin, step, "local", None, comp.tolerance, None, comp.ratio, None, worst or None, None,
-                        order, f"{comp.excluded} kink element(s) excluded" if comp.excluded else ""))
+        status = Status.NONFINITE if agg.nonfinite else (Status.OK if comp.ok else Status.MISMATCH)
+        note = (NONFINITE_NOTE if agg.nonfinite else
+                f"{comp.excluded} kink element(s) excluded" if comp.excluded else "")
+        rows.append(Row(layer=name, pass_=pass_, quantity=quantity, error_a=comp.error, error_b=None,
+                        tolerance=comp.tolerance, status=status, origin=origin, step=step, mode="local",
+                        tolerance_a=comp.tolerance, ratio_a=comp.ratio, worst_a=worst or None, order=order,
+                        note=note))
     return rows
+
+
+def with_teacher(bounds: UnitBounds, key: str, prec: Precision) -> Tensor | None:
+    """The side's bound plus the teacher's: ``|side - teacher| <= |side - exact| + |teacher - exact|``.
+
+    The teacher (the oracle's record of this unit) is a float64 evaluation of the same unit on the same
+    inputs: on another machine, thread count or CPU kernel it rounds differently, within the float64 bound
+    over the same magnitudes (:func:`~densenet_debug.verdict.tolerance.fp64_precision`).
+    """
+    return bounds.bound(key, prec.plus(fp64_precision(prec.lam)))
 
 
 def exact_bound(side_t: Tensor | None, operands: list[Tensor]) -> Tensor | None:
@@ -173,15 +196,17 @@ def compose_tolerances(local: list[Row], names: list[str]) -> None:
             continue
         r.tolerance = r.tolerance_a = r.tolerance + extra
         r.ratio_a = r.error_a / r.tolerance if r.tolerance > 0 else math.inf
-        r.status = "ok" if r.error_a <= r.tolerance else "mismatch"
+        if r.status == Status.NONFINITE:
+            continue
+        r.status = Status.OK if r.error_a <= r.tolerance else Status.MISMATCH
         r.origin += "; plus the sum of its descendant units' local tolerances (first order)"
 
 
 def blame_children(local: list[Row], names: list[str]) -> None:
     """A failing composite unit with a failing descendant is not the culprit; the descendant is."""
-    failing = {(r.step, r.layer) for r in local if r.status == "mismatch"}
+    failing = {(r.step, r.layer) for r in local if r.status in FAILING}
     for r in local:
-        if r.status != "mismatch":
+        if r.status not in FAILING:
             continue
         kids = [n for (s, n) in failing if s == r.step and n != r.layer and n.startswith(r.layer + ".")]
         if kids and r.layer:

@@ -21,9 +21,10 @@ from densenet_debug.backends import Backend
 from densenet_debug.trace import Trace, UnitRecord
 from densenet_debug.verdict import kinks as kinkmod
 from densenet_debug.verdict.compare import abs_difference, compare, oracle_scale
-from densenet_debug.verdict.local import base, exact_bound, precision
+from densenet_debug.verdict.local import NONFINITE_NOTE, base, exact_bound, precision, with_teacher
+from densenet_debug.verdict.nonfinite import finite
 from densenet_debug.verdict.replay import Replay, exact_expectation, oracle_values, side_values
-from densenet_debug.verdict.report import Row
+from densenet_debug.verdict.report import FAILING, Row, Status
 
 PROPAGATED_ORIGIN = ("propagated: sum of the local tolerances of every unit upstream (first order, errors "
                      "passed on unamplified)")
@@ -107,29 +108,33 @@ def propagated_rows(names: list[str], step: int, o_trace: Trace, s_trace: Trace,
         truth = oracle_values(o_rec)
         got = side_values(s_trace[name]) if name in s_trace else {}
         groups: dict[str, tuple[float, int | None]] = {}
+        bad: set[str] = set()
         for key in truth:
             quantity, pass_, index = base(key)
             err = relerr(got.get(key), truth[key], scales)
+            if not math.isfinite(err) and not finite(got.get(key)) and finite(truth[key]):
+                bad.add(quantity)
             if quantity not in groups or err > groups[quantity][0]:
                 groups[quantity] = (err, index)
         for quantity, (err, _index) in groups.items():
             pass_ = base(next(k for k in truth if base(k)[0] == quantity))[1]
             order = o_rec.forward_index if pass_ == "forward" else (o_rec.backward_index or 0)
             tol = propagated_tolerance((fwd_cum, bwd_cum, total_forward), pass_, order)
-            status = "ok" if err <= tol else "mismatch"
-            rows.append(Row(name, pass_, quantity, err, None, tol, status, PROPAGATED_ORIGIN, step, "propagated",
-                            None, tol, None, err / tol if tol > 0 else (0.0 if err == 0 else math.inf), None,
-                            None, None, order))
+            status = Status.NONFINITE if quantity in bad else (Status.OK if err <= tol else Status.MISMATCH)
+            rows.append(Row(layer=name, pass_=pass_, quantity=quantity, error_a=err, error_b=None, tolerance=tol,
+                            status=status, origin=PROPAGATED_ORIGIN, step=step, mode="propagated", tolerance_a=tol,
+                            ratio_a=err / tol if tol > 0 else (0.0 if err == 0 else math.inf), order=order,
+                            note=NONFINITE_NOTE if quantity in bad else ""))
     return rows
 
 
 def explain_by_local(rows: list[Row], local: list[Row]) -> None:
-    failing = sorted((r for r in local if r.status == "mismatch"), key=lambda r: (r.pass_ != "forward", r.order))
+    failing = sorted((r for r in local if r.status in FAILING), key=lambda r: (r.pass_ != "forward", r.order))
     if not failing:
         return
     first = failing[0]
     for r in rows:
-        if r.status == "mismatch":
+        if r.status in FAILING:
             r.note = r.note or f"downstream of the local failure at {first.layer} ({first.pass_})"
 
 
@@ -184,15 +189,15 @@ def self_consistent(rows: list[Row], s_trace: Trace, modules64: dict[str, nn.Mod
             operands = [t for t in s_rec.inputs if t is not None]
             if bounds.exact:
                 bound = exact_bound(side_t, operands)
-            elif key in bounds:
-                bound = bounds.bound(key, precision(backend, name, bounds, side_t, operands, lam))
+            elif key in bounds:  # the replay is a float64 evaluation too: its own bound adds
+                bound = with_teacher(bounds, key, precision(backend, name, bounds, side_t, operands, lam))
             else:
                 bound = None
             worst[quantity] = max(worst.get(quantity, 0.0), compare(side_t, want, bound).ratio)
         for r in rows:
             if (r.layer == name and r.status == "mismatch" and r.mode == "propagated" and math.isfinite(r.error_a)
                     and worst.get(r.quantity, math.inf) <= 1):
-                r.status = "ok"
+                r.status = Status.OK
                 r.note = (f"amplified upstream error: {name} reproduces its exact math at its own propagated inputs "
                           f"(fp64 replay, worst element at {worst[r.quantity]:.2f} of its bound)")
 
@@ -224,7 +229,9 @@ def carried_state(names: list[str], step: int, before: dict[str, dict[str, Tenso
                 continue
             same = prev.shape == t.shape and bool(torch.equal(prev.to(t.device), t))
             err = 0.0 if same else relerr(t, prev.detach().to("cpu", torch.float64))
-            rows.append(Row(name, "forward", f"{key} (carried)", err if same else max(err, 1e-300), None, 0.0,
-                            "ok" if same else "mismatch", CARRIED_ORIGIN, step, "propagated", None, 0.0, None,
-                            0.0 if same else math.inf, None, None, None, now[name].forward_index))
+            rows.append(Row(layer=name, pass_="forward", quantity=f"{key} (carried)",
+                            error_a=err if same else max(err, 1e-300), error_b=None, tolerance=0.0,
+                            status=Status.OK if same else Status.MISMATCH, origin=CARRIED_ORIGIN, step=step,
+                            mode="propagated", tolerance_a=0.0, ratio_a=0.0 if same else math.inf,
+                            order=now[name].forward_index))
     return rows

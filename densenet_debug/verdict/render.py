@@ -15,7 +15,7 @@ from rich.table import Table
 
 from densenet_debug.verdict.report import DiffReport, Row
 
-STYLE = {"ok": "green", "kink": "yellow", "mismatch": "bold red"}
+STYLE = {"ok": "green", "kink": "yellow", "mismatch": "bold red", "nonfinite": "bold magenta"}
 
 
 def _e(v: float | None) -> str:

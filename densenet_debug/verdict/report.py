@@ -4,9 +4,28 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from enum import Enum
 
 SCHEMA = "densenet-debug/diff/1"
-STATUS_ORDER = {"ok": 0, "kink": 1, "mismatch": 2}
+
+
+class Status(str, Enum):
+    """A row's status; a ``str`` (JSON, comparisons and formatting see the plain value)."""
+
+    OK = "ok"
+    KINK = "kink"  # a divergence explained by a ReLU branch flip within rounding of its boundary
+    MISMATCH = "mismatch"  # outside the derived tolerance: a finding
+    NONFINITE = "nonfinite"  # NaN/Inf where the oracle is finite: a finding, never "within tolerance"
+
+    def __str__(self) -> str:
+        return self.value
+
+    def __format__(self, spec: str) -> str:
+        return format(self.value, spec)
+
+
+STATUS_ORDER = {Status.OK: 0, Status.KINK: 1, Status.MISMATCH: 2, Status.NONFINITE: 3}
+FAILING = (Status.MISMATCH, Status.NONFINITE)
 
 
 @dataclass
@@ -25,7 +44,7 @@ class Row:
     error_a: float | None
     error_b: float | None
     tolerance: float
-    status: str  # "ok" | "mismatch" | "kink"
+    status: Status
     origin: str
     step: int = 0
     mode: str = "local"  # "local" | "propagated"
@@ -41,7 +60,7 @@ class Row:
 
     def to_json(self) -> dict:
         out = {"layer": self.layer, "pass": self.pass_, "quantity": self.quantity, "error_a": _num(self.error_a),
-               "error_b": _num(self.error_b), "tolerance": _num(self.tolerance), "status": self.status,
+               "error_b": _num(self.error_b), "tolerance": _num(self.tolerance), "status": str(self.status),
                "origin": self.origin, "step": self.step, "mode": self.mode, "side": self.side,
                "tolerance_a": _num(self.tolerance_a), "tolerance_b": _num(self.tolerance_b),
                "ratio_a": _num(self.ratio_a), "ratio_b": _num(self.ratio_b),
@@ -88,10 +107,11 @@ class SideResult:
     units: list[str]
     checked_elements: int = 0
     counterfactual_steps: list[int] = field(default_factory=list)
+    nonfinite: list[dict] = field(default_factory=list)  # per step with a NaN/Inf: where it was first produced
 
     @property
     def failures(self) -> list[Row]:
-        return [r for r in self.rows if r.status == "mismatch"]
+        return [r for r in self.rows if r.status in FAILING]
 
 
 @dataclass
@@ -121,15 +141,17 @@ def merge_sides(a: SideResult, b: SideResult) -> list[Row]:
     """One row per (step, mode, unit, quantity) with both sides' errors; status = the worse side's."""
     by_key: dict[tuple, Row] = {}
     for r in a.rows:
-        by_key[r.key] = Row(r.layer, r.pass_, r.quantity, r.error_a, None, r.tolerance, r.status, r.origin, r.step,
-                            r.mode, "a" if r.status != "ok" else None, r.tolerance, None, r.ratio_a, None,
-                            r.worst_a, None, r.order, r.note)
+        by_key[r.key] = Row(layer=r.layer, pass_=r.pass_, quantity=r.quantity, error_a=r.error_a, error_b=None,
+                            tolerance=r.tolerance, status=r.status, origin=r.origin, step=r.step, mode=r.mode,
+                            side="a" if r.status != Status.OK else None, tolerance_a=r.tolerance, ratio_a=r.ratio_a,
+                            worst_a=r.worst_a, order=r.order, note=r.note)
     for r in b.rows:
         row = by_key.get(r.key)
         if row is None:
-            by_key[r.key] = Row(r.layer, r.pass_, r.quantity, None, r.error_a, r.tolerance, r.status, r.origin,
-                                r.step, r.mode, "b" if r.status != "ok" else None, None, r.tolerance, None,
-                                r.ratio_a, None, r.worst_a, r.order, r.note)
+            by_key[r.key] = Row(layer=r.layer, pass_=r.pass_, quantity=r.quantity, error_a=None, error_b=r.error_a,
+                                tolerance=r.tolerance, status=r.status, origin=r.origin, step=r.step, mode=r.mode,
+                                side="b" if r.status != Status.OK else None, tolerance_b=r.tolerance,
+                                ratio_b=r.ratio_a, worst_b=r.worst_a, order=r.order, note=r.note)
             continue
         row.error_b, row.tolerance_b, row.ratio_b, row.worst_b = r.error_a, r.tolerance, r.ratio_a, r.worst_a
         a_rank, b_rank = STATUS_ORDER[row.status], STATUS_ORDER[r.status]
@@ -139,6 +161,8 @@ def merge_sides(a: SideResult, b: SideResult) -> list[Row]:
             row.status, row.side, row.note = r.status, "b", r.note or row.note
         elif b_rank == a_rank and b_rank > 0:
             row.side = "both"
+            if r.note and r.note not in row.note:
+                row.note = "; ".join(filter(None, [row.note, r.note]))
     return list(by_key.values())
 
 
@@ -147,7 +171,7 @@ def first_divergence(rows: list[Row], kinks_fail: bool = False) -> dict | None:
     def rank(r: Row) -> tuple:
         return (r.mode != "local", r.step, r.pass_ != "forward", r.order)
 
-    failing = [r for r in rows if r.status == "mismatch" or (kinks_fail and r.status == "kink")]
+    failing = [r for r in rows if r.status in FAILING or (kinks_fail and r.status == Status.KINK)]
     if not failing:
         return None
     culprits = [r for r in failing if not r.note.startswith("explained by failing unit")]
@@ -155,7 +179,7 @@ def first_divergence(rows: list[Row], kinks_fail: bool = False) -> dict | None:
     side = r.side if r.side in ("a", "b") else ("a" if (r.ratio_a or 0) >= (r.ratio_b or 0) else "b")
     error = r.error_a if side == "a" else r.error_b
     return {"layer": r.layer, "pass": r.pass_, "quantity": r.quantity, "error": _num(error),
-            "tolerance": _num(r.tolerance), "side": r.side, "step": r.step, "mode": r.mode, "status": r.status}
+            "tolerance": _num(r.tolerance), "side": r.side, "step": r.step, "mode": r.mode, "status": str(r.status)}
 
 
 def _finite(v: float | None) -> float:

@@ -151,10 +151,11 @@ class CaseResult:
 def run_case(case: CatConvCase, a: str | Backend, b: str | Backend, seed: int = 0) -> CaseResult:
     """One case through :func:`densenet_debug.verdict.engine.diff` with a dot-product loss."""
     from densenet_debug.verdict.engine import diff
+    from densenet_debug.verdict.report import FAILING
 
     net, x, target = case_inputs(case, seed)
     report = diff(net, x, target, a, b, eval_mode=case.norm == "eval", loss_fn=dot_loss)
-    sides = sorted({r.side for r in report.rows if r.status == "mismatch" and r.side})
+    sides = sorted({r.side for r in report.rows if r.status in FAILING and r.side})
     return CaseResult(case, report.verdict, report.first_divergence,
                       max((r.ratio_a or 0.0) for r in report.rows if r.mode == "local"),
                       max((r.ratio_b or 0.0) for r in report.rows if r.mode == "local"), ",".join(sides))

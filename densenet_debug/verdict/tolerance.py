@@ -25,6 +25,13 @@ op evaluated on ``|inputs|`` and ``|parameters|`` (forward) and back-propagated 
 BatchNorm, whose statistics and gradients cancel, gets its own first-order model; piecewise-linear ops
 (ReLU ...) are exact up to operand rounding, their branch flips being kinks (:mod:`densenet_debug.verdict.kinks`).
 Unknown modules fall back to the |.|-evaluation with K = the number of input elements (stated as such).
+
+The teacher is a float64 evaluation too. A side is compared with the oracle's record of the unit, which is
+itself the unit evaluated once in float64 on the same inputs, on this machine or on the one that recorded a
+fixture (another thread count, CPU kernel set or PyTorch release rounds differently; float64 is never
+bit-exact across machines). Both are within their bounds of the exact result, so a local row allows
+``B(side precision) + B(fp64_precision)`` over the same magnitudes (``TEACHER_ORIGIN``): for a float32 side the
+teacher adds 2^-29 of its bound, for a float64 side it doubles it.
 """
 
 from __future__ import annotations
@@ -72,8 +79,25 @@ class Precision:
     def cmp(self) -> float:
         return self.u_cmp or self.u_acc
 
+    def plus(self, other: Precision) -> Precision:
+        """Roundoffs added component-wise (same ``lam``). Every bound here is linear in (u_op, u_acc, u_cmp,
+        u_out, eta), each term carrying exactly one of them, so ``B(p.plus(q)) == B(p) + B(q)``: one
+        evaluation, memoised once for every side that shares ``p``."""
+        return Precision(u_op=self.u_op + other.u_op, u_acc=self.u_acc + other.u_acc, u_out=self.u_out + other.u_out,
+                         lam=self.lam, eta=self.eta + other.eta, u_cmp=self.cmp + other.cmp)
+
 
 BoundFn = Callable[[Precision], Tensor]
+U64 = 2.0**-53
+
+
+def fp64_precision(lam: float) -> Precision:
+    """A float64 evaluation on the CPU: every unit roundoff 2^-53 (the teacher's own, see :func:`teacher_bound`)."""
+    return Precision(u_op=U64, u_acc=U64, u_out=U64, lam=lam, eta=2 * underflow(torch.float64), u_cmp=U64)
+
+
+TEACHER_ORIGIN = ("plus the teacher's own bound: the oracle is itself a float64 evaluation of this unit on "
+                  "these inputs (u=2^-53 over the same magnitudes), which may round differently from this one's")
 
 
 def linear_bound(magnitude: Tensor, operands: int, k: int) -> BoundFn:
@@ -370,5 +394,5 @@ def _bn_bounds(module: nn.Module, rec: object, params: dict[str, Tensor], p: Pre
     return out
 
 
-__all__ = ["FALSE_ALARM", "Comparison", "Precision", "UnitBounds", "abs_difference", "compare", "confidence",
-           "linear_bound", "oracle_scale", "underflow", "unit_bounds"]
+__all__ = ["FALSE_ALARM", "TEACHER_ORIGIN", "U64", "Comparison", "Precision", "UnitBounds", "abs_difference",
+           "compare", "confidence", "fp64_precision", "linear_bound", "oracle_scale", "underflow", "unit_bounds"]

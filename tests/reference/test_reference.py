@@ -139,3 +139,19 @@ def test_drifted_truth_fails_as_reproduction_at_its_unit() -> None:
                                                                    "reproduction")
     assert math.isclose(first["error"], 1e-9, rel_tol=0.2)
     assert "drifted from the stored truth" in result.summary
+
+
+def test_an_old_schema_is_refused_in_one_line_saying_how_to_re_record(tmp_path: Path) -> None:
+    import shutil
+
+    from densenet_debug.reference.format import FixtureError, read_fixture
+
+    old = tmp_path / "old"
+    shutil.copytree(REFERENCE / "densenet-bc-10-eval", old)
+    meta = json.loads((old / "meta.json").read_text())
+    meta["schema"] = "densenet-debug/reference/0"
+    (old / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(FixtureError) as err:
+        read_fixture(old)
+    message = str(err.value)
+    assert len(message.splitlines()) == 1 and "scripts/regen_reference" in message and "older" in message

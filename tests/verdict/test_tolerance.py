@@ -124,3 +124,34 @@ def test_unbiased_normalisation_is_caught_by_the_batchnorm_model() -> None:
     model = nn.Sequential(_UnbiasedBN(6))
     rows = _check(model, torch.randn(4, 6, 8, 8), "native")  # R = 256: a 2e-3 relative error
     assert any(r.status == "mismatch" and r.quantity == "output" for r in rows)
+
+
+_U = st.sampled_from([2.0**-53, 2.0**-24, 2.0**-11, 2.0**-8, 0.0])
+
+
+@settings(max_examples=6, deadline=None)
+@given(p=st.tuples(_U, _U, _U, _U), q=st.tuples(_U, _U, _U, _U), eval_mode=st.booleans())
+def test_bounds_are_linear_in_the_roundoffs_so_the_teacher_adds(p: tuple, q: tuple, eval_mode: bool) -> None:
+    """``B(p.plus(q)) == B(p) + B(q)`` for every quantity of every unit (conv, BN, pools, linear, ReLU, cat):
+    what lets a local row carry the float64 teacher's own bound in one evaluation (``local.with_teacher``)."""
+    from densenet_debug.models import build_model
+    from densenet_debug.reference.record import oracle_traces
+    from densenet_debug.verdict.tolerance import unit_bounds
+
+    torch.manual_seed(0)
+    model = build_model("densenet-bc-10")
+    x, y = torch.randn(2, 3, 8, 8), torch.tensor([1, 7])
+    trace = oracle_traces(model, x, y, eval_mode=eval_mode, keep_graph=False)[0]
+    ref = model.double()
+    modules = dict(ref.named_modules())
+    pp = Precision(u_op=p[0], u_acc=p[1], u_out=p[2], u_cmp=p[3], lam=7.5, eta=1e-300)
+    qq = Precision(u_op=q[0], u_acc=q[1], u_out=q[2], u_cmp=q[3], lam=7.5, eta=2e-300)
+    checked = 0
+    for rec in trace:
+        module = modules[rec.name]
+        bounds = unit_bounds(module, rec, {n: t.detach() for n, t in module.named_parameters(recurse=False)})
+        for key in bounds.fns:
+            both, a, b = bounds.bound(key, pp.plus(qq)), bounds.bound(key, pp), bounds.bound(key, qq)
+            assert torch.allclose(both, a + b, rtol=1e-12, atol=0), (rec.name, key)
+            checked += 1
+    assert checked > 40
