@@ -4,17 +4,18 @@ from __future__ import annotations
 
 import argparse
 import json
-from pathlib import Path
 
 from rich.console import Console
 
 from densenet_debug.atomic import write_text
-from densenet_debug.cli._common import add_seed_arg, positive_int
+from densenet_debug.cli._common import add_seed_arg, add_threads_arg, check_outputs, positive_int
 from densenet_debug.errors import UsageError
 from densenet_debug.models import BUILDERS
 
 HELP = ("train a small DenseNet-BC on scikit-learn's digits clean and with pytorch#708 planted; show the "
-        "faulty run fails to converge and diff names the layer (exit 0 all three facts hold, 1 otherwise)")
+        "faulty run fails to converge and diff names the layer")
+EXIT_CODES = {0: "all three facts hold", 1: "one does not"}
+FIGURE_SUFFIXES = (".png", ".svg", ".pdf")
 
 
 def _fraction(text: str) -> float:
@@ -38,8 +39,9 @@ def _positive_float(text: str) -> float:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--out", default="canary.png", metavar="PNG",
-                        help="where to write both loss curves (default canary.png)")
+    parser.add_argument("--out", default="canary.png", metavar="PATH",
+                        help="where to write both loss curves; the format follows the extension: "
+                             + ", ".join(FIGURE_SUFFIXES) + " (default canary.png)")
     parser.add_argument("--json", default=None, metavar="PATH", help="write the numbers as JSON here")
     parser.add_argument("--model", default="densenet-bc-16", choices=sorted(BUILDERS), metavar="NAME",
                         help="model to train (default densenet-bc-16)")
@@ -48,17 +50,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lr", type=_positive_float, default=0.2, help="peak learning rate, cosine (default 0.2)")
     parser.add_argument("--target", type=_fraction, default=0.9,
                         help="the stated test accuracy the clean run must reach (default 0.9)")
-    parser.add_argument("--threads", type=positive_int, default=1,
-                        help="torch threads during the runs (default 1: identical numbers run to run)")
+    add_threads_arg(parser, default=1)
     add_seed_arg(parser)
 
 
 def run(args: argparse.Namespace) -> int:
     from densenet_debug.faults.canary import CANARY_FAULT, run_canary, save_figure
 
-    for path in (args.out, args.json):
-        if path and Path(path).is_dir():
-            raise UsageError(f"{path} is a directory, not a file")
+    check_outputs(args, out=FIGURE_SUFFIXES, json=None)
     if args.batch < 2:
         raise UsageError("--batch must be >= 2: pytorch#708 is invisible at batch 1")
     console = Console()

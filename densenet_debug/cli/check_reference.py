@@ -6,28 +6,32 @@ import argparse
 import json
 
 from densenet_debug.atomic import write_text
-from densenet_debug.cli._common import add_device_arg, resolve_device
+from densenet_debug.cli._common import add_device_arg, add_threads_arg, check_outputs, resolve_device
 from densenet_debug.reference.check import check_reference
 
-HELP = "check the current PyTorch against a reference fixture, every layer local and propagated (exit 0/1/2)"
+HELP = "check the current PyTorch against a reference fixture, every layer local and propagated"
+EXIT_CODES = {0: "every backend agrees with the fixture", 1: "a mismatch",
+              2: "a bad or missing fixture, or bad usage"}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("fixture", help="fixture directory, e.g. reference_grads/densenet-bc-100")
-    parser.add_argument("--backend", action="append", default=None, metavar="X",
-                        help="backend to judge (repeatable; default: PyTorch's default on the device, "
-                             "mkldnn on CPU, cudnn on CUDA)")
+    parser.add_argument("--backend", action="extend", nargs="+", default=None, metavar="X",
+                        help="backends to judge (several names, or the flag repeated; default: PyTorch's default "
+                             "on the device, mkldnn on CPU, cudnn on CUDA)")
     add_device_arg(parser)
     parser.add_argument("--model", default=None,
                         help="the model the fixture must be of (refused if it records another); default: the "
                              "model it records")
     parser.add_argument("--json", default=None, metavar="P", help="also write the result(s) as JSON to P")
     parser.add_argument("--rows", type=int, default=12, help="table rows to print per backend (default 12)")
+    add_threads_arg(parser)
 
 
 def run(args: argparse.Namespace) -> int:
     from densenet_debug.reference.check import load_reference, reference_oracle
 
+    check_outputs(args, json=None)
     device = resolve_device(args.device) if args.device else None
     fixture, model = load_reference(args.fixture, spec=args.model)
     loaded = (fixture, model, *reference_oracle(fixture, model))
