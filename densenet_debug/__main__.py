@@ -1,9 +1,18 @@
+import os
 import signal
 import sys
 
-if signal.getsignal(signal.SIGINT) is signal.default_int_handler:  # Ctrl-C while importing: no traceback
-    signal.signal(signal.SIGINT, lambda *_: (sys.stderr.write("interrupted\n"), sys.stderr.flush(),
-                                             __import__("os")._exit(130)))
+
+def _interrupted_early(signum, frame):
+    """Ctrl-C while importing (torch takes seconds): nothing written yet; main() replaces this handler."""
+    sys.stderr.write("interrupted\n")
+    sys.stderr.flush()
+    os._exit(130)
+
+
+_interrupted_early.early = True
+if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+    signal.signal(signal.SIGINT, _interrupted_early)
 
 from densenet_debug.cli import main  # noqa: E402
 

@@ -30,8 +30,9 @@ from pathlib import Path
 
 from densenet_debug.errors import LockedError, UsageError
 
-# Set only by tests: seconds to sleep at the critical point of a directory replace (after the new directory is
-# whole, between the swap and the removal of the old one), so a test can SIGKILL a real process exactly there.
+# Set only by tests, as POINT[:SECONDS]: sleep at that point (``locked``: just after taking a writer's lock;
+# ``exchanged``: after a directory swap, before the old one is removed; ``between-renames``: between the two
+# renames of the fallback), so a test can race or SIGKILL a real process exactly there.
 _PAUSE_ENV = "DENSENET_DEBUG_TEST_PAUSE_IN_REPLACE"
 _LEFTOVER = re.compile(r"^[A-Za-z0-9_]{8}(\.[A-Za-z0-9]+)?$|^old$")
 
@@ -247,6 +248,7 @@ def exclusive(target: str | os.PathLike, what: str | None = None) -> Iterator[Pa
                              "taken_over_from": stale}).encode())
     _HELD[path] = 1
     try:
+        _test_pause("locked")
         yield path
     finally:
         del _HELD[path]

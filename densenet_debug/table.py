@@ -59,3 +59,10 @@ def print_table(table: Table, console: Console | None = None) -> None:
         return
     console.file.write("\n".join(plain_lines(table)) + "\n")
     console.file.flush()
+
+
+def make_console(**kwargs: object) -> Console:
+    """A rich Console for reports: on a terminal as usual; elsewhere lines are never wrapped or cut, so
+    ``| tail -1`` gives the whole verdict line."""
+    probe = Console(**kwargs)
+    return probe if probe.is_terminal else Console(soft_wrap=True, **kwargs)

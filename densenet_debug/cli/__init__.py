@@ -21,6 +21,9 @@ def _interrupted_early(signum: int, frame: object) -> None:
     os._exit(130)
 
 
+_interrupted_early.early = True  # type: ignore[attr-defined] - main() replaces any handler marked so
+
+
 def install_early_interrupt() -> None:
     """Make Ctrl-C during start-up "interrupted", exit 130 (only as the program, not when imported by tests)."""
     if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
@@ -29,6 +32,11 @@ def install_early_interrupt() -> None:
 
 if os.path.basename(sys.argv[0] if sys.argv else "") == "densenet-debug":  # the console script
     install_early_interrupt()
+if os.environ.get("DENSENET_DEBUG_TEST_PAUSE_IN_REPLACE", "").startswith("startup:"):  # tests only: Ctrl-C
+    print("paused at startup", flush=True)  # lands here, before torch and the verbs are imported
+    import time
+
+    time.sleep(float(os.environ["DENSENET_DEBUG_TEST_PAUSE_IN_REPLACE"].split(":")[1]))
 
 import argparse  # noqa: E402 - after the handler: Ctrl-C during imports is already "interrupted"
 import importlib  # noqa: E402
@@ -52,6 +60,8 @@ def _verbs() -> list[str]:
 
 def _epilog(codes: dict[int, str]) -> str:
     merged = {**EXIT_CODES, **codes}
+    if 2 in codes:  # a verb says what bad input means for it; the meaning of the code stays the same
+        merged[2] = f"{EXIT_CODES[2]} ({codes[2]})"
     return "exit codes: " + "; ".join(f"{k} {v}" for k, v in sorted(merged.items()))
 
 
@@ -80,7 +90,7 @@ def _error(verb: str | None, message: str) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run one verb; every outcome is an exit code (module docstring), never a traceback without ``--debug``."""
-    if signal.getsignal(signal.SIGINT) is _interrupted_early:
+    if getattr(signal.getsignal(signal.SIGINT), "early", False):
         signal.signal(signal.SIGINT, signal.default_int_handler)  # from here KeyboardInterrupt unwinds cleanly
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv

@@ -5,12 +5,11 @@ from __future__ import annotations
 import argparse
 import json
 
-from rich.console import Console
-
 from densenet_debug.atomic import write_text
 from densenet_debug.cli._common import add_seed_arg, add_threads_arg, check_outputs, positive_int
 from densenet_debug.errors import UsageError
 from densenet_debug.models import BUILDERS
+from densenet_debug.table import make_console
 
 HELP = ("train a small DenseNet-BC on scikit-learn's digits clean and with pytorch#708 planted; show the "
         "faulty run fails to converge and diff names the layer")
@@ -60,7 +59,7 @@ def run(args: argparse.Namespace) -> int:
     check_outputs(args, out=FIGURE_SUFFIXES, json=None)
     if args.batch < 2:
         raise UsageError("--batch must be >= 2: pytorch#708 is invisible at batch 1")
-    console = Console()
+    console = make_console()
     console.print(f"training {args.model} on digits (32x32) for {args.epochs} epochs, clean and with "
                   f"{CANARY_FAULT} ...")
     report = run_canary(model=args.model, epochs=args.epochs, batch_size=args.batch, lr=args.lr, seed=args.seed,

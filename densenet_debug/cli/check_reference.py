@@ -11,7 +11,7 @@ from densenet_debug.reference.check import check_reference
 
 HELP = "check the current PyTorch against a reference fixture, every layer local and propagated"
 EXIT_CODES = {0: "every backend agrees with the fixture", 1: "a mismatch",
-              2: "a bad or missing fixture, or bad usage"}
+              2: "e.g. a bad or missing fixture"}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

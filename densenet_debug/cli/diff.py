@@ -6,7 +6,6 @@ import argparse
 import json
 
 import torch
-from rich.console import Console
 
 from densenet_debug.atomic import write_text
 from densenet_debug.backends import backend_names, default_pair, parse_backend
@@ -23,6 +22,7 @@ from densenet_debug.cli._common import (
 )
 from densenet_debug.errors import UsageError
 from densenet_debug.models.batch import make_batch
+from densenet_debug.table import make_console
 
 HELP = "compare two backends layer by layer against a float64 oracle"
 EXIT_CODES = {0: "both sides agree with the fp64 oracle", 1: "a mismatch (or a kink with --fail-on kink)"}
@@ -77,9 +77,7 @@ def run(args: argparse.Namespace) -> int:
             raise UsageError(f"no module named {missing[0]!r} in {args.model}")
     report = diff(model, x, y, a, b, steps=args.steps, eval_mode=args.eval, units=units, fail_on=args.fail_on,
                   device=device)
-    console = Console()
-    if not console.is_terminal:  # piped or captured: do not squeeze the table into 80 columns
-        console = Console(width=150)
+    console = make_console()
     print_report(report, console, args.top)
     if args.bisect and report.verdict == "mismatch":
         from densenet_debug.verdict.bisect import bisect_backend
@@ -104,12 +102,11 @@ def run(args: argparse.Namespace) -> int:
 
 def _run_ddp(args: argparse.Namespace) -> int:
     """``diff`` when a side is ``ddp[:N][+HOOK]``: the other side (default mkldnn) is the one-process reference."""
-    from rich.console import Console
     from rich.table import Table
 
     from densenet_debug.atomic import write_text
     from densenet_debug.distributed.diff import ddp_diff, parse_ddp_side
-    from densenet_debug.table import print_table
+    from densenet_debug.table import make_console, print_table
 
     sides = [(spec, parse_ddp_side(spec)) for spec in (args.a, args.b)]
     ddp_sides = [parsed for _, parsed in sides if parsed is not None]
@@ -131,7 +128,7 @@ def _run_ddp(args: argparse.Namespace) -> int:
     x, y = make_batch(model, args.input_shape, args.batch, args.seed, args.num_classes)
     model.train(not args.eval)
     report = ddp_diff(model, x, y, other, world_size=world_size, comm_hook=hook, spec=args.model)
-    console = Console() if Console().is_terminal else Console(width=150)
+    console = make_console()
     table = Table(title=f"{report.side} vs {report.backend} (one process): parameter gradients, worst first")
     for column in ("layer", "quantity", "error", "tolerance", "status", "vs full batch"):
         table.add_column(column)

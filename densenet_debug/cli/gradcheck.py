@@ -24,7 +24,7 @@ from densenet_debug.cli._common import (
 from densenet_debug.errors import UsageError, describe
 from densenet_debug.gradcheck.engine import MODES, gradcheck_model
 from densenet_debug.gradcheck.report import GradcheckReport
-from densenet_debug.table import print_table
+from densenet_debug.table import make_console, print_table
 from densenet_debug.trace import discover_units
 
 HELP = "check every unit's backward against finite differences (fp64, teacher-forced, kink-aware)"
@@ -101,7 +101,7 @@ def _batch(model: torch.nn.Module, args: argparse.Namespace, device: torch.devic
 
 
 def _print(report: GradcheckReport, all_rows: bool, worst: int = 12) -> None:
-    console = Console()
+    console = make_console()
     rows = report.rows
     if not all_rows:
         shown = [r for r in rows if r.status in ("fail", "kink")]

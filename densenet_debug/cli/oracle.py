@@ -6,7 +6,6 @@ import argparse
 import json
 
 import torch
-from rich.console import Console
 from rich.table import Table
 
 from densenet_debug.atomic import write_text
@@ -20,7 +19,7 @@ from densenet_debug.cli._common import (
     resolve_device,
 )
 from densenet_debug.numpy_oracle import OracleReport, compare_with_torch
-from densenet_debug.table import print_table
+from densenet_debug.table import make_console, print_table
 
 HELP = "compare PyTorch fp64 with an independent NumPy fp64 DenseNet, layer by layer (outputs and gradients)"
 EXIT_CODES = {0: "PyTorch and NumPy agree", 1: "they disagree somewhere"}
@@ -54,7 +53,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _print(report: OracleReport, all_rows: bool, worst: int = 12) -> None:
-    console = Console()
+    console = make_console()
     rows = report.rows
     if not all_rows:
         bad = [r for r in rows if r.status == "mismatch"]

@@ -20,7 +20,7 @@ from densenet_debug.reference.record import (
 
 HELP = "record a reference fixture: float64 CPU truth of a training step, layer by layer"
 EXIT_CODES = {0: "recorded", 1: "refused: the NumPy oracle disagrees with PyTorch fp64",
-              2: "bad input, an existing fixture without --force, or another process recording the same name"}
+              2: "e.g. an existing fixture without --force, another process recording the same name"}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import json
 
-from rich.console import Console
 from rich.progress import Progress
 from rich.table import Table
 
@@ -14,7 +13,7 @@ from densenet_debug.cli._common import add_device_arg, add_threads_arg, check_ou
 from densenet_debug.errors import UsageError
 from densenet_debug.faults.registry import FAULTS
 from densenet_debug.models import BUILDERS
-from densenet_debug.table import print_table
+from densenet_debug.table import make_console, print_table
 
 HELP = ("plant faithful copies of historical backend bugs (and precision controls) in a small DenseNet-BC; "
         "check diff detects and localises each and flags no control")
@@ -56,7 +55,7 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError("--backend is the clean backend; the self-test plants the faults itself")
     parse_backend(backend, device)
     model = FULL_MODEL if args.full else (args.model or DEFAULT_MODEL)
-    console = Console()
+    console = make_console()
     with Progress(console=console, transient=True) as bar:
         task = bar.add_task("self-test", total=len(names))
 

@@ -5,13 +5,12 @@ from __future__ import annotations
 import argparse
 import json
 
-from rich.console import Console
 from rich.table import Table
 
 from densenet_debug.atomic import write_text
 from densenet_debug.backends import backend_names, default_pair, parse_backend
 from densenet_debug.cli._common import add_device_arg, add_seed_arg, add_threads_arg, check_outputs, resolve_device
-from densenet_debug.table import print_table
+from densenet_debug.table import make_console, print_table
 
 HELP = ("sweep the cat->conv configurations of the 2017 DenseNet bug (layouts, batch 1/2/odd, channel splits, "
         "sliced grad_outputs, BN modes) for two backends against fp64")
@@ -58,9 +57,7 @@ def run(args: argparse.Namespace) -> int:
             cells = [_cell(by_key[(layout, grad, k, s, n)]) for k, s in KERNELS for n in NORMS
                      if (layout, grad, k, s, n) in by_key]
             table.add_row(f"{layout} / {grad}", *cells)
-    console = Console()
-    if not console.is_terminal:
-        console = Console(width=170)
+    console = make_console()
     print_table(table, console)
     bad = [r for r in results if r.verdict != "agree"]
     for r in bad:

@@ -13,7 +13,7 @@ from densenet_debug.training.loop import OPTIMIZERS, TrainConfig, train
 HELP = ("train a DenseNet on CIFAR-10/100 or SVHN (or synthetic data) with CSV progress, plots, checkpoints, "
         "resume, torchrun and a gradient audit")
 EXIT_CODES = {0: "trained (or resumed) to --epochs", 1: "the gradient audit found a mismatch",
-              2: "bad input, missing data, or another process writing the same --save"}
+              2: "e.g. missing data, another process writing the same --save"}
 
 
 def _positive_float(text: str) -> float:
