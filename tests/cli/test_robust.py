@@ -477,3 +477,23 @@ def test_plain_table_keeps_every_cell_and_strips_markup() -> None:
     assert lines[0] == "t" and lines[1].split() == ["name", "value"]
     assert lines[3] == "block3.layer16.conv2.weight  7.3456e-05" and lines[4].endswith("  1")
     assert json.dumps(lines).count("[red]") == 0
+
+
+def test_sigint_mid_training_leaves_a_resumable_directory_and_no_temporaries(tmp_path: Path) -> None:
+    save = tmp_path / "run"
+    argv = ["train", *TINY_TRAIN[:-4], "--synthetic-size", "256", "--batch-size", "16", "--epochs", "3",
+            "--no-plot", "--quiet", "--save", str(save)]
+    proc = subprocess.Popen(CLI + argv, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    log, deadline = save / "train.csv", time.monotonic() + 120
+    while not (log.exists() and any(line.startswith("2,") for line in log.read_text().splitlines())):
+        assert proc.poll() is None, proc.stderr.read()[-800:]
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and stderr.strip().splitlines()[-1] == "interrupted", stderr[-800:]
+    assert not (tmp_path / ".run.lock").exists()
+    assert not [p.name for p in save.iterdir() if p.name.startswith(".")]
+    assert all(line.count(",") == 7 for line in log.read_text().splitlines())  # whole rows only
+    assert main([*argv, "--resume"]) == 0
+    assert [r.split(",")[0] for r in (save / "test.csv").read_text().splitlines()[1:]] == ["1", "2", "3"]
