@@ -41,7 +41,20 @@ if os.environ.get("DENSENET_DEBUG_TEST_PAUSE_IN_REPLACE", "").startswith("startu
 import argparse  # noqa: E402 - after the handler: Ctrl-C during imports is already "interrupted"
 import importlib  # noqa: E402
 import pkgutil  # noqa: E402
+import threading  # noqa: E402
 from collections.abc import Sequence  # noqa: E402
+
+_INTERRUPTED = False
+
+
+def _on_sigint(signum: int, frame: object) -> None:
+    """Ctrl-C inside main(): unwind with KeyboardInterrupt (finally blocks remove temporaries and locks), and
+    remember it, because a library may swallow the KeyboardInterrupt (a bare ``except`` while importing) and
+    fail later with another error that is really the interrupt's."""
+    global _INTERRUPTED
+    _INTERRUPTED = True
+    raise KeyboardInterrupt
+
 
 EXIT_CODES = {0: "agree / pass", 1: "a finding (mismatch, failure)", 2: "bad input or environment",
               3: "internal error (a bug; run with --debug for the traceback)", 130: "interrupted"}
@@ -90,8 +103,20 @@ def _error(verb: str | None, message: str) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run one verb; every outcome is an exit code (module docstring), never a traceback without ``--debug``."""
-    if getattr(signal.getsignal(signal.SIGINT), "early", False):
-        signal.signal(signal.SIGINT, signal.default_int_handler)  # from here KeyboardInterrupt unwinds cleanly
+    global _INTERRUPTED
+    _INTERRUPTED = False
+    previous = signal.getsignal(signal.SIGINT)
+    ours = previous is signal.default_int_handler or getattr(previous, "early", False)
+    if ours and threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, _on_sigint)  # from here KeyboardInterrupt unwinds cleanly
+    try:
+        return _main(argv)
+    finally:
+        if ours and threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGINT, previous)  # as the program: the early handler again, to the very end
+
+
+def _main(argv: Sequence[str] | None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
     verb = None
@@ -119,6 +144,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SystemExit:
         raise
     except BaseException as exc:  # noqa: BLE001 - every failure becomes an exit code and one line
+        if _INTERRUPTED:  # the interrupt surfaced as another error (see _on_sigint)
+            print("interrupted", file=sys.stderr)
+            return 130
         if debug:
             raise
         return _report(verb, exc)
