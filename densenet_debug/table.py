@@ -57,8 +57,8 @@ def print_table(table: Table, console: Console | None = None) -> None:
     if console.is_terminal:
         console.print(table)
         return
-    console.file.write("\n".join(plain_lines(table)) + "\n")
-    console.file.flush()
+    for line in plain_lines(table):  # through the console (recording, capture), never wrapped or cropped
+        console.print(line, markup=False, highlight=False, emoji=False, soft_wrap=True, crop=False)
 
 
 def make_console(**kwargs: object) -> Console:
