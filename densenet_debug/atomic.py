@@ -214,7 +214,9 @@ def exclusive(target: str | os.PathLike, what: str | None = None) -> Iterator[Pa
     holder. A lock file left by a killed process is taken over (``flock`` died with it)."""
     import fcntl
 
-    path = lock_path(target).absolute()
+    path = lock_path(target)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path = Path(os.path.realpath(path.parent)) / path.name  # one key per directory, however it is spelled
     if path in _HELD:  # this process already holds it
         _HELD[path] += 1
         try:
@@ -222,7 +224,6 @@ def exclusive(target: str | os.PathLike, what: str | None = None) -> Iterator[Pa
         finally:
             _HELD[path] -= 1
         return
-    path.parent.mkdir(parents=True, exist_ok=True)
     while True:
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
         try:

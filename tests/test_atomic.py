@@ -175,3 +175,11 @@ def test_check_output_refuses_a_read_only_directory(tmp_path: Path) -> None:
     ro.mkdir(mode=0o555)
     with pytest.raises(UsageError, match="permission denied"):
         atomic.check_output(ro / "sub" / "out.json", "--json")
+
+
+def test_the_same_target_spelled_differently_is_one_lock_in_one_process(tmp_path: Path, monkeypatch) -> None:
+    (tmp_path / "a").mkdir()
+    monkeypatch.chdir(tmp_path)
+    with atomic.exclusive(tmp_path / "a" / "fx"), atomic.writing_dir(Path("a") / ".." / "a" / "fx") as d:
+        (d / "meta.json").write_text("{}")
+    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == ["fx"]
