@@ -16,6 +16,11 @@ import sys
 
 def _interrupted_early(signum: int, frame: object) -> None:
     """Ctrl-C before main() took over (imports): nothing has been written yet, so leave at once."""
+    for stream in (sys.stdout, sys.stderr):  # after main() returned, its output must not be lost
+        try:
+            stream.flush()
+        except Exception:  # noqa: BLE001 - a closed pipe: nothing more to save
+            pass
     sys.stderr.write("interrupted\n")
     sys.stderr.flush()
     os._exit(130)
