@@ -3,7 +3,9 @@
 A checkpoint is a plain dict of tensors and JSON-like values: model and optimizer state dicts, the AMP
 scaler's state, the number of completed epochs, the RNG states (dropout draws from torch's generator; data
 order and augmentation are derived from (seed, epoch) and need no state) and the run's configuration, so
-``--resume`` can refuse a checkpoint of a different model or dataset.
+``--resume`` can refuse a checkpoint of a different model or dataset. Reading checks every key and its type
+(:func:`validate_checkpoint`): an empty file, a file of another program or one with our tag and a missing or
+mistyped field is refused in one line naming the file and the field.
 """
 
 from __future__ import annotations

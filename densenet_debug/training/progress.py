@@ -3,7 +3,8 @@
 ``train.csv`` has one row per batch, ``test.csv`` one per epoch, ``audit.csv`` one per layer group per audit.
 Every file has a header and an ``epoch`` column (1-based). Rows are appended and flushed one at a time, so a
 killed run loses at most the line being written; on resume :meth:`CsvLog.truncate` drops the rows of epochs
-after the checkpoint (and any torn last line), so the files hold each epoch exactly once.
+after the checkpoint (and any torn last line), so the files hold each epoch exactly once. A file that is not
+UTF-8, or a row whose epoch is not a positive integer, is refused in one line naming the file and line.
 """
 
 from __future__ import annotations
