@@ -171,6 +171,9 @@ def writing_dir(path: str | os.PathLike) -> Iterator[Path]:
                 shutil.rmtree(old, ignore_errors=True)
             _fsync_dir(target.parent)
         finally:
+            old = target.with_name(f".{target.name}.old")
+            if not target.exists() and old.is_dir():  # interrupted between the fallback's renames: put it back
+                os.replace(old, target)
             shutil.rmtree(tmp, ignore_errors=True)
 
 

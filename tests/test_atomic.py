@@ -183,3 +183,20 @@ def test_the_same_target_spelled_differently_is_one_lock_in_one_process(tmp_path
     with atomic.exclusive(tmp_path / "a" / "fx"), atomic.writing_dir(Path("a") / ".." / "a" / "fx") as d:
         (d / "meta.json").write_text("{}")
     assert sorted(p.name for p in (tmp_path / "a").iterdir()) == ["fx"]
+
+
+def test_an_exception_between_the_fallback_renames_puts_the_old_directory_back(tmp_path: Path, monkeypatch) -> None:
+    target = tmp_path / "fx"
+    with atomic.writing_dir(target) as d:
+        (d / "meta.json").write_text("old")
+    monkeypatch.setattr(atomic, "exchange", lambda a, b: False)
+
+    def interrupt(point: str) -> None:
+        if point == "between-renames":
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(atomic, "_test_pause", interrupt)
+    with pytest.raises(KeyboardInterrupt), atomic.writing_dir(target) as d:
+        (d / "meta.json").write_text("new")
+    assert (target / "meta.json").read_text() == "old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["fx"]
