@@ -237,6 +237,11 @@ def test_two_trainings_of_the_same_directory_one_wins_the_other_names_it(tmp_pat
 def test_record_force_killed_mid_replace_leaves_a_whole_fixture(tmp_path: Path) -> None:
     from densenet_debug.reference.format import read_meta
 
+    from densenet_debug import atomic
+
+    (tmp_path / "x").mkdir(), (tmp_path / "y").mkdir()
+    if not atomic.exchange(tmp_path / "x", tmp_path / "y"):
+        pytest.skip("no renameat2(RENAME_EXCHANGE) here; the fallback is tested in tests/test_atomic.py")
     out = tmp_path / "fx"
     base = ["record", "--name", "r2", "--out-dir", str(out), *TINY_RECORD]
     assert subprocess.run(CLI + base, env=ENV, capture_output=True, timeout=300).returncode == 0
