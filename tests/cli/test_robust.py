@@ -235,9 +235,8 @@ def test_two_trainings_of_the_same_directory_one_wins_the_other_names_it(tmp_pat
 
 # -- atomic replace --------------------------------------------------------------------------------------------
 def test_record_force_killed_mid_replace_leaves_a_whole_fixture(tmp_path: Path) -> None:
-    from densenet_debug.reference.format import read_meta
-
     from densenet_debug import atomic
+    from densenet_debug.reference.format import read_meta
 
     (tmp_path / "x").mkdir(), (tmp_path / "y").mkdir()
     if not atomic.exchange(tmp_path / "x", tmp_path / "y"):
