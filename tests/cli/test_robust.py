@@ -274,7 +274,10 @@ def test_checkpoint_temporaries_of_a_killed_run_are_removed_on_resume(tmp_path: 
 # -- SIGINT --------------------------------------------------------------------------------------------------
 def _assert_interrupted(proc: subprocess.Popen, out: Path) -> None:
     stdout, stderr = proc.communicate(timeout=120)
-    assert proc.returncode == 130, (proc.returncode, stderr[-800:])
+    # 130, or death by SIGINT itself, which a shell also reports as $? = 130: CPython re-raises SIGINT at exit
+    # when the KeyboardInterrupt passed through code run by PyRun_* (pybind11's exec in torch's import), even
+    # though main() handled it.
+    assert proc.returncode in (130, -signal.SIGINT), (proc.returncode, stderr[-800:])
     assert stderr.strip().splitlines()[-1] == "interrupted" and "Traceback" not in stderr
     assert "recorded" not in stdout
     assert not out.exists() or list(out.iterdir()) == []  # no fixture, no temporary, no lock
@@ -495,7 +498,7 @@ def test_sigint_mid_training_leaves_a_resumable_directory_and_no_temporaries(tmp
         time.sleep(0.01)
     proc.send_signal(signal.SIGINT)
     _, stderr = proc.communicate(timeout=120)
-    assert proc.returncode == 130 and stderr.strip().splitlines()[-1] == "interrupted", stderr[-800:]
+    assert proc.returncode in (130, -signal.SIGINT) and stderr.strip().splitlines()[-1] == "interrupted", stderr[-800:]
     assert not (tmp_path / ".run.lock").exists()
     assert not [p.name for p in save.iterdir() if p.name.startswith(".")]
     assert all(line.count(",") == 7 for line in log.read_text().splitlines())  # whole rows only
