@@ -142,19 +142,36 @@ def _main(argv: Sequence[str] | None) -> int:
             import torch
 
             torch.set_num_threads(threads)
-        return int(args._run(args) or 0)
+        code = int(args._run(args) or 0)
+        if _INTERRUPTED:  # a library swallowed the KeyboardInterrupt and the verb ran on: still the user's Ctrl-C
+            _handled_interrupt()
+            return 130
+        return code
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+        _handled_interrupt()
         return 130
     except SystemExit:
         raise
     except BaseException as exc:  # noqa: BLE001 - every failure becomes an exit code and one line
         if _INTERRUPTED:  # the interrupt surfaced as another error (see _on_sigint)
-            print("interrupted", file=sys.stderr)
+            _handled_interrupt()
             return 130
         if debug:
             raise
         return _report(verb, exc)
+
+
+def _handled_interrupt() -> None:
+    """Say so, and tell CPython the KeyboardInterrupt was handled: when it passed through code run by PyRun_*
+    (pybind11's exec while torch imports), CPython marks it unhandled and would kill the process with SIGINT at
+    exit instead of exiting 130."""
+    print("interrupted", file=sys.stderr)
+    try:
+        import ctypes
+
+        ctypes.c_int.in_dll(ctypes.pythonapi, "_Py_UnhandledKeyboardInterrupt").value = 0
+    except (ImportError, ValueError, AttributeError, OSError):  # another interpreter: SIGINT is fine too
+        pass
 
 
 def _report(verb: str | None, exc: BaseException) -> int:

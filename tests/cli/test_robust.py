@@ -279,8 +279,13 @@ def _assert_interrupted(proc: subprocess.Popen, out: Path) -> None:
     # though main() handled it.
     assert proc.returncode in (130, -signal.SIGINT), (proc.returncode, stderr[-800:])
     assert stderr.strip().splitlines()[-1] == "interrupted" and "Traceback" not in stderr
-    assert "recorded" not in stdout
-    assert not out.exists() or list(out.iterdir()) == []  # no fixture, no temporary, no lock
+    left = sorted(p.name for p in out.iterdir()) if out.exists() else []
+    if left == ["n"]:  # torch swallowed the KeyboardInterrupt while importing and the recording ran on: whole
+        from densenet_debug.reference.format import read_meta
+
+        read_meta(out / "n")
+    else:
+        assert left == [] and "recorded" not in stdout  # no fixture, no temporary, no lock
 
 
 @pytest.mark.parametrize("entry", ["console-script", "python -m"])
