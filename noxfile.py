@@ -33,7 +33,7 @@ nox.options.reuse_existing_virtualenvs = True
 
 
 def _fixtures() -> list[Path]:
-    return sorted(p.parent for p in (ROOT / "reference_grads").glob("*/meta.json"))
+    return sorted(p.parent for p in (ROOT / "reference_grads").glob("*/meta.json") if not p.parent.name.startswith("."))
 
 
 @nox.session(reuse_venv=True)

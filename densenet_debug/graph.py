@@ -30,8 +30,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from densenet_debug import atomic
+from densenet_debug.errors import UsageError
 
 RENDERED = ("svg", "png", "pdf")
+SUFFIXES = (".dot", ".gv", ".svg", ".png", ".pdf")  # DOT text, or rendered by Graphviz
 _PASS_THROUGH = {"NativeBatchNormBackward0", "CudnnBatchNormBackward0", "MiopenBatchNormBackward0",
                  "ReluBackward0", "ThresholdBackward0"}
 
@@ -231,6 +233,8 @@ def write_graph(dot: str, out: str | os.PathLike) -> tuple[Path, str | None]:
     """Write DOT, or render it with Graphviz for .svg/.png/.pdf; without ``dot`` write .dot and say so."""
     out = Path(out)
     fmt = out.suffix.lstrip(".").lower()
+    if out.suffix.lower() not in SUFFIXES:
+        raise UsageError(f"cannot write {out}: the format follows the extension; use one of {', '.join(SUFFIXES)}")
     if fmt not in RENDERED:
         atomic.write_text(out, dot)
         return out, None
@@ -241,5 +245,8 @@ def write_graph(dot: str, out: str | os.PathLike) -> tuple[Path, str | None]:
         return fallback, (f"Graphviz 'dot' is not installed: wrote {fallback} instead of {out} "
                           f"(render it with: dot -T{fmt} {fallback} -o {out})")
     with atomic.writing_file(out) as tmp:
-        subprocess.run([exe, f"-T{fmt}", "-o", str(tmp)], input=dot.encode(), check=True, capture_output=True)
+        done = subprocess.run([exe, f"-T{fmt}", "-o", str(tmp)], input=dot.encode(), capture_output=True)
+        if done.returncode != 0:  # an environment problem (a Graphviz without this format), not our bug
+            raise UsageError(f"Graphviz {exe} -T{fmt} failed: "
+                             f"{(done.stderr.decode(errors='replace').strip().splitlines() or ['?'])[0]}")
     return out, None

@@ -4,17 +4,17 @@ from __future__ import annotations
 
 import argparse
 import json
-from pathlib import Path
-
-from rich.console import Console
 
 from densenet_debug.atomic import write_text
-from densenet_debug.cli._common import add_seed_arg, positive_int
+from densenet_debug.cli._common import add_seed_arg, add_threads_arg, check_outputs, positive_int
 from densenet_debug.errors import UsageError
 from densenet_debug.models import BUILDERS
+from densenet_debug.table import make_console
 
 HELP = ("train a small DenseNet-BC on scikit-learn's digits clean and with pytorch#708 planted; show the "
-        "faulty run fails to converge and diff names the layer (exit 0 all three facts hold, 1 otherwise)")
+        "faulty run fails to converge and diff names the layer")
+EXIT_CODES = {0: "all three facts hold", 1: "one does not"}
+FIGURE_SUFFIXES = (".png", ".svg", ".pdf")
 
 
 def _fraction(text: str) -> float:
@@ -38,8 +38,9 @@ def _positive_float(text: str) -> float:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--out", default="canary.png", metavar="PNG",
-                        help="where to write both loss curves (default canary.png)")
+    parser.add_argument("--out", default="canary.png", metavar="PATH",
+                        help="where to write both loss curves; the format follows the extension: "
+                             + ", ".join(FIGURE_SUFFIXES) + " (default canary.png)")
     parser.add_argument("--json", default=None, metavar="PATH", help="write the numbers as JSON here")
     parser.add_argument("--model", default="densenet-bc-10", choices=sorted(BUILDERS), metavar="NAME",
                         help="model to train (default densenet-bc-10: one dense layer per block, so #708 hits "
@@ -50,20 +51,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--target", type=_fraction, default=0.8,
                         help="the stated test accuracy the clean run must reach and the faulty one must not "
                              "(default 0.8: measured on ten seeds, clean runs stay above it, faulty below)")
-    parser.add_argument("--threads", type=positive_int, default=1,
-                        help="torch threads during the runs (default 1: identical numbers run to run)")
+    add_threads_arg(parser, default=1)
     add_seed_arg(parser)
 
 
 def run(args: argparse.Namespace) -> int:
     from densenet_debug.faults.canary import CANARY_FAULT, run_canary, save_figure
 
-    for path in (args.out, args.json):
-        if path and Path(path).is_dir():
-            raise UsageError(f"{path} is a directory, not a file")
+    check_outputs(args, out=FIGURE_SUFFIXES, json=None)
     if args.batch < 2:
         raise UsageError("--batch must be >= 2: pytorch#708 is invisible at batch 1")
-    console = Console()
+    console = make_console()
     console.print(f"training {args.model} on digits (32x32) for {args.epochs} epochs, clean and with "
                   f"{CANARY_FAULT} ...")
     report = run_canary(model=args.model, epochs=args.epochs, batch_size=args.batch, lr=args.lr, seed=args.seed,

@@ -6,7 +6,6 @@ import argparse
 import json
 
 import torch
-from rich.console import Console
 
 from densenet_debug.atomic import write_text
 from densenet_debug.backends import backend_names, default_pair, parse_backend
@@ -14,15 +13,19 @@ from densenet_debug.cli._common import (
     add_device_arg,
     add_model_args,
     add_seed_arg,
+    add_threads_arg,
+    check_outputs,
     load_model,
     positive_int,
+    require_parameters,
     resolve_device,
 )
 from densenet_debug.errors import UsageError
 from densenet_debug.models.batch import make_batch
+from densenet_debug.table import make_console
 
-HELP = ("compare two backends layer by layer against a float64 oracle (exit 0 agree, 1 mismatch, "
-        "2 usage/environment error)")
+HELP = "compare two backends layer by layer against a float64 oracle"
+EXIT_CODES = {0: "both sides agree with the fp64 oracle", 1: "a mismatch (or a kink with --fail-on kink)"}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -45,9 +48,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--units", default=None, metavar="NAME,NAME",
                         help="only these units (qualified module names); default every unit")
     parser.add_argument("--top", type=positive_int, default=15, help="rows in the table (default 15)")
-    parser.add_argument("--threads", type=positive_int, default=None,
-                        help="torch CPU threads (default: torch's choice; on a busy shared machine 1 is often "
-                             "much faster: a diff runs many small ops)")
+    add_threads_arg(parser)
     parser.add_argument("--json", default=None, metavar="PATH", help="write the JSON report here")
     parser.add_argument("--html", default=None, metavar="PATH", help="write a self-contained HTML report here")
 
@@ -57,18 +58,16 @@ def run(args: argparse.Namespace) -> int:
     from densenet_debug.verdict.engine import diff
     from densenet_debug.verdict.render import print_report, to_html
 
+    check_outputs(args, json=None, html=None)
     if parse_ddp_side(args.a) or parse_ddp_side(args.b):  # DDP vs one process: parameter gradients, own path
         return _run_ddp(args)
-    if args.threads:
-        torch.set_num_threads(args.threads)
     device = resolve_device(args.device) if args.device else None
     da, db = default_pair(device)
     a, b = args.a or da, args.b or db
     parse_backend(a, device), parse_backend(b, device)  # bad names fail before the model is built
-    for path in (args.json, args.html):
-        _check_writable(path)
     torch.manual_seed(args.seed)
     model = load_model(args)
+    require_parameters(model, args.model)
     x, y = make_batch(model, args.input_shape, args.batch, args.seed, args.num_classes, args.model)
     units = [u.strip() for u in args.units.split(",") if u.strip()] if args.units else None
     if units:
@@ -78,9 +77,7 @@ def run(args: argparse.Namespace) -> int:
             raise UsageError(f"no module named {missing[0]!r} in {args.model}")
     report = diff(model, x, y, a, b, steps=args.steps, eval_mode=args.eval, units=units, fail_on=args.fail_on,
                   device=device)
-    console = Console()
-    if not console.is_terminal:  # piped or captured: do not squeeze the table into 80 columns
-        console = Console(width=150)
+    console = make_console()
     print_report(report, console, args.top)
     if args.bisect and report.verdict == "mismatch":
         from densenet_debug.verdict.bisect import bisect_backend
@@ -103,26 +100,13 @@ def run(args: argparse.Namespace) -> int:
     return 0 if report.verdict == "agree" else 1
 
 
-def _check_writable(path: str | None) -> None:
-    """Fail before minutes of work, not after: the target must not be a directory."""
-    if path is None:
-        return
-    from pathlib import Path
-
-    p = Path(path)
-    if p.is_dir():
-        raise UsageError(f"{path} is a directory, not a file")
-    if p.parent.exists() and not p.parent.is_dir():
-        raise UsageError(f"{p.parent} is not a directory")
-
-
 def _run_ddp(args: argparse.Namespace) -> int:
     """``diff`` when a side is ``ddp[:N][+HOOK]``: the other side (default mkldnn) is the one-process reference."""
-    from rich.console import Console
     from rich.table import Table
 
     from densenet_debug.atomic import write_text
     from densenet_debug.distributed.diff import ddp_diff, parse_ddp_side
+    from densenet_debug.table import make_console, print_table
 
     sides = [(spec, parse_ddp_side(spec)) for spec in (args.a, args.b)]
     ddp_sides = [parsed for _, parsed in sides if parsed is not None]
@@ -140,10 +124,11 @@ def _run_ddp(args: argparse.Namespace) -> int:
     parse_backend(other, "cpu")
     torch.manual_seed(args.seed)
     model = load_model(args)
+    require_parameters(model, args.model)
     x, y = make_batch(model, args.input_shape, args.batch, args.seed, args.num_classes, args.model)
     model.train(not args.eval)
     report = ddp_diff(model, x, y, other, world_size=world_size, comm_hook=hook, spec=args.model)
-    console = Console() if Console().is_terminal else Console(width=150)
+    console = make_console()
     table = Table(title=f"{report.side} vs {report.backend} (one process): parameter gradients, worst first")
     for column in ("layer", "quantity", "error", "tolerance", "status", "vs full batch"):
         table.add_column(column)
@@ -152,7 +137,7 @@ def _run_ddp(args: argparse.Namespace) -> int:
     for r in ranked[:args.top]:
         table.add_row(r.layer, r.quantity, f"{r.error:.3g}", f"{r.tolerance:.3g}",
                       "[red]mismatch[/red]" if r.status == "mismatch" else "ok", f"{r.full_batch_gap:.3g}")
-    console.print(table)
+    print_table(table, console)
     console.print(report.summary(), highlight=False)
     if args.json:
         import json

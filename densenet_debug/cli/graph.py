@@ -7,8 +7,16 @@ import sys
 
 import torch
 
-from densenet_debug.cli._common import add_model_args, add_seed_arg, load_model
-from densenet_debug.graph import autograd_graph, cat_readers, collapse, repeated_groups, to_dot, write_graph
+from densenet_debug.cli._common import add_model_args, add_seed_arg, check_outputs, load_model, require_parameters
+from densenet_debug.graph import (
+    SUFFIXES,
+    autograd_graph,
+    cat_readers,
+    collapse,
+    repeated_groups,
+    to_dot,
+    write_graph,
+)
 from densenet_debug.models.batch import check_batch_of_one, output_classes
 
 HELP = ("write the autograd graph (grad_fn.next_functions) with parameter names, concatenations and the convs "
@@ -19,14 +27,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_model_args(parser, batch=2)
     add_seed_arg(parser)
     parser.add_argument("--out", default="graph.dot",
-                        help="graph.dot (DOT text) or graph.svg/.png/.pdf (rendered by Graphviz's dot when "
-                             "installed, else DOT beside it and a note) (default graph.dot)")
+                        help="the format follows the extension: .dot/.gv DOT text, .svg/.png/.pdf rendered by "
+                             "Graphviz's dot when installed (else DOT beside it and a note) (default graph.dot)")
     parser.add_argument("--collapse", action="store_true",
                         help="fold repeated dense layers (all but the first and last of each block) into one node")
 
 
 def run(args: argparse.Namespace) -> int:
+    check_outputs(args, out=SUFFIXES)
     model = load_model(args)
+    require_parameters(model, args.model, "a training step builds no autograd graph to draw")
     torch.manual_seed(args.seed)
     x = torch.randn(args.batch, *args.input_shape)
     if args.batch == 1:  # a squeezed output has lost its batch dimension: one line, not a traceback

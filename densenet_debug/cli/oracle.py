@@ -6,15 +6,24 @@ import argparse
 import json
 
 import torch
-from rich.console import Console
 from rich.table import Table
 
 from densenet_debug.atomic import write_text
-from densenet_debug.cli._common import add_device_arg, add_model_args, add_seed_arg, load_model, resolve_device
+from densenet_debug.cli._common import (
+    add_device_arg,
+    add_model_args,
+    add_seed_arg,
+    add_threads_arg,
+    check_outputs,
+    load_model,
+    resolve_device,
+)
 from densenet_debug.models.batch import make_batch
 from densenet_debug.numpy_oracle import OracleReport, compare_with_torch
+from densenet_debug.table import make_console, print_table
 
 HELP = "compare PyTorch fp64 with an independent NumPy fp64 DenseNet, layer by layer (outputs and gradients)"
+EXIT_CODES = {0: "PyTorch and NumPy agree", 1: "they disagree somewhere"}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -24,9 +33,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--eval", action="store_true", help="BatchNorm with running statistics (default: train)")
     parser.add_argument("--json", metavar="PATH", help="write the report as JSON (schema densenet-debug/oracle/1)")
     parser.add_argument("--all-rows", action="store_true", help="print every row, not only mismatches and the worst")
+    add_threads_arg(parser)
 
 
 def run(args: argparse.Namespace) -> int:
+    check_outputs(args, json=None)
     torch.manual_seed(args.seed)
     model = load_model(args)
     device = resolve_device(args.device)
@@ -40,7 +51,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _print(report: OracleReport, all_rows: bool, worst: int = 12) -> None:
-    console = Console()
+    console = make_console()
     rows = report.rows
     if not all_rows:
         bad = [r for r in rows if r.status == "mismatch"]
@@ -54,7 +65,7 @@ def _print(report: OracleReport, all_rows: bool, worst: int = 12) -> None:
     for r in rows:
         table.add_row(r.layer, r.pass_, r.quantity, f"{r.error:.2e}", f"{r.tolerance:.2e}", f"{r.ratio:.3f}",
                       "[red]MISMATCH[/]" if r.status == "mismatch" else "ok")
-    console.print(table)
+    print_table(table, console)
     p = report.propagated
     console.print(f"end to end (NumPy run on its own): max relative difference {p['max_relative_forward']:.1e} "
                   f"forward ({p['worst_forward']}), {p['max_relative_backward']:.1e} backward "

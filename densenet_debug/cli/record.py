@@ -7,7 +7,8 @@ from pathlib import Path
 
 import torch
 
-from densenet_debug.cli._common import add_model_args, add_seed_arg, load_model, positive_int
+from densenet_debug.atomic import check_output, exclusive
+from densenet_debug.cli._common import add_model_args, add_seed_arg, add_threads_arg, load_model, positive_int
 from densenet_debug.errors import UsageError
 from densenet_debug.models.batch import check_batch_of_one, output_classes
 from densenet_debug.reference.record import (
@@ -19,6 +20,8 @@ from densenet_debug.reference.record import (
 )
 
 HELP = "record a reference fixture: float64 CPU truth of a training step, layer by layer"
+EXIT_CODES = {0: "recorded", 1: "refused: the NumPy oracle disagrees with PyTorch fp64",
+              2: "e.g. an existing fixture without --force, another process recording the same name"}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -35,12 +38,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-mb", type=float, default=DEFAULT_MAX_MB,
                         help=f"size limit for --policy auto to store everything (default {DEFAULT_MAX_MB:g})")
     parser.add_argument("--force", action="store_true", help="replace an existing fixture of that name")
+    add_threads_arg(parser)
 
 
 def run(args: argparse.Namespace) -> int:
     if not args.name or "/" in args.name or args.name.startswith("."):
         raise UsageError(f"bad fixture name {args.name!r}: use a plain directory name")
     target = Path(args.out_dir) / args.name
+    check_output(target, "--out-dir/--name", directory=True)
+    with exclusive(target, what=f"fixture {target}"):  # one writer per name, for the whole recording
+        return _record(args, target)
+
+
+def _record(args: argparse.Namespace, target: Path) -> int:
     if target.exists() and not args.force:
         raise UsageError(f"{target} exists; pass --force to replace it")
     torch.manual_seed(args.seed)

@@ -4,21 +4,20 @@ from __future__ import annotations
 
 import argparse
 import json
-from pathlib import Path
 
-from rich.console import Console
 from rich.progress import Progress
 from rich.table import Table
 
 from densenet_debug.atomic import write_text
-from densenet_debug.cli._common import add_device_arg, positive_int
+from densenet_debug.cli._common import add_device_arg, add_threads_arg, check_outputs, positive_int
 from densenet_debug.errors import UsageError
 from densenet_debug.faults.registry import FAULTS
 from densenet_debug.models import BUILDERS
+from densenet_debug.table import make_console, print_table
 
 HELP = ("plant faithful copies of historical backend bugs (and precision controls) in a small DenseNet-BC; "
-        "check diff detects and localises each and flags no control (exit 0 all caught, 1 a miss or a false "
-        "alarm, 2 usage error)")
+        "check diff detects and localises each and flags no control")
+EXIT_CODES = {0: "every fault caught and localised, no control flagged", 1: "a fault missed or a control flagged"}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -38,6 +37,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="seed for weights, inputs, labels and the unit each fault is planted at (default 0)")
     add_device_arg(parser)
     parser.add_argument("--json", default=None, metavar="PATH", help="write the JSON report here")
+    add_threads_arg(parser)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -45,6 +45,7 @@ def run(args: argparse.Namespace) -> int:
     from densenet_debug.cli._common import resolve_device
     from densenet_debug.faults.selftest import DEFAULT_MODEL, FULL_MODEL, resolve_faults, run_selftest
 
+    check_outputs(args, json=None)
     if args.full and args.model:
         raise UsageError("--full picks densenet-bc-100; give either --full or --model")
     names = resolve_faults(args.faults)
@@ -53,10 +54,8 @@ def run(args: argparse.Namespace) -> int:
     if any(p.strip().startswith("fault:") for p in backend.split("+")):
         raise UsageError("--backend is the clean backend; the self-test plants the faults itself")
     parse_backend(backend, device)
-    if args.json and Path(args.json).is_dir():
-        raise UsageError(f"{args.json} is a directory, not a file")
     model = FULL_MODEL if args.full else (args.model or DEFAULT_MODEL)
-    console = Console()
+    console = make_console()
     with Progress(console=console, transient=True) as bar:
         task = bar.add_task("self-test", total=len(names))
 
@@ -65,7 +64,7 @@ def run(args: argparse.Namespace) -> int:
 
         report = run_selftest(names, model=model, seed=args.seed, batch=args.batch, backend=backend,
                               device=str(device), gradcheck=not args.no_gradcheck, progress=progress)
-    console.print(_table(report))
+    print_table(_table(report), console)
     missed, flagged, loose = report.missed, report.flagged_controls, report.not_localized
     bugs = sum(1 for r in report.results if not r.control)
     caught = bugs - len(missed)

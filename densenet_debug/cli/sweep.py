@@ -5,15 +5,16 @@ from __future__ import annotations
 import argparse
 import json
 
-from rich.console import Console
 from rich.table import Table
 
 from densenet_debug.atomic import write_text
 from densenet_debug.backends import backend_names, default_pair, parse_backend
-from densenet_debug.cli._common import add_device_arg, add_seed_arg, resolve_device
+from densenet_debug.cli._common import add_device_arg, add_seed_arg, add_threads_arg, check_outputs, resolve_device
+from densenet_debug.table import make_console, print_table
 
 HELP = ("sweep the cat->conv configurations of the 2017 DenseNet bug (layouts, batch 1/2/odd, channel splits, "
-        "sliced grad_outputs, BN modes) for two backends against fp64; exit 1 on any mismatch")
+        "sliced grad_outputs, BN modes) for two backends against fp64")
+EXIT_CODES = {0: "every case agrees", 1: "a case mismatches"}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -25,6 +26,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_device_arg(parser)
     add_seed_arg(parser)
     parser.add_argument("--json", default=None, metavar="PATH", help="write every case's result here")
+    add_threads_arg(parser)
 
 
 def _cell(result: object) -> str:
@@ -37,6 +39,7 @@ def _cell(result: object) -> str:
 def run(args: argparse.Namespace) -> int:
     from densenet_debug.verdict.sweep import GRADS, KERNELS, LAYOUTS, NORMS, run_sweep
 
+    check_outputs(args, json=None)
     device = resolve_device(args.device)
     da, db = default_pair(device)
     a, b = args.a or da, args.b or db
@@ -54,10 +57,8 @@ def run(args: argparse.Namespace) -> int:
             cells = [_cell(by_key[(layout, grad, k, s, n)]) for k, s in KERNELS for n in NORMS
                      if (layout, grad, k, s, n) in by_key]
             table.add_row(f"{layout} / {grad}", *cells)
-    console = Console()
-    if not console.is_terminal:
-        console = Console(width=170)
-    console.print(table)
+    console = make_console()
+    print_table(table, console)
     bad = [r for r in results if r.verdict != "agree"]
     for r in bad:
         f = r.first or {}

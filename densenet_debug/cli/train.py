@@ -5,12 +5,15 @@ from __future__ import annotations
 import argparse
 import sys
 
-from densenet_debug.cli._common import add_device_arg, add_model_args, positive_int
+from densenet_debug.atomic import check_output
+from densenet_debug.cli._common import add_device_arg, add_model_args, add_threads_arg, positive_int
 from densenet_debug.training.data import DATASETS
 from densenet_debug.training.loop import OPTIMIZERS, TrainConfig, train
 
 HELP = ("train a DenseNet on CIFAR-10/100 or SVHN (or synthetic data) with CSV progress, plots, checkpoints, "
         "resume, torchrun and a gradient audit")
+EXIT_CODES = {0: "trained (or resumed) to --epochs", 1: "the gradient audit found a mismatch",
+              2: "e.g. missing data, another process writing the same --save"}
 
 
 def _positive_float(text: str) -> float:
@@ -78,6 +81,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     run.add_argument("--sync-bn", action="store_true", help="SyncBatchNorm across torchrun processes (CUDA only)")
     run.add_argument("--no-plot", action="store_true", help="do not redraw loss-error.png after each epoch")
     run.add_argument("--quiet", action="store_true", help="no progress bar or per-epoch lines")
+    add_threads_arg(run)
     audit = parser.add_argument_group("gradient audit")
     audit.add_argument("--audit-every", type=positive_int, default=0, metavar="N",
                        help="every N steps, check each layer's gradients on the current batch against float64 "
@@ -107,6 +111,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 def run(args: argparse.Namespace) -> int:
     from densenet_debug.training.audit import AuditFailure
 
+    check_output(args.save, "--save", directory=True)
     try:
         result = train(config_from_args(args))
     except AuditFailure as exc:

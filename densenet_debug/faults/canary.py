@@ -282,4 +282,4 @@ def save_figure(report: CanaryReport, path: str | os.PathLike) -> None:
 
     fig = loss_figure(report)
     with writing_file(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=110)
+        fig.savefig(tmp, format=os.path.splitext(str(path))[1].lstrip(".").lower() or "png", dpi=110)

@@ -8,6 +8,10 @@ normalization. Adam and RMSprop keep their library-default lr and, as in the see
 Per epoch: ``train.csv`` rows as batches finish, a ``test.csv`` row, then ``checkpoint.pt`` (atomic), then
 ``loss-error.png``. Written in that order, a crash anywhere leaves files that ``resume`` can make
 consistent: it loads the checkpoint and cuts every CSV back to the checkpoint's epoch.
+
+One writer per work directory: rank 0 holds ``atomic.exclusive`` on it (``.NAME.lock`` beside it) for the whole
+run, so a second ``train --save`` of the same directory exits 2 naming the holder, and temporaries left by a
+killed run (``.checkpoint.pt.xxxxxxxx.pt``, ...) are removed before anything is read.
 """
 
 from __future__ import annotations
@@ -167,12 +171,18 @@ def build_model(config: TrainConfig, num_classes: int) -> nn.Module:
     return model
 
 
+WORKDIR_FILES = (FILENAME, "config.json", "train.csv", "test.csv", "audit.csv", "loss-error.png")
+
+
 def prepare_workdir(config: TrainConfig) -> dict | None:
-    """Refuse a non-empty save directory unless resuming; return the checkpoint to resume from, if any."""
+    """Refuse a non-empty save directory unless resuming; return the checkpoint to resume from, if any.
+
+    Hidden entries (temporaries of a killed writer, which the lock holder removes) do not make it non-empty.
+    """
     workdir = Path(config.save)
     if workdir.exists() and not workdir.is_dir():
         raise UsageError(f"--save {workdir} exists and is not a directory")
-    entries = sorted(p.name for p in workdir.iterdir()) if workdir.is_dir() else []
+    entries = sorted(p.name for p in workdir.iterdir() if not p.name.startswith(".")) if workdir.is_dir() else []
     if entries and not config.resume:
         raise UsageError(f"save directory {workdir} is not empty ({len(entries)} entries) and is never deleted: "
                          f"pass --resume to continue it, or choose another --save")
@@ -203,12 +213,25 @@ def train(config: TrainConfig) -> TrainResult:
 
 def _train(config: TrainConfig, device: torch.device, info: ddp.DistInfo) -> TrainResult:
     workdir = Path(config.save)
+    if not info.is_main:
+        return _train_locked(config, device, info)
+    with atomic.exclusive(workdir, what=f"training directory {workdir}"):
+        for name in WORKDIR_FILES:
+            atomic.clean_leftovers(workdir / name)
+        return _train_locked(config, device, info)
+
+
+def _train_locked(config: TrainConfig, device: torch.device, info: ddp.DistInfo) -> TrainResult:
+    workdir = Path(config.save)
     state = prepare_workdir(config)  # every rank checks before any rank writes
     ddp.barrier(info)
     classes = (config.num_classes or 10) if config.synthetic else NUM_CLASSES.get(config.dataset, 0)
     record = _record(config, classes)
     if state is not None:
         check_compatible(state["config"], record, RESUME_KEYS)
+        if int(state["epoch"]) > config.epochs:
+            raise UsageError(f"cannot resume: {workdir} has already run {state['epoch']} epochs, more than "
+                             f"--epochs {config.epochs}; pass --epochs {state['epoch']} or more")
     if not config.synthetic:
         if tuple(config.input_shape) != (3, 32, 32):
             raise UsageError(f"{config.dataset} images are 3,32,32; --input-shape applies to --synthetic only")
@@ -270,6 +293,10 @@ def _train(config: TrainConfig, device: torch.device, info: ddp.DistInfo) -> Tra
     finally:
         if logs is not None:
             logs.close()
+    if start == config.epochs and logs is not None:  # resumed a finished run: report its last test row
+        last = [r for r in logs.test.rows() if int(r["epoch"]) == start]
+        if last:
+            test_loss, test_err = float(last[-1]["loss"]), float(last[-1]["error_pct"])
     return TrainResult(max(start, config.epochs), test_loss, test_err, workdir)
 
 

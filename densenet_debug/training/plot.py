@@ -18,6 +18,7 @@ from densenet_debug.errors import UsageError
 from densenet_debug.training.progress import TEST_COLUMNS, TRAIN_COLUMNS, CsvLog
 
 FILENAME = "loss-error.png"
+SUFFIXES = (".png", ".svg", ".pdf")
 
 
 def smooth(values: np.ndarray, window: int) -> np.ndarray:
@@ -37,18 +38,25 @@ def read_progress(workdir: str | os.PathLike) -> tuple[dict[str, np.ndarray], di
     workdir = Path(workdir)
     if not workdir.is_dir():
         raise UsageError(f"{workdir} is not a directory")
-    train = _columns(CsvLog(workdir / "train.csv", TRAIN_COLUMNS).rows(), TRAIN_COLUMNS)
-    test = _columns(CsvLog(workdir / "test.csv", TEST_COLUMNS).rows(), TEST_COLUMNS)
+    train = _columns(CsvLog(workdir / "train.csv", TRAIN_COLUMNS).rows(), TRAIN_COLUMNS, workdir / "train.csv")
+    test = _columns(CsvLog(workdir / "test.csv", TEST_COLUMNS).rows(), TEST_COLUMNS, workdir / "test.csv")
     if train["epoch"].size == 0 and test["epoch"].size == 0:
         raise UsageError(f"{workdir} has no progress rows yet (train.csv, test.csv)")
     return train, test
 
 
-def _columns(rows: list[dict[str, str]], names: tuple[str, ...]) -> dict[str, np.ndarray]:
-    try:
-        return {n: np.array([float(r[n]) for r in rows], dtype=np.float64) for n in names}
-    except ValueError as exc:
-        raise UsageError(f"progress file has a non-numeric value: {exc}") from None
+def _columns(rows: list[dict[str, str]], names: tuple[str, ...], path: Path | str = "progress file",
+             ) -> dict[str, np.ndarray]:
+    out = {}
+    for n in names:
+        values = []
+        for i, r in enumerate(rows):
+            try:
+                values.append(float(r[n]))
+            except ValueError:
+                raise UsageError(f"{path}: row {i + 1}, column {n}: {r[n]!r} is not a number") from None
+        out[n] = np.array(values, dtype=np.float64)
+    return out
 
 
 def batches_per_epoch(train: dict[str, np.ndarray]) -> int:
@@ -102,8 +110,8 @@ def progress_figure(train: dict[str, np.ndarray], test: dict[str, np.ndarray], t
 def plot_progress(workdir: str | os.PathLike, out: str | os.PathLike | None = None) -> Path:
     """Write the loss/error figure (default ``WORKDIR/loss-error.png``) and return its path."""
     out = Path(out) if out is not None else Path(workdir) / FILENAME
-    if out.suffix.lower() not in (".png", ".svg", ".pdf"):
-        raise UsageError(f"cannot write {out}: use a .png, .svg or .pdf file name")
+    if out.suffix.lower() not in SUFFIXES:
+        raise UsageError(f"cannot write {out}: use a {', '.join(SUFFIXES)} file name")
     train, test = read_progress(workdir)
     fig = progress_figure(train, test, title=Path(workdir).resolve().name)
     with atomic.writing_file(out) as tmp:

@@ -3,7 +3,8 @@
 ``train.csv`` has one row per batch, ``test.csv`` one per epoch, ``audit.csv`` one per layer group per audit.
 Every file has a header and an ``epoch`` column (1-based). Rows are appended and flushed one at a time, so a
 killed run loses at most the line being written; on resume :meth:`CsvLog.truncate` drops the rows of epochs
-after the checkpoint (and any torn last line), so the files hold each epoch exactly once.
+after the checkpoint (and any torn last line), so the files hold each epoch exactly once. A file that is not
+UTF-8, or a row whose epoch is not a positive integer, is refused in one line naming the file and line.
 """
 
 from __future__ import annotations
@@ -48,7 +49,11 @@ class CsvLog:
         """Complete rows of the file (a torn last line, without its newline, is not one)."""
         if not self.path.exists():
             return []
-        text = self.path.read_text()
+        try:
+            text = self.path.read_bytes().decode("utf-8")
+        except UnicodeDecodeError as exc:
+            line = self.path.read_bytes()[: exc.start].count(b"\n") + 1
+            raise UsageError(f"{self.path}: line {line} is not UTF-8 text; not a file this tool wrote") from None
         if text and not text.endswith("\n"):
             text = text[: text.rfind("\n") + 1]
         lines = text.splitlines()
@@ -58,7 +63,19 @@ class CsvLog:
         if tuple(header) != self.columns:
             raise UsageError(f"{self.path}: header {','.join(header)} is not {','.join(self.columns)}; "
                              f"not a file this version wrote")
-        return [dict(zip(header, r)) for r in csv.reader(lines[1:]) if len(r) == len(header)]
+        rows = []
+        for number, r in enumerate(csv.reader(lines[1:]), start=2):
+            if len(r) != len(header):
+                continue
+            row = dict(zip(header, r))
+            try:
+                if int(row["epoch"]) < 1:
+                    raise ValueError
+            except ValueError:
+                raise UsageError(f"{self.path}: line {number}, column epoch: {row['epoch']!r} is not an epoch "
+                                 f"number") from None
+            rows.append(row)
+        return rows
 
     def append(self, values: Iterable[object]) -> None:
         if self._file is None:

@@ -13,6 +13,7 @@ import math
 from rich.console import Console
 from rich.table import Table
 
+from densenet_debug.table import print_table
 from densenet_debug.verdict.report import DiffReport, Row
 
 STYLE = {"ok": "green", "kink": "yellow", "mismatch": "bold red", "nonfinite": "bold magenta"}
@@ -35,7 +36,7 @@ def print_report(report: DiffReport, console: Console | None = None, top: int = 
     for r in report.worst_rows(top):
         table.add_row(r.layer, r.pass_, r.quantity, r.mode, str(r.step), _e(r.error_a), _e(r.error_b),
                       _e(r.tolerance), f"[{STYLE[r.status]}]{r.status}[/]")
-    console.print(table)
+    print_table(table, console)
     if report.kinks:
         by_layer: dict[tuple[str, str], list] = {}
         for k in report.kinks:
@@ -48,7 +49,7 @@ def print_report(report: DiffReport, console: Console | None = None, top: int = 
                        _e(min(k.min_margin for k in ks)), _e(min(k.relative_margin for k in ks)))
         if len(by_layer) > top:
             kt.caption = f"{len(by_layer) - top} more in the JSON report"
-        console.print(kt)
+        print_table(kt, console)
     style = "green" if report.verdict == "agree" else "bold red"
     console.print(f"[{style}]{report.summary}[/]")
 

@@ -38,7 +38,7 @@ def _group(layer: str) -> str:
     return "head" if layer == "loss" else layer.split(".")[0]
 
 
-FIXTURES = sorted(p.parent for p in REFERENCE.glob("*/meta.json"))
+FIXTURES = sorted(p.parent for p in REFERENCE.glob("*/meta.json") if not p.parent.name.startswith("."))
 
 
 def _cases() -> Iterator[object]:
