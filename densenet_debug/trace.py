@@ -128,6 +128,8 @@ class Tracer:
     Tensors are kept as detached aliases, not copies; an in-place op inside the step copies the aliases it is
     about to overwrite first (:class:`~densenet_debug.capture.cow.CopyOnWrite`). If one is changed in place
     where that cannot see it (after the block), :meth:`trace` fails loudly instead of returning a wrong record.
+    ``copy_on_write=False`` keeps copies instead and enters no dispatch mode: ``torch.compile`` silently runs
+    eagerly while one is active, so a compiled side must be traced that way.
 
     Gradients come from hooks on the autograd nodes each unit's first call created (found by sequence number,
     :mod:`densenet_debug.capture.graph`), not from module full backward hooks, which wrap tensors and make
@@ -138,7 +140,7 @@ class Tracer:
 
     def __init__(
         self, model: nn.Module, units: UnitSelector = None, record: Sequence[str] = QUANTITIES,
-        to_cpu: bool = False,
+        to_cpu: bool = False, copy_on_write: bool = True,
     ) -> None:
         unknown = set(record) - set(QUANTITIES)
         if unknown:
@@ -146,6 +148,7 @@ class Tracer:
         self.model = model
         self.record = frozenset(record)
         self.to_cpu = to_cpu
+        self.copy_on_write = copy_on_write
         self.modules = dict(_select(model, units))
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
         self._records: dict[str, UnitRecord] = {}
@@ -174,7 +177,7 @@ class Tracer:
 
     @property
     def _keeps_aliases(self) -> bool:
-        return bool(self.record & {"inputs", "outputs"})
+        return self.copy_on_write and bool(self.record & {"inputs", "outputs"})
 
     @property
     def _wants_grads(self) -> bool:
@@ -201,6 +204,9 @@ class Tracer:
         return t.clone() if clone else t
 
     def _aliases(self, name: str, values: Sequence[object]) -> list[Tensor | None]:
+        if not self.copy_on_write:  # no dispatch mode to see later writes: keep copies instead of aliases
+            with _disable_current_modes():
+                return [self._keep(v, clone=True) if isinstance(v, Tensor) else None for v in values]
         kept: list[Tensor | None] = [self._keep(v) if isinstance(v, Tensor) else None for v in values]
         for i, (k, v) in enumerate(zip(kept, values)):
             if k is not None and k.device == v.device:  # type: ignore[union-attr]
@@ -362,11 +368,15 @@ def _select(model: nn.Module, units: UnitSelector) -> Iterator[tuple[str, nn.Mod
 def trace_step(
     model: nn.Module, inputs: Tensor, target: Tensor, units: UnitSelector = None,
     record: Sequence[str] = QUANTITIES, loss_fn: Callable[[Tensor, Tensor], Tensor] = F.cross_entropy,
-    to_cpu: bool = False,
+    to_cpu: bool = False, copy_on_write: bool = True,
 ) -> Trace:
-    """One traced step: clear gradients, forward, loss, backward. Returns the :class:`Trace`."""
+    """One traced step: clear gradients, forward, loss, backward. Returns the :class:`Trace`.
+
+    ``copy_on_write=False`` keeps copies of inputs and outputs instead of aliases guarded by a dispatch mode:
+    needed under ``torch.compile``, which runs eagerly (silently) while any dispatch mode is active.
+    """
     model.zero_grad(set_to_none=True)
-    with Tracer(model, units, record, to_cpu) as tracer:
+    with Tracer(model, units, record, to_cpu, copy_on_write) as tracer:
         output = model(inputs)
         loss = loss_fn(output, target)
         loss.backward()

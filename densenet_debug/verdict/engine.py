@@ -243,7 +243,9 @@ class _Side:
 
     def run_step(self, names: list[str], loss_fn: LossFn) -> None:
         with self.backend.active():
-            self.trace = trace_step(self.model, self.x, self.y, units=names, loss_fn=loss_fn)
+            # torch.compile skips its frames while a dispatch mode is active: copies, not guarded aliases.
+            self.trace = trace_step(self.model, self.x, self.y, units=names, loss_fn=loss_fn,
+                                    copy_on_write=not self.backend.compile_backend)
         self.result.flags = self.backend.flags_in_force()
         self.local, self.step_kinks = [], []
 
