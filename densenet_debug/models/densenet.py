@@ -76,11 +76,14 @@ class _DenseLayer(nn.Module):
     # -- memory-efficient path -------------------------------------------------------------------------
     # The checkpoint toggle lives here and only here. Two regions, each ending in a conv: cat+BN+ReLU+conv1
     # and [dropout+]BN+ReLU+conv2. Non-reentrant checkpoint stops recomputing a region once its last saved
-    # tensor is back, and a conv saves its input before it runs, so backward re-runs cat+BN+ReLU and
-    # BN+ReLU but never a conv. A layer then keeps only its 1x1 conv's output (bn_size*k channels) between
-    # forward and backward, instead of the cat, the ReLU output and the BN-ReLU output before the 3x3 conv.
-    # A BatchNorm under non-reentrant checkpoint would update its running stats again on recompute, so the
-    # recompute runs with them frozen (see _frozen_bn_stats).
+    # tensor is back (torch's default early stop), and a conv saves its input before it runs, so backward
+    # re-runs cat+BN+ReLU and BN+ReLU but never a conv. Between forward and backward a layer with C input
+    # channels then keeps its 1x1 output (bn_size*k channels) and its k new features (its successors' input),
+    # where the plain layer keeps the cat (C), the ReLU output (C), the 1x1 output and the BN-ReLU output
+    # (bn_size*k each): BC-100's last block-1 layer, 60 channels instead of 504 a pixel. Backward holds one
+    # layer's recompute at a time (cat and ReLU output, C each, and their gradients). The dropout mask is
+    # redrawn identically (checkpoint restores the RNG state). A BatchNorm under non-reentrant checkpoint
+    # would update its running stats again on recompute, so the recompute runs with them frozen.
     def _forward_checkpointed(self, *features: Tensor) -> Tensor:
         out = cp.checkpoint(self._front_once, *features, use_reentrant=False)
         if self.bottleneck:
@@ -171,7 +174,8 @@ class DenseNet(nn.Module):
         bottleneck: BC's 1x1 conv to ``bn_size * k`` before each 3x3 conv.
         compression: theta; transitions output floor(theta * C) channels.
         num_init_features: stem width; default 2k for BC, 16 for plain DenseNet (the paper's choice).
-        memory_efficient: recompute cat+BN+ReLU+1x1 under torch.utils.checkpoint.
+        memory_efficient: in training, recompute cat+BN+ReLU and BN+ReLU in backward (two
+            ``torch.utils.checkpoint`` regions per layer; no conv is recomputed); same math.
     """
 
     def __init__(
