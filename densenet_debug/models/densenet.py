@@ -8,6 +8,7 @@ tracing relies on, refuse in-place ops on their outputs.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.utils.checkpoint as cp
@@ -60,13 +61,9 @@ class _DenseLayer(nn.Module):
         return self.conv1(self.relu1(self.norm1(self.cat(*features))))
 
     def forward(self, *features: Tensor) -> Tensor:
-        # The checkpoint toggle lives here and only here: cat+BN+ReLU+1x1 is the part whose memory grows
-        # with depth. BatchNorm2d under non-reentrant checkpoint would update its running stats again on
-        # recompute, so the recompute runs with momentum frozen (see _frozen_bn_stats).
         if self.memory_efficient and self.training and any(f.requires_grad for f in features):
-            out = cp.checkpoint(self._front_once, *features, use_reentrant=False)
-        else:
-            out = self._front(*features)
+            return self._forward_checkpointed(*features)
+        out = self._front(*features)
         if self.bottleneck:
             out = self._drop(1, out)
             out = self.conv2(self.relu2(self.norm2(out)))
@@ -76,11 +73,39 @@ class _DenseLayer(nn.Module):
         drop = getattr(self, f"drop{i}", None)
         return x if drop is None else drop(x)
 
+    # -- memory-efficient path -------------------------------------------------------------------------
+    # The checkpoint toggle lives here and only here. Two regions, each ending in a conv: cat+BN+ReLU+conv1
+    # and [dropout+]BN+ReLU+conv2. Non-reentrant checkpoint stops recomputing a region once its last saved
+    # tensor is back (torch's default early stop), and a conv saves its input before it runs, so backward
+    # re-runs cat+BN+ReLU and BN+ReLU but never a conv. Between forward and backward a layer with C input
+    # channels then keeps its 1x1 output (bn_size*k channels) and its k new features (its successors' input),
+    # where the plain layer keeps the cat (C), the ReLU output (C), the 1x1 output and the BN-ReLU output
+    # (bn_size*k each): BC-100's last block-1 layer, 60 channels instead of 504 a pixel. Backward holds one
+    # layer's recompute at a time (cat and ReLU output, C each, and their gradients). The dropout mask is
+    # redrawn identically (checkpoint restores the RNG state). A BatchNorm under non-reentrant checkpoint
+    # would update its running stats again on recompute, so the recompute runs with them frozen.
+    def _forward_checkpointed(self, *features: Tensor) -> Tensor:
+        out = cp.checkpoint(self._front_once, *features, use_reentrant=False)
+        if self.bottleneck:
+            out = cp.checkpoint(self._back_once, out, use_reentrant=False)  # RNG kept: same dropout mask
+        return self._drop(2, out)
+
+    def _back(self, x: Tensor) -> Tensor:
+        return self.conv2(self.relu2(self.norm2(self._drop(1, x))))
+
     def _front_once(self, *features: Tensor) -> Tensor:
-        if torch.is_grad_enabled() and in_backward():
-            with _frozen_bn_stats(self.norm1):
-                return self._front(*features)
-        return self._front(*features)
+        return _once(self.norm1, self._front, *features)
+
+    def _back_once(self, x: Tensor) -> Tensor:
+        return _once(self.norm2, self._back, x)
+
+
+def _once(bn: nn.BatchNorm2d, fn: Callable[..., Tensor], *inputs: Tensor) -> Tensor:
+    """``fn(*inputs)``, with ``bn``'s running statistics frozen when it runs as a checkpoint recompute."""
+    if torch.is_grad_enabled() and in_backward():
+        with _frozen_bn_stats(bn):
+            return fn(*inputs)
+    return fn(*inputs)
 
 
 class _frozen_bn_stats:
@@ -149,7 +174,8 @@ class DenseNet(nn.Module):
         bottleneck: BC's 1x1 conv to ``bn_size * k`` before each 3x3 conv.
         compression: theta; transitions output floor(theta * C) channels.
         num_init_features: stem width; default 2k for BC, 16 for plain DenseNet (the paper's choice).
-        memory_efficient: recompute cat+BN+ReLU+1x1 under torch.utils.checkpoint.
+        memory_efficient: in training, recompute cat+BN+ReLU and BN+ReLU in backward (two
+            ``torch.utils.checkpoint`` regions per layer; no conv is recomputed); same math.
     """
 
     def __init__(
