@@ -35,8 +35,9 @@ def install_early_interrupt() -> None:
         signal.signal(signal.SIGINT, _interrupted_early)
 
 
-if os.path.basename(sys.argv[0] if sys.argv else "") == "densenet-debug":  # the console script
-    install_early_interrupt()
+_ARGV0 = sys.argv[0] if sys.argv else ""
+if os.path.basename(_ARGV0) == "densenet-debug" or _ARGV0.endswith(os.path.join("densenet_debug", "__main__.py")):
+    install_early_interrupt()  # the console script, or python -m densenet_debug
 if os.environ.get("DENSENET_DEBUG_TEST_PAUSE_IN_REPLACE", "").startswith("startup:"):  # tests only: Ctrl-C
     print("paused at startup", flush=True)  # lands here, before torch and the verbs are imported
     import time
