@@ -35,6 +35,7 @@ import copy
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
@@ -48,8 +49,20 @@ from densenet_debug.trace import Trace
 from densenet_debug.verdict.nonfinite import NonFiniteOracle, check_oracle, finite, where
 from densenet_debug.verdict.propagated import propagated_tolerance, running_sums
 from densenet_debug.verdict.replay import oracle_values
-from densenet_debug.verdict.report import FAILING, STATUS_ORDER, Kink, Row, Status, first_divergence
+from densenet_debug.verdict.report import (
+    FAILING,
+    STATUS_ORDER,
+    FirstDivergence,
+    Kink,
+    Row,
+    Status,
+    first_divergence,
+    to_json_or_none,
+)
 from densenet_debug.verdict.tolerance import U64, Precision, fp64_precision
+
+if TYPE_CHECKING:
+    from densenet_debug.verdict.engine import JudgeCache
 
 SCHEMA = "densenet-debug/check-reference/1"
 REPRODUCERS = 2  # the stored truth and this recomputation: two float64 evaluations, each within the bound
@@ -67,7 +80,7 @@ class ReferenceResult:
     name: str
     backend: str
     verdict: str  # "agree" | "mismatch"
-    first_divergence: dict | None
+    first_divergence: FirstDivergence | None
     rows: list[Row]
     kinks: list[Kink]
     reproduction: list[Row] = field(default_factory=list)
@@ -82,7 +95,7 @@ class ReferenceResult:
 
     def to_json(self) -> dict:
         return {"schema": SCHEMA, "fixture": str(self.path), "name": self.name, "backend": self.backend,
-                "verdict": self.verdict, "first_divergence": self.first_divergence,
+                "verdict": self.verdict, "first_divergence": to_json_or_none(self.first_divergence),
                 "rows": [r.to_json() for r in self.rows], "kinks": [k.to_json() for k in self.kinks],
                 "reproduction": [r.to_json() for r in self.reproduction], "environment": self.environment,
                 "settings": self.settings, "summary": self.summary}
@@ -222,7 +235,7 @@ def _check_stored(fixture: Fixture, values: dict, step: int) -> None:
                                   f"{name or q} ({q}, step {step}): there is no finite truth to judge against")
 
 
-def reproduction_rows(fixture: Fixture, oracle: list[Trace], stored: list[dict], shared: dict) -> list[Row]:
+def reproduction_rows(fixture: Fixture, oracle: list[Trace], stored: list[dict], shared: JudgeCache) -> list[Row]:
     """Stored truth vs this PyTorch's float64 recomputation, for a ``checkpoints`` fixture (else ``[]``).
 
     ``stored``: the second item of :func:`reference_oracle`. ``shared`` is the cache
@@ -231,7 +244,7 @@ def reproduction_rows(fixture: Fixture, oracle: list[Trace], stored: list[dict],
     """
     if fixture.complete:
         return []
-    prec = fp64_precision(shared.get("lam", 8.0))
+    prec = fp64_precision(shared.lam if shared.lam is not None else 8.0)
     rows, carried = [], 0.0
     for step, trace in enumerate(oracle):
         cum = _accumulated_fp64(trace, step, shared, prec, carried)
@@ -292,7 +305,7 @@ def _pairs(q: str, stored: object, recomputed: object) -> dict[str, tuple[Tensor
             for i, t in enumerate(stored) if t is not None}  # type: ignore[arg-type]
 
 
-def _accumulated_fp64(trace: Trace, step: int, shared: dict, prec: Precision,
+def _accumulated_fp64(trace: Trace, step: int, shared: JudgeCache, prec: Precision,
                       carried: float = 0.0) -> tuple[dict, dict, float]:
     """The verdict's propagated rule (``verdict._accumulated``) with float64 local tolerances.
 
@@ -301,7 +314,7 @@ def _accumulated_fp64(trace: Trace, step: int, shared: dict, prec: Precision,
     fwd_tol: dict[int, float] = {}
     bwd_tol: dict[int, float] = {}
     for rec in trace:
-        bounds = shared.get((step, rec.name))
+        bounds = shared.bounds.get((step, rec.name))
         if bounds is None:
             raise RuntimeError(f"no error-model bounds for {rec.name} (step {step}): run judge() first")
         truth = oracle_values(rec)
@@ -334,7 +347,7 @@ def _relerr(side: Tensor | None, truth: Tensor | None) -> float:
 def check_reference(
     path: str | Path | Fixture, backend: str | None = None, *, device: str | torch.device | None = None,
     model: nn.Module | None = None, spec: str | None = None, loaded: tuple | None = None,
-    shared: dict | None = None,
+    shared: JudgeCache | dict | None = None,
 ) -> ReferenceResult:
     """Judge ``backend`` (default: PyTorch's default on the device) against the fixture at ``path``.
 
@@ -342,7 +355,7 @@ def check_reference(
     weights are loaded into a copy). ``loaded``: ``(fixture, model, *reference_oracle(...))``, to judge
     several backends on one load; ``shared``: the judge's cache, shared across those calls.
     """
-    from densenet_debug.verdict.engine import judge
+    from densenet_debug.verdict.engine import JudgeCache, judge
 
     if loaded is None:
         fixture, model = load_reference(path, model, spec=spec)
@@ -357,12 +370,12 @@ def check_reference(
     if int(needs.get("steps", 1)) > steps or (needs.get("eval") and not eval_mode):
         raise UsageError(f"backend {side.name} needs {needs} but {fixture.path} was recorded with {steps} step(s), "
                          f"BN {step.get('bn_mode')}; record a fixture with --steps/--eval for it")
-    shared = {} if shared is None else shared
+    shared = JudgeCache.of(shared)
     result = judge(model, fixture.inputs, fixture.targets, side, oracle, steps=steps, eval_mode=eval_mode,
                    _shared=shared)
-    repro = shared.get(("reproduction", id(oracle)))
+    repro = shared.reproduction.get(id(oracle))
     if repro is None:
-        repro = shared[("reproduction", id(oracle))] = reproduction_rows(fixture, oracle, recomputed, shared)
+        repro = shared.reproduction[id(oracle)] = reproduction_rows(fixture, oracle, recomputed, shared)
     rows, kinks = result.rows, result.kinks
     for k in kinks:
         k.side = "a"
@@ -370,9 +383,9 @@ def check_reference(
     verdict = "mismatch" if failing_repro or result.failures else "agree"
     if failing_repro:
         r = min(failing_repro, key=lambda r: (r.step, r.pass_ != "forward", r.order))
-        first = {"layer": r.layer, "pass": r.pass_, "quantity": r.quantity, "error": r.error_a,
-                 "tolerance": r.tolerance, "side": "reference", "step": r.step, "mode": "reproduction",
-                 "status": "mismatch"}
+        first = FirstDivergence(layer=r.layer, pass_=r.pass_, quantity=r.quantity, error=r.error_a,
+                                tolerance=r.tolerance, side="reference", step=r.step, mode="reproduction",
+                                status="mismatch")
     else:
         first = first_divergence(rows)
     env = environment()

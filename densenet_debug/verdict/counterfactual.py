@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from densenet_debug.trace import Trace, Tracer
+from densenet_debug.trace import Trace, Tracer, UnitSelector
 from densenet_debug.verdict import kinks as kinkmod
 from densenet_debug.verdict.compare import abs_difference, oracle_scale
 from densenet_debug.verdict.report import Row, Status
@@ -98,7 +98,7 @@ class RetainedGraph:
         return result
 
 
-def traced_step_with_gates(model: nn.Module, x: Tensor, y: Tensor, units: object,
+def traced_step_with_gates(model: nn.Module, x: Tensor, y: Tensor, units: UnitSelector,
                            loss_fn: Callable[[Tensor, Tensor], Tensor]) -> Trace:
     """:func:`densenet_debug.trace.trace_step` for the oracle, keeping its graph (``trace.retained``)."""
     gates = _Gates()

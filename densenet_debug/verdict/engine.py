@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -31,7 +32,7 @@ from torch import Tensor, nn
 
 from densenet_debug.backends import Backend, default_pair, environment, parse_backend
 from densenet_debug.errors import UsageError
-from densenet_debug.trace import Trace, discover_units, trace_step
+from densenet_debug.trace import Trace, UnitRecord, UnitSelector, discover_units, trace_step
 from densenet_debug.verdict import counterfactual
 from densenet_debug.verdict import kinks as kinkmod
 from densenet_debug.verdict.counterfactual import traced_step_with_gates
@@ -54,14 +55,40 @@ from densenet_debug.verdict.report import (
     first_divergence,
     merge_sides,
 )
-from densenet_debug.verdict.tolerance import confidence, unit_bounds
+from densenet_debug.verdict.tolerance import UnitBounds, confidence, unit_bounds
 
 LEARNING_RATE = 0.1  # the shared SGD step between steps; any value that changes the weights will do
 LossFn = Callable[[Tensor, Tensor], Tensor]
 FAIL_ON = ("mismatch", "kink")
 
-__all__ = ["DiffReport", "Kink", "Row", "SideResult", "diff", "judge", "judge_many", "local_check", "oracle_traces",
-           "release"]
+__all__ = ["DiffReport", "JudgeCache", "Kink", "Row", "SideResult", "diff", "judge", "judge_many", "local_check",
+           "oracle_traces", "release"]
+
+
+@dataclass
+class JudgeCache:
+    """What :func:`judge_many` derives from one oracle, kept across calls that judge it (bisect trials,
+    several backends on one fixture), so each is computed once.
+
+    ``bounds`` is only filled when the caller passes a cache (``_shared``): without one, each unit's error
+    model is dropped after use so memory does not grow with the number of units.
+    """
+
+    finite_oracle: list[Trace] | None = None  # the oracle already checked to be finite
+    lam: float | None = None  # the confidence multiplier for the oracle's element count
+    scales: dict = field(default_factory=dict)  # max |oracle| per oracle tensor, for every side
+    bounds: dict[tuple[int, str], UnitBounds] = field(default_factory=dict)  # (step, unit) -> its error model
+    reproduction: dict[int, list[Row]] = field(default_factory=dict)  # id(oracle) -> reference reproduction rows
+
+    @classmethod
+    def of(cls, shared: JudgeCache | dict | None) -> JudgeCache:
+        """``shared`` as a cache: itself, a new one for None, or one kept inside a plain dict (older callers
+        pass ``{}`` and share it across calls)."""
+        if shared is None:
+            return cls()
+        if isinstance(shared, dict):
+            return shared.setdefault("judge_cache", cls())
+        return shared
 
 
 # -- preparing copies -------------------------------------------------------------------------------------
@@ -78,7 +105,7 @@ def _fp64(model: nn.Module, eval_mode: bool) -> nn.Module:
     return _set_mode(ref, eval_mode)
 
 
-def _unit_names(model: nn.Module, x: Tensor, units: object) -> list[str] | object:
+def _unit_names(model: nn.Module, x: Tensor, units: UnitSelector) -> list[str] | Callable[[str, nn.Module], bool]:
     """The units to judge: every unit :func:`discover_units` finds (the model's state is kept), or the names
     given plus every computing unit inside them (a composite's tolerance is built from its descendants')."""
     if callable(units):
@@ -133,7 +160,8 @@ def _check_inputs(x: Tensor, y: Tensor) -> None:
 
 # -- the oracle --------------------------------------------------------------------------------------------
 def oracle_traces(model: nn.Module, x: Tensor, y: Tensor, *, steps: int = 1, eval_mode: bool = False,
-                  units: object = None, loss_fn: LossFn = F.cross_entropy, keep_graph: bool = True) -> list[Trace]:
+                  units: UnitSelector = None, loss_fn: LossFn = F.cross_entropy,
+                  keep_graph: bool = True) -> list[Trace]:
     """The fp64 CPU truth: ``steps`` traced steps of a float64 copy of ``model`` (``model`` is untouched).
 
     ``keep_graph`` keeps each step's autograd graph (``trace.retained``) so that kinks can be explained by one
@@ -172,36 +200,37 @@ def release(oracle: list[Trace]) -> None:
 
 # -- one side ---------------------------------------------------------------------------------------------
 def judge(model: nn.Module, x: Tensor, y: Tensor, backend: str | Backend, oracle: list[Trace], *,
-          units: object = None, steps: int = 1, eval_mode: bool = False, loss_fn: LossFn = F.cross_entropy,
-          propagated: bool = True, _shared: dict | None = None) -> SideResult:
+          units: UnitSelector = None, steps: int = 1, eval_mode: bool = False, loss_fn: LossFn = F.cross_entropy,
+          propagated: bool = True, _shared: JudgeCache | dict | None = None) -> SideResult:
     """Judge one backend against the oracle: propagated rows plus local teacher-forced rows, every step.
 
     ``oracle`` holds one :class:`Trace` per step (from :func:`oracle_traces` or rebuilt from stored arrays);
-    only what a Trace holds is used, plus ``model`` for the weights at the start. ``_shared``, when given,
-    keeps every unit's error model under ``(step, name)`` (and ``"lam"``) for the caller.
+    only what a Trace holds is used, plus ``model`` for the weights at the start. ``_shared``, when given
+    (a :class:`JudgeCache`), keeps every unit's error model and the confidence ``lam`` for the caller.
     """
     return judge_many(model, x, y, [backend], oracle, units=units, steps=steps, eval_mode=eval_mode,
                       loss_fn=loss_fn, propagated=propagated, _shared=_shared)[0]
 
 
 def judge_many(model: nn.Module, x: Tensor, y: Tensor, backends: list[str | Backend], oracle: list[Trace], *,
-               units: object = None, steps: int = 1, eval_mode: bool = False, loss_fn: LossFn = F.cross_entropy,
-               propagated: bool = True, _shared: dict | None = None) -> list[SideResult]:
+               units: UnitSelector = None, steps: int = 1, eval_mode: bool = False, loss_fn: LossFn = F.cross_entropy,
+               propagated: bool = True, _shared: JudgeCache | dict | None = None) -> list[SideResult]:
     """:func:`judge` for several backends in lockstep: each unit's error model is built once, used by every
     side, and dropped (unless ``_shared`` keeps it), so memory does not grow with the number of units."""
     _check_inputs(x, y)
     steps = max(steps, len(oracle)) if oracle else steps
     if len(oracle) < steps:
         raise UsageError(f"the oracle has {len(oracle)} step(s), {steps} asked")
-    shared = _shared if _shared is not None else {}
-    if shared.get("finite_oracle") is not oracle:  # checked once per oracle, however many sides judge it
+    shared = JudgeCache.of(_shared)
+    if shared.finite_oracle is not oracle:  # checked once per oracle, however many sides judge it
         check_oracle(oracle[:steps])
-        shared["finite_oracle"] = oracle
+        shared.finite_oracle = oracle
     names = list(units) if units is not None and not callable(units) else oracle[0].forward_order
     sides = [_Side(parse_backend(b), model, x, y, names, eval_mode) for b in backends]
     ref = _Reference(model, eval_mode, oracle)
-    lam = shared.setdefault("lam", confidence(element_count(oracle[:steps])))
-    scales = shared.setdefault("scales", {})  # max |oracle| per oracle tensor, for every side
+    if shared.lam is None:
+        shared.lam = confidence(element_count(oracle[:steps]))
+    lam, scales = shared.lam, shared.scales
     for step in range(steps):
         o_trace = oracle[step]
         for side in sides:
@@ -209,12 +238,12 @@ def judge_many(model: nn.Module, x: Tensor, y: Tensor, backends: list[str | Back
         for name in names:
             if name not in o_trace:
                 continue
-            bounds = shared.get((step, name))
+            bounds = shared.bounds.get((step, name))
             if bounds is None:
                 unit = ref.at(step)[name]
                 bounds = unit_bounds(unit, o_trace[name], _params64(unit))
                 if _shared is not None:
-                    shared[(step, name)] = bounds
+                    shared.bounds[(step, name)] = bounds
             for side in sides:
                 side.local_unit(name, step, o_trace[name], bounds, lam, scales)
         for side in sides:
@@ -247,7 +276,7 @@ class _Side:
         self.result.flags = self.backend.flags_in_force()
         self.local, self.step_kinks = [], []
 
-    def local_unit(self, name: str, step: int, o_rec: object, bounds: object, lam: float, scales: dict) -> None:
+    def local_unit(self, name: str, step: int, o_rec: UnitRecord, bounds: UnitBounds, lam: float, scales: dict) -> None:
         self.local += local_rows(name, step, self.modules[name], o_rec, self.trace.units.get(name), bounds,
                                  self.backend, lam, self.step_kinks, scales)
 
@@ -319,7 +348,7 @@ def _counterfactual(ref: _Reference, step: int, x: Tensor, y: Tensor, o_trace: T
 
 # -- two sides --------------------------------------------------------------------------------------------
 def diff(model: nn.Module, x: Tensor, y: Tensor, a: str | Backend | None = None, b: str | Backend | None = None, *,
-         steps: int = 1, eval_mode: bool = False, units: object = None, fail_on: str = "mismatch",
+         steps: int = 1, eval_mode: bool = False, units: UnitSelector = None, fail_on: str = "mismatch",
          device: str | torch.device | None = None, loss_fn: LossFn = F.cross_entropy) -> DiffReport:
     """Backend ``a`` against backend ``b``, both judged against the fp64 oracle, layer by layer."""
     if fail_on not in FAIL_ON:
@@ -397,7 +426,7 @@ def _fmt(v: object) -> str:
     return f"{v:.3g}" if isinstance(v, float) else str(v)
 
 
-def local_check(model: nn.Module, x: Tensor, y: Tensor, backend: str | Backend, *, units: object = None,
+def local_check(model: nn.Module, x: Tensor, y: Tensor, backend: str | Backend, *, units: UnitSelector = None,
                 loss_fn: LossFn = F.cross_entropy) -> list[Row]:
     """Teacher-forced rows only, one backend against fp64 (one step); for audits during training.
 

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from densenet_debug.backends import Backend, unit_roundoff
-from densenet_debug.trace import Trace
+from densenet_debug.trace import Trace, UnitRecord
 from densenet_debug.verdict import kinks as kinkmod
 from densenet_debug.verdict.compare import compare
 from densenet_debug.verdict.nonfinite import finite
@@ -99,7 +99,7 @@ class _Aggregate:
             self.best.error = comp.error
 
 
-def local_rows(name: str, step: int, module: nn.Module, o_rec: object, s_rec: object, bounds: UnitBounds,
+def local_rows(name: str, step: int, module: nn.Module, o_rec: UnitRecord, s_rec: UnitRecord | None, bounds: UnitBounds,
                 backend: Backend, lam: float, kinks_out: list[Kink], cache: dict | None = None) -> list[Row]:
     replay = replay_unit(module, o_rec, s_rec, backend)
     operands = [t for t in replay.inputs if t is not None]
@@ -210,4 +210,5 @@ def blame_children(local: list[Row], names: list[str]) -> None:
             continue
         kids = [n for (s, n) in failing if s == r.step and n != r.layer and n.startswith(r.layer + ".")]
         if kids and r.layer:
-            r.note = f"explained by failing unit {sorted(kids)[0]}"
+            r.explained_by = sorted(kids)[0]
+            r.note = f"explained by failing unit {r.explained_by}"

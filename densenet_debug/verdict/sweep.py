@@ -20,6 +20,7 @@ from torch import Tensor, nn
 
 from densenet_debug.backends import Backend, parse_backend
 from densenet_debug.models.densenet import Concat
+from densenet_debug.verdict.report import FirstDivergence, to_json_or_none
 
 LAYOUTS = ("contiguous", "channels_last", "mixed")
 KERNELS = ((1, 1), (3, 1), (3, 2), (1, 2))  # (kernel, stride)
@@ -137,13 +138,13 @@ def case_inputs(case: CatConvCase, seed: int = 0) -> tuple[nn.Module, Tensor, Te
 class CaseResult:
     case: CatConvCase
     verdict: str
-    first: dict | None
+    first: FirstDivergence | None
     worst_ratio_a: float
     worst_ratio_b: float
     failing_sides: str
 
     def to_json(self) -> dict:
-        return {"case": self.case.to_json(), "verdict": self.verdict, "first_divergence": self.first,
+        return {"case": self.case.to_json(), "verdict": self.verdict, "first_divergence": to_json_or_none(self.first),
                 "worst_ratio_a": self.worst_ratio_a, "worst_ratio_b": self.worst_ratio_b,
                 "failing_sides": self.failing_sides}
 
