@@ -18,11 +18,10 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
+from densenet_debug.backends import TF32_ROUNDOFF
 from densenet_debug.errors import UsageError
 from densenet_debug.faults import ops
 from densenet_debug.models.densenet import Concat, _DenseBlock, _DenseLayer
-
-TF32_UNIT_ROUNDOFF = 2.0**-11  # 10 explicit mantissa bits, round to nearest
 
 
 @dataclass(frozen=True)
@@ -208,7 +207,7 @@ class Fault:
         self.passes = self.spec.passes
         self.in_math = self.spec.in_math
         self.units: list[str] = []
-        self.unit_roundoff_override = TF32_UNIT_ROUNDOFF if name == "tf32_round" else None
+        self.unit_roundoff_override = TF32_ROUNDOFF if name == "tf32_round" else None
 
     def __repr__(self) -> str:
         where = f"@{self.layer}" if self.layer else ""

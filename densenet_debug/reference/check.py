@@ -46,6 +46,7 @@ from densenet_debug.models import BUILDERS, build_model, resolve_model
 from densenet_debug.reference.format import Fixture, FixtureError, read_fixture
 from densenet_debug.reference.record import model_identity, oracle_traces
 from densenet_debug.trace import Trace
+from densenet_debug.verdict.compare import relative_error
 from densenet_debug.verdict.nonfinite import NonFiniteOracle, check_oracle, finite, where
 from densenet_debug.verdict.propagated import propagated_tolerance, running_sums
 from densenet_debug.verdict.replay import oracle_values
@@ -57,6 +58,8 @@ from densenet_debug.verdict.report import (
     Row,
     Status,
     first_divergence,
+    fmt,
+    sortable,
     to_json_or_none,
 )
 from densenet_debug.verdict.tolerance import U64, Precision, fp64_precision
@@ -103,12 +106,12 @@ class ReferenceResult:
     def table(self, limit: int = 12) -> str:
         """Plain-text table: failing rows first, then those closest to their tolerance."""
         rows = sorted(self.reproduction + self.rows, key=lambda r: (-STATUS_ORDER.get(r.status, 0),
-                                                                    -_finite(r.ratio_a)))[:limit]
+                                                                    -sortable(r.ratio_a)))[:limit]
         head = f"{'layer':34} {'pass':8} {'quantity':24} {'mode':12} {'error':>10} {'tolerance':>10} status"
         lines = [head, "-" * len(head)]
         for r in rows:
-            lines.append(f"{r.layer[:34]:34} {r.pass_:8} {r.quantity[:24]:24} {r.mode:12} {_fmt(r.error_a):>10} "
-                         f"{_fmt(r.tolerance):>10} {r.status}")
+            lines.append(f"{r.layer[:34]:34} {r.pass_:8} {r.quantity[:24]:24} {r.mode:12} {fmt(r.error_a):>10} "
+                         f"{fmt(r.tolerance):>10} {r.status}")
         return "\n".join(lines)
 
     def message(self) -> str:
@@ -287,7 +290,7 @@ def _loss_tolerance(tol_logits: float, logits: Tensor | None, loss: Tensor | Non
 
 def _reproduction_row(tol: float, step: int, layer: str, pass_: str, quantity: str, order: int,
                       stored: Tensor | None, new: Tensor | None) -> Row:
-    err = _relerr(new, stored)
+    err = relative_error(new, stored, zero_truth_exact=True)
     ratio = err / tol if tol > 0 else (0.0 if err == 0 else math.inf)
     return Row(layer=layer, pass_=pass_, quantity=quantity, error_a=err, error_b=None, tolerance=tol,
                status=Status.OK if err <= tol else Status.MISMATCH, origin=REPRODUCTION_ORIGIN, step=step,
@@ -330,17 +333,6 @@ def _accumulated_fp64(trace: Trace, step: int, shared: JudgeCache, prec: Precisi
     fwd_cum, bwd_cum, total_forward = running_sums(fwd_tol, bwd_tol)
     return ({k: v + carried for k, v in fwd_cum.items()}, {k: v + carried for k, v in bwd_cum.items()},
             total_forward + carried)
-
-
-def _relerr(side: Tensor | None, truth: Tensor | None) -> float:
-    if side is None or truth is None or tuple(side.shape) != tuple(truth.shape):
-        return 0.0 if side is None and truth is None else math.inf
-    o, d = truth.double(), (side.double() - truth.double()).abs()
-    if bool(torch.isnan(d).any()):
-        return math.inf
-    scale = float(o.abs().max()) if o.numel() else 0.0
-    err = float(d.max()) if d.numel() else 0.0
-    return err / scale if scale > 0 else (0.0 if err == 0 else math.inf)
 
 
 # -- checking ------------------------------------------------------------------------------------------------
@@ -414,14 +406,6 @@ def _summarize(r: ReferenceResult) -> str:
                 f"{f.get('layer')} ({f.get('pass')} {f.get('quantity')}, {f.get('mode')}, step {f.get('step')}); "
                 f"first NaN/Inf produced end to end: {firsts}{kink_text}")
     return (f"mismatch: {what} first at {f.get('layer')} ({f.get('pass')} {f.get('quantity')}, {f.get('mode')}, "
-            f"step {f.get('step')}): error {_fmt(f.get('error'))} > tolerance {_fmt(f.get('tolerance'))}{kink_text}")
+            f"step {f.get('step')}): error {fmt(f.get('error'))} > tolerance {fmt(f.get('tolerance'))}{kink_text}")
 
 
-def _fmt(v: object) -> str:
-    return f"{v:.3g}" if isinstance(v, float) else str(v)
-
-
-def _finite(v: float | None) -> float:
-    if v is None or math.isnan(v):
-        return 0.0
-    return 1e300 if math.isinf(v) else v

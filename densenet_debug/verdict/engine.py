@@ -32,6 +32,7 @@ from torch import Tensor, nn
 
 from densenet_debug.backends import Backend, default_pair, environment, parse_backend
 from densenet_debug.errors import UsageError
+from densenet_debug.models.copies import fp64_copy
 from densenet_debug.trace import Trace, UnitRecord, UnitSelector, discover_units, trace_step
 from densenet_debug.verdict import counterfactual
 from densenet_debug.verdict import kinks as kinkmod
@@ -53,6 +54,7 @@ from densenet_debug.verdict.report import (
     SideResult,
     Status,
     first_divergence,
+    fmt,
     merge_sides,
 )
 from densenet_debug.verdict.tolerance import UnitBounds, confidence, unit_bounds
@@ -101,8 +103,7 @@ def _set_mode(model: nn.Module, eval_mode: bool) -> nn.Module:
 
 
 def _fp64(model: nn.Module, eval_mode: bool) -> nn.Module:
-    ref = copy.deepcopy(model).to("cpu", torch.float64)
-    return _set_mode(ref, eval_mode)
+    return _set_mode(fp64_copy(model, "cpu"), eval_mode)
 
 
 def _unit_names(model: nn.Module, x: Tensor, units: UnitSelector) -> list[str] | Callable[[str, nn.Module], bool]:
@@ -419,11 +420,7 @@ def summarize(report: DiffReport, nonfinite: dict[str, list[dict]] | None = None
                 f"({f.get('pass')} {f.get('quantity')}, {f.get('mode')}, step {f.get('step')}); first NaN/Inf "
                 f"produced end to end: {'; '.join(firsts) or 'none'}{kink_text}")
     return (f"mismatch: {who} wrong at {f.get('layer')} ({f.get('pass')} {f.get('quantity')}, {f.get('mode')}, "
-            f"step {f.get('step')}): error {_fmt(f.get('error'))} > tolerance {_fmt(f.get('tolerance'))}{kink_text}")
-
-
-def _fmt(v: object) -> str:
-    return f"{v:.3g}" if isinstance(v, float) else str(v)
+            f"step {f.get('step')}): error {fmt(f.get('error'))} > tolerance {fmt(f.get('tolerance'))}{kink_text}")
 
 
 def local_check(model: nn.Module, x: Tensor, y: Tensor, backend: str | Backend, *, units: UnitSelector = None,

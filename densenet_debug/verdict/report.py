@@ -135,7 +135,7 @@ class DiffReport:
 
     def worst_rows(self, n: int = 15) -> list[Row]:
         """Failing rows first, then the rows closest to their tolerance."""
-        return sorted(self.rows, key=lambda r: (-STATUS_ORDER[r.status], -_finite(r.worst_ratio)))[:n]
+        return sorted(self.rows, key=lambda r: (-STATUS_ORDER[r.status], -sortable(r.worst_ratio)))[:n]
 
 
 def merge_sides(a: SideResult, b: SideResult) -> list[Row]:
@@ -158,7 +158,7 @@ def merge_sides(a: SideResult, b: SideResult) -> list[Row]:
             continue
         row.error_b, row.tolerance_b, row.ratio_b, row.worst_b = r.error_a, r.tolerance, r.ratio_a, r.worst_a
         a_rank, b_rank = STATUS_ORDER[row.status], STATUS_ORDER[r.status]
-        if b_rank > a_rank or (b_rank == a_rank and _finite(r.ratio_a or 0) > _finite(row.ratio_a or 0)):
+        if b_rank > a_rank or (b_rank == a_rank and sortable(r.ratio_a or 0) > sortable(row.ratio_a or 0)):
             row.tolerance, row.origin = r.tolerance, r.origin
         if b_rank > a_rank:
             row.explained_by = r.explained_by if r.note else row.explained_by  # follows the note kept
@@ -222,10 +222,16 @@ def to_json_or_none(first: FirstDivergence | dict | None) -> dict | None:
     return first.to_json() if isinstance(first, FirstDivergence) else first
 
 
-def _finite(v: float | None) -> float:
+def sortable(v: float | None) -> float:
+    """A ratio as a sort key: None and NaN rank as 0, inf above every finite value."""
     if v is None or math.isnan(v):
         return 0.0
     return 1e300 if math.isinf(v) else v
+
+
+def fmt(v: object) -> str:
+    """A JSON number for a summary line: floats to 3 significant digits, anything else (``"inf"``) as is."""
+    return f"{v:.3g}" if isinstance(v, float) else str(v)
 
 
 def _num(v: float | None) -> float | str | None:

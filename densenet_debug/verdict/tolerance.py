@@ -44,6 +44,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
+from densenet_debug.backends import U64
 from densenet_debug.models.densenet import Concat
 from densenet_debug.trace import UnitRecord
 from densenet_debug.verdict.compare import Comparison, abs_difference, compare, oracle_scale  # re-exported
@@ -89,7 +90,6 @@ class Precision:
 
 
 BoundFn = Callable[[Precision], Tensor]
-U64 = 2.0**-53
 
 
 def fp64_precision(lam: float) -> Precision:
