@@ -7,7 +7,8 @@ so ``type(unit).forward`` is still the stock op). Nothing in torch is edited. A 
 
 Spec grammar: ``NAME[@LAYER][=MAG]``. ``LAYER`` is a qualified module name or ``*`` (every unit where the
 fault is visible); without it, one such unit is drawn from ``seed``. ``MAG`` is the fault's magnitude knob
-(its meaning is per fault, see :data:`FAULTS`). Sources: ``shared/reference/backend-bug-catalog.md``.
+(its meaning is per fault, see :data:`FAULTS`). Sources: the team's backend bug catalog (reference notes
+kept beside the repository, not in it); each fault's ``origin`` names the bug it copies.
 """
 
 from __future__ import annotations
@@ -179,7 +180,7 @@ def eligible_units(name: str, model: nn.Module) -> list[str]:
         arity = _cat_arity(model)
         units = [n for n in units if arity.get(n, 2) >= 2]  # one input: nothing to shift or permute
     elif name == "pool_pad_offset":
-        units = [n for n in units if any(_pad for _pad in ops._pair(dict(model.named_modules())[n].padding))]
+        units = [n for n in units if any(_pad for _pad in ops.pair(dict(model.named_modules())[n].padding))]
     elif name == "partial_channel_tile":
         units = [n for n in units if dict(model.named_modules())[n].num_features >= 2]
     return units

@@ -44,7 +44,7 @@ from densenet_debug.backends import default_pair, environment, parse_backend
 from densenet_debug.errors import UsageError
 from densenet_debug.models import BUILDERS, build_model, resolve_model
 from densenet_debug.reference.format import Fixture, FixtureError, read_fixture
-from densenet_debug.reference.record import model_identity, oracle_traces
+from densenet_debug.reference.record import model_identity, one_thread_oracle
 from densenet_debug.trace import Trace
 from densenet_debug.verdict.compare import relative_error
 from densenet_debug.verdict.nonfinite import NonFiniteOracle, check_oracle, finite, where
@@ -54,9 +54,9 @@ from densenet_debug.verdict.report import (
     FAILING,
     STATUS_ORDER,
     FirstDivergence,
-    Kink,
     Row,
     Status,
+    UnitKink,
     first_divergence,
     fmt,
     sortable,
@@ -85,7 +85,7 @@ class ReferenceResult:
     verdict: str  # "agree" | "mismatch"
     first_divergence: FirstDivergence | None
     rows: list[Row]
-    kinks: list[Kink]
+    kinks: list[UnitKink]
     reproduction: list[Row] = field(default_factory=list)
     environment: dict = field(default_factory=dict)
     settings: dict = field(default_factory=dict)
@@ -215,7 +215,7 @@ def reference_oracle(fixture: Fixture, model: nn.Module) -> tuple[list[Trace], l
         check_oracle(fixture.traces, f"the stored truth of {fixture.path}")
         return fixture.traces, [{} for _ in fixture.traces]
     step = fixture.meta.get("step", {})
-    fresh = oracle_traces(model, fixture.inputs, fixture.targets, steps=int(step.get("steps", len(fixture.traces))),
+    fresh = one_thread_oracle(model, fixture.inputs, fixture.targets, steps=int(step.get("steps", len(fixture.traces))),
                           eval_mode=step.get("bn_mode") == "eval", units=fixture.traces[0].forward_order)
     stored_values: list[dict] = []
     for stored, new, kept in zip(fixture.traces, fresh, fixture.stored):
@@ -310,7 +310,8 @@ def _pairs(q: str, stored: object, recomputed: object) -> dict[str, tuple[Tensor
 
 def _accumulated_fp64(trace: Trace, step: int, shared: JudgeCache, prec: Precision,
                       carried: float = 0.0) -> tuple[dict, dict, float]:
-    """The verdict's propagated rule (``verdict._accumulated``) with float64 local tolerances.
+    """The verdict's propagated rule (:func:`densenet_debug.verdict.propagated.accumulated`) with float64 local
+    tolerances.
 
     ``carried``: what the earlier steps accumulated (their weights and BN buffers feed this one), added first.
     """

@@ -42,12 +42,12 @@ def bisect_backend(model: nn.Module, x: Tensor, y: Tensor, failing: str, *, step
                    units: UnitSelector = None, device: object = None, loss_fn=F.cross_entropy,  # noqa: ANN001
                    oracle: list | None = None) -> BisectResult:
     """Judge every component of ``failing`` alone, then every pair; report the smallest failing subsets."""
-    from densenet_debug.verdict.engine import JudgeCache, _unit_names, oracle_traces, release
+    from densenet_debug.verdict.engine import JudgeCache, oracle_traces, release, unit_names
 
     parts = [p.strip() for p in failing.split("+") if p.strip()]
     if len(parts) < 2:
         raise UsageError(f"--bisect needs a composed backend (A+B...), got {failing!r}")
-    names = _unit_names(model, x, units)
+    names = unit_names(model, x, units)
     if oracle is None:
         oracle = oracle_traces(model, x, y, steps=steps, eval_mode=eval_mode, units=names, loss_fn=loss_fn)
     result = BisectResult(failing, [])

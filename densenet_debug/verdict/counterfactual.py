@@ -173,10 +173,11 @@ def rerun_gradients(ref: nn.Module, x: Tensor, y: Tensor, o_trace: Trace, sites:
     return result
 
 
-def explain(rows: list[Row], s_trace: Trace, o_trace: Trace, cf: dict[str, dict[str, Tensor | None]],
-            sites: list[kinkmod.KinkSite]) -> None:
-    """Turn backward ``mismatch`` rows the kinks explain into ``kink`` rows (see the module docstring)."""
-    del o_trace, sites  # the rule needs only the side's grad_outputs and parameter grads against the cf
+def explain(rows: list[Row], s_trace: Trace, cf: dict[str, dict[str, Tensor | None]]) -> None:
+    """Turn backward ``mismatch`` rows the kinks explain into ``kink`` rows (see the module docstring).
+
+    The rule needs only the side's grad_outputs and parameter grads against the counterfactual ``cf``.
+    """
     for r in rows:
         if r.status != Status.MISMATCH or r.pass_ != "backward" or r.layer not in cf or r.layer not in s_trace:
             continue

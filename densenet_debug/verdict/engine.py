@@ -49,10 +49,10 @@ from densenet_debug.verdict.propagated import (
 from densenet_debug.verdict.report import (
     FAILING,
     DiffReport,
-    Kink,
     Row,
     SideResult,
     Status,
+    UnitKink,
     first_divergence,
     fmt,
     merge_sides,
@@ -63,7 +63,7 @@ LEARNING_RATE = 0.1  # the shared SGD step between steps; any value that changes
 LossFn = Callable[[Tensor, Tensor], Tensor]
 FAIL_ON = ("mismatch", "kink")
 
-__all__ = ["DiffReport", "JudgeCache", "Kink", "Row", "SideResult", "diff", "judge", "judge_many", "local_check",
+__all__ = ["DiffReport", "JudgeCache", "UnitKink", "Row", "SideResult", "diff", "judge", "judge_many", "local_check",
            "oracle_traces", "release"]
 
 
@@ -106,7 +106,7 @@ def _fp64(model: nn.Module, eval_mode: bool) -> nn.Module:
     return _set_mode(fp64_copy(model, "cpu"), eval_mode)
 
 
-def _unit_names(model: nn.Module, x: Tensor, units: UnitSelector) -> list[str] | Callable[[str, nn.Module], bool]:
+def unit_names(model: nn.Module, x: Tensor, units: UnitSelector) -> list[str] | Callable[[str, nn.Module], bool]:
     """The units to judge: every unit :func:`discover_units` finds (the model's state is kept), or the names
     given plus every computing unit inside them (a composite's tolerance is built from its descendants')."""
     if callable(units):
@@ -172,7 +172,7 @@ def oracle_traces(model: nn.Module, x: Tensor, y: Tensor, *, steps: int = 1, eva
     if steps < 1:
         raise UsageError(f"steps must be >= 1, got {steps}")
     ref = _fp64(model, eval_mode)
-    names = _unit_names(model, x, units)
+    names = unit_names(model, x, units)
     x64, y64 = _input(x, torch.device("cpu"), torch.float64), _target(y, torch.device("cpu"), torch.float64)
     traces = []
     for step in range(steps):
@@ -269,7 +269,7 @@ class _Side:
         self.trace: Trace | None = None
         self.previous: dict[str, dict[str, Tensor]] | None = None  # buffers each unit left, last step
         self.local: list[Row] = []
-        self.step_kinks: list[Kink] = []
+        self.step_kinks: list[UnitKink] = []
 
     def run_step(self, names: list[str], loss_fn: LossFn) -> None:
         with self.backend.active():
@@ -287,12 +287,12 @@ class _Side:
         compose_tolerances(local, names)
         blame_children(local, names)
         sites = kink_sites(names, step, o_trace, s_trace, self.modules)
-        self.step_kinks += [Kink(s.layer, s.count, s.min_margin, s.relative_margin, "", step) for s in sites]
+        self.step_kinks += [UnitKink(s.layer, s.count, s.min_margin, s.relative_margin, "", step) for s in sites]
         prop_rows = propagated_rows(names, step, o_trace, s_trace, local, scales) if propagated else []
         if sites and any(r.status == Status.MISMATCH and r.pass_ == "backward" for r in prop_rows):
             cf = _counterfactual(ref, step, x, y, o_trace, sites, names, loss_fn)
             self.result.counterfactual_steps.append(step)
-            counterfactual.explain(prop_rows, s_trace, o_trace, cf, sites)
+            counterfactual.explain(prop_rows, s_trace, cf)
         if any(r.status == Status.MISMATCH for r in prop_rows):
             self_consistent(prop_rows, s_trace, ref.at(step), self.backend, lam)
         explain_by_local(prop_rows, local)
@@ -362,7 +362,7 @@ def diff(model: nn.Module, x: Tensor, y: Tensor, a: str | Backend | None = None,
         needs = backend.needs
         steps = max(steps, int(needs.get("steps", 1)))
         eval_mode = eval_mode or bool(needs.get("eval", False))
-    names = _unit_names(model, x, units)
+    names = unit_names(model, x, units)
     oracle = oracle_traces(model, x, y, steps=steps, eval_mode=eval_mode, units=names, loss_fn=loss_fn)
     try:
         side_a, side_b = judge_many(model, x, y, [ba, bb], oracle, units=names, steps=steps, eval_mode=eval_mode,
@@ -431,7 +431,7 @@ def local_check(model: nn.Module, x: Tensor, y: Tensor, backend: str | Backend, 
     ``nonfinite``: NaN/Inf where the fp64 oracle is finite) is a wrong unit.
     """
     backend = parse_backend(backend)
-    names = _unit_names(model, x, units)
+    names = unit_names(model, x, units)
     oracle = oracle_traces(model, x, y, units=names, loss_fn=loss_fn, keep_graph=False)
     result = judge(model, x, y, backend, oracle, units=names, loss_fn=loss_fn, propagated=False)
     return result.rows

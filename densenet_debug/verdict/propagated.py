@@ -30,7 +30,7 @@ PROPAGATED_ORIGIN = ("propagated: sum of the local tolerances of every unit upst
                      "passed on unamplified)")
 
 
-def accumulated(local: list[Row], oracle_trace: Trace) -> tuple[dict[int, float], dict[int, float], float]:
+def accumulated(local: list[Row]) -> tuple[dict[int, float], dict[int, float], float]:
     """First-order accumulation of local tolerances: running sums along forward and backward order."""
     fwd_tol: dict[int, float] = {}
     bwd_tol: dict[int, float] = {}
@@ -87,7 +87,7 @@ def kink_sites(names: list[str], step: int, o_trace: Trace, s_trace: Trace,
 
 def propagated_rows(names: list[str], step: int, o_trace: Trace, s_trace: Trace, local: list[Row],
                      scales: dict | None = None) -> list[Row]:
-    fwd_cum, bwd_cum, total_forward = accumulated(local, o_trace)
+    fwd_cum, bwd_cum, total_forward = accumulated(local)
     rows = []
     for name in names:
         if name not in o_trace:

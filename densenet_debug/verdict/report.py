@@ -81,7 +81,7 @@ class Row:
 
 
 @dataclass
-class Kink:
+class UnitKink:
     """Kinks of one side at one unit: how many elements took the other branch, and the closest call."""
 
     layer: str
@@ -103,7 +103,7 @@ class SideResult:
 
     backend: str
     rows: list[Row]
-    kinks: list[Kink]
+    kinks: list[UnitKink]
     flags: dict
     units: list[str]
     checked_elements: int = 0
@@ -120,7 +120,7 @@ class DiffReport:
     verdict: str  # "agree" | "mismatch"
     first_divergence: FirstDivergence | None
     rows: list[Row]
-    kinks: list[Kink]
+    kinks: list[UnitKink]
     environment: dict
     a: str = ""
     b: str = ""

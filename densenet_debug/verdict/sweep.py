@@ -2,10 +2,10 @@
 
 Each case is a tiny network ``split -> cat -> [BN] -> conv -> tail cat`` run through the verdict engine
 (every unit teacher-forced in the layout the backend saw, against a float64 oracle). The axes come from
-where the historical bugs lived (``backend-bug-catalog.md`` section 4): batch 1, 2 and odd; channel splits
-that are not multiples of 8, C=1 and the ambiguous N x C x 1 x 1 shapes; 2 to 4 cat inputs; contiguous,
-channels_last and mixed inputs; a conv grad_output that is a non-contiguous cat-backward slice with a
-storage offset (the #708 trigger) or a plain one; 1x1 and 3x3 kernels, stride 1 and 2; BN in train or
+where the historical bugs lived (section 4 of the team's backend bug catalog, not in the repo): batch 1, 2
+and odd; channel splits that are not multiples of 8, C=1 and the ambiguous N x C x 1 x 1 shapes; 2 to 4 cat
+inputs; contiguous, channels_last and mixed inputs; a conv grad_output that is a non-contiguous cat-backward
+slice with a storage offset (the #708 trigger) or a plain one; 1x1 and 3x3 kernels, stride 1 and 2; BN in train or
 eval mode, or none, before the conv. :func:`sweep_cases` is importable as pytest parameters.
 """
 

@@ -93,7 +93,8 @@ BoundFn = Callable[[Precision], Tensor]
 
 
 def fp64_precision(lam: float) -> Precision:
-    """A float64 evaluation on the CPU: every unit roundoff 2^-53 (the teacher's own, see :func:`teacher_bound`)."""
+    """A float64 evaluation on the CPU: every unit roundoff 2^-53 (the teacher's own, see
+    :func:`densenet_debug.verdict.local.with_teacher`)."""
     return Precision(u_op=U64, u_acc=U64, u_out=U64, lam=lam, eta=2 * underflow(torch.float64), u_cmp=U64)
 
 
@@ -148,10 +149,6 @@ MAXPOOL = (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AdaptiveMaxPool1d, nn.Ad
 EXACT = (Concat, nn.Flatten, nn.Unflatten, nn.Identity, nn.Dropout, nn.Dropout2d)
 AVGPOOL = (nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d,
            nn.AdaptiveAvgPool3d)
-
-
-def is_kinky(module: nn.Module) -> bool:
-    return isinstance(module, PIECEWISE + MAXPOOL)
 
 
 def unit_bounds(module: nn.Module, rec: UnitRecord, params: dict[str, Tensor]) -> UnitBounds:
