@@ -143,7 +143,7 @@ def harness_batch(n: int, seed: int, shape: tuple[int, ...] = (3, 32, 32), class
     return torch.randn(n, *shape, generator=g), torch.randint(0, classes, (n,), generator=g)
 
 
-def is_localized(fault: Fault, first: dict | None) -> bool:
+def is_localized(fault: Fault, first: FirstDivergence | dict | None) -> bool:
     """The first divergence is at a planted unit (or inside a planted composite), in the fault's pass."""
     if not first:
         return False
