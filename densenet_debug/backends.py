@@ -26,8 +26,9 @@ from torch import Tensor, nn
 
 from densenet_debug.errors import UsageError
 
+U64 = 2.0**-53  # float64's unit roundoff: the one definition (the NumPy oracle's and gradcheck's bounds use it)
 UNIT_ROUNDOFF = {
-    torch.float64: 2.0**-53,
+    torch.float64: U64,
     torch.float32: 2.0**-24,
     torch.bfloat16: 2.0**-8,
     torch.float16: 2.0**-11,

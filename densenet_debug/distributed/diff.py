@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from densenet_debug.backends import Backend, parse_backend, unit_roundoff
-from densenet_debug.distributed.runtime import COMM_HOOKS, _shards, batch_gradients, ddp_gradients
+from densenet_debug.distributed.runtime import COMM_HOOKS, batch_gradients, ddp_gradients, shards
 from densenet_debug.errors import UsageError
 
 ORIGIN = ("DDP vs the same backend in one process, shard by shard: all-reduce summation bound "
@@ -111,7 +111,7 @@ def shard_gradients_under(model: nn.Module, x: Tensor, y: Tensor, world_size: in
     """Each shard's gradient of its mean loss, in this process under ``backend`` (one thread)."""
     out = []
     with _one_thread():
-        for xs, ys in zip(_shards(x, world_size), _shards(y, world_size)):
+        for xs, ys in zip(shards(x, world_size), shards(y, world_size)):
             side = backend.prepare_model(model)
             with backend.active():
                 F.cross_entropy(side(backend.prepare_input(xs)), ys.to(backend.device)).backward()

@@ -157,13 +157,14 @@ def shard_gradients(
 ) -> dict[str, Tensor]:
     """Single process, what unsynchronized BN under DDP computes: the mean of each shard's own gradient."""
     total: dict[str, Tensor] = {}
-    for xs, ys in zip(_shards(x, world_size), _shards(y, world_size)):
+    for xs, ys in zip(shards(x, world_size), shards(y, world_size)):
         for name, g in batch_gradients(model, xs, ys, loss_fn).items():
             total[name] = total[name] + g if name in total else g
     return {name: g / world_size for name, g in total.items()}
 
 
-def _shards(t: Tensor, world_size: int) -> list[Tensor]:
+def shards(t: Tensor, world_size: int) -> list[Tensor]:
+    """``t`` split along the batch into ``world_size`` equal contiguous shards, one per rank."""
     if t.shape[0] % world_size:
         raise UsageError(f"batch of {t.shape[0]} does not split evenly over {world_size} processes")
     return list(t.chunk(world_size))
@@ -185,7 +186,7 @@ def ddp_gradients(
     """
     if comm_hook is not None and comm_hook not in COMM_HOOKS:
         raise UsageError(f"unknown DDP communication hook {comm_hook!r}; valid: {', '.join(COMM_HOOKS)}")
-    _shards(y, world_size)
+    shards(y, world_size)
     build = spec if spec is not None else getattr(model, "config", None)
     if build is None:
         raise UsageError("ddp_gradients needs spec= (a --model string) to rebuild this model in each process")

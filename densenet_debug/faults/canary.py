@@ -31,6 +31,7 @@ from torch import Tensor
 from densenet_debug.errors import UsageError
 from densenet_debug.faults.registry import make_fault
 from densenet_debug.models import BUILDERS, build_model
+from densenet_debug.verdict.report import to_json_or_none
 
 CANARY_FAULT = "strided_read_as_contiguous@*"
 
@@ -185,7 +186,7 @@ def localize(model: str, data: tuple[Tensor, Tensor, Tensor, Tensor], *, batch: 
     report = diff(net, x, y, a, b)
     seconds = time.perf_counter() - start
     units = make_fault(CANARY_FAULT).choose(net)
-    fd = report.first_divergence
+    fd = to_json_or_none(report.first_divergence)
     return {
         "a": a, "b": b, "verdict": report.verdict, "first_divergence": fd, "planted_units": units,
         "localized": bool(fd and fd["layer"] in units and fd["pass"] == "backward"), "seconds": seconds,

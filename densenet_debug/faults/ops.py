@@ -1,6 +1,6 @@
 """The planted faults' arithmetic: custom autograd Functions and module forwards that misbehave on purpose.
 
-Each one is a faithful small copy of a historical backend bug (``backend-bug-catalog.md``); with its fault
+Each one is a faithful small copy of a historical backend bug (the team's bug catalog, not in the repo); with its fault
 switched off, each computes exactly what the stock PyTorch op computes. ``densenet_debug.faults.registry`` decides
 where they go. A faulty module keeps its parameters, buffers and qualified name; its class becomes a
 subclass of its own (same name, :func:`faulty_class`) whose instances run the faulty forward while
@@ -302,13 +302,14 @@ def bn_double_update_forward(self: nn.BatchNorm2d, x: Tensor) -> Tensor:
 
 
 # -- pooling -------------------------------------------------------------------------------------------
-def _pair(v: int | tuple[int, ...]) -> tuple[int, int]:
+def pair(v: int | tuple[int, ...]) -> tuple[int, int]:
+    """A 2-d op's int-or-tuple hyper-parameter (kernel_size, stride, padding) as (height, width)."""
     return (v, v) if isinstance(v, int) else (v[0], v[-1])
 
 
 def _padded_pool_grad(pool: nn.AvgPool2d, go: Tensor, shape: torch.Size) -> Tensor:
     """The gradient of avg_pool2d with respect to its explicitly zero-padded input (shape H+2p x W+2p)."""
-    (kh, kw), (sh, sw), (ph, pw) = _pair(pool.kernel_size), _pair(pool.stride or pool.kernel_size), _pair(
+    (kh, kw), (sh, sw), (ph, pw) = pair(pool.kernel_size), pair(pool.stride or pool.kernel_size), pair(
         pool.padding)
     n, c, h, w = shape
     with torch.enable_grad():

@@ -7,7 +7,8 @@ so ``type(unit).forward`` is still the stock op). Nothing in torch is edited. A 
 
 Spec grammar: ``NAME[@LAYER][=MAG]``. ``LAYER`` is a qualified module name or ``*`` (every unit where the
 fault is visible); without it, one such unit is drawn from ``seed``. ``MAG`` is the fault's magnitude knob
-(its meaning is per fault, see :data:`FAULTS`). Sources: ``shared/reference/backend-bug-catalog.md``.
+(its meaning is per fault, see :data:`FAULTS`). Sources: the team's backend bug catalog (reference notes
+kept beside the repository, not in it); each fault's ``origin`` names the bug it copies.
 """
 
 from __future__ import annotations
@@ -18,11 +19,10 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
+from densenet_debug.backends import TF32_ROUNDOFF
 from densenet_debug.errors import UsageError
 from densenet_debug.faults import ops
 from densenet_debug.models.densenet import Concat, _DenseBlock, _DenseLayer
-
-TF32_UNIT_ROUNDOFF = 2.0**-11  # 10 explicit mantissa bits, round to nearest
 
 
 @dataclass(frozen=True)
@@ -180,7 +180,7 @@ def eligible_units(name: str, model: nn.Module) -> list[str]:
         arity = _cat_arity(model)
         units = [n for n in units if arity.get(n, 2) >= 2]  # one input: nothing to shift or permute
     elif name == "pool_pad_offset":
-        units = [n for n in units if any(_pad for _pad in ops._pair(dict(model.named_modules())[n].padding))]
+        units = [n for n in units if any(_pad for _pad in ops.pair(dict(model.named_modules())[n].padding))]
     elif name == "partial_channel_tile":
         units = [n for n in units if dict(model.named_modules())[n].num_features >= 2]
     return units
@@ -208,7 +208,7 @@ class Fault:
         self.passes = self.spec.passes
         self.in_math = self.spec.in_math
         self.units: list[str] = []
-        self.unit_roundoff_override = TF32_UNIT_ROUNDOFF if name == "tf32_round" else None
+        self.unit_roundoff_override = TF32_ROUNDOFF if name == "tf32_round" else None
 
     def __repr__(self) -> str:
         where = f"@{self.layer}" if self.layer else ""

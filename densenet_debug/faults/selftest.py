@@ -21,6 +21,7 @@ from torch import Tensor, nn
 from densenet_debug.errors import UsageError
 from densenet_debug.faults.registry import BUGS, CONTROLS, FAULTS, Fault, make_fault
 from densenet_debug.models import BUILDERS, build_model
+from densenet_debug.verdict.report import FirstDivergence, to_json_or_none
 
 SCHEMA = "densenet-debug/selftest/1"
 DEFAULT_MODEL = "densenet-bc-16"
@@ -41,7 +42,7 @@ class FaultResult:
     error: float | None
     tolerance: float | None
     verdict: str
-    first_divergence: dict | None
+    first_divergence: FirstDivergence | None
     gradcheck: str | None = None  # "pass" | "fail" | "nonfinite" | None (not run)
     gradcheck_layer: str | None = None
     seconds: float = 0.0
@@ -58,7 +59,7 @@ class FaultResult:
             "name": self.name, "control": self.control, "layer": self.layer, "detected": self.detected,
             "localized": self.localized, "error": _num(self.error), "tolerance": _num(self.tolerance),
             "ok": self.ok, "pass": self.passes, "needs": self.needs, "verdict": self.verdict,
-            "first_divergence": self.first_divergence, "gradcheck": self.gradcheck,
+            "first_divergence": to_json_or_none(self.first_divergence), "gradcheck": self.gradcheck,
             "gradcheck_layer": self.gradcheck_layer, "seconds": round(self.seconds, 3),
         }
 
@@ -142,7 +143,7 @@ def harness_batch(n: int, seed: int, shape: tuple[int, ...] = (3, 32, 32), class
     return torch.randn(n, *shape, generator=g), torch.randint(0, classes, (n,), generator=g)
 
 
-def is_localized(fault: Fault, first: dict | None) -> bool:
+def is_localized(fault: Fault, first: FirstDivergence | dict | None) -> bool:
     """The first divergence is at a planted unit (or inside a planted composite), in the fault's pass."""
     if not first:
         return False

@@ -35,6 +35,7 @@ import copy
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
@@ -43,13 +44,28 @@ from densenet_debug.backends import default_pair, environment, parse_backend
 from densenet_debug.errors import UsageError
 from densenet_debug.models import BUILDERS, build_model, resolve_model
 from densenet_debug.reference.format import Fixture, FixtureError, read_fixture
-from densenet_debug.reference.record import model_identity, oracle_traces
+from densenet_debug.reference.record import model_identity, one_thread_oracle
 from densenet_debug.trace import Trace
+from densenet_debug.verdict.compare import relative_error
 from densenet_debug.verdict.nonfinite import NonFiniteOracle, check_oracle, finite, where
 from densenet_debug.verdict.propagated import propagated_tolerance, running_sums
 from densenet_debug.verdict.replay import oracle_values
-from densenet_debug.verdict.report import FAILING, STATUS_ORDER, Kink, Row, Status, first_divergence
+from densenet_debug.verdict.report import (
+    FAILING,
+    STATUS_ORDER,
+    FirstDivergence,
+    Row,
+    Status,
+    UnitKink,
+    first_divergence,
+    fmt,
+    sortable,
+    to_json_or_none,
+)
 from densenet_debug.verdict.tolerance import U64, Precision, fp64_precision
+
+if TYPE_CHECKING:
+    from densenet_debug.verdict.engine import JudgeCache
 
 SCHEMA = "densenet-debug/check-reference/1"
 REPRODUCERS = 2  # the stored truth and this recomputation: two float64 evaluations, each within the bound
@@ -67,9 +83,9 @@ class ReferenceResult:
     name: str
     backend: str
     verdict: str  # "agree" | "mismatch"
-    first_divergence: dict | None
+    first_divergence: FirstDivergence | None
     rows: list[Row]
-    kinks: list[Kink]
+    kinks: list[UnitKink]
     reproduction: list[Row] = field(default_factory=list)
     environment: dict = field(default_factory=dict)
     settings: dict = field(default_factory=dict)
@@ -82,7 +98,7 @@ class ReferenceResult:
 
     def to_json(self) -> dict:
         return {"schema": SCHEMA, "fixture": str(self.path), "name": self.name, "backend": self.backend,
-                "verdict": self.verdict, "first_divergence": self.first_divergence,
+                "verdict": self.verdict, "first_divergence": to_json_or_none(self.first_divergence),
                 "rows": [r.to_json() for r in self.rows], "kinks": [k.to_json() for k in self.kinks],
                 "reproduction": [r.to_json() for r in self.reproduction], "environment": self.environment,
                 "settings": self.settings, "summary": self.summary}
@@ -90,12 +106,12 @@ class ReferenceResult:
     def table(self, limit: int = 12) -> str:
         """Plain-text table: failing rows first, then those closest to their tolerance."""
         rows = sorted(self.reproduction + self.rows, key=lambda r: (-STATUS_ORDER.get(r.status, 0),
-                                                                    -_finite(r.ratio_a)))[:limit]
+                                                                    -sortable(r.ratio_a)))[:limit]
         head = f"{'layer':34} {'pass':8} {'quantity':24} {'mode':12} {'error':>10} {'tolerance':>10} status"
         lines = [head, "-" * len(head)]
         for r in rows:
-            lines.append(f"{r.layer[:34]:34} {r.pass_:8} {r.quantity[:24]:24} {r.mode:12} {_fmt(r.error_a):>10} "
-                         f"{_fmt(r.tolerance):>10} {r.status}")
+            lines.append(f"{r.layer[:34]:34} {r.pass_:8} {r.quantity[:24]:24} {r.mode:12} {fmt(r.error_a):>10} "
+                         f"{fmt(r.tolerance):>10} {r.status}")
         return "\n".join(lines)
 
     def message(self) -> str:
@@ -199,14 +215,16 @@ def reference_oracle(fixture: Fixture, model: nn.Module) -> tuple[list[Trace], l
         check_oracle(fixture.traces, f"the stored truth of {fixture.path}")
         return fixture.traces, [{} for _ in fixture.traces]
     step = fixture.meta.get("step", {})
-    fresh = oracle_traces(model, fixture.inputs, fixture.targets, steps=int(step.get("steps", len(fixture.traces))),
+    fresh = one_thread_oracle(model, fixture.inputs, fixture.targets, steps=int(step.get("steps", len(fixture.traces))),
                           eval_mode=step.get("bn_mode") == "eval", units=fixture.traces[0].forward_order)
     stored_values: list[dict] = []
     for stored, new, kept in zip(fixture.traces, fresh, fixture.stored):
         missing = [u for u in stored.units if u not in new.units]
         if missing:
             raise FixtureError(fixture.path / "index.json", f"unit {missing[0]} is not in the rebuilt model's trace")
-        values = {(name, q): getattr(stored.units[name], q) for name, quantities in kept.items() for q in quantities}
+        # sorted: ``kept`` holds sets, whose order changes with the string hash seed from run to run
+        values = {(name, q): getattr(stored.units[name], q) for name, quantities in kept.items()
+                  for q in sorted(quantities)}
         values[("", "logits")], values[("", "loss")] = stored.output, stored.loss
         _check_stored(fixture, values, len(stored_values))
         stored_values.append(values)
@@ -222,7 +240,7 @@ def _check_stored(fixture: Fixture, values: dict, step: int) -> None:
                                   f"{name or q} ({q}, step {step}): there is no finite truth to judge against")
 
 
-def reproduction_rows(fixture: Fixture, oracle: list[Trace], stored: list[dict], shared: dict) -> list[Row]:
+def reproduction_rows(fixture: Fixture, oracle: list[Trace], stored: list[dict], shared: JudgeCache) -> list[Row]:
     """Stored truth vs this PyTorch's float64 recomputation, for a ``checkpoints`` fixture (else ``[]``).
 
     ``stored``: the second item of :func:`reference_oracle`. ``shared`` is the cache
@@ -231,7 +249,7 @@ def reproduction_rows(fixture: Fixture, oracle: list[Trace], stored: list[dict],
     """
     if fixture.complete:
         return []
-    prec = fp64_precision(shared.get("lam", 8.0))
+    prec = fp64_precision(shared.lam if shared.lam is not None else 8.0)
     rows, carried = [], 0.0
     for step, trace in enumerate(oracle):
         cum = _accumulated_fp64(trace, step, shared, prec, carried)
@@ -274,7 +292,7 @@ def _loss_tolerance(tol_logits: float, logits: Tensor | None, loss: Tensor | Non
 
 def _reproduction_row(tol: float, step: int, layer: str, pass_: str, quantity: str, order: int,
                       stored: Tensor | None, new: Tensor | None) -> Row:
-    err = _relerr(new, stored)
+    err = relative_error(new, stored, zero_truth_exact=True)
     ratio = err / tol if tol > 0 else (0.0 if err == 0 else math.inf)
     return Row(layer=layer, pass_=pass_, quantity=quantity, error_a=err, error_b=None, tolerance=tol,
                status=Status.OK if err <= tol else Status.MISMATCH, origin=REPRODUCTION_ORIGIN, step=step,
@@ -292,16 +310,17 @@ def _pairs(q: str, stored: object, recomputed: object) -> dict[str, tuple[Tensor
             for i, t in enumerate(stored) if t is not None}  # type: ignore[arg-type]
 
 
-def _accumulated_fp64(trace: Trace, step: int, shared: dict, prec: Precision,
+def _accumulated_fp64(trace: Trace, step: int, shared: JudgeCache, prec: Precision,
                       carried: float = 0.0) -> tuple[dict, dict, float]:
-    """The verdict's propagated rule (``verdict._accumulated``) with float64 local tolerances.
+    """The verdict's propagated rule (:func:`densenet_debug.verdict.propagated.accumulated`) with float64 local
+    tolerances.
 
     ``carried``: what the earlier steps accumulated (their weights and BN buffers feed this one), added first.
     """
     fwd_tol: dict[int, float] = {}
     bwd_tol: dict[int, float] = {}
     for rec in trace:
-        bounds = shared.get((step, rec.name))
+        bounds = shared.bounds.get((step, rec.name))
         if bounds is None:
             raise RuntimeError(f"no error-model bounds for {rec.name} (step {step}): run judge() first")
         truth = oracle_values(rec)
@@ -319,22 +338,11 @@ def _accumulated_fp64(trace: Trace, step: int, shared: dict, prec: Precision,
             total_forward + carried)
 
 
-def _relerr(side: Tensor | None, truth: Tensor | None) -> float:
-    if side is None or truth is None or tuple(side.shape) != tuple(truth.shape):
-        return 0.0 if side is None and truth is None else math.inf
-    o, d = truth.double(), (side.double() - truth.double()).abs()
-    if bool(torch.isnan(d).any()):
-        return math.inf
-    scale = float(o.abs().max()) if o.numel() else 0.0
-    err = float(d.max()) if d.numel() else 0.0
-    return err / scale if scale > 0 else (0.0 if err == 0 else math.inf)
-
-
 # -- checking ------------------------------------------------------------------------------------------------
 def check_reference(
     path: str | Path | Fixture, backend: str | None = None, *, device: str | torch.device | None = None,
     model: nn.Module | None = None, spec: str | None = None, loaded: tuple | None = None,
-    shared: dict | None = None,
+    shared: JudgeCache | dict | None = None,
 ) -> ReferenceResult:
     """Judge ``backend`` (default: PyTorch's default on the device) against the fixture at ``path``.
 
@@ -342,7 +350,7 @@ def check_reference(
     weights are loaded into a copy). ``loaded``: ``(fixture, model, *reference_oracle(...))``, to judge
     several backends on one load; ``shared``: the judge's cache, shared across those calls.
     """
-    from densenet_debug.verdict.engine import judge
+    from densenet_debug.verdict.engine import JudgeCache, judge
 
     if loaded is None:
         fixture, model = load_reference(path, model, spec=spec)
@@ -357,12 +365,12 @@ def check_reference(
     if int(needs.get("steps", 1)) > steps or (needs.get("eval") and not eval_mode):
         raise UsageError(f"backend {side.name} needs {needs} but {fixture.path} was recorded with {steps} step(s), "
                          f"BN {step.get('bn_mode')}; record a fixture with --steps/--eval for it")
-    shared = {} if shared is None else shared
+    shared = JudgeCache.of(shared)
     result = judge(model, fixture.inputs, fixture.targets, side, oracle, steps=steps, eval_mode=eval_mode,
                    _shared=shared)
-    repro = shared.get(("reproduction", id(oracle)))
+    repro = shared.reproduction.get(id(oracle))
     if repro is None:
-        repro = shared[("reproduction", id(oracle))] = reproduction_rows(fixture, oracle, recomputed, shared)
+        repro = shared.reproduction[id(oracle)] = reproduction_rows(fixture, oracle, recomputed, shared)
     rows, kinks = result.rows, result.kinks
     for k in kinks:
         k.side = "a"
@@ -370,9 +378,9 @@ def check_reference(
     verdict = "mismatch" if failing_repro or result.failures else "agree"
     if failing_repro:
         r = min(failing_repro, key=lambda r: (r.step, r.pass_ != "forward", r.order))
-        first = {"layer": r.layer, "pass": r.pass_, "quantity": r.quantity, "error": r.error_a,
-                 "tolerance": r.tolerance, "side": "reference", "step": r.step, "mode": "reproduction",
-                 "status": "mismatch"}
+        first = FirstDivergence(layer=r.layer, pass_=r.pass_, quantity=r.quantity, error=r.error_a,
+                                tolerance=r.tolerance, side="reference", step=r.step, mode="reproduction",
+                                status="mismatch")
     else:
         first = first_divergence(rows)
     env = environment()
@@ -401,14 +409,6 @@ def _summarize(r: ReferenceResult) -> str:
                 f"{f.get('layer')} ({f.get('pass')} {f.get('quantity')}, {f.get('mode')}, step {f.get('step')}); "
                 f"first NaN/Inf produced end to end: {firsts}{kink_text}")
     return (f"mismatch: {what} first at {f.get('layer')} ({f.get('pass')} {f.get('quantity')}, {f.get('mode')}, "
-            f"step {f.get('step')}): error {_fmt(f.get('error'))} > tolerance {_fmt(f.get('tolerance'))}{kink_text}")
+            f"step {f.get('step')}): error {fmt(f.get('error'))} > tolerance {fmt(f.get('tolerance'))}{kink_text}")
 
 
-def _fmt(v: object) -> str:
-    return f"{v:.3g}" if isinstance(v, float) else str(v)
-
-
-def _finite(v: float | None) -> float:
-    if v is None or math.isnan(v):
-        return 0.0
-    return 1e300 if math.isinf(v) else v

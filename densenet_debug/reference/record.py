@@ -181,9 +181,10 @@ def one_thread() -> Iterator[None]:
         torch.set_num_threads(saved)
 
 
-def oracle_traces(model: nn.Module, inputs: Tensor, targets: Tensor, steps: int = 1, eval_mode: bool = False,
-                  units: list[str] | None = None, keep_graph: bool = True) -> list[Trace]:
-    """The verdict engine's float64 CPU oracle (``model`` untouched), computed with one thread.
+def one_thread_oracle(model: nn.Module, inputs: Tensor, targets: Tensor, steps: int = 1, eval_mode: bool = False,
+                      units: list[str] | None = None, keep_graph: bool = True) -> list[Trace]:
+    """:func:`densenet_debug.verdict.engine.oracle_traces` (the float64 CPU oracle, ``model`` untouched) run
+    with one thread, so that a recorded or reproduced fixture does not depend on the machine's thread count.
 
     ``units``: the unit names, when known (a fixture's), which spares the discovery pass; ``keep_graph``
     keeps each step's autograd graph for the judge's kink explanations (not needed to record).
@@ -271,7 +272,7 @@ def record_reference(
     model = copy.deepcopy(model).cpu()
     inputs, targets = inputs.detach().cpu(), targets.detach().cpu()
     state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    traces = oracle_traces(model, inputs, targets, steps=steps, eval_mode=eval_mode, keep_graph=False)
+    traces = one_thread_oracle(model, inputs, targets, steps=steps, eval_mode=eval_mode, keep_graph=False)
     checked = cross_check(model, inputs, targets, steps, eval_mode) if check_oracle else {"status": "skipped"}
     full_bytes = max(distinct_bytes(t) for t in traces)
     chosen = policy if policy != "auto" else ("full" if full_bytes <= max_mb * 1e6 else "checkpoints")

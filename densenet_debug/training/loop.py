@@ -145,7 +145,7 @@ def load_data(config: TrainConfig) -> tuple[ImageSet, ImageSet]:
                                                                                   "test")
 
 
-def build_model(config: TrainConfig, num_classes: int) -> nn.Module:
+def build_training_model(config: TrainConfig, num_classes: int) -> nn.Module:
     """The model ``config.model`` names, checked to map ``input_shape`` to ``num_classes`` logits."""
     if config.num_classes is not None and config.num_classes != num_classes:
         raise UsageError(f"--num-classes {config.num_classes} but {config.dataset} has {num_classes} classes")
@@ -236,7 +236,7 @@ def _train_locked(config: TrainConfig, device: torch.device, info: ddp.DistInfo)
         if tuple(config.input_shape) != (3, 32, 32):
             raise UsageError(f"{config.dataset} images are 3,32,32; --input-shape applies to --synthetic only")
         require_dataset(config.dataset, config.data_root)  # missing files: one line before any real work
-    model = build_model(config, classes)  # before reading the data: a bad --model fails in seconds
+    model = build_training_model(config, classes)  # before reading the data: a bad --model fails in seconds
     train_set, test_set = load_data(config)
     start = 0
     if state is not None:

@@ -7,13 +7,19 @@ on the device's default kernels), then every pair; the smallest failing subsets 
 from __future__ import annotations
 
 import itertools
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from densenet_debug.backends import parse_backend
 from densenet_debug.errors import UsageError
+from densenet_debug.trace import UnitSelector
+
+if TYPE_CHECKING:
+    from densenet_debug.verdict.engine import JudgeCache
 
 
 @dataclass
@@ -33,19 +39,19 @@ class BisectResult:
 
 
 def bisect_backend(model: nn.Module, x: Tensor, y: Tensor, failing: str, *, steps: int = 1, eval_mode: bool = False,
-                   units: object = None, device: object = None, loss_fn=F.cross_entropy,  # noqa: ANN001
+                   units: UnitSelector = None, device: object = None, loss_fn=F.cross_entropy,  # noqa: ANN001
                    oracle: list | None = None) -> BisectResult:
     """Judge every component of ``failing`` alone, then every pair; report the smallest failing subsets."""
-    from densenet_debug.verdict.engine import _unit_names, oracle_traces, release
+    from densenet_debug.verdict.engine import JudgeCache, oracle_traces, release, unit_names
 
     parts = [p.strip() for p in failing.split("+") if p.strip()]
     if len(parts) < 2:
         raise UsageError(f"--bisect needs a composed backend (A+B...), got {failing!r}")
-    names = _unit_names(model, x, units)
+    names = unit_names(model, x, units)
     if oracle is None:
         oracle = oracle_traces(model, x, y, steps=steps, eval_mode=eval_mode, units=names, loss_fn=loss_fn)
     result = BisectResult(failing, [])
-    shared: dict = {}
+    shared = JudgeCache()
     try:
         _trials(model, x, y, parts, result, oracle, names, shared, steps, eval_mode, device, loss_fn)
     finally:
@@ -54,7 +60,8 @@ def bisect_backend(model: nn.Module, x: Tensor, y: Tensor, failing: str, *, step
 
 
 def _trials(model: nn.Module, x: Tensor, y: Tensor, parts: list[str], result: BisectResult, oracle: list,
-            names: object, shared: dict, steps: int, eval_mode: bool, device: object, loss_fn) -> None:  # noqa: ANN001
+            names: list[str] | Callable[[str, nn.Module], bool], shared: JudgeCache, steps: int, eval_mode: bool,
+            device: object, loss_fn) -> None:  # noqa: ANN001
     from densenet_debug.verdict.engine import judge
 
     for size in (1, 2):

@@ -48,6 +48,33 @@ def oracle_scale(oracle: Tensor, cache: dict | None = None) -> float:
     return scale
 
 
+def relative_error(side: Tensor | None, truth: Tensor | None, cache: dict | None = None, *,
+                   zero_truth_exact: bool = False) -> float:
+    """max |side - truth| / max |truth| in fp64; a missing or misshapen tensor, or a NaN, is infinitely wrong.
+
+    The scale is :func:`oracle_scale` (1 for an all-zero truth, so the error is then absolute), or, with
+    ``zero_truth_exact``, an all-zero truth must be met exactly (any difference is infinitely wrong): a
+    stored float64 truth reproduced by float64 has no rounding room at zero. The one relative error for torch
+    tensors; the NumPy oracle keeps its own for arrays (:func:`densenet_debug.numpy_oracle.compare.relative_error`).
+    """
+    if truth is None and side is None:
+        return 0.0
+    if truth is None or side is None or tuple(side.shape) != tuple(truth.shape):
+        return math.inf
+    if truth.numel() == 0:
+        return 0.0
+    truth = truth.detach()
+    err = float(abs_difference(side, truth).max())
+    if math.isnan(err):
+        return math.inf
+    if zero_truth_exact:
+        scale = float(truth.abs().max())
+        if math.isnan(scale):
+            return math.inf
+        return err / scale if scale > 0 else (0.0 if err == 0 else math.inf)
+    return err / oracle_scale(truth, cache)
+
+
 def compare(side: Tensor | None, oracle: Tensor | None, bound: Tensor | None,
             exclude: Tensor | None = None, cache: dict | None = None) -> Comparison:
     """Elementwise check ``|side - oracle| <= bound``; a missing or misshapen tensor fails outright.

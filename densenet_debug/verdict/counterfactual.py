@@ -22,9 +22,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from densenet_debug.trace import Trace, Tracer
+from densenet_debug.trace import Trace, Tracer, UnitSelector
 from densenet_debug.verdict import kinks as kinkmod
-from densenet_debug.verdict.compare import abs_difference, oracle_scale
+from densenet_debug.verdict.compare import relative_error
 from densenet_debug.verdict.report import Row, Status
 
 
@@ -98,7 +98,7 @@ class RetainedGraph:
         return result
 
 
-def traced_step_with_gates(model: nn.Module, x: Tensor, y: Tensor, units: object,
+def traced_step_with_gates(model: nn.Module, x: Tensor, y: Tensor, units: UnitSelector,
                            loss_fn: Callable[[Tensor, Tensor], Tensor]) -> Trace:
     """:func:`densenet_debug.trace.trace_step` for the oracle, keeping its graph (``trace.retained``)."""
     gates = _Gates()
@@ -173,29 +173,20 @@ def rerun_gradients(ref: nn.Module, x: Tensor, y: Tensor, o_trace: Trace, sites:
     return result
 
 
-def _relerr(side: Tensor | None, truth: Tensor | None) -> float:
-    if side is None and truth is None:
-        return 0.0
-    if side is None or truth is None or tuple(side.shape) != tuple(truth.shape):
-        return math.inf
-    d = abs_difference(side, truth.detach())
-    err = float(d.max()) if d.numel() else 0.0
-    return math.inf if math.isnan(err) else err / oracle_scale(truth)
+def explain(rows: list[Row], s_trace: Trace, cf: dict[str, dict[str, Tensor | None]]) -> None:
+    """Turn backward ``mismatch`` rows the kinks explain into ``kink`` rows (see the module docstring).
 
-
-def explain(rows: list[Row], s_trace: Trace, o_trace: Trace, cf: dict[str, dict[str, Tensor | None]],
-            sites: list[kinkmod.KinkSite]) -> None:
-    """Turn backward ``mismatch`` rows the kinks explain into ``kink`` rows (see the module docstring)."""
-    del o_trace, sites  # the rule needs only the side's grad_outputs and parameter grads against the cf
+    The rule needs only the side's grad_outputs and parameter grads against the counterfactual ``cf``.
+    """
     for r in rows:
         if r.status != Status.MISMATCH or r.pass_ != "backward" or r.layer not in cf or r.layer not in s_trace:
             continue
         s_rec, grads = s_trace[r.layer], cf[r.layer]
         if r.quantity == "grad_input":  # follows from the grad_output: the unit passed its local check
-            errs = [_relerr(s, grads.get(f"grad_output.{i}")) for i, s in enumerate(s_rec.grad_outputs)
+            errs = [relative_error(s, grads.get(f"grad_output.{i}")) for i, s in enumerate(s_rec.grad_outputs)
                     if f"grad_output.{i}" in grads]
         else:
-            errs = [_relerr(s_rec.param_grads.get(r.quantity[len("grad_"):]), grads.get(r.quantity))]
+            errs = [relative_error(s_rec.param_grads.get(r.quantity[len("grad_"):]), grads.get(r.quantity))]
         err = max(errs, default=math.inf)
         if err <= r.tolerance:
             r.status = Status.KINK

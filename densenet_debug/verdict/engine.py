@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -31,7 +32,8 @@ from torch import Tensor, nn
 
 from densenet_debug.backends import Backend, default_pair, environment, parse_backend
 from densenet_debug.errors import UsageError
-from densenet_debug.trace import Trace, discover_units, trace_step
+from densenet_debug.models.copies import fp64_copy
+from densenet_debug.trace import Trace, UnitRecord, UnitSelector, discover_units, trace_step
 from densenet_debug.verdict import counterfactual
 from densenet_debug.verdict import kinks as kinkmod
 from densenet_debug.verdict.counterfactual import traced_step_with_gates
@@ -47,21 +49,48 @@ from densenet_debug.verdict.propagated import (
 from densenet_debug.verdict.report import (
     FAILING,
     DiffReport,
-    Kink,
     Row,
     SideResult,
     Status,
+    UnitKink,
     first_divergence,
+    fmt,
     merge_sides,
 )
-from densenet_debug.verdict.tolerance import confidence, unit_bounds
+from densenet_debug.verdict.tolerance import UnitBounds, confidence, unit_bounds
 
 LEARNING_RATE = 0.1  # the shared SGD step between steps; any value that changes the weights will do
 LossFn = Callable[[Tensor, Tensor], Tensor]
 FAIL_ON = ("mismatch", "kink")
 
-__all__ = ["DiffReport", "Kink", "Row", "SideResult", "diff", "judge", "judge_many", "local_check", "oracle_traces",
-           "release"]
+__all__ = ["DiffReport", "JudgeCache", "UnitKink", "Row", "SideResult", "diff", "judge", "judge_many", "local_check",
+           "oracle_traces", "release"]
+
+
+@dataclass
+class JudgeCache:
+    """What :func:`judge_many` derives from one oracle, kept across calls that judge it (bisect trials,
+    several backends on one fixture), so each is computed once.
+
+    ``bounds`` is only filled when the caller passes a cache (``_shared``): without one, each unit's error
+    model is dropped after use so memory does not grow with the number of units.
+    """
+
+    finite_oracle: list[Trace] | None = None  # the oracle already checked to be finite
+    lam: float | None = None  # the confidence multiplier for the oracle's element count
+    scales: dict = field(default_factory=dict)  # max |oracle| per oracle tensor, for every side
+    bounds: dict[tuple[int, str], UnitBounds] = field(default_factory=dict)  # (step, unit) -> its error model
+    reproduction: dict[int, list[Row]] = field(default_factory=dict)  # id(oracle) -> reference reproduction rows
+
+    @classmethod
+    def of(cls, shared: JudgeCache | dict | None) -> JudgeCache:
+        """``shared`` as a cache: itself, a new one for None, or one kept inside a plain dict (older callers
+        pass ``{}`` and share it across calls)."""
+        if shared is None:
+            return cls()
+        if isinstance(shared, dict):
+            return shared.setdefault("judge_cache", cls())
+        return shared
 
 
 # -- preparing copies -------------------------------------------------------------------------------------
@@ -74,11 +103,10 @@ def _set_mode(model: nn.Module, eval_mode: bool) -> nn.Module:
 
 
 def _fp64(model: nn.Module, eval_mode: bool) -> nn.Module:
-    ref = copy.deepcopy(model).to("cpu", torch.float64)
-    return _set_mode(ref, eval_mode)
+    return _set_mode(fp64_copy(model, "cpu"), eval_mode)
 
 
-def _unit_names(model: nn.Module, x: Tensor, units: object) -> list[str] | object:
+def unit_names(model: nn.Module, x: Tensor, units: UnitSelector) -> list[str] | Callable[[str, nn.Module], bool]:
     """The units to judge: every unit :func:`discover_units` finds (the model's state is kept), or the names
     given plus every computing unit inside them (a composite's tolerance is built from its descendants')."""
     if callable(units):
@@ -133,7 +161,8 @@ def _check_inputs(x: Tensor, y: Tensor) -> None:
 
 # -- the oracle --------------------------------------------------------------------------------------------
 def oracle_traces(model: nn.Module, x: Tensor, y: Tensor, *, steps: int = 1, eval_mode: bool = False,
-                  units: object = None, loss_fn: LossFn = F.cross_entropy, keep_graph: bool = True) -> list[Trace]:
+                  units: UnitSelector = None, loss_fn: LossFn = F.cross_entropy,
+                  keep_graph: bool = True) -> list[Trace]:
     """The fp64 CPU truth: ``steps`` traced steps of a float64 copy of ``model`` (``model`` is untouched).
 
     ``keep_graph`` keeps each step's autograd graph (``trace.retained``) so that kinks can be explained by one
@@ -143,7 +172,7 @@ def oracle_traces(model: nn.Module, x: Tensor, y: Tensor, *, steps: int = 1, eva
     if steps < 1:
         raise UsageError(f"steps must be >= 1, got {steps}")
     ref = _fp64(model, eval_mode)
-    names = _unit_names(model, x, units)
+    names = unit_names(model, x, units)
     x64, y64 = _input(x, torch.device("cpu"), torch.float64), _target(y, torch.device("cpu"), torch.float64)
     traces = []
     for step in range(steps):
@@ -172,36 +201,37 @@ def release(oracle: list[Trace]) -> None:
 
 # -- one side ---------------------------------------------------------------------------------------------
 def judge(model: nn.Module, x: Tensor, y: Tensor, backend: str | Backend, oracle: list[Trace], *,
-          units: object = None, steps: int = 1, eval_mode: bool = False, loss_fn: LossFn = F.cross_entropy,
-          propagated: bool = True, _shared: dict | None = None) -> SideResult:
+          units: UnitSelector = None, steps: int = 1, eval_mode: bool = False, loss_fn: LossFn = F.cross_entropy,
+          propagated: bool = True, _shared: JudgeCache | dict | None = None) -> SideResult:
     """Judge one backend against the oracle: propagated rows plus local teacher-forced rows, every step.
 
     ``oracle`` holds one :class:`Trace` per step (from :func:`oracle_traces` or rebuilt from stored arrays);
-    only what a Trace holds is used, plus ``model`` for the weights at the start. ``_shared``, when given,
-    keeps every unit's error model under ``(step, name)`` (and ``"lam"``) for the caller.
+    only what a Trace holds is used, plus ``model`` for the weights at the start. ``_shared``, when given
+    (a :class:`JudgeCache`), keeps every unit's error model and the confidence ``lam`` for the caller.
     """
     return judge_many(model, x, y, [backend], oracle, units=units, steps=steps, eval_mode=eval_mode,
                       loss_fn=loss_fn, propagated=propagated, _shared=_shared)[0]
 
 
 def judge_many(model: nn.Module, x: Tensor, y: Tensor, backends: list[str | Backend], oracle: list[Trace], *,
-               units: object = None, steps: int = 1, eval_mode: bool = False, loss_fn: LossFn = F.cross_entropy,
-               propagated: bool = True, _shared: dict | None = None) -> list[SideResult]:
+               units: UnitSelector = None, steps: int = 1, eval_mode: bool = False, loss_fn: LossFn = F.cross_entropy,
+               propagated: bool = True, _shared: JudgeCache | dict | None = None) -> list[SideResult]:
     """:func:`judge` for several backends in lockstep: each unit's error model is built once, used by every
     side, and dropped (unless ``_shared`` keeps it), so memory does not grow with the number of units."""
     _check_inputs(x, y)
     steps = max(steps, len(oracle)) if oracle else steps
     if len(oracle) < steps:
         raise UsageError(f"the oracle has {len(oracle)} step(s), {steps} asked")
-    shared = _shared if _shared is not None else {}
-    if shared.get("finite_oracle") is not oracle:  # checked once per oracle, however many sides judge it
+    shared = JudgeCache.of(_shared)
+    if shared.finite_oracle is not oracle:  # checked once per oracle, however many sides judge it
         check_oracle(oracle[:steps])
-        shared["finite_oracle"] = oracle
+        shared.finite_oracle = oracle
     names = list(units) if units is not None and not callable(units) else oracle[0].forward_order
     sides = [_Side(parse_backend(b), model, x, y, names, eval_mode) for b in backends]
     ref = _Reference(model, eval_mode, oracle)
-    lam = shared.setdefault("lam", confidence(element_count(oracle[:steps])))
-    scales = shared.setdefault("scales", {})  # max |oracle| per oracle tensor, for every side
+    if shared.lam is None:
+        shared.lam = confidence(element_count(oracle[:steps]))
+    lam, scales = shared.lam, shared.scales
     for step in range(steps):
         o_trace = oracle[step]
         for side in sides:
@@ -209,12 +239,12 @@ def judge_many(model: nn.Module, x: Tensor, y: Tensor, backends: list[str | Back
         for name in names:
             if name not in o_trace:
                 continue
-            bounds = shared.get((step, name))
+            bounds = shared.bounds.get((step, name))
             if bounds is None:
                 unit = ref.at(step)[name]
                 bounds = unit_bounds(unit, o_trace[name], _params64(unit))
                 if _shared is not None:
-                    shared[(step, name)] = bounds
+                    shared.bounds[(step, name)] = bounds
             for side in sides:
                 side.local_unit(name, step, o_trace[name], bounds, lam, scales)
         for side in sides:
@@ -239,7 +269,7 @@ class _Side:
         self.trace: Trace | None = None
         self.previous: dict[str, dict[str, Tensor]] | None = None  # buffers each unit left, last step
         self.local: list[Row] = []
-        self.step_kinks: list[Kink] = []
+        self.step_kinks: list[UnitKink] = []
 
     def run_step(self, names: list[str], loss_fn: LossFn) -> None:
         with self.backend.active():
@@ -249,7 +279,7 @@ class _Side:
         self.result.flags = self.backend.flags_in_force()
         self.local, self.step_kinks = [], []
 
-    def local_unit(self, name: str, step: int, o_rec: object, bounds: object, lam: float, scales: dict) -> None:
+    def local_unit(self, name: str, step: int, o_rec: UnitRecord, bounds: UnitBounds, lam: float, scales: dict) -> None:
         self.local += local_rows(name, step, self.modules[name], o_rec, self.trace.units.get(name), bounds,
                                  self.backend, lam, self.step_kinks, scales)
 
@@ -259,12 +289,12 @@ class _Side:
         compose_tolerances(local, names)
         blame_children(local, names)
         sites = kink_sites(names, step, o_trace, s_trace, self.modules)
-        self.step_kinks += [Kink(s.layer, s.count, s.min_margin, s.relative_margin, "", step) for s in sites]
+        self.step_kinks += [UnitKink(s.layer, s.count, s.min_margin, s.relative_margin, "", step) for s in sites]
         prop_rows = propagated_rows(names, step, o_trace, s_trace, local, scales) if propagated else []
         if sites and any(r.status == Status.MISMATCH and r.pass_ == "backward" for r in prop_rows):
             cf = _counterfactual(ref, step, x, y, o_trace, sites, names, loss_fn)
             self.result.counterfactual_steps.append(step)
-            counterfactual.explain(prop_rows, s_trace, o_trace, cf, sites)
+            counterfactual.explain(prop_rows, s_trace, cf)
         if any(r.status == Status.MISMATCH for r in prop_rows):
             self_consistent(prop_rows, s_trace, ref.at(step), self.backend, lam)
         explain_by_local(prop_rows, local)
@@ -321,7 +351,7 @@ def _counterfactual(ref: _Reference, step: int, x: Tensor, y: Tensor, o_trace: T
 
 # -- two sides --------------------------------------------------------------------------------------------
 def diff(model: nn.Module, x: Tensor, y: Tensor, a: str | Backend | None = None, b: str | Backend | None = None, *,
-         steps: int = 1, eval_mode: bool = False, units: object = None, fail_on: str = "mismatch",
+         steps: int = 1, eval_mode: bool = False, units: UnitSelector = None, fail_on: str = "mismatch",
          device: str | torch.device | None = None, loss_fn: LossFn = F.cross_entropy) -> DiffReport:
     """Backend ``a`` against backend ``b``, both judged against the fp64 oracle, layer by layer."""
     if fail_on not in FAIL_ON:
@@ -334,7 +364,7 @@ def diff(model: nn.Module, x: Tensor, y: Tensor, a: str | Backend | None = None,
         needs = backend.needs
         steps = max(steps, int(needs.get("steps", 1)))
         eval_mode = eval_mode or bool(needs.get("eval", False))
-    names = _unit_names(model, x, units)
+    names = unit_names(model, x, units)
     oracle = oracle_traces(model, x, y, steps=steps, eval_mode=eval_mode, units=names, loss_fn=loss_fn)
     try:
         side_a, side_b = judge_many(model, x, y, [ba, bb], oracle, units=names, steps=steps, eval_mode=eval_mode,
@@ -392,14 +422,10 @@ def summarize(report: DiffReport, nonfinite: dict[str, list[dict]] | None = None
                 f"({f.get('pass')} {f.get('quantity')}, {f.get('mode')}, step {f.get('step')}); first NaN/Inf "
                 f"produced end to end: {'; '.join(firsts) or 'none'}{kink_text}")
     return (f"mismatch: {who} wrong at {f.get('layer')} ({f.get('pass')} {f.get('quantity')}, {f.get('mode')}, "
-            f"step {f.get('step')}): error {_fmt(f.get('error'))} > tolerance {_fmt(f.get('tolerance'))}{kink_text}")
+            f"step {f.get('step')}): error {fmt(f.get('error'))} > tolerance {fmt(f.get('tolerance'))}{kink_text}")
 
 
-def _fmt(v: object) -> str:
-    return f"{v:.3g}" if isinstance(v, float) else str(v)
-
-
-def local_check(model: nn.Module, x: Tensor, y: Tensor, backend: str | Backend, *, units: object = None,
+def local_check(model: nn.Module, x: Tensor, y: Tensor, backend: str | Backend, *, units: UnitSelector = None,
                 loss_fn: LossFn = F.cross_entropy) -> list[Row]:
     """Teacher-forced rows only, one backend against fp64 (one step); for audits during training.
 
@@ -407,7 +433,7 @@ def local_check(model: nn.Module, x: Tensor, y: Tensor, backend: str | Backend, 
     ``nonfinite``: NaN/Inf where the fp64 oracle is finite) is a wrong unit.
     """
     backend = parse_backend(backend)
-    names = _unit_names(model, x, units)
+    names = unit_names(model, x, units)
     oracle = oracle_traces(model, x, y, units=names, loss_fn=loss_fn, keep_graph=False)
     result = judge(model, x, y, backend, oracle, units=names, loss_fn=loss_fn, propagated=False)
     return result.rows

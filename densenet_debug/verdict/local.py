@@ -18,12 +18,12 @@ import torch
 from torch import Tensor, nn
 
 from densenet_debug.backends import Backend, unit_roundoff
-from densenet_debug.trace import Trace
+from densenet_debug.trace import Trace, UnitRecord
 from densenet_debug.verdict import kinks as kinkmod
 from densenet_debug.verdict.compare import compare
 from densenet_debug.verdict.nonfinite import finite
 from densenet_debug.verdict.replay import exact_expectation, oracle_values, replay_unit
-from densenet_debug.verdict.report import FAILING, Kink, Row, Status
+from densenet_debug.verdict.report import FAILING, Row, Status, UnitKink
 from densenet_debug.verdict.tolerance import TEACHER_ORIGIN, Precision, UnitBounds, fp64_precision, underflow
 
 QUANTITY_PASS = {"output": "forward", "buffer": "forward"}
@@ -99,8 +99,8 @@ class _Aggregate:
             self.best.error = comp.error
 
 
-def local_rows(name: str, step: int, module: nn.Module, o_rec: object, s_rec: object, bounds: UnitBounds,
-                backend: Backend, lam: float, kinks_out: list[Kink], cache: dict | None = None) -> list[Row]:
+def local_rows(name: str, step: int, module: nn.Module, o_rec: UnitRecord, s_rec: UnitRecord | None, bounds: UnitBounds,
+                backend: Backend, lam: float, kinks_out: list[UnitKink], cache: dict | None = None) -> list[Row]:
     replay = replay_unit(module, o_rec, s_rec, backend)
     operands = [t for t in replay.inputs if t is not None]
     truth = oracle_values(o_rec)
@@ -110,7 +110,7 @@ def local_rows(name: str, step: int, module: nn.Module, o_rec: object, s_rec: ob
         site = kinkmod.find(name, step, module, o_rec.inputs[0], replay.inputs[0])
         if site is not None:  # the oracle input itself rounds across the boundary (underflow, a tie)
             exclude = site.mask
-            kinks_out.append(Kink(name, site.count, site.min_margin, site.relative_margin, "", step, "local"))
+            kinks_out.append(UnitKink(name, site.count, site.min_margin, site.relative_margin, "", step, "local"))
     groups: dict[str, _Aggregate] = {}
     meta: dict[str, tuple[str, str]] = {}
     keys = set(truth) | {k for k in replay.values if not k.startswith("buffer.") or k in truth}
@@ -210,4 +210,5 @@ def blame_children(local: list[Row], names: list[str]) -> None:
             continue
         kids = [n for (s, n) in failing if s == r.step and n != r.layer and n.startswith(r.layer + ".")]
         if kids and r.layer:
-            r.note = f"explained by failing unit {sorted(kids)[0]}"
+            r.explained_by = sorted(kids)[0]
+            r.note = f"explained by failing unit {r.explained_by}"

@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from densenet_debug.backends import Backend
 from densenet_debug.trace import Trace, UnitRecord
 from densenet_debug.verdict import kinks as kinkmod
-from densenet_debug.verdict.compare import abs_difference, compare, oracle_scale
+from densenet_debug.verdict.compare import compare, relative_error
 from densenet_debug.verdict.local import NONFINITE_NOTE, base, exact_bound, precision, with_teacher
 from densenet_debug.verdict.nonfinite import finite
 from densenet_debug.verdict.replay import Replay, exact_expectation, oracle_values, side_values
@@ -30,19 +30,7 @@ PROPAGATED_ORIGIN = ("propagated: sum of the local tolerances of every unit upst
                      "passed on unamplified)")
 
 
-def relerr(side_t: Tensor | None, truth: Tensor | None, cache: dict | None = None) -> float:
-    """max |side - truth| / max |truth|; a missing or misshapen tensor, or a NaN, is infinitely wrong."""
-    if truth is None and side_t is None:
-        return 0.0
-    if truth is None or side_t is None or tuple(side_t.shape) != tuple(truth.shape):
-        return math.inf
-    if truth.numel() == 0:
-        return 0.0
-    err = float(abs_difference(side_t, truth).max())
-    return math.inf if math.isnan(err) else err / oracle_scale(truth, cache)
-
-
-def accumulated(local: list[Row], oracle_trace: Trace) -> tuple[dict[int, float], dict[int, float], float]:
+def accumulated(local: list[Row]) -> tuple[dict[int, float], dict[int, float], float]:
     """First-order accumulation of local tolerances: running sums along forward and backward order."""
     fwd_tol: dict[int, float] = {}
     bwd_tol: dict[int, float] = {}
@@ -99,7 +87,7 @@ def kink_sites(names: list[str], step: int, o_trace: Trace, s_trace: Trace,
 
 def propagated_rows(names: list[str], step: int, o_trace: Trace, s_trace: Trace, local: list[Row],
                      scales: dict | None = None) -> list[Row]:
-    fwd_cum, bwd_cum, total_forward = accumulated(local, o_trace)
+    fwd_cum, bwd_cum, total_forward = accumulated(local)
     rows = []
     for name in names:
         if name not in o_trace:
@@ -111,7 +99,7 @@ def propagated_rows(names: list[str], step: int, o_trace: Trace, s_trace: Trace,
         bad: set[str] = set()
         for key in truth:
             quantity, pass_, index = base(key)
-            err = relerr(got.get(key), truth[key], scales)
+            err = relative_error(got.get(key), truth[key], scales)
             if not math.isfinite(err) and not finite(got.get(key)) and finite(truth[key]):
                 bad.add(quantity)
             if quantity not in groups or err > groups[quantity][0]:
@@ -228,7 +216,7 @@ def carried_state(names: list[str], step: int, before: dict[str, dict[str, Tenso
             if prev is None:
                 continue
             same = prev.shape == t.shape and bool(torch.equal(prev.to(t.device), t))
-            err = 0.0 if same else relerr(t, prev.detach().to("cpu", torch.float64))
+            err = 0.0 if same else relative_error(t, prev.detach().to("cpu", torch.float64))
             rows.append(Row(layer=name, pass_="forward", quantity=f"{key} (carried)",
                             error_a=err if same else max(err, 1e-300), error_b=None, tolerance=0.0,
                             status=Status.OK if same else Status.MISMATCH, origin=CARRIED_ORIGIN, step=step,

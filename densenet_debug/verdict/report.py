@@ -57,6 +57,7 @@ class Row:
     worst_b: tuple[int, ...] | None = None
     order: int = 0  # forward index for forward quantities, backward index for backward ones
     note: str = ""
+    explained_by: str | None = None  # a failing descendant unit that is the culprit instead (not in the JSON)
 
     def to_json(self) -> dict:
         out = {"layer": self.layer, "pass": self.pass_, "quantity": self.quantity, "error_a": _num(self.error_a),
@@ -80,7 +81,7 @@ class Row:
 
 
 @dataclass
-class Kink:
+class UnitKink:
     """Kinks of one side at one unit: how many elements took the other branch, and the closest call."""
 
     layer: str
@@ -102,7 +103,7 @@ class SideResult:
 
     backend: str
     rows: list[Row]
-    kinks: list[Kink]
+    kinks: list[UnitKink]
     flags: dict
     units: list[str]
     checked_elements: int = 0
@@ -117,9 +118,9 @@ class SideResult:
 @dataclass
 class DiffReport:
     verdict: str  # "agree" | "mismatch"
-    first_divergence: dict | None
+    first_divergence: FirstDivergence | None
     rows: list[Row]
-    kinks: list[Kink]
+    kinks: list[UnitKink]
     environment: dict
     a: str = ""
     b: str = ""
@@ -127,14 +128,14 @@ class DiffReport:
     summary: str = ""
 
     def to_json(self) -> dict:
-        return {"schema": SCHEMA, "verdict": self.verdict, "first_divergence": self.first_divergence,
+        return {"schema": SCHEMA, "verdict": self.verdict, "first_divergence": to_json_or_none(self.first_divergence),
                 "rows": [r.to_json() for r in self.rows], "kinks": [k.to_json() for k in self.kinks],
                 "environment": self.environment, "a": self.a, "b": self.b, "settings": self.settings,
                 "summary": self.summary}
 
     def worst_rows(self, n: int = 15) -> list[Row]:
         """Failing rows first, then the rows closest to their tolerance."""
-        return sorted(self.rows, key=lambda r: (-STATUS_ORDER[r.status], -_finite(r.worst_ratio)))[:n]
+        return sorted(self.rows, key=lambda r: (-STATUS_ORDER[r.status], -sortable(r.worst_ratio)))[:n]
 
 
 def merge_sides(a: SideResult, b: SideResult) -> list[Row]:
@@ -144,48 +145,93 @@ def merge_sides(a: SideResult, b: SideResult) -> list[Row]:
         by_key[r.key] = Row(layer=r.layer, pass_=r.pass_, quantity=r.quantity, error_a=r.error_a, error_b=None,
                             tolerance=r.tolerance, status=r.status, origin=r.origin, step=r.step, mode=r.mode,
                             side="a" if r.status != Status.OK else None, tolerance_a=r.tolerance, ratio_a=r.ratio_a,
-                            worst_a=r.worst_a, order=r.order, note=r.note)
+                            worst_a=r.worst_a, order=r.order, note=r.note,
+                            explained_by=r.explained_by)
     for r in b.rows:
         row = by_key.get(r.key)
         if row is None:
             by_key[r.key] = Row(layer=r.layer, pass_=r.pass_, quantity=r.quantity, error_a=None, error_b=r.error_a,
                                 tolerance=r.tolerance, status=r.status, origin=r.origin, step=r.step, mode=r.mode,
                                 side="b" if r.status != Status.OK else None, tolerance_b=r.tolerance,
-                                ratio_b=r.ratio_a, worst_b=r.worst_a, order=r.order, note=r.note)
+                                ratio_b=r.ratio_a, worst_b=r.worst_a, order=r.order, note=r.note,
+                                explained_by=r.explained_by)
             continue
         row.error_b, row.tolerance_b, row.ratio_b, row.worst_b = r.error_a, r.tolerance, r.ratio_a, r.worst_a
         a_rank, b_rank = STATUS_ORDER[row.status], STATUS_ORDER[r.status]
-        if b_rank > a_rank or (b_rank == a_rank and _finite(r.ratio_a or 0) > _finite(row.ratio_a or 0)):
+        if b_rank > a_rank or (b_rank == a_rank and sortable(r.ratio_a or 0) > sortable(row.ratio_a or 0)):
             row.tolerance, row.origin = r.tolerance, r.origin
         if b_rank > a_rank:
+            row.explained_by = r.explained_by if r.note else row.explained_by  # follows the note kept
             row.status, row.side, row.note = r.status, "b", r.note or row.note
         elif b_rank == a_rank and b_rank > 0:
             row.side = "both"
+            row.explained_by = row.explained_by if row.note else r.explained_by  # the note that leads
             if r.note and r.note not in row.note:
                 row.note = "; ".join(filter(None, [row.note, r.note]))
     return list(by_key.values())
 
 
-def first_divergence(rows: list[Row], kinks_fail: bool = False) -> dict | None:
-    """The earliest failing unit: local failures first (they localise), forward before backward."""
+@dataclass
+class FirstDivergence:
+    """Where a report first fails; ``error``/``tolerance`` as written to JSON (``"inf"``/``"nan"`` as strings).
+
+    Read by key too (``report.first_divergence["layer"]``, ``.get("side")``): the keys of :meth:`to_json`.
+    """
+
+    layer: str
+    pass_: str
+    quantity: str
+    error: float | str | None
+    tolerance: float | str | None
+    side: str | None
+    step: int
+    mode: str
+    status: str
+
+    def to_json(self) -> dict:
+        return {"layer": self.layer, "pass": self.pass_, "quantity": self.quantity, "error": self.error,
+                "tolerance": self.tolerance, "side": self.side, "step": self.step, "mode": self.mode,
+                "status": self.status}
+
+    def __getitem__(self, key: str) -> object:
+        return self.to_json()[key]
+
+    def get(self, key: str, default: object = None) -> object:
+        return self.to_json().get(key, default)
+
+
+def first_divergence(rows: list[Row], kinks_fail: bool = False) -> FirstDivergence | None:
+    """The earliest failing unit: local failures first (they localise), forward before backward; a failing
+    composite whose failing descendant explains it (``explained_by``) is passed over while a culprit remains."""
     def rank(r: Row) -> tuple:
         return (r.mode != "local", r.step, r.pass_ != "forward", r.order)
 
     failing = [r for r in rows if r.status in FAILING or (kinks_fail and r.status == Status.KINK)]
     if not failing:
         return None
-    culprits = [r for r in failing if not r.note.startswith("explained by failing unit")]
+    culprits = [r for r in failing if r.explained_by is None]
     r = min(culprits or failing, key=rank)
     side = r.side if r.side in ("a", "b") else ("a" if (r.ratio_a or 0) >= (r.ratio_b or 0) else "b")
     error = r.error_a if side == "a" else r.error_b
-    return {"layer": r.layer, "pass": r.pass_, "quantity": r.quantity, "error": _num(error),
-            "tolerance": _num(r.tolerance), "side": r.side, "step": r.step, "mode": r.mode, "status": str(r.status)}
+    return FirstDivergence(layer=r.layer, pass_=r.pass_, quantity=r.quantity, error=_num(error),
+                           tolerance=_num(r.tolerance), side=r.side, step=r.step, mode=r.mode, status=str(r.status))
 
 
-def _finite(v: float | None) -> float:
+def to_json_or_none(first: FirstDivergence | dict | None) -> dict | None:
+    """``first_divergence`` as JSON: None stays None; a plain dict (an older caller's) passes through."""
+    return first.to_json() if isinstance(first, FirstDivergence) else first
+
+
+def sortable(v: float | None) -> float:
+    """A ratio as a sort key: None and NaN rank as 0, inf above every finite value."""
     if v is None or math.isnan(v):
         return 0.0
     return 1e300 if math.isinf(v) else v
+
+
+def fmt(v: object) -> str:
+    """A JSON number for a summary line: floats to 3 significant digits, anything else (``"inf"``) as is."""
+    return f"{v:.3g}" if isinstance(v, float) else str(v)
 
 
 def _num(v: float | None) -> float | str | None:

@@ -2,10 +2,10 @@
 
 Each case is a tiny network ``split -> cat -> [BN] -> conv -> tail cat`` run through the verdict engine
 (every unit teacher-forced in the layout the backend saw, against a float64 oracle). The axes come from
-where the historical bugs lived (``backend-bug-catalog.md`` section 4): batch 1, 2 and odd; channel splits
-that are not multiples of 8, C=1 and the ambiguous N x C x 1 x 1 shapes; 2 to 4 cat inputs; contiguous,
-channels_last and mixed inputs; a conv grad_output that is a non-contiguous cat-backward slice with a
-storage offset (the #708 trigger) or a plain one; 1x1 and 3x3 kernels, stride 1 and 2; BN in train or
+where the historical bugs lived (section 4 of the team's backend bug catalog, not in the repo): batch 1, 2
+and odd; channel splits that are not multiples of 8, C=1 and the ambiguous N x C x 1 x 1 shapes; 2 to 4 cat
+inputs; contiguous, channels_last and mixed inputs; a conv grad_output that is a non-contiguous cat-backward
+slice with a storage offset (the #708 trigger) or a plain one; 1x1 and 3x3 kernels, stride 1 and 2; BN in train or
 eval mode, or none, before the conv. :func:`sweep_cases` is importable as pytest parameters.
 """
 
@@ -20,6 +20,7 @@ from torch import Tensor, nn
 
 from densenet_debug.backends import Backend, parse_backend
 from densenet_debug.models.densenet import Concat
+from densenet_debug.verdict.report import FirstDivergence, to_json_or_none
 
 LAYOUTS = ("contiguous", "channels_last", "mixed")
 KERNELS = ((1, 1), (3, 1), (3, 2), (1, 2))  # (kernel, stride)
@@ -137,13 +138,13 @@ def case_inputs(case: CatConvCase, seed: int = 0) -> tuple[nn.Module, Tensor, Te
 class CaseResult:
     case: CatConvCase
     verdict: str
-    first: dict | None
+    first: FirstDivergence | None
     worst_ratio_a: float
     worst_ratio_b: float
     failing_sides: str
 
     def to_json(self) -> dict:
-        return {"case": self.case.to_json(), "verdict": self.verdict, "first_divergence": self.first,
+        return {"case": self.case.to_json(), "verdict": self.verdict, "first_divergence": to_json_or_none(self.first),
                 "worst_ratio_a": self.worst_ratio_a, "worst_ratio_b": self.worst_ratio_b,
                 "failing_sides": self.failing_sides}
 

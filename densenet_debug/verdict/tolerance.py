@@ -44,7 +44,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
+from densenet_debug.backends import U64
 from densenet_debug.models.densenet import Concat
+from densenet_debug.trace import UnitRecord
 from densenet_debug.verdict.compare import Comparison, abs_difference, compare, oracle_scale  # re-exported
 from densenet_debug.verdict.magnitude import MagnitudeMode, magnitude_module
 
@@ -88,11 +90,11 @@ class Precision:
 
 
 BoundFn = Callable[[Precision], Tensor]
-U64 = 2.0**-53
 
 
 def fp64_precision(lam: float) -> Precision:
-    """A float64 evaluation on the CPU: every unit roundoff 2^-53 (the teacher's own, see :func:`teacher_bound`)."""
+    """A float64 evaluation on the CPU: every unit roundoff 2^-53 (the teacher's own, see
+    :func:`densenet_debug.verdict.local.with_teacher`)."""
     return Precision(u_op=U64, u_acc=U64, u_out=U64, lam=lam, eta=2 * underflow(torch.float64), u_cmp=U64)
 
 
@@ -149,11 +151,7 @@ AVGPOOL = (nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d, nn.AdaptiveAvgPool1d, nn.Ad
            nn.AdaptiveAvgPool3d)
 
 
-def is_kinky(module: nn.Module) -> bool:
-    return isinstance(module, PIECEWISE + MAXPOOL)
-
-
-def unit_bounds(module: nn.Module, rec: object, params: dict[str, Tensor]) -> UnitBounds:
+def unit_bounds(module: nn.Module, rec: UnitRecord, params: dict[str, Tensor]) -> UnitBounds:
     """Magnitudes for every quantity of ``rec`` (an oracle :class:`~densenet_debug.trace.UnitRecord`).
 
     ``module`` is the unit (any dtype/device: only its type and hyper-parameters are read); ``params`` its
@@ -171,7 +169,7 @@ def unit_bounds(module: nn.Module, rec: object, params: dict[str, Tensor]) -> Un
 
 
 # -- multilinear ops: the |.|-evaluation ---------------------------------------------------------------
-def _reduction_lengths(module: nn.Module, rec: object) -> tuple[dict[str, int], str]:
+def _reduction_lengths(module: nn.Module, rec: UnitRecord) -> tuple[dict[str, int], str]:
     """K per quantity key, and the sentence that says why."""
     x = rec.inputs[0] if rec.inputs else None
     if isinstance(module, CONV + CONV_T):
@@ -212,7 +210,7 @@ def _pool_window(module: nn.Module, x: Tensor | None) -> int:
                      for s, o in zip(x.shape[2:], out))
 
 
-def _multilinear(module: nn.Module, rec: object, params: dict[str, Tensor]) -> UnitBounds:
+def _multilinear(module: nn.Module, rec: UnitRecord, params: dict[str, Tensor]) -> UnitBounds:
     ks, why = _reduction_lengths(module, rec)
     operands = 1 if isinstance(module, EXACT + AVGPOOL) else 2
     clone = magnitude_module(module, params)
@@ -250,7 +248,7 @@ def _multilinear(module: nn.Module, rec: object, params: dict[str, Tensor]) -> U
 
 
 # -- piecewise-linear ops (ReLU family, max pooling): exact on either side of a kink ----------------------
-def _piecewise(module: nn.Module, rec: object) -> UnitBounds:
+def _piecewise(module: nn.Module, rec: UnitRecord) -> UnitBounds:
     """Output: the cast of the input (u_op); grad_input: the cast grad_output routed by the oracle's branch.
 
     The |grad_output| routed through the oracle's own backward is ``|J|^T |g|`` (the Jacobian of these ops
@@ -283,7 +281,7 @@ def _overlap(module: nn.Module) -> int:
 
 
 # -- batch normalisation ---------------------------------------------------------------------------------
-def _batchnorm(module: nn.Module, rec: object, params: dict[str, Tensor]) -> UnitBounds:
+def _batchnorm(module: nn.Module, rec: UnitRecord, params: dict[str, Tensor]) -> UnitBounds:
     """First-order rounding model of BN forward, backward and running-stat update (derivation inline).
 
     Per channel, with R = N*H*W: mean and variance are sums over R (the variance bounded with E[x^2], so
@@ -320,7 +318,7 @@ def _batchnorm(module: nn.Module, rec: object, params: dict[str, Tensor]) -> Uni
     return result
 
 
-def _bn_bounds(module: nn.Module, rec: object, params: dict[str, Tensor], p: Precision, dims: list[int],
+def _bn_bounds(module: nn.Module, rec: UnitRecord, params: dict[str, Tensor], p: Precision, dims: list[int],
                shape: list[int], R: int, batch_stats: bool) -> dict[str, Tensor]:
     """The terms of the model above, with per-channel factors folded so each full-size tensor is touched once.
 

@@ -61,6 +61,7 @@ def run(argv: list[str]) -> dict:
     from densenet_debug.faults.registry import BUGS, make_fault
     from densenet_debug.faults.selftest import harness_batch, harness_model, is_localized
     from densenet_debug.verdict.engine import diff
+    from densenet_debug.verdict.report import to_json_or_none
 
     parser = argparse.ArgumentParser(prog="bench.py verdict")
     parser.add_argument("--configs", type=int, default=200, help="generated configurations (default 200)")
@@ -97,7 +98,7 @@ def run(argv: list[str]) -> dict:
             where = {"model": c["model"], "batch": batch, "seed": c["seed"], "pair": key}
             if clean.verdict != "agree":
                 per_pair[key]["false_positives"] += 1
-                false_pos.append(where | {"first_divergence": clean.first_divergence})
+                false_pos.append(where | {"first_divergence": to_json_or_none(clean.first_divergence)})
             first = faulty.first_divergence
             detected = faulty.verdict == "mismatch"
             localized = detected and is_localized(fault, first) and (first or {}).get("side") in ("a", None)
@@ -108,7 +109,7 @@ def run(argv: list[str]) -> dict:
             if not detected:
                 misses.append(where | {"fault": c["fault"], "layer": unit})
             elif not localized:
-                loose.append(where | {"fault": c["fault"], "layer": unit, "first_divergence": first})
+                loose.append(where | {"fault": c["fault"], "layer": unit, "first_divergence": to_json_or_none(first)})
     finally:
         torch.set_num_threads(saved_threads)
     n = len(configs)

@@ -12,13 +12,13 @@ from hypothesis import strategies as st
 from torch import nn
 
 from densenet_debug import build_model
+from densenet_debug.backends import TF32_ROUNDOFF
 from densenet_debug.errors import UsageError
 from densenet_debug.faults.ops import FaultConfig, _padded_pool_grad, round_mantissa
 from densenet_debug.faults.registry import (
     BUGS,
     CONTROLS,
     FAULTS,
-    TF32_UNIT_ROUNDOFF,
     eligible_units,
     make_fault,
     planted,
@@ -228,7 +228,7 @@ def test_controls_stay_within_their_precision(name):
         assert 0 < rel < 1e-13 or rel == 0
         assert all(_same(grads_f[n], grads_c[n], rtol=1e-10) for n in grads_c)
     else:  # tf32: clearly rounded, but at TF32's own unit roundoff, not a blunder
-        assert 1e-6 < rel < 1e3 * TF32_UNIT_ROUNDOFF
+        assert 1e-6 < rel < 1e3 * TF32_ROUNDOFF
 
 
 def test_round_mantissa_is_round_to_nearest_with_ten_bits():
@@ -236,7 +236,7 @@ def test_round_mantissa_is_round_to_nearest_with_ten_bits():
     r = round_mantissa(x)
     mantissa, _ = torch.frexp(r)
     assert torch.equal(mantissa * 2**11, torch.round(mantissa * 2**11))  # 11 significant bits
-    assert float(((r - x).abs() / x.abs()).max()) <= TF32_UNIT_ROUNDOFF
+    assert float(((r - x).abs() / x.abs()).max()) <= TF32_ROUNDOFF
     x32 = x.float()
     bits = x32.view(torch.int32)  # reference: round-half-even on the 13 dropped bits of fp32
     ref = ((bits + 0xFFF + ((bits >> 13) & 1)) & ~0x1FFF).view(torch.float32)

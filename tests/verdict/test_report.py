@@ -8,7 +8,7 @@ import math
 from rich.console import Console
 
 from densenet_debug.verdict.render import print_report, to_html
-from densenet_debug.verdict.report import SCHEMA, DiffReport, Kink, Row, SideResult, first_divergence, merge_sides
+from densenet_debug.verdict.report import SCHEMA, DiffReport, Row, SideResult, UnitKink, first_divergence, merge_sides
 
 
 def _row(layer: str, pass_: str, quantity: str, error: float, tol: float, status: str, order: int,
@@ -45,7 +45,7 @@ def _report() -> DiffReport:
     rows = [_row("stem", "forward", "output", 1e-7, 1e-6, "ok", 0),
             _row("head.fc", "backward", "grad_weight", math.inf, 0.0, "mismatch", 0)]
     rows[1].side = "a"
-    return DiffReport("mismatch", first_divergence(rows), rows, [Kink("head.relu", 2, 3e-6, 1e-7, "b")],
+    return DiffReport("mismatch", first_divergence(rows), rows, [UnitKink("head.relu", 2, 3e-6, 1e-7, "b")],
                       {"torch": "x"}, "a-backend", "b-backend", {"steps": 1}, "mismatch: a-backend wrong at head.fc")
 
 

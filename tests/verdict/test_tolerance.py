@@ -135,13 +135,13 @@ def test_bounds_are_linear_in_the_roundoffs_so_the_teacher_adds(p: tuple, q: tup
     """``B(p.plus(q)) == B(p) + B(q)`` for every quantity of every unit (conv, BN, pools, linear, ReLU, cat):
     what lets a local row carry the float64 teacher's own bound in one evaluation (``local.with_teacher``)."""
     from densenet_debug.models import build_model
-    from densenet_debug.reference.record import oracle_traces
+    from densenet_debug.reference.record import one_thread_oracle
     from densenet_debug.verdict.tolerance import unit_bounds
 
     torch.manual_seed(0)
     model = build_model("densenet-bc-10")
     x, y = torch.randn(2, 3, 8, 8), torch.tensor([1, 7])
-    trace = oracle_traces(model, x, y, eval_mode=eval_mode, keep_graph=False)[0]
+    trace = one_thread_oracle(model, x, y, eval_mode=eval_mode, keep_graph=False)[0]
     ref = model.double()
     modules = dict(ref.named_modules())
     pp = Precision(u_op=p[0], u_acc=p[1], u_out=p[2], u_cmp=p[3], lam=7.5, eta=1e-300)
