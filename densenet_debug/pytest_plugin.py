@@ -127,6 +127,7 @@ class GradReference:
         from densenet_debug.errors import UsageError
         from densenet_debug.reference.check import check_reference, default_backend, reference_oracle
         from densenet_debug.reference.format import FixtureError
+        from densenet_debug.verdict.engine import JudgeCache
 
         fixture, model = loaded
         problem = None
@@ -135,7 +136,7 @@ class GradReference:
         except FixtureError as exc:  # a checkpoints fixture this model's trace does not fit
             problem = f"{exc}; re-record with pytest --update-reference"
         _fail_if(problem)
-        shared: dict = {}
+        shared = JudgeCache()
         results, failures, skipped = [], [], []
         for b in names:
             b = b or default_backend(device)

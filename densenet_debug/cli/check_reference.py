@@ -36,12 +36,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from densenet_debug.reference.check import load_reference, reference_oracle
+    from densenet_debug.verdict.engine import JudgeCache
 
     check_outputs(args, json=None)
     device = resolve_device(args.device) if args.device else None
     fixture, model = load_reference(args.fixture, spec=args.model)
     loaded = (fixture, model, *reference_oracle(fixture, model))
-    shared: dict = {}
+    shared = JudgeCache()
     results = [check_reference(fixture, b, device=device, loaded=loaded, shared=shared)
                for b in (args.backend or [None])]
     console = make_console()

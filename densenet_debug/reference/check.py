@@ -342,7 +342,7 @@ def _accumulated_fp64(trace: Trace, step: int, shared: JudgeCache, prec: Precisi
 def check_reference(
     path: str | Path | Fixture, backend: str | None = None, *, device: str | torch.device | None = None,
     model: nn.Module | None = None, spec: str | None = None, loaded: tuple | None = None,
-    shared: JudgeCache | dict | None = None,
+    shared: JudgeCache | None = None,
 ) -> ReferenceResult:
     """Judge ``backend`` (default: PyTorch's default on the device) against the fixture at ``path``.
 

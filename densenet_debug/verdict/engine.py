@@ -83,14 +83,9 @@ class JudgeCache:
     reproduction: dict[int, list[Row]] = field(default_factory=dict)  # id(oracle) -> reference reproduction rows
 
     @classmethod
-    def of(cls, shared: JudgeCache | dict | None) -> JudgeCache:
-        """``shared`` as a cache: itself, a new one for None, or one kept inside a plain dict (older callers
-        pass ``{}`` and share it across calls)."""
-        if shared is None:
-            return cls()
-        if isinstance(shared, dict):
-            return shared.setdefault("judge_cache", cls())
-        return shared
+    def of(cls, shared: JudgeCache | None) -> JudgeCache:
+        """``shared`` itself, or a new cache for None."""
+        return cls() if shared is None else shared
 
 
 # -- preparing copies -------------------------------------------------------------------------------------
@@ -202,7 +197,7 @@ def release(oracle: list[Trace]) -> None:
 # -- one side ---------------------------------------------------------------------------------------------
 def judge(model: nn.Module, x: Tensor, y: Tensor, backend: str | Backend, oracle: list[Trace], *,
           units: UnitSelector = None, steps: int = 1, eval_mode: bool = False, loss_fn: LossFn = F.cross_entropy,
-          propagated: bool = True, _shared: JudgeCache | dict | None = None) -> SideResult:
+          propagated: bool = True, _shared: JudgeCache | None = None) -> SideResult:
     """Judge one backend against the oracle: propagated rows plus local teacher-forced rows, every step.
 
     ``oracle`` holds one :class:`Trace` per step (from :func:`oracle_traces` or rebuilt from stored arrays);
@@ -215,7 +210,7 @@ def judge(model: nn.Module, x: Tensor, y: Tensor, backend: str | Backend, oracle
 
 def judge_many(model: nn.Module, x: Tensor, y: Tensor, backends: list[str | Backend], oracle: list[Trace], *,
                units: UnitSelector = None, steps: int = 1, eval_mode: bool = False, loss_fn: LossFn = F.cross_entropy,
-               propagated: bool = True, _shared: JudgeCache | dict | None = None) -> list[SideResult]:
+               propagated: bool = True, _shared: JudgeCache | None = None) -> list[SideResult]:
     """:func:`judge` for several backends in lockstep: each unit's error model is built once, used by every
     side, and dropped (unless ``_shared`` keeps it), so memory does not grow with the number of units."""
     _check_inputs(x, y)

@@ -21,6 +21,7 @@ import pytest
 import torch
 
 from densenet_debug.reference.check import check_reference, load_reference, reference_oracle
+from densenet_debug.verdict.engine import JudgeCache
 
 ROOT = Path(__file__).resolve().parents[2]
 REFERENCE = ROOT / "reference_grads"
@@ -115,7 +116,7 @@ def test_the_foreign_float64_really_rounds_differently(foreign: dict) -> None:
 @pytest.mark.parametrize("policy, eval_mode", CASES, ids=[f"{p}-{'eval' if e else 'train'}" for p, e in CASES])
 def test_foreign_fixture_agrees_and_still_catches_708(foreign: dict, policy: str, eval_mode: bool) -> None:
     fixture, model = load_reference(foreign[(policy, eval_mode)])
-    loaded, shared = (fixture, model, *reference_oracle(fixture, model)), {}
+    loaded, shared = (fixture, model, *reference_oracle(fixture, model)), JudgeCache()
     for backend in BACKENDS:
         result = check_reference(fixture, backend, loaded=loaded, shared=shared)
         assert result.verdict == "agree", f"{backend}: {result.message()}"
@@ -136,11 +137,12 @@ def test_committed_fixtures_hold_under_another_float64(env: dict[str, str]) -> N
     code = (
         "import sys, torch\n"
         "from densenet_debug.reference.check import check_reference, load_reference, reference_oracle\n"
+        "from densenet_debug.verdict.engine import JudgeCache\n"
         f"print('threads', torch.get_num_threads(), 'capability', torch.backends.cpu.get_cpu_capability())\n"
         "bad = []\n"
         f"for name in {COMMITTED!r}:\n"
         f"    fixture, model = load_reference({str(REFERENCE)!r} + '/' + name)\n"
-        "    loaded, shared = (fixture, model, *reference_oracle(fixture, model)), {}\n"
+        "    loaded, shared = (fixture, model, *reference_oracle(fixture, model)), JudgeCache()\n"
         "    for backend in ('fp64', 'native'):\n"
         "        r = check_reference(fixture, backend, loaded=loaded, shared=shared)\n"
         "        if r.verdict != 'agree':\n"

@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from densenet_debug.reference.check import ReferenceResult, check_reference, load_reference, reference_oracle
+from densenet_debug.verdict.engine import JudgeCache
 
 REFERENCE = Path(__file__).resolve().parents[2] / "reference_grads"
 CPU_BACKENDS = ["native", "mkldnn", "fp64", "channels_last"]
@@ -66,14 +67,14 @@ class _Judged:
 
     def __init__(self) -> None:
         self.loaded: tuple | None = None
-        self.shared: dict = {}
+        self.shared = JudgeCache()
         self.results: dict[tuple, ReferenceResult] = {}
 
     def __call__(self, path: Path, backend: str, device: str) -> ReferenceResult:
         key = (path, backend, device)
         if key not in self.results:
             if self.loaded is None or self.loaded[0].path != path:
-                self.loaded, self.shared = None, {}  # frees the previous fixture's oracle (BC-100: ~0.5 GB)
+                self.loaded, self.shared = None, JudgeCache()  # frees the previous fixture's oracle (BC-100: ~0.5 GB)
                 fixture, model = load_reference(path)
                 self.loaded = (fixture, model, *reference_oracle(fixture, model))
             self.results[key] = check_reference(path, backend, device=device, loaded=self.loaded,
