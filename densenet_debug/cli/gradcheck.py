@@ -25,6 +25,7 @@ from densenet_debug.errors import UsageError, describe
 from densenet_debug.gradcheck.engine import MODES, gradcheck_model
 from densenet_debug.gradcheck.report import GradcheckReport
 from densenet_debug.models.batch import make_batch
+from densenet_debug.models.copies import fp64_copy
 from densenet_debug.table import make_console, print_table
 from densenet_debug.trace import discover_units
 
@@ -59,7 +60,7 @@ def run(args: argparse.Namespace) -> int:
     model = model.to(device)
     x, y = _batch(model, args, device)
     if args.list:
-        probe = _fp64(model, args.eval)
+        probe = fp64_copy(model).train(not args.eval)
         for name in discover_units(probe, x.to(torch.float64)):
             print(name or "(model)")
         return 0
@@ -83,11 +84,6 @@ def run(args: argparse.Namespace) -> int:
         write_text(args.json, json.dumps(report.to_json(), indent=2) + "\n")
     return 0 if report.verdict == "pass" else 1
 
-
-def _fp64(model: torch.nn.Module, eval_mode: bool) -> torch.nn.Module:
-    import copy
-
-    return copy.deepcopy(model).to(torch.float64).train(not eval_mode)
 
 
 def _batch(model: torch.nn.Module, args: argparse.Namespace, device: torch.device) -> tuple[torch.Tensor, ...]:
