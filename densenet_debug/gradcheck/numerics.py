@@ -54,6 +54,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from densenet_debug.gradcheck import opkinks
 from densenet_debug.gradcheck.function import CHUNK_BYTES, UnitFunction
 
 EPS = 2.0 ** -53            # float64 unit roundoff
@@ -68,6 +69,8 @@ RESOLUTION_TARGET = 1e-5    # a weaker check looks for kinks / re-checks the wea
 JOINT_FROM = 4              # units with this many tensors (cat) move them together, else one at a time
 KINK_MAX_FRACTION = 0.5     # masking more outputs than this leaves too little to compare
 SHRINK, MAX_SHRINKS = 1.0 / 16.0, 3
+ETA_MIN = ETA * 2.0 ** -12  # smallest step op-level kinks may force (see gradcheck.opkinks)
+MAX_OP_PROBES = 4           # probes of the op-level crossings per check (each: 2K captured forwards)
 FULL_LIMIT = 1 << 22        # Jacobian entries for full mode (32 MiB in float64)
 FULL_LIMIT_NAMED = 1 << 24  # for a unit named with --layer
 
@@ -86,6 +89,7 @@ class Outcome:
     origin: dict[str, float] = field(default_factory=dict)
     note: str = ""
     resolutions: list[float | None] = field(default_factory=list)  # per checked slot
+    sites: dict[str, int] = field(default_factory=dict)  # op-level kinks the step crossed: label -> elements
 
 
 class DirectionPool:
@@ -130,8 +134,13 @@ def check_joint(unit: UnitFunction, slots: list[int], pool: DirectionPool, direc
         if o is not None:
             return o
     eta, failed_everywhere, last = (ETA_SMOOTH if kind == "smooth" else ETA), True, None
+    u, crossed = None, None
+    if opkinks.applies(unit):
+        u, eta, crossed = _avoid_op_kinks(unit, slots, pool, directions, eta)
     for _ in range(MAX_SHRINKS + 1):
-        o = _joint_at(unit, slots, pool, directions, eta, look_for_kinks=kind != "smooth")
+        o = _joint_at(unit, slots, pool, directions, eta, look_for_kinks=kind != "smooth", u=u)
+        if crossed is not None:
+            return _unavoidable(o, crossed)
         if o.kink_count == 0:
             return o  # smooth along this segment: a smaller step cannot change the verdict
         if o.status == "pass" and (o.resolution is None or o.resolution <= RESOLUTION_TARGET):
@@ -144,13 +153,44 @@ def check_joint(unit: UnitFunction, slots: list[int], pool: DirectionPool, direc
     return last
 
 
+def _avoid_op_kinks(unit: UnitFunction, slots: list[int], pool: DirectionPool, k: int, eta: float
+                    ) -> tuple[list[Tensor], float, opkinks.Crossings | None]:
+    """Directions, and the largest step ≤ ``eta`` along them that crosses no captured piecewise op.
+
+    Returns the crossings left when none is small enough (an input on a boundary, or below ``ETA_MIN``).
+    """
+    bases = [unit.slots[s].base for s in slots]
+    u = pool.take(k, bases)
+    for _ in range(MAX_OP_PROBES):
+        steps = [eta * _rms(b, unit.output_scale) for b in bases]
+        found = opkinks.probe(unit, slots, [ui * h for ui, h in zip(u, steps)])
+        if not found.count:
+            return u, eta, None
+        smaller = max(eta * found.safe, ETA_MIN)
+        if found.safe <= 0 or smaller >= eta:
+            return u, eta, found
+        eta = smaller
+    return u, eta, found
+
+
+def _unavoidable(o: Outcome, crossed: opkinks.Crossings) -> Outcome:
+    """A check whose step crosses op-level kinks it could not avoid: counted and named, never a failure."""
+    o.kink_count += crossed.count
+    o.sites = dict(crossed.sites)
+    names = ", ".join(f"{label} ({n})" for label, n in crossed.sites.items())
+    if o.status == "fail":
+        o.status = "kink"
+    o.note = "; ".join(filter(None, [o.note, f"step crosses op-level kinks: {names}"]))
+    return o
+
+
 # Central schemes: the step multiples evaluated per direction, and how the comparison combines them.
 SYMMETRIC = (1.0, -1.0, 2.0, -2.0)  # general units: Richardson over h and 2h, and the kink test
 ONE_SIDED = (1.0, -1.0, 2.0)        # smooth units: f(t) from the step stands in for f(t - 2h)
 
 
 def _joint_at(unit: UnitFunction, slots: list[int], pool: DirectionPool, k: int, eta: float,
-              look_for_kinks: bool = True) -> Outcome:
+              look_for_kinks: bool = True, u: list[Tensor] | None = None) -> Outcome:
     """Richardson-extrapolated central differences along K directions (see the module docstring).
 
     Smooth units (no kinks to look for) use 3 points per direction: with f(t) known, D₁ = (S₊₁ - S₋₁)/2
@@ -161,8 +201,8 @@ def _joint_at(unit: UnitFunction, slots: list[int], pool: DirectionPool, k: int,
     bases = [unit.slots[s].base for s in slots]
     steps = [eta * _rms(b, unit.output_scale) for b in bases]
     deltas, stacks = [], []
-    for s, b, h, u in zip(slots, bases, steps, pool.take(k, bases)):
-        d = u * h  # Δ: the nominal perturbation (exact by definition; 2Δ is exact too)
+    for s, b, h, ui in zip(slots, bases, steps, pool.take(k, bases) if u is None else u):
+        d = ui * h  # Δ: the nominal perturbation (exact by definition; 2Δ is exact too)
         pts = unit.empty_points(s, (k, len(scheme)))
         for i, c in enumerate(scheme):
             torch.add(b, d, alpha=c, out=pts[:, i])

@@ -45,7 +45,8 @@ class GradRow:
 
 @dataclass
 class Kink:
-    """Outputs whose finite differences crossed a non-smooth point (ReLU at 0, a max-pool tie ...)."""
+    """Outputs (or, for ``ops``, elements of piecewise ops inside the unit) whose finite differences crossed a
+    non-smooth point (ReLU at 0, a max-pool tie ...)."""
 
     layer: str
     tensor: str
@@ -53,6 +54,7 @@ class Kink:
     fraction: float
     step: float
     resolved: bool
+    ops: list[str] = field(default_factory=list)  # op-level kinks crossed: "module · aten.op", e.g. "dense.1 · aten.relu"
 
     def to_json(self) -> dict:
         return asdict(self)

@@ -1,0 +1,132 @@
+"""Op-level kinks for the finite differences of :mod:`densenet_debug.gradcheck.numerics`.
+
+A unit whose math this package does not know (a composite whose ``forward`` calls ``F.relu``, a module that
+runs in-place ReLUs, the whole model) may hold piecewise ops anywhere inside it. The output-side kink test
+(A2 = 4·A1) misses a crossing that is diluted by what follows it (one ReLU input of thousands, then a mean
+and a linear layer): its O(η·m) signature sinks under η²·m, yet it moves <v, f> by more than the
+tolerance. So the unit's forward is captured at op level (:func:`densenet_debug.capture.capture` with
+values) at the unperturbed point and at the extreme points t ± 2Δ_k of every direction, and every piecewise
+op is compared branch by branch (:func:`densenet_debug.capture.kinks.signed_coordinate`, max-pool's argmax
+indices):
+
+- a sign that differs between t and t + cΔ_k is a crossed kink (the segment is straight up to O(η²), so
+  the extremes see every crossing of the points in between);
+- with z the signed coordinate, z(s) = z(0) + s·z' + O(s²η²), z' = (z(c) - z(0))/c, the branch is crossed
+  at |s*| = |z(0)|/|z'|; the largest evaluated multiple is 2, so the step scaled by
+  f = |s*|_min / 2 / 2 (a factor 2 for the neglected curvature) crosses none. Max-pool ties have no
+  coordinate: the step shrinks by ``SHRINK`` and the probe is repeated.
+
+The step is shrunk until no captured op crosses, down to ``ETA_MIN`` (below it the O(ε√n/η) roundoff
+alone exceeds ~1e-5 of the compared derivative on the largest units). What cannot be avoided (an input
+exactly on a boundary that the step moves) is reported: the unit's row becomes ``kink`` if it fails,
+never ``fail``, and names the ops (``dense.1 · aten.relu``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from densenet_debug.capture import capture
+from densenet_debug.capture.kinks import PIECEWISE, signed_coordinate
+from densenet_debug.capture.records import Key, OpRecord
+from densenet_debug.gradcheck.batched import known
+from densenet_debug.gradcheck.function import UnitFunction
+
+MULTIPLES = (2.0, -2.0)
+INDEX_SHRINK = 1.0 / 16.0  # a max-pool argmax that changed: the next step to probe  # the extreme points of the central schemes (SYMMETRIC, ONE_SIDED: ±2 covers both)
+
+
+@dataclass
+class Crossings:
+    """Elements of the unit's piecewise ops whose branch differs somewhere along the step."""
+
+    sites: dict[str, int] = field(default_factory=dict)  # "module · aten.op" -> elements crossed
+    safe: float = 1.0  # step factor under which no op with a signed coordinate crosses (0: none helps)
+
+    @property
+    def count(self) -> int:
+        return sum(self.sites.values())
+
+
+def applies(unit: UnitFunction) -> bool:
+    """Units whose ops the checker does not know by type: their piecewise ops are found by capture."""
+    return bool(unit.kwargs) or not known(unit.module)
+
+
+def _branch(r: OpRecord) -> tuple[str, Tensor] | None:
+    """("signed", z) or ("index", argmax) for a forward piecewise op record with values."""
+    z = signed_coordinate(r)
+    if z is not None:
+        return "signed", z.detach().double()
+    if r.op.startswith("aten.max_pool") and r.output_values and len(r.output_values) > 1:
+        idx = r.output_values[1]
+        return None if idx is None else ("index", idx)
+    return None
+
+
+def _piecewise(unit: UnitFunction, tensors: list[Tensor]) -> dict[Key, tuple[str, str, Tensor]]:
+    """Key -> (label, kind, branch tensor) of every piecewise forward op of the unit at ``tensors``."""
+    with torch.no_grad(), unit._rng(), capture(unit.module, values=True) as cap:
+        unit.call(tensors, functional=False)
+    out = {}
+    for r in cap.records:
+        if r.phase != "forward" or r.op.split(".")[1].rstrip("_") not in PIECEWISE:
+            continue
+        b = _branch(r)
+        if b is not None:
+            module = ".".join(p for p in (unit.name, r.module) if p)
+            out[r.key] = (f"{module or '(model)'} · {r.op.rsplit('.', 1)[0]}", *b)
+    return out
+
+
+def base_sites(unit: UnitFunction) -> dict[Key, tuple[str, str, Tensor]]:
+    """The unit's piecewise ops at the unperturbed point (captured once per unit)."""
+    cached = getattr(unit, "_op_kinks_base", None)
+    if cached is None:
+        cached = _piecewise(unit, [s.base for s in unit.slots])
+        unit._op_kinks_base = cached  # type: ignore[attr-defined]
+    return cached
+
+
+def probe(unit: UnitFunction, slots: list[int], deltas: list[Tensor]) -> Crossings:
+    """Crossings of the unit's piecewise ops at t + cΔ_k (c in ``MULTIPLES``; ``deltas[i]``: (K, *shape))."""
+    base = base_sites(unit)
+    found = Crossings()
+    if not base:
+        return found
+    k = deltas[0].shape[0]
+    for j in range(k):
+        for c in MULTIPLES:
+            tensors = [s.base for s in unit.slots]
+            for s, d in zip(slots, deltas):
+                tensors[s] = unit.slots[s].base + c * d[j].view_as(unit.slots[s].base)
+            moved = _piecewise(unit, tensors)
+            for key, (label, kind, b0) in base.items():
+                m = moved.get(key)
+                if m is None or m[1] != kind or m[2].shape != b0.shape:
+                    continue
+                crossed = _crossed(kind, b0, m[2])
+                n = int(crossed.sum())
+                if n:
+                    found.sites[label] = max(found.sites.get(label, 0), n)
+                found.safe = min(found.safe, _safe(kind, b0, m[2], c, n))
+    return found
+
+
+def _crossed(kind: str, b0: Tensor, b1: Tensor) -> Tensor:
+    return b0 != b1 if kind == "index" else torch.sign(b0) != torch.sign(b1)
+
+
+def _safe(kind: str, z0: Tensor, z1: Tensor, c: float, crossed: int) -> float:
+    """Step factor under which no element of this op crosses (see the module docstring)."""
+    if kind == "index":  # no coordinate to extrapolate: shrink by a fixed factor and probe again
+        return 1.0 if not crossed else INDEX_SHRINK
+    slope = (z1 - z0).abs() / abs(c)
+    moving = slope > 0
+    if not bool(moving.any()):
+        return 1.0
+    s_star = float((z0.abs()[moving] / slope[moving]).min())
+    return min(1.0, s_star / max(abs(m) for m in MULTIPLES) / 2)
