@@ -16,10 +16,20 @@ indices):
   f = |s*|_min / 2 / 2 (a factor 2 for the neglected curvature) crosses none. Max-pool ties have no
   coordinate: the step shrinks by ``SHRINK`` and the probe is repeated.
 
-The step is shrunk until no captured op crosses, down to ``ETA_MIN`` (below it the O(ε√n/η) roundoff
-alone exceeds ~1e-5 of the compared derivative on the largest units). What cannot be avoided (an input
-exactly on a boundary that the step moves) is reported: the unit's row becomes ``kink`` if it fails,
-never ``fail``, and names the ops (``dense.1 · aten.relu``).
+A crossing is then bounded, not avoided, where the unit's own float64 backward (for the step's v, captured
+once) names g_i = ∂<v, f>/∂y_i, the gradient at the op's output y (``threshold_backward``'s and
+``hardtanh_backward``'s incoming gradient). Across its boundary the op's slope jumps by J (1 for ReLU,
+threshold, clamp), so S(s) leaves its smooth extension by at most J·|g_i|·|z'_i|·(|s| - |s*_i|)₊ (to first
+order: downstream of y the unit is smooth along the segment). D(1) halves that at s = ±1, D(2) quarters it
+at ±2, and D_R = (4·D(1) - D(2))/3 errs by at most
+Σ_i J·|g_i|·|z'_i|·(2·(1 - |s*_i|)₊ + (2 - |s*_i|)₊/4)/3 per direction, which joins the tolerance (part
+``kink``, doubled like the others). A planted error larger than that bound is still caught at the unit's step.
+
+Crossings without a bound (a max-pool argmax, an op without a gradient rule here, an op whose key the
+probe does not find) shrink the step until none crosses, down to ``ETA_MIN`` (below it the O(ε√n/η)
+roundoff alone exceeds ~1e-5 of the compared derivative on the largest units). What cannot be avoided
+(an input exactly on a boundary that the step moves) is reported: the unit's row becomes ``kink`` if it
+fails, never ``fail``, and names the ops (``dense.1 · aten.relu``).
 """
 
 from __future__ import annotations
@@ -35,8 +45,8 @@ from densenet_debug.capture.records import Key, OpRecord
 from densenet_debug.gradcheck.batched import known
 from densenet_debug.gradcheck.function import UnitFunction
 
-MULTIPLES = (2.0, -2.0)
-INDEX_SHRINK = 1.0 / 16.0  # a max-pool argmax that changed: the next step to probe  # the extreme points of the central schemes (SYMMETRIC, ONE_SIDED: ±2 covers both)
+MULTIPLES = (2.0, -2.0)  # the extreme points of the central schemes (SYMMETRIC, ONE_SIDED: ±2 covers both)
+INDEX_SHRINK = 1.0 / 16.0  # a max-pool argmax that changed: the next step to probe
 
 
 @dataclass
@@ -45,6 +55,15 @@ class Crossings:
 
     sites: dict[str, int] = field(default_factory=dict)  # "module · aten.op" -> elements crossed
     safe: float = 1.0  # step factor under which no op with a signed coordinate crosses (0: none helps)
+    terms: list[list[tuple[Tensor, Tensor]]] = field(default_factory=list)  # per direction: (|s*|, J·|g|·|z'|)
+    unbounded: int = 0  # crossed elements without a bound (no gradient rule, a max-pool argmax)
+
+    def bound(self, f: float = 1.0) -> list[float]:
+        """Per direction, the bound on D_R's error (S units) at the step scaled by ``f`` ≤ 1.
+
+        At factor f, z' scales by f and an element crosses at |s*|/f: f·Σ w·share(|s*|/f) (module docstring).
+        """
+        return [f * sum(float((w * _share(s / f)).sum()) for s, w in terms) for terms in self.terms]
 
     @property
     def count(self) -> int:
@@ -91,6 +110,34 @@ def base_sites(unit: UnitFunction) -> dict[Key, tuple[str, str, Tensor]]:
     return cached
 
 
+# Backward ops that hand the gradient of a piecewise op's output through: (input index of that gradient,
+# the jump of the op's slope across its boundary).
+_GRAD_OF_OUTPUT = {"threshold_backward": (0, 1.0), "hardtanh_backward": (0, 1.0)}
+
+
+def output_grads(unit: UnitFunction) -> dict[Key, tuple[Tensor, float]]:
+    """Forward key -> (g, J): the gradient of <v, f> with respect to the piecewise op's output, and its slope
+    jump, from the unit's own float64 backward for v (captured once per unit; ops without a rule absent)."""
+    cached = getattr(unit, "_op_kinks_grads", None)
+    if cached is not None:
+        return cached
+    cached = {}
+    if base_sites(unit):
+        with capture(unit.module, values=True) as cap:
+            leaves, outs = unit._replay_forward()
+            pairs = [(o, g) for o, g in zip(outs, unit.v) if g is not None and o.requires_grad]
+            if pairs:
+                torch.autograd.grad([o for o, _ in pairs], leaves, [g for _, g in pairs], allow_unused=True)
+        for r in cap.records:
+            rule = _GRAD_OF_OUTPUT.get(r.op.split(".")[1] if r.op.startswith("aten.") else "")
+            if r.phase == "backward" and rule is not None and r.creator is not None and r.input_values:
+                g = r.input_values[rule[0]]
+                if g is not None:
+                    cached[r.creator] = (g.detach().double(), rule[1])
+    unit._op_kinks_grads = cached  # type: ignore[attr-defined]
+    return cached
+
+
 def probe(unit: UnitFunction, slots: list[int], deltas: list[Tensor]) -> Crossings:
     """Crossings of the unit's piecewise ops at t + cΔ_k (c in ``MULTIPLES``; ``deltas[i]``: (K, *shape))."""
     base = base_sites(unit)
@@ -98,6 +145,8 @@ def probe(unit: UnitFunction, slots: list[int], deltas: list[Tensor]) -> Crossin
     if not base:
         return found
     k = deltas[0].shape[0]
+    grads = output_grads(unit)
+    found.terms = [[] for _ in range(k)]
     for j in range(k):
         for c in MULTIPLES:
             tensors = [s.base for s in unit.slots]
@@ -112,8 +161,24 @@ def probe(unit: UnitFunction, slots: list[int], deltas: list[Tensor]) -> Crossin
                 n = int(crossed.sum())
                 if n:
                     found.sites[label] = max(found.sites.get(label, 0), n)
+                    g = grads.get(key)
+                    if kind == "signed" and g is not None and g[0].numel() == b0.numel():
+                        found.terms[j].append(_terms(b0, m[2], c, g[0], g[1], crossed))
+                    else:
+                        found.unbounded += n
                 found.safe = min(found.safe, _safe(kind, b0, m[2], c, n))
     return found
+
+
+def _terms(z0: Tensor, z1: Tensor, c: float, g: Tensor, jump: float, crossed: Tensor) -> tuple[Tensor, Tensor]:
+    """(|s*|, J·|g|·|z'|) of the crossed elements of one op along one direction."""
+    slope = ((z1 - z0) / c)[crossed].abs()
+    return z0[crossed].abs() / slope, g.reshape(z0.shape)[crossed].abs() * jump * slope
+
+
+def _share(s_star: Tensor) -> Tensor:
+    """How much of a crossing at |s*| reaches D_R: (4·(1 - |s*|)₊/2 + (2 - |s*|)₊/4)/3."""
+    return (2 * (1 - s_star).clamp_min(0) + (2 - s_star).clamp_min(0) / 4) / 3
 
 
 def _crossed(kind: str, b0: Tensor, b1: Tensor) -> Tensor:

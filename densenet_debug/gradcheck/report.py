@@ -54,7 +54,7 @@ class Kink:
     fraction: float
     step: float
     resolved: bool
-    ops: list[str] = field(default_factory=list)  # op-level kinks crossed: "module · aten.op", e.g. "dense.1 · aten.relu"
+    ops: list[str] = field(default_factory=list)  # op-level kinks crossed, "module · aten.op": "dense.1 · aten.relu"
 
     def to_json(self) -> dict:
         return asdict(self)
