@@ -103,6 +103,10 @@ def _print(report: GradcheckReport, all_rows: bool, worst: int = 12) -> None:
         console.print(f"kinks: {total} outputs in {len(report.kinks)} checks crossed a non-smooth point "
                       "(ReLU at 0 ...); masked and re-checked" +
                       ("" if all(k.resolved for k in report.kinks) else ", some could not be verified"))
+        ops = sorted({op for k in report.kinks for op in k.ops})
+        if ops:  # op-level kinks inside composites and the whole model: bounded in the tolerance, or not failed
+            console.print(f"op-level kinks crossed in {sum(bool(k.ops) for k in report.kinks)} checks: "
+                          + ", ".join(ops[:6]) + (f" and {len(ops) - 6} more" if len(ops) > 6 else ""))
     res = [r.resolution for r in report.rows if r.resolution is not None]
     worst_res = f"; detects a relative gradient error >= {max(res):.1e} in any tensor (p >= 1 - 1e-6)" if res else ""
     verdict = "[green]pass[/]" if report.verdict == "pass" else "[red]FAIL[/]"

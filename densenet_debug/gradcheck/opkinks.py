@@ -5,16 +5,17 @@ runs in-place ReLUs, the whole model) may hold piecewise ops anywhere inside it.
 (A2 = 4·A1) misses a crossing that is diluted by what follows it (one ReLU input of thousands, then a mean
 and a linear layer): its O(η·m) signature sinks under η²·m, yet it moves <v, f> by more than the
 tolerance. So the unit's forward is captured at op level (:func:`densenet_debug.capture.capture` with
-values) at the unperturbed point and at the extreme points t ± 2Δ_k of every direction, and every piecewise
-op is compared branch by branch (:func:`densenet_debug.capture.kinks.signed_coordinate`, max-pool's argmax
-indices):
+values) at the unperturbed point and at the end t + 2Δ_k of every direction (both ends t ± 2Δ_k where a
+max-pool is inside), and every piecewise op is compared branch by branch
+(:func:`densenet_debug.capture.kinks.signed_coordinate`, max-pool's argmax indices):
 
-- a sign that differs between t and t + cΔ_k is a crossed kink (the segment is straight up to O(η²), so
-  the extremes see every crossing of the points in between);
-- with z the signed coordinate, z(s) = z(0) + s·z' + O(s²η²), z' = (z(c) - z(0))/c, the branch is crossed
-  at |s*| = |z(0)|/|z'|; the largest evaluated multiple is 2, so the step scaled by
-  f = |s*|_min / 2 / 2 (a factor 2 for the neglected curvature) crosses none. Max-pool ties have no
-  coordinate: the step shrinks by ``SHRINK`` and the probe is repeated.
+- with z the signed coordinate, z(s) = z(0) + s·z' + O(s²η²), z' = (z(2) - z(0))/2 from one capture at
+  t + 2Δ_k, the branch is crossed at |s*| = |z(0)|/|z'|, within the step's points iff |s*| < 2 (the
+  segment is straight up to O(η²), so its ends see every crossing in between); max-pool's argmax indices
+  are compared at both ends t ± 2Δ_k;
+- where a crossing cannot be bounded (below), the step scaled by f = |s*|_min / 2 / 2 (a factor 2 for the
+  neglected curvature) crosses none. Max-pool ties have no coordinate: the step shrinks by
+  ``INDEX_SHRINK`` and the probe is repeated.
 
 A crossing is then bounded, not avoided, where the unit's own float64 backward (for the step's v, captured
 once) names g_i = ∂<v, f>/∂y_i, the gradient at the op's output y (``threshold_backward``'s and
@@ -139,7 +140,11 @@ def output_grads(unit: UnitFunction) -> dict[Key, tuple[Tensor, float]]:
 
 
 def probe(unit: UnitFunction, slots: list[int], deltas: list[Tensor]) -> Crossings:
-    """Crossings of the unit's piecewise ops at t + cΔ_k (c in ``MULTIPLES``; ``deltas[i]``: (K, *shape))."""
+    """Crossings of the unit's piecewise ops along t + sΔ_k, |s| ≤ 2 (``deltas[i]``: (K, *shape)).
+
+    Signed coordinates are captured at s = +2 only: z' = (z(2) - z(0))/2, and the element crosses within
+    |s| ≤ 2 iff |z(0)| < 2·|z'| (1 % margin for the O(η²) curvature). Argmax indices need both ends.
+    """
     base = base_sites(unit)
     found = Crossings()
     if not base:
@@ -147,17 +152,18 @@ def probe(unit: UnitFunction, slots: list[int], deltas: list[Tensor]) -> Crossin
     k = deltas[0].shape[0]
     grads = output_grads(unit)
     found.terms = [[] for _ in range(k)]
+    ends = MULTIPLES if any(kind == "index" for _, kind, _ in base.values()) else MULTIPLES[:1]
     for j in range(k):
-        for c in MULTIPLES:
+        for c in ends:
             tensors = [s.base for s in unit.slots]
             for s, d in zip(slots, deltas):
                 tensors[s] = unit.slots[s].base + c * d[j].view_as(unit.slots[s].base)
             moved = _piecewise(unit, tensors)
             for key, (label, kind, b0) in base.items():
                 m = moved.get(key)
-                if m is None or m[1] != kind or m[2].shape != b0.shape:
+                if m is None or m[1] != kind or m[2].shape != b0.shape or (kind == "signed" and c != ends[0]):
                     continue
-                crossed = _crossed(kind, b0, m[2])
+                crossed = _crossed(kind, b0, m[2], c)
                 n = int(crossed.sum())
                 if n:
                     found.sites[label] = max(found.sites.get(label, 0), n)
@@ -181,8 +187,11 @@ def _share(s_star: Tensor) -> Tensor:
     return (2 * (1 - s_star).clamp_min(0) + (2 - s_star).clamp_min(0) / 4) / 3
 
 
-def _crossed(kind: str, b0: Tensor, b1: Tensor) -> Tensor:
-    return b0 != b1 if kind == "index" else torch.sign(b0) != torch.sign(b1)
+def _crossed(kind: str, b0: Tensor, b1: Tensor, c: float) -> Tensor:
+    if kind == "index":
+        return b0 != b1
+    reach = max(abs(m) for m in MULTIPLES) * (b1 - b0).abs() / abs(c)  # |z'|·max|s|
+    return b0.abs() < 1.01 * reach
 
 
 def _safe(kind: str, z0: Tensor, z1: Tensor, c: float, crossed: int) -> float:
