@@ -44,7 +44,7 @@ grad_output and S(s) = <v, f(t + sΔ)>:
   comparison fails or is weaker than ``RESOLUTION_TARGET``: a crossing too small to matter is ignored.
 * Op-level kinks. In units whose math is not known by type (composites, the whole model, functional or
   in-place ReLUs anywhere inside), a crossing diluted by what follows it escapes the output test above.
-  Their forward is captured op by op at t and t ± 2Δ_k (:mod:`densenet_debug.gradcheck.opkinks`): a
+  Their forward is captured op by op at t and t + 2Δ_k (:mod:`densenet_debug.gradcheck.opkinks`): a
   crossed ReLU/threshold/clamp element gets a derived bound J·|g|·|z'|·(…) added to the tolerance (part
   ``kink``); a crossing without one shrinks the step below it (to ``ETA_MIN``); what remains is reported
   by op and module path, and the row is ``kink``, not ``fail``.
@@ -76,7 +76,7 @@ JOINT_FROM = 4              # units with this many tensors (cat) move them toget
 KINK_MAX_FRACTION = 0.5     # masking more outputs than this leaves too little to compare
 SHRINK, MAX_SHRINKS = 1.0 / 16.0, 3
 ETA_MIN = ETA * 2.0 ** -12  # smallest step op-level kinks may force (see gradcheck.opkinks)
-MAX_OP_PROBES = 4           # probes of the op-level crossings per check (each: 2K captured forwards)
+MAX_OP_PROBES = 4           # probes of the op-level crossings per check (each: K captured forwards)
 FULL_LIMIT = 1 << 22        # Jacobian entries for full mode (32 MiB in float64)
 FULL_LIMIT_NAMED = 1 << 24  # for a unit named with --layer
 
