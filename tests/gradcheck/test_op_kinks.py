@@ -166,3 +166,26 @@ def test_wrong_custom_function_between_units_still_fails_at_the_model_row(scale:
     assert report.first_failure is not None and report.first_failure["layer"] == ""
     monkeypatch.setattr(_ScaleChannelGrad, "SCALE", 1.0)
     assert gradcheck_model(InplaceDenseNet(wrong=True), *_data(0)).verdict == "pass"
+
+
+class ConvMaxPoolLinear(nn.Module):
+    """A functional max-pool after a functional ReLU: both are piecewise ops the probe captures (both ends)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.fc = nn.Linear(4 * 4 * 4, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(torch.flatten(F.max_pool2d(F.relu(self.conv(x)), 2), 1))
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_functional_max_pool_passes(seed: int) -> None:
+    torch.manual_seed(seed)
+    model = ConvMaxPoolLinear()
+    with capture(model.double(), values=True) as cap:
+        model(_data(seed, n=2, hw=8)[0].double())
+    assert any(r.op.startswith("aten.max_pool2d") for r in cap.records)
+    report = gradcheck_model(model, *_data(seed, n=2, hw=8), seed=seed)
+    assert report.verdict == "pass", [(r.layer, r.tensor, r.error, r.tolerance, r.note) for r in report.failures]
