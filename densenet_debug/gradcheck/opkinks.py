@@ -55,7 +55,7 @@ class Crossings:
     """Elements of the unit's piecewise ops whose branch differs somewhere along the step."""
 
     sites: dict[str, int] = field(default_factory=dict)  # "module · aten.op" -> elements crossed
-    safe: float = 1.0  # step factor under which no op with a signed coordinate crosses (0: none helps)
+    safe: float = 1.0  # step factor under which no unbounded crossing is left (0: none helps)
     terms: list[list[tuple[Tensor, Tensor]]] = field(default_factory=list)  # per direction: (|s*|, J·|g|·|z'|)
     unbounded: int = 0  # crossed elements without a bound (no gradient rule, a max-pool argmax)
 
@@ -170,9 +170,9 @@ def probe(unit: UnitFunction, slots: list[int], deltas: list[Tensor]) -> Crossin
                     g = grads.get(key)
                     if kind == "signed" and g is not None and g[0].numel() == b0.numel():
                         found.terms[j].append(_terms(b0, m[2], c, g[0], g[1], crossed))
-                    else:
+                    else:  # only these shrink the step: bounded crossings may stay
                         found.unbounded += n
-                found.safe = min(found.safe, _safe(kind, b0, m[2], c, n))
+                        found.safe = min(found.safe, _safe(kind, b0, m[2], c, n))
     return found
 
 
