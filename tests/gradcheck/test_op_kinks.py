@@ -14,7 +14,7 @@ from torch import nn
 
 from densenet_debug.capture import capture
 from densenet_debug.capture.kinks import signed_coordinate
-from densenet_debug.gradcheck.engine import gradcheck_model
+from densenet_debug.gradcheck.engine import gradcheck_model, gradcheck_unit
 
 
 class ConvReluMeanLinear(nn.Module):
@@ -189,3 +189,19 @@ def test_functional_max_pool_passes(seed: int) -> None:
     assert any(r.op.startswith("aten.max_pool2d") for r in cap.records)
     report = gradcheck_model(model, *_data(seed, n=2, hw=8), seed=seed)
     assert report.verdict == "pass", [(r.layer, r.tensor, r.error, r.tolerance, r.note) for r in report.failures]
+
+
+class _ClampTwice(nn.Module):
+    """A user module of its own math: clamp (no gradient rule for a bound here) on inputs exactly at 0."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.clamp(x, min=0.0) * 2
+
+
+def test_unavoidable_op_level_kink_is_named_and_not_failed() -> None:
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(4, 6, generator=g, dtype=torch.float64)
+    x[:, 0] = 0.0  # on the boundary: every step moves them across it, no step is small enough
+    rows = gradcheck_unit(_ClampTwice(), [x], seed=0)
+    assert rows and all(r.status != "fail" for r in rows), [(r.status, r.note) for r in rows]
+    assert any("· aten.clamp" in r.note and r.kinks >= 4 for r in rows), [(r.status, r.kinks, r.note) for r in rows]
