@@ -147,3 +147,45 @@ def kink_sites(capture: Capture, margin: float) -> list[KinkSite]:
             sites.append(KinkSite(key=r.key, op=r.op, module=r.module, phase=r.phase, count=int(near.numel()),
                                   total=int(flat.numel()), closest=float(flat.min()), indices=near))
     return sites
+
+
+def _signed_relu(r: OpRecord) -> Tensor | None:
+    return _input(r, 0)
+
+
+def _signed_threshold(r: OpRecord) -> Tensor | None:
+    x = _input(r, 0)
+    return None if x is None else x - float(r.argument("threshold", 0.0))  # type: ignore[arg-type]
+
+
+def _signed_bounds(lo: str, hi: str) -> Callable[[OpRecord], Tensor | None]:
+    def coordinate(r: OpRecord) -> Tensor | None:
+        x = _input(r, 0)
+        bounds = [b for b in (r.argument(lo), r.argument(hi)) if isinstance(b, (int, float))]
+        return None if x is None or not bounds else torch.stack([x - float(b) for b in bounds])
+    return coordinate
+
+
+def _signed_comparison(r: OpRecord) -> Tensor | None:
+    a, b = _input(r, 0), _input(r, 1)
+    other = b if b is not None else r.argument("other")
+    return None if a is None or not isinstance(other, (Tensor, int, float)) else a - other
+
+
+_SIGNED: dict[str, Callable[[OpRecord], Tensor | None]] = {
+    "relu": _signed_relu, "abs": _signed_relu, "leaky_relu": _signed_relu, "threshold": _signed_threshold,
+    "clamp": _signed_bounds("min", "max"), "clamp_min": _signed_bounds("min", "min"),
+    "clamp_max": _signed_bounds("max", "max"), "hardtanh": _signed_bounds("min_val", "max_val"),
+    **{cmp: _signed_comparison for cmp in ("gt", "lt", "ge", "le", "eq", "ne")},
+}
+
+
+def signed_coordinate(record: OpRecord) -> Tensor | None:
+    """For a forward piecewise op, a tensor whose elements' signs say which branch each input is on.
+
+    Zero on a boundary, so a branch is crossed between two evaluations exactly where a sign differs, and
+    ``distance_to_kink`` is its absolute value. Clamp-like ops stack one coordinate per bound. None for ops
+    without one (max-pool: compare the argmax indices, ``output_values[1]``) or without captured values.
+    """
+    rule = _SIGNED.get(_base(record.op))
+    return None if rule is None else rule(record)

@@ -221,7 +221,7 @@ def _kink(unit: UnitFunction, slots: list[int], o: Outcome) -> list[Kink]:
     if not o.kink_count:
         return []
     return [Kink(unit.name, "+".join(unit.slots[s].name for s in slots), o.kink_count, o.kink_fraction, o.eta,
-                 o.status != "kink")]
+                 o.status != "kink", sorted(o.sites))]
 
 
 # -- model plumbing ---------------------------------------------------------------------------------------

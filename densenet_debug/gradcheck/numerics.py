@@ -42,6 +42,12 @@ grad_output and S(s) = <v, f(t + sΔ)>:
   masked the step shrinks 16x (up to 3 times). A unit non-smooth at every step is reported as ``kink``,
   not as a failure, unless it failed at every step. Kinks are looked for only when the plain
   comparison fails or is weaker than ``RESOLUTION_TARGET``: a crossing too small to matter is ignored.
+* Op-level kinks. In units whose math is not known by type (composites, the whole model, functional or
+  in-place ReLUs anywhere inside), a crossing diluted by what follows it escapes the output test above.
+  Their forward is captured op by op at t and t + 2Δ_k (:mod:`densenet_debug.gradcheck.opkinks`): a
+  crossed ReLU/threshold/clamp element gets a derived bound J·|g|·|z'|·(…) added to the tolerance (part
+  ``kink``); a crossing without one shrinks the step below it (to ``ETA_MIN``); what remains is reported
+  by op and module path, and the row is ``kink``, not ``fail``.
 """
 
 from __future__ import annotations
@@ -54,6 +60,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from densenet_debug.gradcheck import opkinks
 from densenet_debug.gradcheck.function import CHUNK_BYTES, UnitFunction
 
 EPS = 2.0 ** -53            # float64 unit roundoff
@@ -68,6 +75,8 @@ RESOLUTION_TARGET = 1e-5    # a weaker check looks for kinks / re-checks the wea
 JOINT_FROM = 4              # units with this many tensors (cat) move them together, else one at a time
 KINK_MAX_FRACTION = 0.5     # masking more outputs than this leaves too little to compare
 SHRINK, MAX_SHRINKS = 1.0 / 16.0, 3
+ETA_MIN = ETA * 2.0 ** -12  # smallest step op-level kinks may force (see gradcheck.opkinks)
+MAX_OP_PROBES = 4           # probes of the op-level crossings per check (each: K captured forwards)
 FULL_LIMIT = 1 << 22        # Jacobian entries for full mode (32 MiB in float64)
 FULL_LIMIT_NAMED = 1 << 24  # for a unit named with --layer
 
@@ -86,6 +95,7 @@ class Outcome:
     origin: dict[str, float] = field(default_factory=dict)
     note: str = ""
     resolutions: list[float | None] = field(default_factory=list)  # per checked slot
+    sites: dict[str, int] = field(default_factory=dict)  # op-level kinks the step crossed: label -> elements
 
 
 class DirectionPool:
@@ -130,8 +140,13 @@ def check_joint(unit: UnitFunction, slots: list[int], pool: DirectionPool, direc
         if o is not None:
             return o
     eta, failed_everywhere, last = (ETA_SMOOTH if kind == "smooth" else ETA), True, None
+    u = None
+    if opkinks.applies(unit):
+        u, eta, crossed, bounded = _avoid_op_kinks(unit, slots, pool, directions, eta)
+        if crossed is not None or bounded is not None:
+            return _with_op_kinks(unit, slots, pool, directions, eta, u, crossed, bounded)
     for _ in range(MAX_SHRINKS + 1):
-        o = _joint_at(unit, slots, pool, directions, eta, look_for_kinks=kind != "smooth")
+        o = _joint_at(unit, slots, pool, directions, eta, look_for_kinks=kind != "smooth", u=u)
         if o.kink_count == 0:
             return o  # smooth along this segment: a smaller step cannot change the verdict
         if o.status == "pass" and (o.resolution is None or o.resolution <= RESOLUTION_TARGET):
@@ -144,13 +159,88 @@ def check_joint(unit: UnitFunction, slots: list[int], pool: DirectionPool, direc
     return last
 
 
+def _avoid_op_kinks(unit: UnitFunction, slots: list[int], pool: DirectionPool, k: int, eta: float
+                    ) -> tuple[list[Tensor], float, opkinks.Crossings | None, opkinks.Crossings | None]:
+    """Directions, a step along them, and what it crosses among the unit's piecewise ops (gradcheck.opkinks).
+
+    Crossings with a derived bound stay (returned 4th: their bound joins the tolerance); others shrink the
+    step until none is left. Returns the crossings left when that fails (3rd: an input on a boundary, or
+    a step below ``ETA_MIN``).
+    """
+    bases = [unit.slots[s].base for s in slots]
+    u = pool.take(k, bases)
+    found = None
+    for _ in range(MAX_OP_PROBES):
+        steps = [eta * _rms(b, unit.output_scale) for b in bases]
+        found = opkinks.probe(unit, slots, [ui * h for ui, h in zip(u, steps)])
+        if not found.count:
+            return u, eta, None, None
+        if not found.unbounded:
+            return u, eta, None, found
+        smaller = max(eta * found.safe, ETA_MIN)
+        if found.safe <= 0 or smaller >= eta:
+            return u, eta, found, None
+        eta = smaller
+    return u, eta, found, None
+
+
+def _with_op_kinks(unit: UnitFunction, slots: list[int], pool: DirectionPool, k: int, eta: float,
+                   u: list[Tensor], crossed: opkinks.Crossings | None, bounded: opkinks.Crossings | None
+                   ) -> Outcome:
+    """The check at a step whose op-level crossings are bounded (or unavoidable).
+
+    A bounded crossing's share of the tolerance, relative to the compared derivative, grows as the step
+    (more elements cross, each by more); roundoff's share as 1/step. When the check at ``eta`` fails or is
+    weaker than ``RESOLUTION_TARGET``, the step factor f = 2⁻ʲ (j ≤ 12, step ≥ ``ETA_MIN``) minimizing their
+    sum is chosen and the check runs again there.
+    """
+    if crossed is not None:
+        return _unavoidable(_joint_at(unit, slots, pool, k, eta, u=u, mask_outputs=False), crossed)
+    assert bounded is not None
+    o = _joint_at(unit, slots, pool, k, eta, u=u, op_bound=bounded.bound(1.0), mask_outputs=False)
+    if o.scale > 0 and (o.status != "pass" or (o.resolution or 0.0) > RESOLUTION_TARGET):
+        # Roundoff parts at f = 1 (relative); truncation is left out: crossed kinks pollute its estimate
+        # at f = 1, and smooth truncation only shrinks (as f²) with the step.
+        rest = o.origin.get("roundoff", 0.0) + o.origin.get("analytic", 0.0)
+        best, best_cost = 1.0, o.tolerance
+        for j in range(1, 13):
+            f = 2.0 ** -j
+            if eta * f < ETA_MIN:
+                break
+            cost = rest / f + 2 * max(bounded.bound(f)) / (o.scale * f)
+            if cost < best_cost:
+                best, best_cost = f, cost
+        if best < 1.0:
+            o = _joint_at(unit, slots, pool, k, eta * best, u=u, op_bound=bounded.bound(best), mask_outputs=False)
+            count = sum(int((s < 2 * best).sum()) for terms in bounded.terms for s, _ in terms)
+            o.kink_count = count
+    if not o.kink_count:
+        o.kink_count = bounded.count
+    o.sites = dict(bounded.sites)
+    names = ", ".join(f"{label} ({n})" for label, n in bounded.sites.items())
+    o.note = "; ".join(filter(None, [o.note, f"op-level kinks crossed, bounded in the tolerance: {names}"]))
+    return o
+
+
+def _unavoidable(o: Outcome, crossed: opkinks.Crossings) -> Outcome:
+    """A check whose step crosses op-level kinks it could not avoid: counted and named, never a failure."""
+    o.kink_count += crossed.count
+    o.sites = dict(crossed.sites)
+    names = ", ".join(f"{label} ({n})" for label, n in crossed.sites.items())
+    if o.status == "fail":
+        o.status = "kink"
+    o.note = "; ".join(filter(None, [o.note, f"step crosses op-level kinks: {names}"]))
+    return o
+
+
 # Central schemes: the step multiples evaluated per direction, and how the comparison combines them.
 SYMMETRIC = (1.0, -1.0, 2.0, -2.0)  # general units: Richardson over h and 2h, and the kink test
 ONE_SIDED = (1.0, -1.0, 2.0)        # smooth units: f(t) from the step stands in for f(t - 2h)
 
 
 def _joint_at(unit: UnitFunction, slots: list[int], pool: DirectionPool, k: int, eta: float,
-              look_for_kinks: bool = True) -> Outcome:
+              look_for_kinks: bool = True, u: list[Tensor] | None = None,
+              op_bound: list[float] | None = None, mask_outputs: bool = True) -> Outcome:
     """Richardson-extrapolated central differences along K directions (see the module docstring).
 
     Smooth units (no kinks to look for) use 3 points per direction: with f(t) known, D₁ = (S₊₁ - S₋₁)/2
@@ -161,8 +251,8 @@ def _joint_at(unit: UnitFunction, slots: list[int], pool: DirectionPool, k: int,
     bases = [unit.slots[s].base for s in slots]
     steps = [eta * _rms(b, unit.output_scale) for b in bases]
     deltas, stacks = [], []
-    for s, b, h, u in zip(slots, bases, steps, pool.take(k, bases)):
-        d = u * h  # Δ: the nominal perturbation (exact by definition; 2Δ is exact too)
+    for s, b, h, ui in zip(slots, bases, steps, pool.take(k, bases) if u is None else u):
+        d = ui * h  # Δ: the nominal perturbation (exact by definition; 2Δ is exact too)
         pts = unit.empty_points(s, (k, len(scheme)))
         for i, c in enumerate(scheme):
             torch.add(b, d, alpha=c, out=pts[:, i])
@@ -173,10 +263,11 @@ def _joint_at(unit: UnitFunction, slots: list[int], pool: DirectionPool, k: int,
     a_all = unit.analytic(unit.v)
     bound = [float(torch.linalg.vector_norm(a_all[s] * b)) for s, b in zip(slots, bases)]
     f0 = None if scheme is SYMMETRIC else unit.base_outputs()
-    args = (F, f0, m, deltas, steps, bound, k, eta, unit.n_reduce, unit.n_forward, pool.max_abs)
+    args = (F, f0, m, deltas, steps, bound, k, eta, unit.n_reduce, unit.n_forward, pool.max_abs, op_bound)
     o = _compare(*args, [a_all[s] for s in slots], unit.v)
-    if not look_for_kinks or (o.status == "pass" and (o.resolution is None or o.resolution <= RESOLUTION_TARGET)):
-        return o  # kinks, if any were crossed, did not matter
+    if not look_for_kinks or not mask_outputs or (
+            o.status == "pass" and (o.resolution is None or o.resolution <= RESOLUTION_TARGET)):
+        return o  # kinks, if any were crossed, did not matter (or were found at op level)
     mask = _kink_mask(F, unit.base_outputs(), m, unit.n_forward, eta)
     count = int(sum(int(x.sum()) for x in mask))
     if not count:
@@ -299,8 +390,11 @@ def _outcome(analytic: Tensor, numeric: Tensor, tol: Tensor, parts: dict[str, fl
 
 def _compare(F: list[Tensor], f0: list[Tensor] | None, m: list[Tensor], deltas: list[Tensor], steps: list[float],
              bound: list[float], k: int, eta: float, n_reduce: int, n_forward: int, max_u: float,
-             a: list[Tensor], v: list[Tensor | None]) -> Outcome:
-    """The K comparisons of a central scheme: SYMMETRIC when ``f0`` is None, else ONE_SIDED."""
+             op_bound: list[float] | None, a: list[Tensor], v: list[Tensor | None]) -> Outcome:
+    """The K comparisons of a central scheme: SYMMETRIC when ``f0`` is None, else ONE_SIDED.
+
+    ``op_bound``: per direction, the bound on D_R's error from crossed op-level kinks (gradcheck.opkinks).
+    """
     d1 = torch.zeros(k, dtype=torch.float64)
     d2 = torch.zeros(k, dtype=torch.float64)
     vm, proj = 0.0, 0.0
@@ -344,9 +438,12 @@ def _compare(F: list[Tensor], f0: list[Tensor] | None, m: list[Tensor], deltas: 
     trunc = (d1 - d2).abs() / 3
     roundoff = coeff * math.sqrt(unit_err ** 2 * vm + proj)
     an_err = math.sqrt(an_sq)
-    tol = 2 * (trunc + roundoff + an_err)
-    return _outcome(analytic, numeric, tol, {"truncation": 2 * trunc, "roundoff": 2 * roundoff,
-                                             "analytic": 2 * an_err}, scale_sq, norms, steps, k, eta)
+    kink = torch.tensor(op_bound if op_bound else [0.0] * k, dtype=torch.float64)
+    tol = 2 * (trunc + roundoff + an_err + kink)
+    parts = {"truncation": 2 * trunc, "roundoff": 2 * roundoff, "analytic": 2 * an_err}
+    if op_bound:
+        parts["kink"] = 2 * kink
+    return _outcome(analytic, numeric, tol, parts, scale_sq, norms, steps, k, eta)
 
 
 def _kink_mask(F: list[Tensor], f0: list[Tensor], m: list[Tensor], n_reduce: int, eta: float) -> list[Tensor]:

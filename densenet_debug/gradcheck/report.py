@@ -46,7 +46,8 @@ class GradRow:
 
 @dataclass
 class Kink:
-    """Outputs whose finite differences crossed a non-smooth point (ReLU at 0, a max-pool tie ...)."""
+    """Outputs (or, for ``ops``, elements of piecewise ops inside the unit) whose finite differences crossed a
+    non-smooth point (ReLU at 0, a max-pool tie ...)."""
 
     layer: str
     tensor: str
@@ -54,6 +55,7 @@ class Kink:
     fraction: float
     step: float
     resolved: bool
+    ops: list[str] = field(default_factory=list)  # op-level kinks crossed, "module · aten.op": "dense.1 · aten.relu"
 
     def to_json(self) -> dict:
         return asdict(self)
