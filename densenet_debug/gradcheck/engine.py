@@ -17,7 +17,6 @@ the culprit (the code in its own ``forward``).
 
 from __future__ import annotations
 
-import copy
 import math
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -40,6 +39,7 @@ from densenet_debug.gradcheck.numerics import (
     check_joint,
 )
 from densenet_debug.gradcheck.report import GradcheckReport, GradRow, Kink, mark_culprits
+from densenet_debug.models.copies import fp64_copy
 from densenet_debug.trace import Layout, discover_units, trace_step
 from densenet_debug.verdict.nonfinite import check_oracle, finite
 
@@ -69,7 +69,7 @@ def gradcheck_unit(
     """
     _check_mode(mode)
     if _needs_cast(module, inputs):
-        module = copy.deepcopy(module).to(torch.float64)
+        module = fp64_copy(module)
         inputs = [a.to(torch.float64) if isinstance(a, Tensor) and a.is_floating_point() else a for a in inputs]
         grad_outputs = None if grad_outputs is None else [
             None if g is None else g.to(torch.float64) for g in grad_outputs]
@@ -225,42 +225,6 @@ def _kink(unit: UnitFunction, slots: list[int], o: Outcome) -> list[Kink]:
 
 
 # -- model plumbing ---------------------------------------------------------------------------------------
-def fp64_copy(model: nn.Module) -> nn.Module:
-    """A float64 copy of ``model`` that shares nothing mutable with it.
-
-    Modules of torch.nn and densenet_debug keep their state in their dicts, so they are copied
-    structurally (new module objects, dicts and tensors; fast); any other module means deepcopy.
-    """
-    if not all(type(m).__module__.startswith(("torch.nn.", "densenet_debug.")) for m in model.modules()):
-        return copy.deepcopy(model).to(torch.float64)
-    memo: dict[int, object] = {}
-
-    def tensor(t: Tensor) -> Tensor:
-        dtype = torch.float64 if t.is_floating_point() else t.dtype
-        return t.detach().to(dtype=dtype, copy=True)
-
-    def module(m: nn.Module) -> nn.Module:
-        if id(m) in memo:
-            return memo[id(m)]  # type: ignore[return-value]
-        c = copy.copy(m)
-        memo[id(m)] = c
-        for k, v in list(c.__dict__.items()):
-            if isinstance(v, (dict, list, set)):
-                c.__dict__[k] = copy.copy(v)
-        for k, p in m._parameters.items():
-            if p is not None and id(p) not in memo:
-                memo[id(p)] = nn.Parameter(tensor(p), requires_grad=p.requires_grad)
-            c._parameters[k] = None if p is None else memo[id(p)]  # type: ignore[assignment]
-        for k, b in m._buffers.items():
-            c._buffers[k] = None if b is None else tensor(b)
-        for k, sub in m._modules.items():
-            c._modules[k] = None if sub is None else module(sub)
-        return c
-
-    return module(model)
-
-
-
 def _check_mode(mode: str) -> None:
     if mode not in MODES:
         raise UsageError(f"unknown mode {mode!r}; choose from {', '.join(MODES)}")

@@ -60,10 +60,11 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from densenet_debug.backends import U64
 from densenet_debug.gradcheck import opkinks
 from densenet_debug.gradcheck.function import CHUNK_BYTES, UnitFunction
 
-EPS = 2.0 ** -53            # float64 unit roundoff
+EPS = U64                    # float64 unit roundoff
 LAMBDA = 6.0                # probabilistic rounding bound, see module docstring
 ETA = 1e-4                  # relative step: balances O(η²) truncation against O(ε√n/η) roundoff
 ETA_SMOOTH = 3e-5           # units declared smooth (BN's input): no kinks to dodge, measured optimum
