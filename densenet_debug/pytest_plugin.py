@@ -103,7 +103,7 @@ class GradReference:
     def _record(self, model: nn.Module, inputs: Tensor, targets: Tensor, target: Path, name: str, steps: int,
                 eval_mode: bool, max_mb: float | None) -> str | None:
         from densenet_debug.errors import UsageError
-        from densenet_debug.reference.format import read_meta
+        from densenet_debug.reference.meta import read_meta
         from densenet_debug.reference.record import DEFAULT_MAX_MB, OracleDisagreement, record_reference
 
         try:
@@ -126,7 +126,7 @@ class GradReference:
 
         from densenet_debug.errors import UsageError
         from densenet_debug.reference.check import check_reference, default_backend, reference_oracle
-        from densenet_debug.reference.format import FixtureError
+        from densenet_debug.reference.meta import FixtureError
         from densenet_debug.verdict.engine import JudgeCache
 
         fixture, model = loaded
@@ -174,7 +174,7 @@ def _load(target: Path, model: nn.Module, inputs: Tensor, targets: Tensor, steps
           eval_mode: bool) -> tuple[tuple | None, str | None]:
     """``((fixture, model with its weights), None)``, or ``(None, why the test fails)``: one message, no chain."""
     from densenet_debug.reference.check import load_reference
-    from densenet_debug.reference.format import FixtureError
+    from densenet_debug.reference.meta import FixtureError
 
     try:
         fixture, loaded = load_reference(target, model)

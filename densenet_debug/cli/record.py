@@ -71,7 +71,7 @@ def _record(args: argparse.Namespace, target: Path) -> int:
         print(f"densenet-debug record: refused: {exc}")
         return 1
     size = sum(p.stat().st_size for p in path.iterdir())
-    from densenet_debug.reference.format import read_meta
+    from densenet_debug.reference.meta import read_meta
 
     meta = read_meta(path)
     rebuild = "" if meta["model"]["kind"] == "builder" else (

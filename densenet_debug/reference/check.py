@@ -43,7 +43,8 @@ from torch import Tensor, nn
 from densenet_debug.backends import default_pair, environment, parse_backend
 from densenet_debug.errors import UsageError
 from densenet_debug.models import BUILDERS, build_model, resolve_model
-from densenet_debug.reference.format import Fixture, FixtureError, read_fixture
+from densenet_debug.reference.format import Fixture, read_fixture
+from densenet_debug.reference.meta import FixtureError
 from densenet_debug.reference.record import model_identity, one_thread_oracle
 from densenet_debug.trace import Trace
 from densenet_debug.verdict.compare import relative_error

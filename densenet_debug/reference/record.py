@@ -33,7 +33,8 @@ from torch import Tensor, nn
 
 from densenet_debug import __version__
 from densenet_debug.errors import UsageError
-from densenet_debug.reference.format import ALL_QUANTITIES, DICT_QUANTITIES, stored_model_spec, write_fixture
+from densenet_debug.reference.format import ALL_QUANTITIES, DICT_QUANTITIES, write_fixture
+from densenet_debug.reference.meta import stored_model_spec
 from densenet_debug.trace import Trace
 
 POLICIES = ("auto", "full", "checkpoints")

@@ -236,7 +236,7 @@ def test_two_trainings_of_the_same_directory_one_wins_the_other_names_it(tmp_pat
 # -- atomic replace --------------------------------------------------------------------------------------------
 def test_record_force_killed_mid_replace_leaves_a_whole_fixture(tmp_path: Path) -> None:
     from densenet_debug import atomic
-    from densenet_debug.reference.format import read_meta
+    from densenet_debug.reference.meta import read_meta
 
     (tmp_path / "x").mkdir(), (tmp_path / "y").mkdir()
     if not atomic.exchange(tmp_path / "x", tmp_path / "y"):
@@ -281,7 +281,7 @@ def _assert_interrupted(proc: subprocess.Popen, out: Path) -> None:
     assert stderr.strip().splitlines()[-1] == "interrupted" and "Traceback" not in stderr
     left = sorted(p.name for p in out.iterdir()) if out.exists() else []
     if left == ["n"]:  # torch swallowed the KeyboardInterrupt while importing and the recording ran on: whole
-        from densenet_debug.reference.format import read_meta
+        from densenet_debug.reference.meta import read_meta
 
         read_meta(out / "n")
     else:

@@ -26,7 +26,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from densenet_debug.cli import main
-from densenet_debug.reference.format import FILE_NAMES, load_npz, npz_bytes, stored_model_spec
+from densenet_debug.reference.format import load_npz, npz_bytes
+from densenet_debug.reference.meta import FILE_NAMES, stored_model_spec
 
 ROOT = Path(__file__).resolve().parents[2]
 

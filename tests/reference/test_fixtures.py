@@ -19,8 +19,6 @@ from hypothesis import strategies as st
 from densenet_debug import build_model
 from densenet_debug.reference.format import (
     ALL_QUANTITIES,
-    SCHEMA,
-    FixtureError,
     decode_traces,
     encode_traces,
     load_npz,
@@ -28,6 +26,7 @@ from densenet_debug.reference.format import (
     read_fixture,
     write_fixture,
 )
+from densenet_debug.reference.meta import SCHEMA, FixtureError
 from densenet_debug.trace import Trace, trace_step
 
 

@@ -145,7 +145,8 @@ def test_drifted_truth_fails_as_reproduction_at_its_unit() -> None:
 def test_an_old_schema_is_refused_in_one_line_saying_how_to_re_record(tmp_path: Path) -> None:
     import shutil
 
-    from densenet_debug.reference.format import FixtureError, read_fixture
+    from densenet_debug.reference.format import read_fixture
+    from densenet_debug.reference.meta import FixtureError
 
     old = tmp_path / "old"
     shutil.copytree(REFERENCE / "densenet-bc-10-eval", old)
