@@ -26,6 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from densenet_debug.errors import UsageError
+from densenet_debug.gradcheck.full import check_full
 from densenet_debug.gradcheck.function import UnitFunction
 from densenet_debug.gradcheck.numerics import (
     DIRECTIONS,
@@ -35,7 +36,6 @@ from densenet_debug.gradcheck.numerics import (
     RESOLUTION_TARGET,
     DirectionPool,
     Outcome,
-    check_full,
     check_joint,
 )
 from densenet_debug.gradcheck.report import GradcheckReport, GradRow, Kink, mark_culprits

@@ -62,7 +62,7 @@ from torch import Tensor
 
 from densenet_debug.backends import U64
 from densenet_debug.gradcheck import opkinks
-from densenet_debug.gradcheck.function import CHUNK_BYTES, UnitFunction
+from densenet_debug.gradcheck.function import UnitFunction
 
 EPS = U64                    # float64 unit roundoff
 LAMBDA = 6.0                # probabilistic rounding bound, see module docstring
@@ -172,7 +172,7 @@ def _avoid_op_kinks(unit: UnitFunction, slots: list[int], pool: DirectionPool, k
     u = pool.take(k, bases)
     found = None
     for _ in range(MAX_OP_PROBES):
-        steps = [eta * _rms(b, unit.output_scale) for b in bases]
+        steps = [eta * rms(b, unit.output_scale) for b in bases]
         found = opkinks.probe(unit, slots, [ui * h for ui, h in zip(u, steps)])
         if not found.count:
             return u, eta, None, None
@@ -250,7 +250,7 @@ def _joint_at(unit: UnitFunction, slots: list[int], pool: DirectionPool, k: int,
     """
     scheme = SYMMETRIC if look_for_kinks else ONE_SIDED
     bases = [unit.slots[s].base for s in slots]
-    steps = [eta * _rms(b, unit.output_scale) for b in bases]
+    steps = [eta * rms(b, unit.output_scale) for b in bases]
     deltas, stacks = [], []
     for s, b, h, ui in zip(slots, bases, steps, pool.take(k, bases) if u is None else u):
         d = ui * h  # Δ: the nominal perturbation (exact by definition; 2Δ is exact too)
@@ -301,7 +301,7 @@ def _affine_at(unit: UnitFunction, slots: list[int], pool: DirectionPool, k: int
     bias, or a weight whose gradient cancels, would otherwise move the output by too little to measure).
     """
     bases = [unit.slots[s].base for s in slots]
-    steps = [eta * _rms(b, unit.output_scale) for b in bases]
+    steps = [eta * rms(b, unit.output_scale) for b in bases]
     if not piecewise:
         a0 = unit.analytic(unit.v)
         norm = math.sqrt(sum(float(torch.linalg.vector_norm(a0[s])) ** 2 for s in slots))
@@ -463,60 +463,6 @@ def _kink_mask(F: list[Tensor], f0: list[Tensor], m: list[Tensor], n_reduce: int
     return masks
 
 
-# -- full mode --------------------------------------------------------------------------------------------
-def check_full(unit: UnitFunction, slot: int, limit: int = FULL_LIMIT) -> Outcome | None:
-    """Whole Jacobian of one slot, element by element; None when n_in x n_out exceeds ``limit``."""
-    base = unit.slots[slot].base
-    n_in, n_out = base.numel(), sum(unit.out_numel)
-    if n_in * n_out > limit or max(n_in, n_out) > math.isqrt(limit) * 4:
-        return None  # work grows as (n_in + n_out) x the unit's size: bound both
-    h = 2.0 ** math.floor(math.log2(ETA * _rms(base)))  # a power of two: t ± h, t ± 2h are exact
-    analytic = unit.jacobian(slot).T.contiguous()  # (n_in, n_out)
-    m = torch.cat([x.reshape(-1) for x in unit.magnitude(unit.base_outputs())])
-    unit_err = LAMBDA * math.sqrt(unit.n_forward) * EPS
-    back_err = LAMBDA * math.sqrt(unit.n_reduce) * EPS
-    per_col = 8 * (base.numel() + n_out) * 5
-    cols = max(1, min(n_in, CHUNK_BYTES // per_col))
-    worst, kinks = (0.0, 0.0, 0.0, {}), 0
-    failed = False
-    flat = base.reshape(-1)
-    for start in range(0, n_in, cols):
-        idx = torch.arange(start, min(n_in, start + cols), device=base.device)
-        c = len(idx)
-        pts = flat.repeat(1 + 4 * c, 1)
-        for j, coef in enumerate((1.0, -1.0, 2.0, -2.0)):
-            rows = 1 + j + 4 * torch.arange(c, device=base.device)
-            pts[rows, idx] = flat[idx] + coef * h
-        d = (pts[1 + torch.arange(4 * c, device=base.device), idx.repeat_interleave(4)]
-             - flat[idx].repeat_interleave(4)).view(c, 4)
-        F = unit.evaluate([slot], [pts.view(1 + 4 * c, *base.shape)])
-        Fm = torch.cat([x.reshape(1 + 4 * c, -1) for x in F], dim=1)
-        f0, Fp = Fm[0], Fm[1:].view(c, 4, n_out)
-        d1 = (Fp[:, 0] - Fp[:, 1]) / (d[:, 0] - d[:, 1])[:, None]
-        d2 = (Fp[:, 2] - Fp[:, 3]) / (d[:, 2] - d[:, 3])[:, None]
-        numeric = (4 * d1 - d2) / 3
-        nu = ((Fp[:, 2] + Fp[:, 3] - 2 * f0) - 4 * (Fp[:, 0] + Fp[:, 1] - 2 * f0)).abs()
-        kink = nu > (16 * unit_err + (h / _rms(base)) ** 2) * m
-        an = analytic[idx]
-        tol = 2 * ((d1 - d2).abs() / 3 + 1.5 * unit_err * m / h + back_err * an.abs())
-        err = (an - numeric).abs()
-        ratio = torch.where(tol > 0, err / tol, torch.where(err > 0, math.inf, 0.0)).masked_fill(kink, 0.0)
-        kinks += int(kink.sum())
-        failed |= bool((ratio > 1).any())
-        r = float(ratio.max())
-        if r >= worst[0]:
-            i = int(ratio.argmax())
-            parts = {"truncation": 2 * float(((d1 - d2).abs() / 3).reshape(-1)[i]),
-                     "roundoff": 2 * float((1.5 * unit_err * m / h).repeat(c)[i]),
-                     "analytic": 2 * float((back_err * an.abs()).reshape(-1)[i])}
-            worst = (r, float(err.reshape(-1)[i]), float(tol.reshape(-1)[i]), parts)
-    scale = float(analytic.abs().max()) or 1.0
-    fraction = kinks / (n_in * n_out)
-    status = "kink" if fraction > KINK_MAX_FRACTION else ("fail" if failed else "pass")
-    return Outcome(status, worst[1] / scale, worst[2] / scale, scale, None, h / _rms(base), n_in, kinks, fraction,
-                   {k: v / scale for k, v in worst[3].items()})
-
-
 # -- helpers ----------------------------------------------------------------------------------------------
 def _projection_error(diff: Tensor, v_abs: Tensor) -> float:
     """Rounding of the length-n dot products <v, diff_k>: λ·√n·ε·Σ|v·diff_k|, worst k (``v_abs`` = |v|).
@@ -527,7 +473,7 @@ def _projection_error(diff: Tensor, v_abs: Tensor) -> float:
 
 
 
-def _rms(t: Tensor, fallback: Callable[[], float] | None = None) -> float:
+def rms(t: Tensor, fallback: Callable[[], float] | None = None) -> float:
     """rms(t), or ``fallback()`` (the unit's output scale) for an all-zero tensor such as a fresh bias."""
     r = float(torch.linalg.vector_norm(t)) / math.sqrt(t.numel()) if t.numel() else 0.0
     return r if r > 0 and math.isfinite(r) else (fallback() if fallback is not None else 1.0)
