@@ -1,8 +1,8 @@
 """DenseNet and DenseNet-BC for 32x32 inputs (Huang et al. 2017), faithful to the seed and the Lua code.
 
 Every op lives in a named leaf module (the concatenations, ReLUs and pools included), so a fault can be
-charged to a name such as ``block2.layer07.conv2``. ReLUs are not in-place: full backward hooks, which
-tracing relies on, refuse in-place ops on their outputs.
+charged to a name such as ``block2.layer07.conv2``. ReLUs are not in-place, so every unit's output stays
+what it produced (the committed fixtures record them so); in-place models of users trace as well.
 """
 
 from __future__ import annotations

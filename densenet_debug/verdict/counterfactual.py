@@ -15,7 +15,6 @@ U's grad_output and parameter gradients agree within the row's tolerance: U itse
 from __future__ import annotations
 
 import math
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -86,10 +85,7 @@ class RetainedGraph:
             targets += [(name, f"grad_{p}", t) for p, t in ps.items() if t.requires_grad]
         self.gates.open = {s.layer: s for s in sites}
         try:
-            with warnings.catch_warnings():  # the trace's backward hooks are still in the graph; they do nothing
-                warnings.filterwarnings("ignore", message="Full backward hook is firing")
-                grads = torch.autograd.grad(self.loss, [t for _, _, t in targets], retain_graph=True,
-                                            allow_unused=True)
+            grads = torch.autograd.grad(self.loss, [t for _, _, t in targets], retain_graph=True, allow_unused=True)
         finally:
             self.gates.open = {}
         result: dict[str, dict[str, Tensor | None]] = {}

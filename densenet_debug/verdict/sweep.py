@@ -80,7 +80,7 @@ class Split(nn.Module):
         for i, part in enumerate(torch.split(x, list(self.splits), dim=1)):
             last = self.layout == "channels_last" or (self.layout == "mixed" and i % 2 == 1)
             parts.append(part.contiguous(memory_format=torch.channels_last if last else torch.contiguous_format))
-        return tuple(parts)  # full backward hooks need a tuple
+        return tuple(parts)
 
 
 class CatConvNet(nn.Module):
