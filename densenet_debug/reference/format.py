@@ -1,6 +1,6 @@
 """Reference fixtures on disk: ``reference_grads/<name>/``, written whole or not at all, read with every check.
 
-Schema ``densenet-debug/reference/1``; a fixture directory holds
+Schema ``densenet-debug/reference/2``; a fixture directory holds
 
 * ``meta.json``: what was recorded and how (model, data generation, step, storage policy, how the truth was
   computed), the size and SHA-256 of every other file, provenance. The only file not checksummed (it holds

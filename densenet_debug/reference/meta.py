@@ -18,9 +18,9 @@ import torch
 
 from densenet_debug.errors import UsageError
 
-SCHEMA = "densenet-debug/reference/1"
+SCHEMA = "densenet-debug/reference/2"  # 2: model.kind, factory_kwargs, structure hash of names and types
 SCHEMA_PREFIX = "densenet-debug/reference/"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 FILE_NAMES = ("index.json", "inputs.npz", "state.npz", "trace.npz")  # every file meta.json checksums
 MODEL_KINDS = ("builder", "file", "module", "python")
 _SPEC_FORMS = {"builder": "a builder name of densenet_debug.models.BUILDERS", "file": "FILE.py:FACTORY (a file name, "

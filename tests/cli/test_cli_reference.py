@@ -39,7 +39,7 @@ def _one_line_error(capsys: pytest.CaptureFixture, verb: str = "check-reference"
 
 def test_record_writes_a_described_fixture(recorded: Path, capsys: pytest.CaptureFixture) -> None:
     meta = json.loads((recorded / "meta.json").read_text())
-    assert meta["schema"] == "densenet-debug/reference/1"
+    assert meta["schema"] == "densenet-debug/reference/2"
     assert meta["model"]["spec"] == "densenet-bc-10" and meta["model"]["config"]["growth_rate"] == 4
     assert meta["data"]["batch"] == 2 and meta["data"]["generation"]["seed"] == 0
     assert "torch.randn(2, 3, 16, 16" in meta["data"]["generation"]["inputs"]
