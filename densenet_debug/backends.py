@@ -348,3 +348,14 @@ def resolve_device(name: str | None) -> torch.device:
     if name is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return check_device(name)
+
+
+@contextmanager
+def one_thread() -> Iterator[None]:
+    """Float64 results depend on the thread count (blocked reductions): truths and references use one."""
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(saved)

@@ -22,15 +22,13 @@ gap separately, as BN semantics (SyncBatchNorm, CUDA-only in PyTorch, removes it
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from densenet_debug.backends import Backend, parse_backend, unit_roundoff
+from densenet_debug.backends import Backend, one_thread, parse_backend, unit_roundoff
 from densenet_debug.distributed.runtime import COMM_HOOKS, batch_gradients, ddp_gradients, shards
 from densenet_debug.errors import UsageError
 
@@ -96,21 +94,11 @@ class DdpDiffReport:
         }
 
 
-@contextlib.contextmanager
-def _one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
-
-
 def shard_gradients_under(model: nn.Module, x: Tensor, y: Tensor, world_size: int,
                           backend: Backend) -> list[dict[str, Tensor]]:
     """Each shard's gradient of its mean loss, in this process under ``backend`` (one thread)."""
     out = []
-    with _one_thread():
+    with one_thread():
         for xs, ys in zip(shards(x, world_size), shards(y, world_size)):
             side = backend.prepare_model(model)
             with backend.active():

@@ -23,8 +23,6 @@ import os
 import platform
 import subprocess
 import sys
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -32,6 +30,7 @@ import torch
 from torch import Tensor, nn
 
 from densenet_debug import __version__
+from densenet_debug.backends import one_thread
 from densenet_debug.errors import UsageError
 from densenet_debug.reference.format import ALL_QUANTITIES, DICT_QUANTITIES, write_fixture
 from densenet_debug.reference.meta import stored_model_spec
@@ -169,17 +168,6 @@ def distinct_bytes(trace: Trace) -> int:
             if t is not None:
                 seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
     return sum(seen.values())
-
-
-@contextmanager
-def one_thread() -> Iterator[None]:
-    """Float64 results depend on the thread count (blocked reductions); the truth is made with one."""
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(saved)
 
 
 def one_thread_oracle(model: nn.Module, inputs: Tensor, targets: Tensor, steps: int = 1, eval_mode: bool = False,
