@@ -27,6 +27,7 @@ def run(argv: list[str]) -> dict:
 
     from densenet_debug.capture import align, capture
     from densenet_debug.models import build_model
+    from densenet_debug.models.batch import make_batch
     from densenet_debug.trace import trace_step
 
     parser = argparse.ArgumentParser(prog="bench.py capture")
@@ -38,9 +39,7 @@ def run(argv: list[str]) -> dict:
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     model = build_model(args.model)
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(args.batch, 3, 32, 32, generator=g)
-    y = torch.randint(0, 10, (args.batch,), generator=g)
+    x, y = make_batch(model, (3, 32, 32), args.batch, seed=0, num_classes=10)
 
     def plain() -> None:
         model.zero_grad(set_to_none=True)

@@ -29,6 +29,7 @@ def run(argv: list[str]) -> dict:
 
     from densenet_debug.backends import default_pair, parse_backend
     from densenet_debug.models import build_model
+    from densenet_debug.models.batch import make_batch
     from densenet_debug.verdict.engine import diff
 
     da, db = default_pair()
@@ -46,9 +47,7 @@ def run(argv: list[str]) -> dict:
 
     torch.manual_seed(0)
     model = build_model(args.model)
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(args.batch, 3, 32, 32, generator=g)
-    y = torch.randint(0, 10, (args.batch,), generator=g)
+    x, y = make_batch(model, (3, 32, 32), args.batch, seed=0, num_classes=10)
     backends = [parse_backend(args.a), parse_backend(args.b), parse_backend("fp64", "cpu")]
     prepared = [b.prepare_model(model) for b in backends]
     anchor_parts = {b.name: [] for b in backends}

@@ -24,6 +24,7 @@ from torch.func import functional_call
 
 from densenet_debug.gradcheck.engine import gradcheck_model
 from densenet_debug.models import build_model
+from densenet_debug.models.batch import make_batch
 
 
 def run(argv: list[str]) -> dict:
@@ -40,9 +41,7 @@ def run(argv: list[str]) -> dict:
 
     torch.manual_seed(args.seed)
     model = build_model(args.model)
-    g = torch.Generator().manual_seed(args.seed)
-    x = torch.randn(args.batch, 3, 32, 32, generator=g)
-    y = torch.randint(0, 10, (args.batch,), generator=g)
+    x, y = make_batch(model, (3, 32, 32), args.batch, seed=args.seed, num_classes=10)
 
     fwd_bwd = _time_forward_backward(model, x, y)
     gradcheck_model(model, x, y, layers=["stem"])  # imports
