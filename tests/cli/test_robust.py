@@ -180,9 +180,15 @@ def test_every_verb_help_lists_its_exit_codes() -> None:
 
 
 # -- exclusive writers -----------------------------------------------------------------------------------------
+def _as_at_a_terminal() -> None:
+    """In the child before exec: Ctrl-C's default action, as at an interactive terminal. A child of a background
+    job (``cmd &``, nohup) inherits SIGINT ignored, and the program rightly keeps that."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _start_paused(argv: list[str], point: str, seconds: float = 120) -> subprocess.Popen:
     proc = subprocess.Popen(CLI + argv, env={**ENV, PAUSE: f"{point}:{seconds}"}, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, text=True, preexec_fn=_as_at_a_terminal)
     deadline = time.monotonic() + 120
     line = ""
     while not line.startswith(f"paused at {point}"):
@@ -305,7 +311,7 @@ def test_sigint_while_importing_is_interrupted_exit_130(entry: str, tmp_path: Pa
     cmd = [str(exe)] if entry == "console-script" else CLI
     proc = subprocess.Popen(cmd + ["record", "--name", "n", "--out-dir", str(out), *TINY_RECORD],
                             env={**ENV, PAUSE: "startup:60"}, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
+                            text=True, preexec_fn=_as_at_a_terminal)
     assert proc.stdout.readline().strip() == "paused at startup"
     proc.send_signal(signal.SIGINT)
     _assert_interrupted(proc, out)
@@ -322,7 +328,7 @@ def test_sigint_at_any_moment_is_interrupted_exit_130_and_nothing_half_written(d
     out = tmp_path / "fx"
     proc = subprocess.Popen(CLI + ["record", "--name", "n", "--out-dir", str(out), *TINY_RECORD[:-1], "3,32,32",
                                    "--batch", "4"], env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
+                            text=True, preexec_fn=_as_at_a_terminal)
     time.sleep(delay)
     if proc.poll() is not None:
         pytest.skip(f"record finished within {delay} s on this machine")
@@ -502,7 +508,8 @@ def test_sigint_mid_training_leaves_a_resumable_directory_and_no_temporaries(tmp
     save = tmp_path / "run"
     argv = ["train", *TINY_TRAIN[:-4], "--synthetic-size", "256", "--batch-size", "16", "--epochs", "3",
             "--no-plot", "--quiet", "--save", str(save)]
-    proc = subprocess.Popen(CLI + argv, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(CLI + argv, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=_as_at_a_terminal)
     log, deadline = save / "train.csv", time.monotonic() + 120
     while not (log.exists() and any(line.startswith("2,") for line in log.read_text().splitlines())):
         assert proc.poll() is None, proc.stderr.read()[-800:]
