@@ -112,8 +112,8 @@ def _sum_bound(magnitude: Tensor, operands: int, k: int, cmp: int = 0) -> Bound:
 
 def _scaled(magnitude: Tensor, u_op: float, cmp: float, u_out: float) -> Bound:
     """``(u_op * a + cmp * c + u_out * o) * magnitude + eta`` for elementwise ops."""
-    def bound(p: Precision) -> Tensor:
-        return magnitude * (u_op * p.u_op + cmp * p.cmp + u_out * p.u_out) + p.eta
+    def bound(p: Precision) -> Tensor:  # each operand and the result may underflow: eta apiece
+        return magnitude * (u_op * p.u_op + cmp * p.cmp + u_out * p.u_out) + (u_op + 1) * p.eta
     return bound
 
 
@@ -246,8 +246,8 @@ def _add(a: list, outs: list, sign: float = 1.0) -> OpModel:
     o = outs[0].abs()
     mag = torch.broadcast_to(mag, o.shape) if isinstance(mag, Tensor) else torch.full_like(o, float(mag))
 
-    def bound(p: Precision) -> Tensor:
-        return mag * p.u_op + o * p.u_out + p.eta
+    def bound(p: Precision) -> Tensor:  # two operands and the result may underflow: eta apiece
+        return mag * p.u_op + o * p.u_out + 3 * p.eta
     return OpModel("add", "elementwise add: each operand rounded (u_op (|a| + |alpha b|)), one result rounding",
                    [bound])
 
