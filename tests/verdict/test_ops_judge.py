@@ -17,12 +17,14 @@ from hypothesis import strategies as st
 from torch import Tensor, nn
 
 from densenet_debug.capture.records import TensorLayout
+from densenet_debug.cli import main
+from densenet_debug.errors import UsageError
 from densenet_debug.faults.registry import eligible_units
 from densenet_debug.verdict.ops import judge_ops, module_of, oracle_capture, rollup
 from densenet_debug.verdict.ops.replay import in_layout
 from densenet_debug.verdict.report import FAILING, Status
 
-BACKENDS = ["native", "mkldnn", "mkldnn+channels_last"]
+BACKENDS = ["native", "mkldnn", "channels_last"]
 USER_STYLES = Path("/work/shared/models/user_styles.py")
 
 
@@ -333,3 +335,36 @@ def test_report_json_and_rollup(tiny_model, batch) -> None:  # noqa: ANN001
     units = {module_of(r) for r in report.rows}
     assert {r.layer for r in rollup(report.rows)} == units
     assert "block1.layer01.conv2 · aten.convolution_backward" in {r.layer for r in report.rows}
+
+
+@pytest.mark.parametrize("backend", ["bf16", "mkldnn+bf16+channels_last", "fp64"])
+@pytest.mark.parametrize("eval_mode", [False, True])
+def test_autocast_casts_and_eval_mode_pass(tiny_model, batch, backend: str, eval_mode: bool) -> None:  # noqa: ANN001
+    model = tiny_model(0)
+    x, y = batch(3, shape=(3, 8, 8))
+    report = judge_ops(model, x, y, backend, eval_mode=eval_mode)
+    assert report.verdict == "agree", _failing(report)
+    if "bf16" in backend:  # autocast's casts run on the side only: listed, folded into the op they feed
+        assert any(u.verdict == "folded" and "_to_copy" in u.unit for u in report.unmatched)
+
+
+def test_bad_inputs_are_one_clear_error(tiny_model) -> None:  # noqa: ANN001
+    x = torch.randn(2, 3, 8, 8)
+    x[0, 0, 0, 0] = float("nan")
+    with pytest.raises(UsageError, match="NaN"):
+        judge_ops(tiny_model(0), x, torch.tensor([0, 1]), "native")
+    with pytest.raises(UsageError, match="one entry per sample"):
+        judge_ops(tiny_model(0), torch.randn(2, 3, 8, 8), torch.tensor([0]), "native")
+
+
+def test_diff_ops_prints_op_rows_and_fails_on_a_failing_op(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    base = ["diff", "--model", "densenet-bc-16", "--batch", "2", "--input-shape", "3,8,8", "--ops", "--top", "3"]
+    assert main([*base, "--json", str(tmp_path / "ok.json")]) == 0
+    out = capsys.readouterr().out
+    assert "ops mkldnn: agree" in out and "ops native: agree" in out
+    doc = json.loads((tmp_path / "ok.json").read_text())
+    assert [o["verdict"] for o in doc["settings"]["ops"]] == ["agree", "agree"]
+    fault = "native+fault:strided_read_as_contiguous@block1.layer02.conv2"
+    assert main([*base, "--b", fault]) == 1
+    out = capsys.readouterr().out
+    assert "first failing op: block1.layer02.conv2 · aten.convolution_backward" in out

@@ -113,7 +113,8 @@ def _sum_bound(magnitude: Tensor, operands: int, k: int, cmp: int = 0) -> Bound:
 def _scaled(magnitude: Tensor, u_op: float, cmp: float, u_out: float) -> Bound:
     """``(u_op * a + cmp * c + u_out * o) * magnitude + eta`` for elementwise ops."""
     def bound(p: Precision) -> Tensor:  # each operand and the result may underflow: eta apiece
-        return magnitude * (u_op * p.u_op + cmp * p.cmp + u_out * p.u_out) + (u_op + 1) * p.eta
+        second = 1 + 2 * (p.u_op + p.cmp + p.u_out)  # (1+u)^n - 1 <= n u (1 + n u): the second-order terms
+        return magnitude * ((u_op * p.u_op + cmp * p.cmp + u_out * p.u_out) * second) + (u_op + 1) * p.eta
     return bound
 
 
@@ -247,7 +248,8 @@ def _add(a: list, outs: list, sign: float = 1.0) -> OpModel:
     mag = torch.broadcast_to(mag, o.shape) if isinstance(mag, Tensor) else torch.full_like(o, float(mag))
 
     def bound(p: Precision) -> Tensor:  # two operands and the result may underflow: eta apiece
-        return mag * p.u_op + o * p.u_out + 3 * p.eta
+        second = 1 + 2 * (p.u_op + p.u_out)  # the rounded sum of rounded operands: second-order terms
+        return (mag * p.u_op + o * p.u_out) * second + 3 * p.eta
     return OpModel("add", "elementwise add: each operand rounded (u_op (|a| + |alpha b|)), one result rounding",
                    [bound])
 

@@ -43,6 +43,7 @@ from densenet_debug.backends import Backend, one_thread, parse_backend, unit_rou
 from densenet_debug.capture import Capture, OpRecord, align, capture
 from densenet_debug.capture.kinks import signed_coordinate
 from densenet_debug.capture.records import OUTSIDE, TensorLayout
+from densenet_debug.errors import UsageError
 from densenet_debug.models.copies import fp64_copy
 from densenet_debug.verdict.compare import compare
 from densenet_debug.verdict.local import precision
@@ -271,26 +272,31 @@ class _Judge:
         self.skipped[why] = self.skipped.get(why, 0) + 1
 
     # -- building the side's inputs from the oracle's ------------------------------------------------------
-    def inputs(self, o: OpRecord, s: OpRecord, glue: dict[int, list[OpRecord]]) -> tuple[list[Tensor], list[str]]:
-        """The oracle's inputs to ``o`` in ``s``'s dtypes and layouts (through side-only glue where it fed ``s``)."""
+    def inputs(self, o: OpRecord, s: OpRecord, glue: dict[int, list[OpRecord]]) -> tuple[list[Tensor], list[str],
+                                                                                          list[Tensor]]:
+        """The oracle's inputs to ``o`` in ``s``'s dtypes and layouts (through side-only glue where it fed ``s``),
+        notes, and the tensors each glue chain started from (a value that passed through bfloat16 carries
+        bfloat16's rounding, whatever dtype the op received it in)."""
         if o.input_values is None or s.input_values is None:
             raise Unreplayable("captured without values")
         if len(o.input_values) != len(s.input_layouts):
             raise Unreplayable(f"{len(o.input_values)} oracle vs {len(s.input_layouts)} side tensor arguments")
-        tensors, notes = [], []
+        tensors, notes, starts = [], [], []
         for j, layout in enumerate(s.input_layouts):
             value = o.input_values[j]
             if value is None:
                 raise Unreplayable(f"oracle input {j} has no value")
             chain = self._glue_chain(s, j, glue)
             if chain:
-                tensors.append(self._through(value, chain))
+                start, through = self._through(value, chain)
+                tensors.append(through)
+                starts.append(start)
                 notes.append(f"input {j} through side-only {', '.join(_op_label(g.op) for g in chain)}")
                 for g in chain:
                     self.folded[g.index] = _unit(s)
             else:
                 tensors.append(in_layout(value, layout, storage_numel(s.input_values[j], layout), self.backend.device))
-        return tensors, notes
+        return tensors, notes, starts
 
     def _glue_chain(self, s: OpRecord, j: int, glue: dict[int, list[OpRecord]]) -> list[OpRecord]:
         """Side-only, same-shape, one-input ops of ``s``'s node (or forward module) that produced its input j."""
@@ -306,13 +312,13 @@ class _Judge:
             want = producer.input_values[0] if producer.input_values else None
         return chain
 
-    def _through(self, value: Tensor, chain: list[OpRecord]) -> Tensor:
+    def _through(self, value: Tensor, chain: list[OpRecord]) -> tuple[Tensor, Tensor]:
         first = chain[0]
         layout = first.input_layouts[0]
-        t = in_layout(value, layout, storage_numel(first.input_values[0], layout), self.backend.device)
+        start = t = in_layout(value, layout, storage_numel(first.input_values[0], layout), self.backend.device)
         for g in chain:
             t = tree_leaves(rebuild_call(g, [t]).run())[0]
-        return t
+        return start, t
 
     # -- one matched op ------------------------------------------------------------------------------------
     def pair(self, o: OpRecord, s: OpRecord, glue: dict[int, list[OpRecord]]) -> list[Row]:
@@ -324,7 +330,7 @@ class _Judge:
             self.skip("uninitialised output (empty)")
             return []
         try:
-            tensors, notes = self.inputs(o, s, glue)
+            tensors, notes, starts = self.inputs(o, s, glue)
             call = rebuild_call(s, tensors)
             with torch.no_grad(), torch.autocast(self.backend.device.type, enabled=False):
                 outs = [t if isinstance(t, Tensor) else None for t in tree_leaves(call.run())]
@@ -339,7 +345,7 @@ class _Judge:
             if oracle_out is None or model.bounds[i:i + 1] == [None]:
                 continue
             side_out = outs[i] if i < len(outs) else None
-            rows.append(self._row(o, s, i, n, side_out, oracle_out, model, tensors, notes))
+            rows.append(self._row(o, s, i, n, side_out, oracle_out, model, tensors, notes, tensors + starts))
         return rows
 
     def _unreplayable(self, s: OpRecord, why: str) -> Row:
@@ -353,7 +359,7 @@ class _Judge:
         return p.plus(fp64_precision(self.lam))
 
     def _row(self, o: OpRecord, s: OpRecord, i: int, n: int, side_out: Tensor | None, oracle_out: Tensor,
-             model: OpModel, tensors: list[Tensor], notes: list[str]) -> Row:
+             model: OpModel, tensors: list[Tensor], notes: list[str], operands: list[Tensor]) -> Row:
         quantity = _quantity(s.op, i, n, bool(s.written))
         bound_spec = model.bounds[i] if i < len(model.bounds) else None
         origin = model.origin + (" [generic]" if model.generic else "")
@@ -365,10 +371,10 @@ class _Judge:
             note.append("no output" if side_out is None else f"shape {tuple(side_out.shape)} vs oracle "
                                                               f"{tuple(oracle_out.shape)}")
         else:
-            comp = self._compare(s, side_out, oracle_out, bound_spec, model, tensors, exclude)
+            comp = self._compare(s, side_out, oracle_out, bound_spec, model, operands, exclude)
             comp_status = Status.OK if comp.ok else Status.MISMATCH
             if comp.ok and comp.excluded:
-                full = self._compare(s, side_out, oracle_out, bound_spec, model, tensors, None)
+                full = self._compare(s, side_out, oracle_out, bound_spec, model, operands, None)
                 if not full.ok:
                     comp_status = Status.KINK
                     note.append(f"{comp.excluded} element(s) whose input rounds across a branch boundary")
@@ -525,6 +531,7 @@ def judge_ops(model: nn.Module, x: Tensor, y: Tensor, backend: str | Backend, *,
     between sides (it is built here when not given). ``model`` is not changed.
     """
     be = parse_backend(backend)
+    _check_inputs(x, y)
     times: dict[str, float] = {}
     t0 = time.perf_counter()
     oracle = oracle_capture if oracle_capture is not None else _oracle(model, x, y, loss_fn, eval_mode)
@@ -554,6 +561,15 @@ def judge_ops(model: nn.Module, x: Tensor, y: Tensor, backend: str | Backend, *,
     times.update(oracle_capture=t1 - t0, side_capture=t2 - t1, replay=t3 - t2, total=time.perf_counter() - t0)
     return OpReport(backend=be.name, rows=rows, unmatched=unmatched, kinks=_own_kinks(pairs), matched=len(pairs),
                     second_pass_matched=second, skipped=judge.skipped, seconds=times)
+
+
+def _check_inputs(x: Tensor, y: Tensor) -> None:
+    if not isinstance(x, Tensor) or not x.is_floating_point():
+        raise UsageError("inputs must be a floating-point tensor")
+    if not isinstance(y, Tensor) or y.shape[:1] != x.shape[:1]:
+        raise UsageError(f"labels must be a tensor with one entry per sample ({x.shape[0]})")
+    if not _finite(x) or (y.is_floating_point() and not _finite(y)):
+        raise UsageError("inputs or labels hold NaN/Inf: nothing can be judged on them")
 
 
 def _oracle(model: nn.Module, x: Tensor, y: Tensor, loss_fn: LossFn, eval_mode: bool) -> Capture:
