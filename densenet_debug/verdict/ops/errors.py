@@ -284,8 +284,7 @@ def _native_batch_norm(a: list, outs: list) -> OpModel:
     if training:
         mu = x.mean(dims, keepdim=True)
         var = x.var(dims, unbiased=False, keepdim=True)
-        m1, q = ax.mean(dims, keepdim=True), None
-        q = var + mu * mu
+        m1, q = ax.mean(dims, keepdim=True), var + mu * mu  # mean |x| and E[x^2]
     else:
         mu, var = rm.view(shape), rv.view(shape)
     inv_sigma = torch.rsqrt(var + eps)

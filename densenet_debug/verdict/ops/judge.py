@@ -200,7 +200,7 @@ def match(oracle: Capture, side: Capture) -> tuple[list[tuple[OpRecord, OpRecord
     al = align(oracle, side)
     pairs = list(al.pairs)
     o_counts: dict = {}
-    left = {_second_key(r, o_counts): r for r in al.only_a if r.phase != "forward" or r.function is not None}
+    left = {_second_key(r, o_counts): r for r in al.only_a}
     s_counts: dict = {}
     only_side, second = [], 0
     for r in al.only_b:
@@ -226,7 +226,7 @@ def _unit(r: OpRecord) -> str:
     return f"{r.module or '(model)'} · {_op_label(r.op)}"
 
 
-def _quantity(op: str, i: int, n: int, written: bool) -> str:
+def _quantity(op: str, i: int, n: int) -> str:
     names = _QUANTITIES.get(base_name(op))
     if names and i < len(names):
         return names[i]
@@ -272,8 +272,8 @@ class _Judge:
         self.skipped[why] = self.skipped.get(why, 0) + 1
 
     # -- building the side's inputs from the oracle's ------------------------------------------------------
-    def inputs(self, o: OpRecord, s: OpRecord, glue: dict[int, list[OpRecord]]) -> tuple[list[Tensor], list[str],
-                                                                                          list[Tensor]]:
+    def inputs(self, o: OpRecord, s: OpRecord, glue: dict[int, list[OpRecord]],
+               fill: float = math.nan) -> tuple[list[Tensor], list[str], list[Tensor]]:
         """The oracle's inputs to ``o`` in ``s``'s dtypes and layouts (through side-only glue where it fed ``s``),
         notes, and the tensors each glue chain started from (a value that passed through bfloat16 carries
         bfloat16's rounding, whatever dtype the op received it in)."""
@@ -288,14 +288,15 @@ class _Judge:
                 raise Unreplayable(f"oracle input {j} has no value")
             chain = self._glue_chain(s, j, glue)
             if chain:
-                start, through = self._through(value, chain)
+                start, through = self._through(value, chain, fill)
                 tensors.append(through)
                 starts.append(start)
                 notes.append(f"input {j} through side-only {', '.join(_op_label(g.op) for g in chain)}")
                 for g in chain:
                     self.folded[g.index] = _unit(s)
             else:
-                tensors.append(in_layout(value, layout, storage_numel(s.input_values[j], layout), self.backend.device))
+                tensors.append(in_layout(value, layout, storage_numel(s.input_values[j], layout), self.backend.device,
+                                         fill))
         return tensors, notes, starts
 
     def _glue_chain(self, s: OpRecord, j: int, glue: dict[int, list[OpRecord]]) -> list[OpRecord]:
@@ -306,16 +307,16 @@ class _Judge:
         while want is not None:
             producer = next((g for g in reversed(group) if g.index < s.index and g.output_values
                              and _same_view(g.output_values[0], want)), None)
-            if producer is None or producer in chain:
+            if producer is None or any(producer is c for c in chain):
                 break
             chain.insert(0, producer)
             want = producer.input_values[0] if producer.input_values else None
         return chain
 
-    def _through(self, value: Tensor, chain: list[OpRecord]) -> tuple[Tensor, Tensor]:
+    def _through(self, value: Tensor, chain: list[OpRecord], fill: float) -> tuple[Tensor, Tensor]:
         first = chain[0]
         layout = first.input_layouts[0]
-        start = t = in_layout(value, layout, storage_numel(first.input_values[0], layout), self.backend.device)
+        start = t = in_layout(value, layout, storage_numel(first.input_values[0], layout), self.backend.device, fill)
         for g in chain:
             t = tree_leaves(rebuild_call(g, [t]).run())[0]
         return start, t
@@ -331,9 +332,14 @@ class _Judge:
             return []
         try:
             tensors, notes, starts = self.inputs(o, s, glue)
-            call = rebuild_call(s, tensors)
-            with torch.no_grad(), torch.autocast(self.backend.device.type, enabled=False):
-                outs = [t if isinstance(t, Tensor) else None for t in tree_leaves(call.run())]
+            outs = self._run(s, tensors)
+            if any(v is not None and not _finite(v) for v in outs) and all(
+                    v is None or _finite(v) for v in o.output_values):
+                # NaN where the oracle is finite: did it come from the NaN around the views? Zero there instead.
+                again = self._run(s, self.inputs(o, s, glue, fill=0.0)[0])
+                if all(v is None or _finite(v) for v in again):
+                    notes.append("the op read memory outside the views it was given (NaN there in the replay): "
+                                 "a #708-style read")
             o_call = rebuild_call(o, [v.clone() if v is not None and i in o.written else v
                                       for i, v in enumerate(o.input_values)])
             model = op_model(o_call.func, o_call.args, o_call.kwargs, list(o.output_values))
@@ -348,6 +354,10 @@ class _Judge:
             rows.append(self._row(o, s, i, n, side_out, oracle_out, model, tensors, notes, tensors + starts))
         return rows
 
+    def _run(self, s: OpRecord, tensors: list[Tensor]) -> list[Tensor | None]:
+        with torch.no_grad(), torch.autocast(self.backend.device.type, enabled=False):
+            return [t if isinstance(t, Tensor) else None for t in tree_leaves(rebuild_call(s, tensors).run())]
+
     def _unreplayable(self, s: OpRecord, why: str) -> Row:
         self.skip("not replayable")
         return Row(layer=_unit(s), pass_=_pass(s), quantity="output", error_a=None, error_b=None, tolerance=0.0,
@@ -360,7 +370,7 @@ class _Judge:
 
     def _row(self, o: OpRecord, s: OpRecord, i: int, n: int, side_out: Tensor | None, oracle_out: Tensor,
              model: OpModel, tensors: list[Tensor], notes: list[str], operands: list[Tensor]) -> Row:
-        quantity = _quantity(s.op, i, n, bool(s.written))
+        quantity = _quantity(s.op, i, n)
         bound_spec = model.bounds[i] if i < len(model.bounds) else None
         origin = model.origin + (" [generic]" if model.generic else "")
         note = list(notes)
@@ -380,12 +390,8 @@ class _Judge:
                     note.append(f"{comp.excluded} element(s) whose input rounds across a branch boundary")
             if not _finite(side_out) or not _finite(oracle_out):
                 comp_status = Status.NONFINITE
-                if _finite(oracle_out) and all(_finite(v) for v in o.input_values or [] if v is not None):
-                    note.append("NaN/Inf from finite inputs: the op read memory outside the views it was given "
-                                "(NaN-filled in the replay)" if _read_outside(side_out, oracle_out) else
-                                "NaN/Inf where the fp64 oracle is finite")
-                else:
-                    note.append("non-finite in the oracle too")
+                note.append("NaN/Inf where the fp64 oracle is finite" if _finite(oracle_out) else
+                            "non-finite in the oracle too")
         return Row(layer=_unit(s), pass_=_pass(s), quantity=quantity, error_a=comp.error, error_b=None,
                    tolerance=comp.tolerance, status=comp_status, origin=origin, mode="op",
                    side="a" if comp_status != Status.OK else None, tolerance_a=comp.tolerance, ratio_a=comp.ratio,
@@ -468,10 +474,6 @@ def _group(r: OpRecord) -> tuple:
     if r.node is not None:
         return (r.phase, r.node.sequence_nr, r.node.name, r.creator)
     return (r.phase, r.module, r.function)
-
-
-def _read_outside(side_out: Tensor, oracle_out: Tensor) -> bool:
-    return not _finite(side_out) and _finite(oracle_out)
 
 
 def _preserves(out: Tensor, x: Tensor) -> bool:

@@ -14,6 +14,7 @@ index instead of ``copy_`` (which refuses overlapping destinations).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -115,14 +116,15 @@ def storage_numel(value: Tensor | None, layout: TensorLayout) -> int:
     return extent
 
 
-def in_layout(values: Tensor, layout: TensorLayout, numel: int, device: torch.device | str = "cpu") -> Tensor:
+def in_layout(values: Tensor, layout: TensorLayout, numel: int, device: torch.device | str = "cpu",
+              fill: float = math.nan) -> Tensor:
     """``values`` cast to ``layout.dtype`` and placed at ``layout``'s positions in a fresh storage of ``numel``
-    elements, the rest NaN (floats) or zero."""
+    elements, the rest ``fill`` (NaN by default; zero for integer dtypes)."""
     dtype = _DTYPES.get(layout.dtype)
     if dtype is None:
         raise Unreplayable(f"dtype {layout.dtype}")
-    fill = float("nan") if dtype.is_floating_point or dtype.is_complex else 0
-    buf = torch.full((max(numel, 1),), fill, dtype=dtype, device=device)
+    buf = torch.full((max(numel, 1),), fill if dtype.is_floating_point or dtype.is_complex else 0, dtype=dtype,
+                     device=device)
     view = buf.as_strided(layout.size, layout.stride, layout.storage_offset)
     src = values.detach().to(device=device, dtype=dtype)
     if tuple(src.shape) != tuple(layout.size):
