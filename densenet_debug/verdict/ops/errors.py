@@ -21,7 +21,9 @@ Magnitudes are computed once per op, in float64, from the oracle's inputs, so bo
   rounded to the side's dtype **exactly**, except at kinks. When the side's inputs and output differ in dtype
   (an autocast cast), double rounding allows ``(u_in + u_out)|o|``.
 * **Elementwise arithmetic**: ``add``/``sub`` ``u_op (|a| + |alpha b|) + u_out |o|``; ``mul``/``div``
-  ``2 u_op |o| + u_out |o|`` (a Python scalar operand is rounded to the op's dtype too).
+  ``2 u_op |o| + u_out |o|`` (a Python scalar operand is rounded to the op's dtype too). These are worst-case
+  (not probabilistic) bounds that a correct kernel can come close to, so the second-order terms are kept
+  (a factor ``1 + 2(u_op + u_out)``) and each operand and the result may underflow (``eta`` apiece).
 * **Batch norm** (``native_batch_norm`` and its backward), ported from the module-level model of
   :mod:`densenet_debug.verdict.tolerance`, with ``r = lam u_acc sqrt(R)`` (R = N*H*W per channel) and c = u_cmp.
   Forward (training): ``e_mu = (u_op + r) mean|x| + c|mu|``, ``e_var = (2u_op + r + 3c) E[x^2] + 2|mu| e_mu``,

@@ -45,7 +45,7 @@ from densenet_debug.capture.kinks import signed_coordinate
 from densenet_debug.capture.records import OUTSIDE, TensorLayout
 from densenet_debug.errors import UsageError
 from densenet_debug.models.copies import fp64_copy
-from densenet_debug.verdict.compare import compare
+from densenet_debug.verdict.compare import Comparison, compare
 from densenet_debug.verdict.local import precision
 from densenet_debug.verdict.ops.errors import EXACT, OpModel, base_name, op_model
 from densenet_debug.verdict.ops.replay import Unreplayable, in_layout, rebuild_call, storage_numel
@@ -403,6 +403,8 @@ class _Judge:
             floats = [t.dtype for t in tensors if t.is_floating_point()]
             expected = oracle_out.to(side_out.dtype) if side_out.is_floating_point() else oracle_out
             if not side_out.is_floating_point() or all(d == side_out.dtype for d in floats):
+                if torch.equal(side_out, expected.to(side_out.device)):  # the common case, one pass, no copies
+                    return Comparison(0.0, 0.0, 0.0, ())
                 return compare(_float(side_out), _float(expected), None, exclude)
             u = max(unit_roundoff(d) for d in floats) + unit_roundoff(side_out.dtype)
             bound = oracle_out.abs() * u + 2 * underflow(side_out.dtype)
