@@ -48,6 +48,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--units", default=None, metavar="NAME,NAME",
                         help="only these units (qualified module names); default every unit")
     parser.add_argument("--top", type=positive_int, default=15, help="rows in the table (default 15)")
+    parser.add_argument("--ops", action="store_true",
+                        help="also replay every aten op of each side (first step) on the fp64 oracle's inputs to "
+                             "that op and print the worst op rows per side; a failing op is a finding")
     add_threads_arg(parser)
     parser.add_argument("--json", default=None, metavar="PATH", help="write the JSON report here")
     parser.add_argument("--html", default=None, metavar="PATH", help="write a self-contained HTML report here")
@@ -93,11 +96,27 @@ def run(args: argparse.Namespace) -> int:
         if not bisected:
             console.print("bisect: no failing side is a composed backend; nothing to narrow")
         report.settings["bisect"] = bisected
+    ops_agree = _run_ops(args, model, x, y, (a, b), device, console, report.settings) if args.ops else True
     if args.json:
         write_text(args.json, json.dumps(report.to_json(), indent=1) + "\n")
     if args.html:
         write_text(args.html, to_html(report))
-    return 0 if report.verdict == "agree" else 1
+    return 0 if report.verdict == "agree" and ops_agree else 1
+
+
+def _run_ops(args: argparse.Namespace, model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor,
+             specs: tuple[str, str], device: torch.device | None, console: object, settings: dict) -> bool:
+    """``--ops``: each side's ops teacher-forced on one shared fp64 oracle capture; True when all agree."""
+    from densenet_debug.verdict.ops import judge_ops, oracle_capture
+    from densenet_debug.verdict.ops.render import print_ops, to_settings
+
+    oracle = oracle_capture(model, x, y, eval_mode=args.eval)
+    reports = [judge_ops(model, x, y, parse_backend(spec, device), oracle_capture=oracle, eval_mode=args.eval)
+               for spec in specs]
+    for rep in reports:
+        print_ops(rep, console, args.top)
+    settings["ops"] = [to_settings(rep, args.top) for rep in reports]
+    return all(rep.verdict == "agree" for rep in reports)
 
 
 def _run_ddp(args: argparse.Namespace) -> int:
