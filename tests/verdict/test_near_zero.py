@@ -17,6 +17,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import Tensor, nn
 
+from densenet_debug.gradcheck.engine import gradcheck_model
 from densenet_debug.verdict.compare import compare, oracle_scale, relative_error, terms_scale
 from densenet_debug.verdict.engine import diff
 
@@ -24,7 +25,9 @@ PLANTED = 1e-4  # a wrong bias gradient: this fraction of the channel's sum |gra
 
 
 class _WrongBiasGrad(torch.autograd.Function):
-    """Identity on the bias; its gradient gains PLANTED * sum|g| per channel, in float32 only."""
+    """Identity on the bias; its gradient gains PLANTED * sum|g| per channel, in the dtypes of ``WRONG_IN``."""
+
+    WRONG_IN = (torch.float32,)
 
     @staticmethod
     def forward(ctx, bias: Tensor, out: Tensor) -> Tensor:  # noqa: ANN001
@@ -33,7 +36,7 @@ class _WrongBiasGrad(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g: Tensor) -> tuple[Tensor, Tensor]:  # noqa: ANN001
         grad_bias = g.sum((0, 2, 3))
-        if g.dtype == torch.float32:
+        if g.dtype in _WrongBiasGrad.WRONG_IN:
             grad_bias = grad_bias + PLANTED * g.abs().sum((0, 2, 3))
         return grad_bias, g
 
@@ -151,3 +154,31 @@ def test_float32_sums_that_cancel_read_at_float32_rounding(seed: int, n: int, k:
     side = t.float().sum(1)
     err = relative_error(side, truth, terms=float(terms.max()))
     assert err <= 2.0**-24 * (2 + 8 * math.sqrt(k))  # the casts (u) plus a sum's probabilistic bound
+
+
+def _gradcheck(model: nn.Module):  # noqa: ANN202
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(4, 3, 8, 8, generator=g), torch.randint(0, 5, (4,), generator=g)
+    return gradcheck_model(model, x, y)
+
+
+def test_gradcheck_reads_a_cancelling_bias_gradient_on_its_terms() -> None:
+    torch.manual_seed(0)
+    report = _gradcheck(BiasBeforeBN())
+    assert report.verdict == "pass"
+    bias_rows = [r for r in report.rows if r.tensor in ("bias", "conv2.bias", "conv1.bias")
+                 and r.layer in ("conv1", "conv2", "")]
+    assert bias_rows
+    for r in bias_rows:  # divided by the ~1e-17 gradient these read 1e+5, 1e+8 and a resolution of 1e+10
+        assert r.error < 1e-9 and r.tolerance < 1e-6 and r.resolution is not None and r.resolution < 1e-3, r
+    assert max(r.resolution for r in report.rows if r.resolution is not None) < 1e-3
+
+
+def test_gradcheck_catches_a_wrong_bias_gradient_before_bn(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(_WrongBiasGrad, "WRONG_IN", (torch.float32, torch.float64))
+    torch.manual_seed(0)
+    report = _gradcheck(BiasBeforeBN(WrongBiasConv))
+    assert report.verdict == "fail"
+    assert report.first_failure == {"layer": "conv2", "tensor": "bias"}
+    row = next(r for r in report.rows if r.layer == "conv2" and r.tensor == "bias")
+    assert row.error > 10 * row.tolerance and row.error < 1.0  # the planted 1e-4 of the terms, on their scale
