@@ -8,16 +8,19 @@ conv bias feeding a batch norm is ``sum g`` over a ``g`` whose per-channel sum B
 1e-17 while its terms are O(1). An error divided by ``max |truth|`` there reads 1e+8 and its tolerance 1e+10;
 both are rounding on O(1) terms. So errors and tolerances are read on ``S = max(max M, max |truth|)`` over the
 tensor (:func:`oracle_scale`, with the error model's ``max M`` given as ``terms``): ``error = max |side -
-truth| / S`` and ``tolerance`` is the bound at the worst element over the same ``S``. Nothing is judged on
-these scalars alone: the verdict is elementwise (``ratio = max |side - truth| / bound``), and ``S`` cancels
-from ``error / tolerance``. ``S >= max |truth|`` (``|sum t| <= sum |t|``; the max also covers error models
-that are heuristics), so a figure never reads worse than the old relative one, and a wrong value is as
-many tolerances away as before. A quantity without an error model (exact data movement, integer buffers)
-has no cancellation and keeps ``max |truth|`` (1 for an all-zero truth: the error is then absolute).
+truth| / S`` and ``tolerance`` is the bound at the worst element over the same ``S``. A local row is
+judged elementwise (``ratio = max |side - truth| / bound``), which ``S`` cannot move: it cancels from
+``error / tolerance``. ``S >= max |truth|`` (``|sum t| <= sum |t|``; the max also covers error models that
+are heuristics), so a figure never reads worse than a relative one. A quantity without an error model
+(exact data movement, integer buffers) has no cancellation and keeps ``max |truth|`` (1 for an all-zero
+truth: the error is then absolute).
 
-Propagated rows read a side's end-to-end error on the same ``S`` that the unit's local rows used (the
-memo ``cache`` keyed by the oracle tensor carries it from :func:`compare` to :func:`relative_error`), so
-a propagated error and the local tolerances summed against it share one scale per quantity.
+Scalars are judged where tolerances are summed: a composite's tolerance adds its descendants', and a
+propagated row's error is compared with the first-order sum of the local tolerances upstream. On ``S``
+each local tolerance is u-sized (``c * M / max M``); on ``max |truth|`` one cancelled quantity's 1e+10
+would swamp every sum it enters and mask every row those sums cover. Propagated rows read a side's
+end-to-end error on the same ``S`` the unit's local rows used (the memo ``cache`` keyed by the oracle
+tensor carries it from :func:`compare` to :func:`relative_error`).
 """
 
 from __future__ import annotations
