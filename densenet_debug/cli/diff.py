@@ -47,7 +47,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="'kink' also fails when only kinks explain a difference (default mismatch)")
     parser.add_argument("--units", default=None, metavar="NAME,NAME",
                         help="only these units (qualified module names); default every unit")
-    parser.add_argument("--top", type=positive_int, default=15, help="rows in the table (default 15)")
+    parser.add_argument("--top", type=positive_int, default=None, metavar="N",
+                        help="rows per table (default 15); given, the worst N rows of every mode (propagated "
+                             "and kink rows included) and the kinks by unit follow the leading table")
     parser.add_argument("--ops", action="store_true",
                         help="also replay every aten op of each side (first step) on the fp64 oracle's inputs to "
                              "that op and print the worst op rows per side; a failing op is a finding")
@@ -114,8 +116,8 @@ def _run_ops(args: argparse.Namespace, model: torch.nn.Module, x: torch.Tensor, 
     reports = [judge_ops(model, x, y, parse_backend(spec, device), oracle_capture=oracle, eval_mode=args.eval)
                for spec in specs]
     for rep in reports:
-        print_ops(rep, console, args.top)
-    settings["ops"] = [to_settings(rep, args.top) for rep in reports]
+        print_ops(rep, console, args.top or 15)
+    settings["ops"] = [to_settings(rep, args.top or 15) for rep in reports]
     return all(rep.verdict == "agree" for rep in reports)
 
 
@@ -153,7 +155,7 @@ def _run_ddp(args: argparse.Namespace) -> int:
         table.add_column(column)
     ranked = sorted(report.rows, key=lambda r: r.error / r.tolerance if r.tolerance else float(r.error > 0) * 1e300,
                     reverse=True)
-    for r in ranked[:args.top]:
+    for r in ranked[:args.top or 15]:
         table.add_row(r.layer, r.quantity, f"{r.error:.3g}", f"{r.tolerance:.3g}",
                       "[red]mismatch[/red]" if r.status == "mismatch" else "ok", f"{r.full_batch_gap:.3g}")
     print_table(table, console)

@@ -124,7 +124,8 @@ def _print(report: GradcheckReport, all_rows: bool, worst: int = 12) -> None:
                       "; bounded in the tolerance" +
                       ("" if all(k.resolved for k in inside) else ", some could not be avoided (rows marked kink)"))
     res = [r.resolution for r in report.rows if r.resolution is not None]
-    worst_res = f"; detects a relative gradient error >= {max(res):.1e} in any tensor (p >= 1 - 1e-6)" if res else ""
+    worst_res = (f"; detects a gradient error >= {max(res):.1e} of its terms' size (‖|J|ᵀ|v|‖) in any tensor "
+                 "(p >= 1 - 1e-6)") if res else ""
     verdict = "[green]pass[/]" if report.verdict == "pass" else "[red]FAIL[/]"
     first = report.first_failure
     where = f" — first culprit: {first.get('layer') or '(model)'} ({first.get('tensor')})" if first else ""

@@ -96,6 +96,7 @@ class UnitFunction:
         self._abs_v: list[Tensor | None] | None = None
         self._output_scale: float | None = None
         self._projected: float | None = None
+        self._term_norms: list[float] | None = None
 
     @property
     def fmodule(self) -> nn.Module:
@@ -246,6 +247,35 @@ class UnitFunction:
             self._magnitude = [m.clamp_min(float(torch.linalg.vector_norm(m)) / max(1, m.numel()) ** 0.5)
                                for m in mags]
         return self._magnitude
+
+    def term_norms(self) -> list[float]:
+        """‖|J_j|ᵀ|v|‖₂ per slot: the size of each gradient's terms, signs dropped (0 where it cannot be had).
+
+        The backward evaluated on magnitudes (|inputs|, |parameters|, |v|) under
+        :class:`~densenet_debug.verdict.magnitude.MagnitudeMode`: exact sum |terms| for ops linear in each
+        operand, the op at its operands' magnitudes elsewhere. A gradient that cancels (a conv bias before a
+        batch norm: ``sum g`` of a ``g`` that sums to 0) is ~0; its terms are not.
+        """
+        if self._term_norms is None:
+            from densenet_debug.verdict.magnitude import MagnitudeMode
+
+            saved = self.args, self.params
+            self.args = [a.abs() if isinstance(a, Tensor) and a.is_floating_point() else a for a in self.args]
+            self.params = {k: p.abs() for k, p in self.params.items()}
+            try:
+                leaves = [s.base.abs().requires_grad_() for s in self.slots]
+                with self._rng(), torch.enable_grad(), MagnitudeMode():
+                    outs = self.call(leaves, functional=False)
+                    pairs = [(o, g.abs()) for o, g in zip(outs, self.v) if g is not None and o.requires_grad]
+                    grads = torch.autograd.grad([o for o, _ in pairs], leaves, [g for _, g in pairs],
+                                                allow_unused=True) if pairs else [None] * len(leaves)
+                self._term_norms = [0.0 if g is None else float(torch.linalg.vector_norm(g.detach()))
+                                    for g in grads]
+            except Exception:  # a unit its magnitudes cannot run through: the gradients' own norms stand
+                self._term_norms = [0.0] * len(self.slots)
+            finally:
+                self.args, self.params = saved
+        return self._term_norms
 
     # -- the backward's answers -------------------------------------------------------------------------
     def analytic(self, v: list[Tensor | None], mask: list[Tensor] | None = None) -> list[Tensor]:

@@ -25,12 +25,21 @@ grad_output and S(s) = <v, f(t + sΔ)>:
 * Power. A gradient error δ_j moves A by <δ_j, Δ_j> ~ N(0, h_j²‖δ_j‖²) for Gaussian u_j (a uniform
   [0, 1) u, as in torch's fast gradcheck, barely sees errors that sum to 0: permutations, offsets).
   One direction misses it with probability ≤ 0.8·2·tol / (h_j‖δ_j‖); K independent directions multiply.
-  ``resolution`` is the relative error ‖δ_j‖/‖a_j‖ missed with probability ≤ 1e-6 (worst tensor).
+  ``resolution`` is the relative error ‖δ_j‖/‖ā_j‖ missed with probability ≤ 1e-6 (worst tensor), ā_j
+  below.
   Measured on BC-100 (batch 2): every tensor's resolution is ≤ 5.5e-6 (K = 3 on general and smooth
   units, K = 2 on affine ones, whose tolerances are ~100x tighter), so a 0.1 % error on one channel of
   400 (‖δ‖/‖a‖ ≈ 5e-5) is missed with probability below (5.5e-6/5e-5)^K·1e-6 < 2e-8. Tensors are checked one at a time,
   except in units with many (a concatenation of 17 features): those move together, and a tensor whose
   share of the joint signal is too small for the target is re-checked alone.
+* Scale. Errors, tolerances and resolutions are read on the scale of the terms, never on a value that
+  cancels: a_j = J_jᵀv sums terms v_i·J_ij, and its rounding, like a fault's visible size, lives on
+  ā_j = ‖|J_j|ᵀ|v|‖ (the backward on magnitudes, :meth:`UnitFunction.term_norms`; exact sum |terms| for
+  ops linear in each operand), floored at ‖a_j‖. A conv bias before a batch norm has a_j ≈ 1e-17 (BN's
+  grad_input sums to 0 per channel) and ā_j = O(1): divided by ‖a_j‖ its rows read "error 1e+5,
+  tolerance 1e+8, resolution 1e+10"; on ā_j they read like every other row. A row's ``scale`` is
+  √Σ_j (h_j·ā_j)², the typical size of the compared directional derivative's terms; the verdict
+  (err ≤ tol per direction) does not depend on it.
 * Affine shortcuts. Where the unit's math makes it affine in the checked tensors (conv, linear, cat,
   pools, BN's γ and β: declared by :mod:`densenet_debug.gradcheck.batched`), truncation is zero: forward
   differences at a 100x larger step, with the claim verified on one direction (``_affine_at``).
@@ -265,7 +274,8 @@ def _joint_at(unit: UnitFunction, slots: list[int], pool: DirectionPool, k: int,
     bound = [float(torch.linalg.vector_norm(a_all[s] * b)) for s, b in zip(slots, bases)]
     f0 = None if scheme is SYMMETRIC else unit.base_outputs()
     args = (F, f0, m, deltas, steps, bound, k, eta, unit.n_reduce, unit.n_forward, pool.max_abs, op_bound)
-    o = _compare(*args, [a_all[s] for s in slots], unit.v)
+    terms = [unit.term_norms()[s] for s in slots]
+    o = _compare(*args, [a_all[s] for s in slots], unit.v, terms)
     if not look_for_kinks or not mask_outputs or (
             o.status == "pass" and (o.resolution is None or o.resolution <= RESOLUTION_TARGET)):
         return o  # kinks, if any were crossed, did not matter (or were found at op level)
@@ -279,7 +289,7 @@ def _joint_at(unit: UnitFunction, slots: list[int], pool: DirectionPool, k: int,
     else:
         vm = [None if v is None else v * ~x for v, x in zip(unit.v, mask)]
         am = unit.analytic(vm, mask)
-        o = _compare(*args, [am[s] for s in slots], vm)
+        o = _compare(*args, [am[s] for s in slots], vm, terms)
     o.kink_count, o.kink_fraction = count, fraction
     return o
 
@@ -368,13 +378,23 @@ def _affine_at(unit: UnitFunction, slots: list[int], pool: DirectionPool, k: int
     roundoff, an_err = math.sqrt(2) * sigma, math.sqrt(an_sq)
     tol = 2 * (defect + roundoff + an_err)
     o = _outcome(analytic, numeric, tol, {"truncation": 2 * defect, "roundoff": 2 * roundoff,
-                                          "analytic": 2 * an_err}, scale_sq, norms, steps, k, eta)
+                                          "analytic": 2 * an_err}, scale_sq, norms, steps, k, eta,
+                 [unit.term_norms()[s] for s in slots])
     o.kink_count, o.kink_fraction = count, count / max(1, sum(unit.out_numel))
     return o
 
 
 def _outcome(analytic: Tensor, numeric: Tensor, tol: Tensor, parts: dict[str, float], scale_sq: float,
-             norms: list[float], steps: list[float], k: int, eta: float) -> Outcome:
+             norms: list[float], steps: list[float], k: int, eta: float, terms: list[float] | None = None
+             ) -> Outcome:
+    """Status, and error/tolerance/resolution read on the scale of the terms (module docstring, Scale).
+
+    ``norms``: ‖a_j‖ per checked tensor; ``terms``: ‖|J_j|ᵀ|v|‖ (:meth:`UnitFunction.term_norms`), which
+    replaces a norm below it, so a gradient that cancels to ~0 is measured against what it sums.
+    """
+    if terms:
+        norms = [max(n, t) for n, t in zip(norms, terms)]
+        scale_sq = sum((h * n) ** 2 for h, n in zip(steps, norms))
     err = (analytic - numeric).abs()
     ratio = torch.where(tol > 0, err / tol, torch.where(err > 0, math.inf, 0.0))
     w = int(ratio.argmax())
@@ -391,10 +411,12 @@ def _outcome(analytic: Tensor, numeric: Tensor, tol: Tensor, parts: dict[str, fl
 
 def _compare(F: list[Tensor], f0: list[Tensor] | None, m: list[Tensor], deltas: list[Tensor], steps: list[float],
              bound: list[float], k: int, eta: float, n_reduce: int, n_forward: int, max_u: float,
-             op_bound: list[float] | None, a: list[Tensor], v: list[Tensor | None]) -> Outcome:
+             op_bound: list[float] | None, a: list[Tensor], v: list[Tensor | None],
+             terms: list[float] | None = None) -> Outcome:
     """The K comparisons of a central scheme: SYMMETRIC when ``f0`` is None, else ONE_SIDED.
 
-    ``op_bound``: per direction, the bound on D_R's error from crossed op-level kinks (gradcheck.opkinks).
+    ``op_bound``: per direction, the bound on D_R's error from crossed op-level kinks (gradcheck.opkinks);
+    ``terms``: ‖|J_j|ᵀ|v|‖ per tensor, the scale the figures are read on (:func:`_outcome`).
     """
     d1 = torch.zeros(k, dtype=torch.float64)
     d2 = torch.zeros(k, dtype=torch.float64)
@@ -444,7 +466,7 @@ def _compare(F: list[Tensor], f0: list[Tensor] | None, m: list[Tensor], deltas: 
     parts = {"truncation": 2 * trunc, "roundoff": 2 * roundoff, "analytic": 2 * an_err}
     if op_bound:
         parts["kink"] = 2 * kink
-    return _outcome(analytic, numeric, tol, parts, scale_sq, norms, steps, k, eta)
+    return _outcome(analytic, numeric, tol, parts, scale_sq, norms, steps, k, eta, terms)
 
 
 def _kink_mask(F: list[Tensor], f0: list[Tensor], m: list[Tensor], n_reduce: int, eta: float) -> list[Tensor]:

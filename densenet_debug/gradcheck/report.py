@@ -15,10 +15,12 @@ FAILING = ("fail", "nonfinite")  # a NaN/Inf error or tolerance is never "within
 class GradRow:
     """One comparison of a unit's backward against finite differences.
 
-    ``error`` and ``tolerance`` are relative to ``scale`` (the typical size of the compared directional
-    derivative), so rows of different units read alike; ``origin`` splits the tolerance into its parts.
-    ``resolution`` is the smallest relative gradient error (``|delta| / |grad|`` of one tensor) that this
-    row detects with probability at least 1 - 1e-6; None in full mode, where every element is compared.
+    ``error`` and ``tolerance`` are relative to ``scale``, the typical size of the *terms* of the compared
+    directional derivative (``h·‖|J|ᵀ|v|‖``, never a gradient that cancels to ~0: see
+    :mod:`densenet_debug.gradcheck.numerics`, Scale), so rows of different units read alike; ``origin``
+    splits the tolerance into its parts. ``resolution`` is the smallest gradient error, relative to the
+    scale of that tensor's gradient terms (``‖delta‖ / ‖|J|ᵀ|v|‖``, at least ``‖grad‖``), that this row
+    detects with probability at least 1 - 1e-6; None in full mode, where every element is compared.
     """
 
     layer: str

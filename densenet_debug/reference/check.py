@@ -47,7 +47,7 @@ from densenet_debug.reference.format import Fixture, read_fixture
 from densenet_debug.reference.meta import FixtureError
 from densenet_debug.reference.record import model_identity, one_thread_oracle
 from densenet_debug.trace import Trace
-from densenet_debug.verdict.compare import relative_error
+from densenet_debug.verdict.compare import relative_error, terms_scale
 from densenet_debug.verdict.nonfinite import NonFiniteOracle, check_oracle, finite, where
 from densenet_debug.verdict.propagated import propagated_tolerance, running_sums
 from densenet_debug.verdict.replay import oracle_values
@@ -263,7 +263,8 @@ def reproduction_rows(fixture: Fixture, oracle: list[Trace], stored: list[dict],
                 pass_ = "forward" if q in ("outputs", "inputs", "buffers_before", "buffers_after") else "backward"
                 order = rec.forward_index if pass_ == "forward" else (rec.backward_index or 0)
                 tol = REPRODUCERS * propagated_tolerance(cum, pass_, order)
-                rows.append(_reproduction_row(tol, step, name, pass_, key, order, stored_t, new_t))
+                rows.append(_reproduction_row(tol, step, name, pass_, key, order, stored_t, new_t,
+                                              terms_scale(shared.scales, new_t)))
         if trace.units:
             last = trace.forward_order[-1]
             order = trace.units[last].forward_index
@@ -292,12 +293,14 @@ def _loss_tolerance(tol_logits: float, logits: Tensor | None, loss: Tensor | Non
 
 
 def _reproduction_row(tol: float, step: int, layer: str, pass_: str, quantity: str, order: int,
-                      stored: Tensor | None, new: Tensor | None) -> Row:
-    err = relative_error(new, stored, zero_truth_exact=True)
+                      stored: Tensor | None, new: Tensor | None, terms: float | None = None) -> Row:
+    """``terms``: the quantity's scale of the terms, as its local rows read it (a gradient that cancels to ~0
+    is judged on its sum |terms|, like the tolerance summed for it in :func:`_accumulated_fp64`)."""
+    err = relative_error(new, stored, zero_truth_exact=True, terms=terms)
     ratio = err / tol if tol > 0 else (0.0 if err == 0 else math.inf)
     return Row(layer=layer, pass_=pass_, quantity=quantity, error_a=err, error_b=None, tolerance=tol,
                status=Status.OK if err <= tol else Status.MISMATCH, origin=REPRODUCTION_ORIGIN, step=step,
-               mode="reproduction", tolerance_a=tol, ratio_a=ratio, order=order)
+               mode="reproduction", tolerance_a=tol, ratio_a=ratio, order=order, scale=terms)
 
 
 def _pairs(q: str, stored: object, recomputed: object) -> dict[str, tuple[Tensor | None, Tensor | None]]:
@@ -329,7 +332,8 @@ def _accumulated_fp64(trace: Trace, step: int, shared: JudgeCache, prec: Precisi
             value, bound = truth.get(key), bounds.bound(key, prec)
             if value is None or bound is None or not value.is_floating_point() or value.numel() == 0:
                 continue
-            scale = float(value.abs().max()) or 1.0
+            # on the scale of the terms, as the local rows read it (a truth may cancel to ~0, its terms do not)
+            scale = max(bounds.scale(key) or 0.0, float(value.abs().max())) or 1.0
             tol = float(torch.broadcast_to(bound, value.shape).max()) / scale
             forward = key.split(".")[0] in ("output", "buffer")
             target, order = (fwd_tol, rec.forward_index) if forward else (bwd_tol, rec.backward_index or 0)

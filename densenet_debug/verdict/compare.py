@@ -1,4 +1,27 @@
-"""Comparing one side's tensor with the oracle's under an elementwise bound, and relative errors."""
+"""Comparing one side's tensor with the oracle's under an elementwise bound, and the scale errors are read on.
+
+**The scale of the terms.** Every quantity a unit produces is a sum of terms (a conv output sums Cin*k*k
+products, a bias gradient sums N*H*W grad_output elements, BN's grad_input is ``g - mean(g) - xhat *
+mean(g xhat)``). Rounding errs in proportion to ``M = sum |terms|`` (:mod:`densenet_debug.verdict.tolerance`
+derives every bound as ``c * M + eta``), not in proportion to the result, which may cancel: the gradient of a
+conv bias feeding a batch norm is ``sum g`` over a ``g`` whose per-channel sum BN makes zero, so the truth is
+1e-17 while its terms are O(1). An error divided by ``max |truth|`` there reads 1e+8 and its tolerance 1e+10;
+both are rounding on O(1) terms. So errors and tolerances are read on ``S = max(max M, max |truth|)`` over the
+tensor (:func:`oracle_scale`, with the error model's ``max M`` given as ``terms``): ``error = max |side -
+truth| / S`` and ``tolerance`` is the bound at the worst element over the same ``S``. A local row is
+judged elementwise (``ratio = max |side - truth| / bound``), which ``S`` cannot move: it cancels from
+``error / tolerance``. ``S >= max |truth|`` (``|sum t| <= sum |t|``; the max also covers error models that
+are heuristics), so a figure never reads worse than a relative one. A quantity without an error model
+(exact data movement, integer buffers) has no cancellation and keeps ``max |truth|`` (1 for an all-zero
+truth: the error is then absolute).
+
+Scalars are judged where tolerances are summed: a composite's tolerance adds its descendants', and a
+propagated row's error is compared with the first-order sum of the local tolerances upstream. On ``S``
+each local tolerance is u-sized (``c * M / max M``); on ``max |truth|`` one cancelled quantity's 1e+10
+would swamp every sum it enters and mask every row those sums cover. Propagated rows read a side's
+end-to-end error on the same ``S`` the unit's local rows used (the memo ``cache`` keyed by the oracle
+tensor carries it from :func:`compare` to :func:`relative_error`).
+"""
 
 from __future__ import annotations
 
@@ -13,12 +36,13 @@ from torch import Tensor
 class Comparison:
     """One side's tensor against the oracle's, under an elementwise bound."""
 
-    error: float  # max |side - oracle| / max |oracle|
+    error: float  # max |side - oracle| / S, S the scale of the terms (module docstring)
     tolerance: float  # the scalar tolerance the elementwise bound implies at the worst element
     ratio: float  # max over elements of |side - oracle| / bound (> 1 fails)
     worst: tuple[int, ...]  # index of the element with the largest ratio
     excluded: int = 0  # elements left out (kinks)
     nonfinite: bool = False  # the side holds NaN/Inf where the oracle is finite (set by the caller)
+    scale: float = 1.0  # S: what error and tolerance are relative to
 
     @property
     def ok(self) -> bool:
@@ -33,29 +57,45 @@ def abs_difference(side: Tensor, o: Tensor) -> Tensor:
     return side.to("cpu", torch.float64).sub_(o).abs_()
 
 
-def oracle_scale(oracle: Tensor, cache: dict | None = None) -> float:
-    """max |oracle| over finite elements (1 if zero); memoised by tensor identity in ``cache``."""
+def oracle_scale(oracle: Tensor, cache: dict | None = None, terms: float | None = None) -> float:
+    """S, the scale errors of ``oracle`` are read on: ``max(terms, max |oracle|)`` over finite elements (1 if
+    zero), ``terms`` being the error model's ``max sum |terms|`` when it has one (module docstring).
+
+    Memoised by tensor identity in ``cache``: the first call that knows ``terms`` (a local row) sets S for every
+    later one that does not (the propagated row of the same quantity).
+    """
     key = id(oracle)
-    if cache is not None and key in cache and cache[key][0] is oracle:
+    known = cache is not None and key in cache and cache[key][0] is oracle
+    if known and (terms is None or cache[key][2]):
         return cache[key][1]
     o = oracle.detach()
     scale = float(o.abs().max()) if o.numel() else 0.0
     if not math.isfinite(scale):
         scale = float(o.abs().nan_to_num(0.0, posinf=0.0, neginf=0.0).max())
+    if terms is not None and math.isfinite(terms):
+        scale = max(scale, terms)
     scale = scale if scale > 0 else 1.0
     if cache is not None:
-        cache[key] = (oracle, scale)
+        cache[key] = (oracle, scale, terms is not None)
     return scale
 
 
-def relative_error(side: Tensor | None, truth: Tensor | None, cache: dict | None = None, *,
-                   zero_truth_exact: bool = False) -> float:
-    """max |side - truth| / max |truth| in fp64; a missing or misshapen tensor, or a NaN, is infinitely wrong.
+def terms_scale(cache: dict | None, oracle: Tensor | None) -> float | None:
+    """The scale of the terms a local row recorded for ``oracle`` in ``cache`` (None when none did)."""
+    hit = cache.get(id(oracle)) if cache is not None and oracle is not None else None
+    return hit[1] if hit is not None and hit[0] is oracle and hit[2] else None
 
-    The scale is :func:`oracle_scale` (1 for an all-zero truth, so the error is then absolute), or, with
-    ``zero_truth_exact``, an all-zero truth must be met exactly (any difference is infinitely wrong): a
-    stored float64 truth reproduced by float64 has no rounding room at zero. The one relative error for torch
-    tensors; the NumPy oracle keeps its own for arrays (:func:`densenet_debug.numpy_oracle.compare.relative_error`).
+
+def relative_error(side: Tensor | None, truth: Tensor | None, cache: dict | None = None, *,
+                   zero_truth_exact: bool = False, terms: float | None = None) -> float:
+    """max |side - truth| / S in fp64; a missing or misshapen tensor, or a NaN, is infinitely wrong.
+
+    S is :func:`oracle_scale`: the scale of the terms (``terms``, or what a local row left in ``cache`` for
+    this truth), else max |truth| (1 for an all-zero truth, so the error is then absolute). With
+    ``zero_truth_exact`` and no scale of the terms, an all-zero truth must be met exactly (any difference is
+    infinitely wrong): a stored float64 truth reproduced by float64 has no rounding room at zero unless its
+    terms cancelled. The one relative error for torch tensors; the NumPy oracle keeps its own for arrays
+    (:func:`densenet_debug.numpy_oracle.compare.relative_error`).
     """
     if truth is None and side is None:
         return 0.0
@@ -63,23 +103,25 @@ def relative_error(side: Tensor | None, truth: Tensor | None, cache: dict | None
         return math.inf
     if truth.numel() == 0:
         return 0.0
-    truth = truth.detach()
+    key, truth = truth, truth.detach()  # the memo is keyed by the caller's tensor, not this detached view
     err = float(abs_difference(side, truth).max())
     if math.isnan(err):
         return math.inf
-    if zero_truth_exact:
+    if zero_truth_exact and terms is None:
         scale = float(truth.abs().max())
         if math.isnan(scale):
             return math.inf
         return err / scale if scale > 0 else (0.0 if err == 0 else math.inf)
-    return err / oracle_scale(truth, cache)
+    return err / oracle_scale(key, cache, terms)
 
 
 def compare(side: Tensor | None, oracle: Tensor | None, bound: Tensor | None,
-            exclude: Tensor | None = None, cache: dict | None = None) -> Comparison:
+            exclude: Tensor | None = None, cache: dict | None = None, terms: float | None = None) -> Comparison:
     """Elementwise check ``|side - oracle| <= bound``; a missing or misshapen tensor fails outright.
 
-    NaN against NaN and equal infinities count as equal; any other non-finite difference fails.
+    ``terms``: the error model's ``max sum |terms|`` for this quantity; error and tolerance are read on
+    :func:`oracle_scale` with it (module docstring). NaN against NaN and equal infinities count as equal;
+    any other non-finite difference fails.
     """
     if oracle is None and side is None:
         return Comparison(0.0, 0.0, 0.0, ())
@@ -99,16 +141,17 @@ def compare(side: Tensor | None, oracle: Tensor | None, bound: Tensor | None,
         if exclude is not None:
             d.masked_fill_(exclude.to("cpu").reshape(d.shape), 0.0)
         dmax = float(d.max())
-    scale = oracle_scale(oracle, cache)
+    scale = oracle_scale(oracle, cache, terms)
     error = dmax / scale
     excluded = int(exclude.sum()) if exclude is not None else 0
     if bound is None:  # must be exact: any difference is infinitely many tolerances away
         if dmax == 0:
-            return Comparison(0.0, 0.0, 0.0, (), excluded)
-        return Comparison(error, 0.0, math.inf, _unravel(int(torch.argmax(d.reshape(-1))), d.shape), excluded)
+            return Comparison(0.0, 0.0, 0.0, (), excluded, scale=scale)
+        return Comparison(error, 0.0, math.inf, _unravel(int(torch.argmax(d.reshape(-1))), d.shape), excluded,
+                          scale=scale)
     b = bound.to("cpu", torch.float64)
     if dmax == 0:
-        return Comparison(0.0, float(b.max()) / scale, 0.0, (), excluded)
+        return Comparison(0.0, float(b.max()) / scale, 0.0, (), excluded, scale=scale)
     value, index = torch.max(d.div_(b).reshape(-1), 0)
     worst_ratio, worst_flat = float(value), int(index)
     if math.isnan(worst_ratio):  # 0/0 where the bound is zero and the values agree: not an error
@@ -119,7 +162,7 @@ def compare(side: Tensor | None, oracle: Tensor | None, bound: Tensor | None,
     else:
         full_b = torch.broadcast_to(b, d.shape).reshape(-1)
         tolerance = float(full_b[worst_flat] if worst_ratio > 0 else full_b.max()) / scale
-    return Comparison(error, tolerance, worst_ratio, _unravel(worst_flat, d.shape), excluded)
+    return Comparison(error, tolerance, worst_ratio, _unravel(worst_flat, d.shape), excluded, scale=scale)
 
 
 def _unravel(flat: int, shape: torch.Size) -> tuple[int, ...]:

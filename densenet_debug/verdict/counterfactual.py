@@ -182,7 +182,8 @@ def explain(rows: list[Row], s_trace: Trace, cf: dict[str, dict[str, Tensor | No
             errs = [relative_error(s, grads.get(f"grad_output.{i}")) for i, s in enumerate(s_rec.grad_outputs)
                     if f"grad_output.{i}" in grads]
         else:
-            errs = [relative_error(s_rec.param_grads.get(r.quantity[len("grad_"):]), grads.get(r.quantity))]
+            errs = [relative_error(s_rec.param_grads.get(r.quantity[len("grad_"):]), grads.get(r.quantity),
+                                   terms=r.scale)]  # the row's scale of the terms: a parameter grad may cancel
         err = max(errs, default=math.inf)
         if err <= r.tolerance:
             r.status = Status.KINK

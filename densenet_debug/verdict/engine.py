@@ -78,7 +78,7 @@ class JudgeCache:
 
     finite_oracle: list[Trace] | None = None  # the oracle already checked to be finite
     lam: float | None = None  # the confidence multiplier for the oracle's element count
-    scales: dict = field(default_factory=dict)  # max |oracle| per oracle tensor, for every side
+    scales: dict = field(default_factory=dict)  # scale of the terms per oracle tensor, for every side
     bounds: dict[tuple[int, str], UnitBounds] = field(default_factory=dict)  # (step, unit) -> its error model
     reproduction: dict[int, list[Row]] = field(default_factory=dict)  # id(oracle) -> reference reproduction rows
 

@@ -7,6 +7,11 @@ the same inputs, and float64 rounds differently across machines); a NaN/Inf wher
 status ``nonfinite``, never a comparison (:mod:`densenet_debug.verdict.nonfinite`); exact ops
 (cat, ReLU, flatten) must equal themselves evaluated in fp64 on the side's own rounded operands. A composite
 unit (a module with its own math around children) is replayed whole; its tolerance adds its descendants'.
+
+Every error and tolerance is read on the scale of the quantity's terms (max sum |terms| from the error model,
+:mod:`densenet_debug.verdict.compare`), so tolerances of different units are numbers of one kind and their
+first-order sums (:func:`compose_tolerances`, the propagated rule) are not swamped by a quantity whose truth
+cancels to ~0.
 """
 
 from __future__ import annotations
@@ -131,7 +136,9 @@ def local_rows(name: str, step: int, module: nn.Module, o_rec: UnitRecord, s_rec
             meta.setdefault(quantity, (pass_, f"{bounds.origin}; no rounding model: must be exact"))
         ex = exclude if (exclude is not None and quantity == "grad_input" and side_t is not None
                          and side_t.shape == exclude.shape) else None
-        comp = compare(side_t, oracle_t, bound, ex, None if bounds.exact else cache)
+        # read on the scale of the terms the error model sums (never on a truth that cancels to ~0)
+        comp = compare(side_t, oracle_t, bound, ex, None if bounds.exact else cache,
+                       None if bounds.exact else bounds.scale(key))
         # a NaN/Inf side makes the worst ratio non-finite; only then is it worth scanning for one
         comp.nonfinite = not math.isfinite(comp.ratio) and not finite(side_t) and finite(oracle_t)
         groups.setdefault(quantity, _Aggregate()).add(comp, index)
@@ -147,7 +154,7 @@ def local_rows(name: str, step: int, module: nn.Module, o_rec: UnitRecord, s_rec
         rows.append(Row(layer=name, pass_=pass_, quantity=quantity, error_a=comp.error, error_b=None,
                         tolerance=comp.tolerance, status=status, origin=origin, step=step, mode="local",
                         tolerance_a=comp.tolerance, ratio_a=comp.ratio, worst_a=worst or None, order=order,
-                        note=note))
+                        note=note, scale=comp.scale))
     return rows
 
 

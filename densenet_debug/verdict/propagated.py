@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from densenet_debug.backends import Backend
 from densenet_debug.trace import Trace, UnitRecord
 from densenet_debug.verdict import kinks as kinkmod
-from densenet_debug.verdict.compare import compare, relative_error
+from densenet_debug.verdict.compare import compare, oracle_scale, relative_error
 from densenet_debug.verdict.local import NONFINITE_NOTE, base, exact_bound, precision, with_teacher
 from densenet_debug.verdict.nonfinite import finite
 from densenet_debug.verdict.replay import Replay, exact_expectation, oracle_values, side_values
@@ -95,16 +95,18 @@ def propagated_rows(names: list[str], step: int, o_trace: Trace, s_trace: Trace,
         o_rec = o_trace[name]
         truth = oracle_values(o_rec)
         got = side_values(s_trace[name]) if name in s_trace else {}
-        groups: dict[str, tuple[float, int | None]] = {}
+        groups: dict[str, tuple[float, int | None, float]] = {}
         bad: set[str] = set()
         for key in truth:
             quantity, pass_, index = base(key)
+            # on the scale of the terms the local rows of this quantity used (compare.oracle_scale's memo)
+            scale = oracle_scale(truth[key], scales)
             err = relative_error(got.get(key), truth[key], scales)
             if not math.isfinite(err) and not finite(got.get(key)) and finite(truth[key]):
                 bad.add(quantity)
             if quantity not in groups or err > groups[quantity][0]:
-                groups[quantity] = (err, index)
-        for quantity, (err, _index) in groups.items():
+                groups[quantity] = (err, index, scale)
+        for quantity, (err, _index, scale) in groups.items():
             pass_ = base(next(k for k in truth if base(k)[0] == quantity))[1]
             order = o_rec.forward_index if pass_ == "forward" else (o_rec.backward_index or 0)
             tol = propagated_tolerance((fwd_cum, bwd_cum, total_forward), pass_, order)
@@ -112,7 +114,7 @@ def propagated_rows(names: list[str], step: int, o_trace: Trace, s_trace: Trace,
             rows.append(Row(layer=name, pass_=pass_, quantity=quantity, error_a=err, error_b=None, tolerance=tol,
                             status=status, origin=PROPAGATED_ORIGIN, step=step, mode="propagated", tolerance_a=tol,
                             ratio_a=err / tol if tol > 0 else (0.0 if err == 0 else math.inf), order=order,
-                            note=NONFINITE_NOTE if quantity in bad else ""))
+                            note=NONFINITE_NOTE if quantity in bad else "", scale=scale))
     return rows
 
 

@@ -1,4 +1,6 @@
-"""Showing a :class:`~densenet_debug.verdict.report.DiffReport`: a rich table of the worst layers, and an HTML page.
+"""Showing a :class:`~densenet_debug.verdict.report.DiffReport`: a rich table led by what the verdict rests on
+(failing rows, then each side's worst local rows by error/tolerance), a line on propagated rows and one on
+kinks; and an HTML page.
 
 The HTML page is self-contained (inline SVG from matplotlib, inline CSS, no scripts or links): per-layer
 error over tolerance along depth, forward and backward, local and propagated, both sides.
@@ -14,7 +16,7 @@ from rich.console import Console
 from rich.table import Table
 
 from densenet_debug.table import print_table
-from densenet_debug.verdict.report import DiffReport, Row
+from densenet_debug.verdict.report import FAILING, DiffReport, Row, Status, sortable
 
 STYLE = {"ok": "green", "kink": "yellow", "mismatch": "bold red", "nonfinite": "bold magenta"}
 
@@ -27,31 +29,131 @@ def _e(v: float | None) -> str:
     return f"{v:.2e}"
 
 
-def print_report(report: DiffReport, console: Console | None = None, top: int = 15) -> None:
-    """The worst rows (failures first, then closest to tolerance), the kinks, and the one-line verdict."""
-    console = console or Console()
-    table = Table(title=f"diff {report.a} (a) vs {report.b} (b) against the fp64 oracle: worst {top} rows")
-    for col in ("layer", "pass", "quantity", "mode", "step", "error a", "error b", "tolerance", "status"):
-        table.add_column(col, justify="right" if col.startswith(("error", "tol", "step")) else "left")
-    for r in report.worst_rows(top):
+DEFAULT_TOP = 15
+
+
+def _ratio(v: float | None) -> str:
+    if v is None or math.isnan(v):
+        return "-"
+    if math.isinf(v):
+        return "inf"
+    return f"{v:.2f}" if v < 1e3 else f"{v:.1e}"
+
+
+def _failing(report: DiffReport, r: Row) -> bool:
+    return r.status in FAILING or (r.status == Status.KINK and report.settings.get("fail_on") == "kink")
+
+
+def leading_rows(report: DiffReport, top: int = DEFAULT_TOP) -> list[Row]:
+    """What the verdict rests on: the failing rows first (local before propagated, forward before backward,
+    in order), then the worst local rows of each side by error/tolerance, ``top`` in all.
+
+    A side is wrong at a unit only when a local row fails, so an agreeing report leads with the local rows
+    closest to their tolerance, both sides represented (``ceil(top / 2)`` each, then the next worst).
+    """
+    failing = sorted((r for r in report.rows if _failing(report, r)),
+                     key=lambda r: (r.mode != "local", r.step, r.pass_ != "forward", r.order, -sortable(r.worst_ratio)))
+    shown = failing[:top]
+    local = [r for r in report.rows if r.mode == "local" and not _failing(report, r)]
+    room = top - len(shown)
+    if room <= 0:
+        return shown
+    per_side = math.ceil(room / 2)
+    picked: list[Row] = []
+    for side in ("a", "b"):
+        ranked = sorted((r for r in local if getattr(r, f"ratio_{side}") is not None),
+                        key=lambda r, side=side: -sortable(getattr(r, f"ratio_{side}")))
+        picked += [r for r in ranked[:per_side] if all(r is not q for q in picked)]
+    rest = sorted((r for r in local if all(r is not q for q in picked)), key=lambda r: -sortable(r.worst_ratio))
+    picked += rest[:max(0, room - len(picked))]
+    return shown + sorted(picked, key=lambda r: -sortable(r.worst_ratio))[:room]
+
+
+def _table(title: str, rows: list[Row]) -> Table:
+    table = Table(title=title)
+    for col in ("layer", "pass", "quantity", "mode", "step", "error a", "error b", "tolerance", "ratio", "status"):
+        table.add_column(col, justify="right" if col.startswith(("error", "tol", "step", "ratio")) else "left")
+    for r in rows:
         table.add_row(r.layer, r.pass_, r.quantity, r.mode, str(r.step), _e(r.error_a), _e(r.error_b),
-                      _e(r.tolerance), f"[{STYLE[r.status]}]{r.status}[/]")
-    print_table(table, console)
-    if report.kinks:
-        by_layer: dict[tuple[str, str], list] = {}
-        for k in report.kinks:
-            by_layer.setdefault((k.side, k.layer), []).append(k)
-        kt = Table(title="kinks: the side took the other branch of a ReLU/max-pool near its boundary")
-        for col in ("side", "layer", "count", "min margin", "relative margin"):
-            kt.add_column(col)
-        for (side, layer), ks in list(by_layer.items())[:top]:
-            kt.add_row(report.a if side == "a" else report.b, layer, str(sum(k.count for k in ks)),
-                       _e(min(k.min_margin for k in ks)), _e(min(k.relative_margin for k in ks)))
-        if len(by_layer) > top:
-            kt.caption = f"{len(by_layer) - top} more in the JSON report"
-        print_table(kt, console)
+                      _e(r.tolerance), _ratio(r.worst_ratio), f"[{STYLE[r.status]}]{r.status}[/]")
+    return table
+
+
+def kink_line(report: DiffReport) -> str:
+    """One line: how many elements took the other branch, where, and how many propagated rows they explain."""
+    sites = {s: [k for k in report.kinks if k.side == s and k.mode == "propagated"] for s in ("a", "b")}
+    local = sum(k.count for k in report.kinks if k.mode == "local")
+    kink_rows = [r for r in report.rows if r.status == Status.KINK]
+    if not any(sites.values()) and not local and not kink_rows:
+        return "kinks: none (no ReLU/max-pool input within rounding of its boundary took the other branch)"
+    names = {"a": report.a, "b": report.b}
+    per_side = ", ".join(f"{names[s]} {sum(k.count for k in ks)} element(s) in {len({k.layer for k in ks})} unit(s)"
+                         for s, ks in sites.items())
+    worst = max((sortable(r.worst_ratio) for r in kink_rows), default=0.0)
+    explained = (f"; the counterfactual oracle (taking that branch) explains {len(kink_rows)} propagated row(s), "
+                 f"up to {_ratio(worst)}x their first-order tolerance (status kink)") if kink_rows else ""
+    excluded = f"; {local} element(s) left out of local rows" if local else ""
+    return (f"kinks (the other branch of a ReLU/max-pool within rounding of its boundary): {per_side}{explained}"
+            f"{excluded}; --top N lists them, --json has every row")
+
+
+def propagated_line(report: DiffReport) -> str:
+    """One line on the end-to-end rows: within the summed local tolerances, or explained, or failing."""
+    prop = [r for r in report.rows if r.mode == "propagated"]
+    if not prop:
+        return ""
+    within = sum(1 for r in prop if r.status == Status.OK and sortable(r.worst_ratio) <= 1)
+    kinks = sum(1 for r in prop if r.status == Status.KINK)
+    other = sum(1 for r in prop if r.status == Status.OK and sortable(r.worst_ratio) > 1)
+    failing = sum(1 for r in prop if r.status in FAILING)
+    parts = [f"{within} within the summed local tolerances"]
+    if kinks:
+        parts.append(f"{kinks} explained by kinks")
+    if other:
+        parts.append(f"{other} explained as amplified upstream error (notes: --json)")
+    if failing:
+        parts.append(f"{failing} failing")
+    return f"propagated (end to end): {len(prop)} row(s), " + ", ".join(parts)
+
+
+def print_report(report: DiffReport, console: Console | None = None, top: int | None = None) -> None:
+    """The rows the verdict rests on (failures first, then each side's worst local rows by error/tolerance),
+    one line on the propagated rows, one on kinks, and the one-line verdict.
+
+    ``top`` (``--top``) sets the rows per table and adds the worst ``top`` rows of every mode (propagated and
+    kink rows included) and the kinks by unit; None shows the leading table of ``DEFAULT_TOP`` rows only.
+    """
+    console = console or Console()
+    n = top or DEFAULT_TOP
+    failing = any(_failing(report, r) for r in report.rows)
+    lead = "failing rows first, then" if failing else "what the verdict rests on:"
+    print_table(_table(f"diff {report.a} (a) vs {report.b} (b) against the fp64 oracle: {lead} the worst local "
+                       f"rows per side by error/tolerance (ratio > 1 fails)", leading_rows(report, n)), console)
+    for line in (propagated_line(report), kink_line(report)):
+        if line:
+            console.print(line, markup=False, highlight=False)
+    if top is not None:
+        print_table(_table(f"worst {top} rows of every mode (failures first, then closest to their tolerance)",
+                           report.worst_rows(top)), console)
+        if report.kinks:
+            _print_kinks(report, console, top)
     style = "green" if report.verdict == "agree" else "bold red"
     console.print(f"[{style}]{report.summary}[/]")
+
+
+def _print_kinks(report: DiffReport, console: Console, top: int) -> None:
+    by_layer: dict[tuple[str, str], list] = {}
+    for k in report.kinks:
+        by_layer.setdefault((k.side, k.layer), []).append(k)
+    kt = Table(title="kinks: the side took the other branch of a ReLU/max-pool near its boundary")
+    for col in ("side", "layer", "count", "min margin", "relative margin"):
+        kt.add_column(col)
+    for (side, layer), ks in list(by_layer.items())[:top]:
+        kt.add_row(report.a if side == "a" else report.b, layer, str(sum(k.count for k in ks)),
+                   _e(min(k.min_margin for k in ks)), _e(min(k.relative_margin for k in ks)))
+    if len(by_layer) > top:
+        kt.caption = f"{len(by_layer) - top} more in the JSON report"
+    print_table(kt, console)
 
 
 def _plot_svg(report: DiffReport) -> str:
@@ -89,7 +191,7 @@ def _plot_svg(report: DiffReport) -> str:
 
 def _row_html(r: Row) -> str:
     cells = [r.layer, r.pass_, r.quantity, r.mode, str(r.step), _e(r.error_a), _e(r.error_b), _e(r.tolerance),
-             r.status, r.origin, r.note]
+             _ratio(r.worst_ratio), r.status, r.origin, r.note]
     return f'<tr class="{r.status}">' + "".join(f"<td>{html.escape(str(c))}</td>" for c in cells) + "</tr>"
 
 
@@ -101,7 +203,7 @@ def to_html(report: DiffReport, top: int = 40) -> str:
                     f"</td><td>{k.count}</td><td>{_e(k.min_margin)}</td><td>{k.mode}</td><td>{k.step}</td></tr>"
                     for k in report.kinks)
     head = "".join(f"<th>{h}</th>" for h in ("layer", "pass", "quantity", "mode", "step", "error a", "error b",
-                                               "tolerance", "status", "origin", "note"))
+                                               "tolerance", "ratio", "status", "origin", "note"))
     rows = "".join(_row_html(r) for r in report.worst_rows(top))
     return f"""<!DOCTYPE html>
 <html><head><meta charset="utf-8"><title>densenet-debug diff: {html.escape(report.a)} vs {html.escape(report.b)}</title>

@@ -32,10 +32,12 @@ FAILING = (Status.MISMATCH, Status.NONFINITE)
 class Row:
     """One quantity of one unit in one step, local (teacher-forced) or propagated (end to end).
 
-    ``error_*`` is ``max |side - oracle| / max |oracle|``; ``tolerance`` the scalar that the derived
-    elementwise bound implies at the worst element (so ``error > tolerance`` exactly when some element
-    exceeds its bound); ``ratio_*`` is that worst element's error over its bound. Propagated rows compare
-    against an accumulated tolerance instead (see ``origin``).
+    ``error_*`` is ``max |side - oracle| / scale``, ``scale`` the quantity's max sum |terms| from its error
+    model (at least max |oracle|; :mod:`densenet_debug.verdict.compare`: never a truth that cancels to ~0);
+    ``tolerance`` the scalar that the derived elementwise bound implies at the worst element, on the same
+    scale (so ``error > tolerance`` exactly when some element exceeds its bound); ``ratio_*`` is that worst
+    element's error over its bound. Propagated rows compare against an accumulated tolerance instead (see
+    ``origin``).
     """
 
     layer: str
@@ -58,6 +60,7 @@ class Row:
     order: int = 0  # forward index for forward quantities, backward index for backward ones
     note: str = ""
     explained_by: str | None = None  # a failing descendant unit that is the culprit instead (not in the JSON)
+    scale: float | None = None  # what error and tolerance are relative to (the scale of the terms)
 
     def to_json(self) -> dict:
         out = {"layer": self.layer, "pass": self.pass_, "quantity": self.quantity, "error_a": _num(self.error_a),
@@ -66,7 +69,8 @@ class Row:
                "tolerance_a": _num(self.tolerance_a), "tolerance_b": _num(self.tolerance_b),
                "ratio_a": _num(self.ratio_a), "ratio_b": _num(self.ratio_b),
                "worst_a": list(self.worst_a) if self.worst_a else None,
-               "worst_b": list(self.worst_b) if self.worst_b else None}
+               "worst_b": list(self.worst_b) if self.worst_b else None, "ratio": _num(self.worst_ratio),
+               "scale": _num(self.scale)}
         if self.note:
             out["note"] = self.note
         return out
@@ -146,7 +150,7 @@ def merge_sides(a: SideResult, b: SideResult) -> list[Row]:
                             tolerance=r.tolerance, status=r.status, origin=r.origin, step=r.step, mode=r.mode,
                             side="a" if r.status != Status.OK else None, tolerance_a=r.tolerance, ratio_a=r.ratio_a,
                             worst_a=r.worst_a, order=r.order, note=r.note,
-                            explained_by=r.explained_by)
+                            explained_by=r.explained_by, scale=r.scale)
     for r in b.rows:
         row = by_key.get(r.key)
         if row is None:
@@ -154,8 +158,9 @@ def merge_sides(a: SideResult, b: SideResult) -> list[Row]:
                                 tolerance=r.tolerance, status=r.status, origin=r.origin, step=r.step, mode=r.mode,
                                 side="b" if r.status != Status.OK else None, tolerance_b=r.tolerance,
                                 ratio_b=r.ratio_a, worst_b=r.worst_a, order=r.order, note=r.note,
-                                explained_by=r.explained_by)
+                                explained_by=r.explained_by, scale=r.scale)
             continue
+        row.scale = row.scale if row.scale is not None else r.scale
         row.error_b, row.tolerance_b, row.ratio_b, row.worst_b = r.error_a, r.tolerance, r.ratio_a, r.worst_a
         a_rank, b_rank = STATUS_ORDER[row.status], STATUS_ORDER[r.status]
         if b_rank > a_rank or (b_rank == a_rank and sortable(r.ratio_a or 0) > sortable(row.ratio_a or 0)):

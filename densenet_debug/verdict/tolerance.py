@@ -32,6 +32,18 @@ fixture (another thread count, CPU kernel set or PyTorch release rounds differen
 bit-exact across machines). Both are within their bounds of the exact result, so a local row allows
 ``B(side precision) + B(fp64_precision)`` over the same magnitudes (``TEACHER_ORIGIN``): for a float32 side the
 teacher adds 2^-29 of its bound, for a float64 side it doubles it.
+
+**What errors are relative to.** Each bound is ``c * M + eta``: rounding lives on the scale of the terms
+``M = sum |terms|``, not on the result, which may cancel to ~0 (a conv bias before a batch norm: its gradient
+``sum g`` is ~1e-17 because BN's ``g`` sums to zero per channel, while ``sum |g|`` is O(1)). So every model
+also states ``max M`` per quantity (:attr:`UnitBounds.terms`; for BN, whose bounds are not one ``c * M``, the
+sums of |terms| of its own formulas, :func:`_bn_terms`), and a row's error and tolerance are read on it
+(:mod:`densenet_debug.verdict.compare`). With ``e = max|side - truth|`` and ``b`` the bound at the worst
+element, the row shows ``e / S`` and ``b / S`` with ``S >= max M``: for a correct float32 side both are
+O(u sqrt(K)) whatever the truth's size, a wrong value is ``|fault| / S``, and ``error > tolerance`` exactly
+when some element exceeds its bound, as before. A first-order sum of such tolerances (a composite's, the
+propagated rule's) then adds numbers of one kind, u-sized, instead of letting one cancelled quantity's
+``b / max|truth|`` (1e+10) swamp the sum and mask every row it covers.
 """
 
 from __future__ import annotations
@@ -126,6 +138,7 @@ class UnitBounds:
     matmul: bool = False  # conv/linear class: operands take TF32/autocast rounding
     kinky: bool = False  # piecewise op: branch flips are kinks, not errors
     exact: bool = False  # data movement or a ReLU-like op: must equal itself evaluated on the side's inputs
+    terms: dict[str, float] = field(default_factory=dict)  # key -> max sum |terms|: the scale errors live on
     _memo: dict = field(default_factory=dict, repr=False)
 
     def __contains__(self, key: str) -> bool:
@@ -138,6 +151,10 @@ class UnitBounds:
         if memo_key not in self._memo:
             self._memo[memo_key] = self.fns[key](p)
         return self._memo[memo_key]
+
+    def scale(self, key: str) -> float | None:
+        """max sum |terms| of quantity ``key`` (None without an error model): what its errors are read on."""
+        return self.terms.get(key)
 
 
 # -- classification -----------------------------------------------------------------------------------
@@ -234,6 +251,7 @@ def _multilinear(module: nn.Module, rec: UnitRecord, params: dict[str, Tensor]) 
 
     for i, o in enumerate(outs):
         result.fns[f"output.{i}"] = fn("output", o.detach())
+        result.terms[f"output.{i}"] = _max(o)
     grads_out = [None if g is None else g.abs() for g in rec.grad_outputs]
     wanted = [(f"grad_input.{i}", t) for i, t in enumerate(xs) if t is not None and t.requires_grad]
     wanted += [(f"grad_{n}", p) for n, p in named.items() if n in rec.param_grads]
@@ -244,7 +262,12 @@ def _multilinear(module: nn.Module, rec: UnitRecord, params: dict[str, Tensor]) 
                                         allow_unused=True)
         for (key, t), g in zip(wanted, grads):
             result.fns[key] = fn(key, torch.zeros_like(t) if g is None else g)
+            result.terms[key] = 0.0 if g is None else _max(g)
     return result
+
+
+def _max(t: Tensor) -> float:
+    return float(t.detach().abs().max()) if t.numel() else 0.0
 
 
 # -- piecewise-linear ops (ReLU family, max pooling): exact on either side of a kink ----------------------
@@ -258,6 +281,7 @@ def _piecewise(module: nn.Module, rec: UnitRecord) -> UnitBounds:
                                "branch flips are kinks", kinky=True)
     for i, o in enumerate(rec.outputs):
         result.fns[f"output.{i}"] = linear_bound(o.abs(), 1, 1)
+        result.terms[f"output.{i}"] = _max(o)
     x = rec.inputs[0] if rec.inputs else None
     g = rec.grad_outputs[0] if rec.grad_outputs else None
     if x is None or g is None or not rec.grad_inputs or rec.grad_inputs[0] is None:
@@ -268,6 +292,7 @@ def _piecewise(module: nn.Module, rec: UnitRecord) -> UnitBounds:
     (routed,) = torch.autograd.grad(y, xr, g.abs())
     k = _overlap(module)
     result.fns["grad_input.0"] = linear_bound(routed, 1, k) if k > 1 else linear_bound(routed, 1, 1)
+    result.terms["grad_input.0"] = _max(routed)
     return result
 
 
@@ -315,7 +340,53 @@ def _batchnorm(module: nn.Module, rec: UnitRecord, params: dict[str, Tensor]) ->
             result.fns["buffer.num_batches_tracked"] = lambda p: torch.zeros(())
     for key in keys:
         result.fns[key] = lambda p, key=key: all_bounds(p)[key]
+    result.terms.update(_bn_terms(module, rec, params, dims, shape, R, batch_stats))
     return result
+
+
+def _bn_terms(module: nn.Module, rec: UnitRecord, params: dict[str, Tensor], dims: list[int], shape: list[int],
+              R: int, batch_stats: bool) -> dict[str, float]:
+    """max sum |terms| of each BN quantity, the sums its bounds scale (:func:`_bn_bounds`), signs dropped:
+
+    y = gamma xhat + beta: ``|gamma||xhat| + |beta|``; grad_bias = sum g: ``sum |g|``; grad_weight = sum g xhat:
+    ``sum |g xhat|``; grad_input = gamma/sigma (g - s_g/R - xhat s_gx/R): ``|gamma|/sigma (|g| + sum|g|/R +
+    |xhat| sum|g xhat|/R)`` (``|gamma|/sigma |g|`` with running statistics); running_mean = (1-m) rm + m mu:
+    ``(1-m)|rm| + m mean|x|``; running_var = (1-m) rv + m R/(R-1) var: ``(1-m)|rv| + m R/(R-1) E[x^2]``.
+    """
+    x = rec.inputs[0]
+    channels = x.shape[1]
+    gamma = params.get("weight", torch.ones(channels, dtype=torch.float64)).view(shape).abs()
+    beta = params.get("bias", torch.zeros(channels, dtype=torch.float64)).view(shape).abs()
+    if batch_stats:
+        mu = x.mean(dims, keepdim=True)
+        var = x.var(dims, unbiased=False, keepdim=True)
+    else:
+        mu = rec.buffers_before["running_mean"].view(shape)
+        var = rec.buffers_before["running_var"].view(shape)
+    inv_sigma = torch.rsqrt(var + module.eps)
+    axhat = (x - mu).abs_().mul_(inv_sigma)
+    out = {"output.0": float((gamma * axhat.amax(dims, keepdim=True) + beta).max())}
+    g = rec.grad_outputs[0] if rec.grad_outputs else None
+    if g is not None:
+        ag = g.abs()
+        sum_ag = ag.sum(dims, keepdim=True)
+        a1 = (ag * axhat).sum(dims, keepdim=True)
+        out["grad_bias"] = float(sum_ag.max())
+        out["grad_weight"] = float(a1.max())
+        if batch_stats:
+            t = ag.add_(sum_ag / R).addcmul_(axhat, a1 / R)
+        else:
+            t = ag
+        out["grad_input.0"] = float((t * (gamma * inv_sigma)).max()) if t.numel() else 0.0
+    if batch_stats and module.track_running_stats and rec.buffers_after:
+        nbt = rec.buffers_before.get("num_batches_tracked")
+        m = module.momentum if module.momentum is not None else 1.0 / (float(nbt) + 1 if nbt is not None else 1.0)
+        rm0, rv0 = rec.buffers_before["running_mean"], rec.buffers_before["running_var"]
+        m1 = x.abs().mean(dims).reshape(-1)
+        q = (var + mu * mu).reshape(-1)
+        out["buffer.running_mean"] = float(((1 - m) * rm0.abs() + m * m1).max())
+        out["buffer.running_var"] = float(((1 - m) * rv0.abs() + m * R / max(R - 1, 1) * q).max())
+    return out
 
 
 def _bn_bounds(module: nn.Module, rec: UnitRecord, params: dict[str, Tensor], p: Precision, dims: list[int],
