@@ -16,8 +16,10 @@ user's Functions with grad only in its recompute); a recompute's repeat of a cal
 Functions defined by torch or by this tool are not the user's math and are skipped, as are calls none of
 whose inputs needs a gradient (their backward is not used in the step).
 
-**The check** (:func:`check_call`), per call and per random direction pair: ``v`` over the inputs that
-need a gradient (unit 2-norm over all of them) and ``w`` over the differentiable outputs (unit 2-norm)::
+**The check** (:func:`check_call`), per call: one Gaussian direction ``v`` over the inputs that need a
+gradient (unit 2-norm over all of them) and two Gaussian ``w`` over the differentiable outputs (unit 2-norm;
+no component is 0, so a NaN/Inf anywhere in an output reaches ``phi``; ``w`` changes no evaluation, so the
+two share them); a wrong ``J'`` gives ``<w, (J' - J) v> != 0`` with probability 1::
 
     analytic  a    = <grad of <w, f> by the Function's backward, v>       (autograd.grad, grad_outputs=w)
     phi(t)         = <w, f(x + t v)>                                      (the Function's forward, no grad)
@@ -31,13 +33,23 @@ and the allowance, with a factor 4 for ``phi'''`` varying over ``[-2h, 2h]`` (wh
 
     tol = 4 (|D(2h) - D(h)| + 1.5 eps/h) + 1.5 eps/h + eps_a
 
-* ``eps`` bounds the roundoff of one ``phi`` evaluation: ``u (n + 2) sum_e |w_e| A`` with ``u = 2^-53``,
-  ``n`` the aten ops the forward ran plus the largest element count it saw (the longest chain of roundings
-  one output element can pass through: every op, and a reduction over every element) and ``A`` the
-  largest magnitude of any tensor the forward saw or made (inputs, intermediates, outputs): each output
-  element is a sum of at most ``n`` rounded terms of magnitude at most ``A``.
+* ``eps`` bounds the roundoff of one ``phi`` evaluation, first order in ``u = 2^-53``::
+
+      eps = u ((ceil(log2 N) + 2) sum_e |w_e f_e| + ||w||_1 E),    E = sum over the forward's ops of K_op B_op
+
+  The first term is the contraction itself (torch sums floating tensors pairwise: ``log2 N`` roundings for
+  ``N`` output elements, plus the product and the step ``x + t v``). ``E`` bounds an output element's own
+  error: each aten op the forward ran (seen by the dispatch mode) adds at most ``K_op B_op``, with ``K_op``
+  its reduction length (a convolution's ``C_in k_h k_w / groups``, a matrix product's inner size, a sum's
+  input over output elements, 1 for elementwise ops and copies) and ``B_op`` the size of its terms (``K``
+  times the product of its inputs' largest magnitudes for products, ``K`` times the largest magnitude it
+  saw otherwise): the recursive-summation bound ``(K-1) u sum|terms|``, errors passed on unamplified.
+  An error model of arbitrary code can be wrong, so ``eps`` is never less than four times the noise the
+  five evaluations show: their fourth difference ``phi(-2h) - 4 phi(-h) + 6 phi(0) - 4 phi(h) + phi(2h)``
+  is ``h^4`` times the fourth derivative (negligible) plus noise of standard deviation ``sqrt(70) sigma``.
   ``D(h)`` has roundoff ``<= eps/h``, ``R`` ``<= (4 eps/h + eps/(2h))/3 = 1.5 eps/h``.
-* ``eps_a`` is the analytic side's: ``u (n + 2) sum_i |g_i| |v_i|`` (the terms of ``<g, v>``, same n).
+* ``eps_a`` is the analytic side's, the same model on the terms of ``<g, v>``:
+  ``u ((ceil(log2 N) + 2) sum_i |g_i v_i| + ||w||_1 E)``.
 * The step: ``h = u^(1/3) ||x||_2`` (the usual balance of ``h^2`` truncation and ``u/h`` roundoff, on the
   inputs' scale; per element that is ``u^(1/3)`` times their RMS).
 
@@ -294,7 +306,9 @@ class _Branches(TorchDispatchMode):
         if self.measure:
             k = _reduction_length(base, ins, outs)
             if base in _PRODUCTS and len(peaks) >= 2:
-                terms = k * peaks[0] * peaks[1] + (peaks[2] if len(peaks) > 2 else 0.0)
+                a, b, c = (peaks[1], peaks[2], peaks[0]) if base.startswith(("add", "badd")) and len(peaks) > 2 \
+                    else (peaks[0], peaks[1], peaks[2] if len(peaks) > 2 else 0.0)  # addmm(bias, a, b)
+                terms = k * a * b + c
             else:
                 terms = k * max(peaks + [_peak(t) for t in outs if t.is_floating_point()], default=0.0)
             self.error_units += k * terms if k > 1 else terms
