@@ -21,7 +21,8 @@ backward, status ``math``, both sides).
 
 Correct sides include the precision controls (``reordered_sum``, ``tf32_round`` at every conv), which are
 correct backends by construction; for the faulty diff such a side drops its control (one fault per unit).
-Goal: 100 % detected, >= 95 % localized, 0 false positives, overall and per style.
+Goal: 100 % detected, >= 95 % localized, 0 false positives, overall and per style. A diff that raises is
+counted (``crashes``, with examples), never hidden, and its configuration counts as not detected.
 Anchor, same process: one plain fp32 forward+backward of the same model and batch (``ratio`` = mean diff
 time over it). Threads are pinned to 1 for the run: tiny models, and a shared machine.
 """
@@ -247,7 +248,9 @@ def _rates(c: Counter) -> dict:
     n = c["configs"]
     return {"configs": n, "detection_rate": c["detected"] / n if n else None,
             "localization_rate": c["localized"] / n if n else None, "false_positives": c["false_positives"],
-            "met": bool(n) and c["detected"] == n and c["localized"] >= 0.95 * n and not c["false_positives"]}
+            "crashes": c["crashes"],
+            "met": bool(n) and c["detected"] == n and c["localized"] >= 0.95 * n and not c["false_positives"]
+            and not c["crashes"]}
 
 
 def run(argv: list[str]) -> dict:
@@ -270,7 +273,7 @@ def run(argv: list[str]) -> dict:
     per_fault: dict[str, Counter] = defaultdict(Counter)
     per_pair: dict[str, Counter] = defaultdict(Counter)
     per_style: dict[str, Counter] = defaultdict(Counter)
-    misses, loose, false_pos = [], [], []
+    misses, loose, false_pos, crashes = [], [], [], []
     diff_seconds, anchor_seconds = 0.0, 0.0
     start = time.perf_counter()
     try:
@@ -280,21 +283,26 @@ def run(argv: list[str]) -> dict:
             net, faulty_net, x, y, unit = plan["net"], plan["faulty_net"], plan["x"], plan["y"], plan["unit"]
             anchor_seconds += _anchor(net, x, y)
             t0 = time.perf_counter()
-            clean = diff(net, x, y, a, b, device=args.device)
-            # One fault per unit: the bug goes on A's backend without its control modifier, if any.
-            base = "+".join(p for p in a.split("+") if not p.startswith("fault:"))
-            if plan["fault"] is None:  # a custom-Function fault: it is in the model, not a backend
-                fa, fb = ("mkldnn" + ("+channels_last" if "channels_last" in a else ""), "native") \
-                    if c["fault"] == "function_cat_onednn_fp32" else (base, b)
-                faulty = diff(faulty_net, x, y, fa, fb, device=args.device)
-            else:
-                faulty = diff(net, x, y, f"{base}+fault:{c['fault']}@{unit}", b, device=args.device)
-            diff_seconds += time.perf_counter() - t0
             key = f"{a} vs {b}"
-            per_pair[key]["clean_runs"] += 1
             per_style[c["style"]]["configs"] += 1
             where = {"style": c["style"], "model": plan["model"], "batch": int(x.shape[0]), "seed": c["seed"],
                      "pair": key}
+            # One fault per unit: the bug goes on A's backend without its control modifier, if any.
+            base = "+".join(p for p in a.split("+") if not p.startswith("fault:"))
+            try:
+                clean = diff(net, x, y, a, b, device=args.device)
+                if plan["fault"] is None:  # a custom-Function fault: it is in the model, not a backend
+                    fa, fb = ("mkldnn" + ("+channels_last" if "channels_last" in a else ""), "native") \
+                        if c["fault"] == "function_cat_onednn_fp32" else (base, b)
+                    faulty = diff(faulty_net, x, y, fa, fb, device=args.device)
+                else:
+                    faulty = diff(net, x, y, f"{base}+fault:{c['fault']}@{unit}", b, device=args.device)
+            except Exception as exc:  # noqa: BLE001 - a crash is a defect to count and show, not the end of the run
+                per_style[c["style"]]["crashes"] += 1
+                crashes.append(where | {"fault": c["fault"], "layer": unit, "error": f"{type(exc).__name__}: {exc}"})
+                continue
+            diff_seconds += time.perf_counter() - t0
+            per_pair[key]["clean_runs"] += 1
             if clean.verdict != "agree":
                 per_pair[key]["false_positives"] += 1
                 per_style[c["style"]]["false_positives"] += 1
@@ -328,7 +336,7 @@ def run(argv: list[str]) -> dict:
         "false_positives": len(false_pos),
         "false_positive_rate": len(false_pos) / n if n else None,
         "goal": {"detection_rate": 1.0, "localization_rate": 0.95, "false_positives": 0},
-        "met": bool(n) and detected == n and localized >= 0.95 * n and not false_pos
+        "met": bool(n) and detected == n and localized >= 0.95 * n and not false_pos and not crashes
         and all(_rates(v)["met"] for v in per_style.values()),
         "per_style": {k: _rates(per_style[k]) for k in STYLES if per_style[k]["configs"]},
         "per_fault": {k: dict(v) for k, v in sorted(per_fault.items())},
@@ -337,6 +345,8 @@ def run(argv: list[str]) -> dict:
         "misses": misses[:20],
         "not_localized": loose[:20],
         "false_positive_examples": false_pos[:20],
+        "crashes": len(crashes),
+        "crash_examples": crashes[:20],
         "wall_s": round(time.perf_counter() - start, 2),
         "mean_diff_s": round(diff_seconds / (2 * n), 4) if n else None,
         "anchor_fwd_bwd_s": round(anchor_seconds / n, 4) if n else None,
