@@ -25,7 +25,8 @@ from densenet_debug.models.batch import make_batch
 from densenet_debug.table import make_console
 
 HELP = "compare two backends layer by layer against a float64 oracle"
-EXIT_CODES = {0: "both sides agree with the fp64 oracle", 1: "a mismatch (or a kink with --fail-on kink)"}
+EXIT_CODES = {0: "both sides agree with the fp64 oracle",
+              1: "a mismatch, a custom autograd Function whose backward is wrong (math), or a kink with --fail-on kink"}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -45,6 +46,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="on a mismatch, narrow each failing composed backend to the component or pair")
     parser.add_argument("--fail-on", choices=("mismatch", "kink"), default="mismatch",
                         help="'kink' also fails when only kinks explain a difference (default mismatch)")
+    parser.add_argument("--no-math-check", dest="math_check", action="store_false",
+                        help="skip the float64 finite-difference check of every custom autograd Function's "
+                             "backward (status 'math'; on by default)")
     parser.add_argument("--units", default=None, metavar="NAME,NAME",
                         help="only these units (qualified module names); default every unit")
     parser.add_argument("--top", type=positive_int, default=None, metavar="N",
@@ -81,7 +85,7 @@ def run(args: argparse.Namespace) -> int:
         if missing:
             raise UsageError(f"no module named {missing[0]!r} in {args.model}")
     report = diff(model, x, y, a, b, steps=args.steps, eval_mode=args.eval, units=units, fail_on=args.fail_on,
-                  device=device)
+                  device=device, math_check=args.math_check)
     console = make_console()
     print_report(report, console, args.top)
     if args.bisect and report.verdict == "mismatch":

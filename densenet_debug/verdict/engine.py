@@ -347,8 +347,10 @@ def _counterfactual(ref: _Reference, step: int, x: Tensor, y: Tensor, o_trace: T
 # -- two sides --------------------------------------------------------------------------------------------
 def diff(model: nn.Module, x: Tensor, y: Tensor, a: str | Backend | None = None, b: str | Backend | None = None, *,
          steps: int = 1, eval_mode: bool = False, units: UnitSelector = None, fail_on: str = "mismatch",
-         device: str | torch.device | None = None, loss_fn: LossFn = F.cross_entropy) -> DiffReport:
-    """Backend ``a`` against backend ``b``, both judged against the fp64 oracle, layer by layer."""
+         device: str | torch.device | None = None, loss_fn: LossFn = F.cross_entropy,
+         math_check: bool = True) -> DiffReport:
+    """Backend ``a`` against backend ``b``, both judged against the fp64 oracle, layer by layer; ``math_check``:
+    also every custom autograd Function's backward against finite differences (:mod:`.mathcheck`)."""
     if fail_on not in FAIL_ON:
         raise UsageError(f"fail_on must be one of {', '.join(FAIL_ON)}, got {fail_on!r}")
     if a is None or b is None:
@@ -366,7 +368,12 @@ def diff(model: nn.Module, x: Tensor, y: Tensor, a: str | Backend | None = None,
                                     loss_fn=loss_fn)
     finally:
         release(oracle)
-    return _report(side_a, side_b, oracle, ba, bb, fail_on, steps, eval_mode, x)
+    report = _report(side_a, side_b, oracle, ba, bb, fail_on, steps, eval_mode, x)
+    if math_check:
+        from densenet_debug.verdict import mathcheck
+
+        mathcheck.apply_to_report(report, mathcheck.check(model, x, y, eval_mode=eval_mode, loss_fn=loss_fn))
+    return report
 
 
 def _report(side_a: SideResult, side_b: SideResult, oracle: list[Trace], ba: Backend, bb: Backend, fail_on: str,

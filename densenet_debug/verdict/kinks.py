@@ -54,7 +54,7 @@ def derivative(module: nn.Module, x: Tensor) -> Tensor:
     """d module(x) / dx elementwise, in float64: the branch an elementwise piecewise op takes at x."""
     x = x.detach().to(torch.float64).requires_grad_(True)
     with torch.enable_grad():
-        y = _call_fp64(module, x)
+        y = _call_fp64(module, x.clone())  # a clone: an in-place module (ReLU(inplace=True)) may not write a leaf
     (g,) = torch.autograd.grad(y, x, torch.ones_like(y))
     return g
 

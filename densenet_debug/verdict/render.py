@@ -18,7 +18,7 @@ from rich.table import Table
 from densenet_debug.table import print_table
 from densenet_debug.verdict.report import FAILING, DiffReport, Row, Status, sortable
 
-STYLE = {"ok": "green", "kink": "yellow", "mismatch": "bold red", "nonfinite": "bold magenta"}
+STYLE = {"ok": "green", "kink": "yellow", "mismatch": "bold red", "nonfinite": "bold magenta", "math": "bold red"}
 
 
 def _e(v: float | None) -> str:

@@ -16,6 +16,7 @@ class Status(str, Enum):
     KINK = "kink"  # a divergence explained by a ReLU branch flip within rounding of its boundary
     MISMATCH = "mismatch"  # outside the derived tolerance: a finding
     NONFINITE = "nonfinite"  # NaN/Inf where the oracle is finite: a finding, never "within tolerance"
+    MATH = "math"  # a custom autograd Function's backward is not its forward's derivative (verdict.mathcheck)
 
     def __str__(self) -> str:
         return self.value
@@ -24,8 +25,8 @@ class Status(str, Enum):
         return format(self.value, spec)
 
 
-STATUS_ORDER = {Status.OK: 0, Status.KINK: 1, Status.MISMATCH: 2, Status.NONFINITE: 3}
-FAILING = (Status.MISMATCH, Status.NONFINITE)
+STATUS_ORDER = {Status.OK: 0, Status.KINK: 1, Status.MISMATCH: 2, Status.NONFINITE: 3, Status.MATH: 4}
+FAILING = (Status.MISMATCH, Status.NONFINITE, Status.MATH)
 
 
 @dataclass

@@ -103,3 +103,11 @@ def test_the_kept_graph_and_the_rerun_give_the_same_counterfactual() -> None:
     assert not torch.equal(kept["0"]["grad_weight"], oracle[0]["0"].param_grads["weight"])  # the kinks matter
     release(oracle)
     assert oracle[0].retained is None
+
+
+def test_the_branch_derivative_of_an_inplace_relu_runs_on_a_float64_leaf() -> None:
+    """The counterfactual asks an ``nn.ReLU(inplace=True)`` (torchvision style) for its branch on float64
+    values: it must not write the leaf it differentiates (it crashed diff on a checkpointed user model)."""
+    x = torch.tensor([-1.0, 0.5, 2.0], dtype=torch.float64)
+    assert kinks.derivative(nn.ReLU(inplace=True), x).tolist() == [0.0, 1.0, 1.0]
+    assert x.tolist() == [-1.0, 0.5, 2.0]
