@@ -79,7 +79,7 @@ from torch.utils.weak import WeakTensorKeyDictionary
 from densenet_debug._autograd import in_backward
 from densenet_debug.backends import U64, Backend, unit_roundoff
 from densenet_debug.trace import Trace
-from densenet_debug.verdict.compare import compare
+from densenet_debug.verdict.compare import Comparison, compare
 from densenet_debug.verdict.magnitude import _PASS, MagnitudeMode
 from densenet_debug.verdict.report import Row, Status
 from densenet_debug.verdict.tolerance import underflow
@@ -205,19 +205,26 @@ def _storage(t: Tensor) -> int:
 
 @dataclass
 class _Sample:
-    """One checked tensor of the between run: its value, magnitude (filled by the magnitude pass) and tag."""
+    """One checked tensor of the between run: its value, magnitude (filled by the magnitude pass) and tag.
 
-    value: Tensor
+    A bit-exact check (``c = 0``) is compared at once and keeps only its ``comparison``, not the value: a
+    DenseNet's concatenations see every earlier feature map, and copies of all of them would grow with the
+    square of the depth."""
+
+    value: Tensor | None
     tag: _Tag
     magnitude: Tensor | None = None
+    comparison: Comparison | None = None
 
 
 @dataclass
 class _Data:
-    """What a between run needs from a side: unit outputs (cut), grad_inputs (seeds), the output seed."""
+    """What a between run needs from a side: unit outputs (cut, in float64), grad_inputs (seeds) and inputs
+    (to compare with) as the side recorded them, the output seed, and how often each unit was called."""
 
     outputs: dict[str, list[Tensor]]
     grad_inputs: dict[str, list[Tensor | None]]
+    inputs: dict[str, list[Tensor | None]]
     output_seed: Tensor | None
     calls: dict[str, int]
 
@@ -271,20 +278,26 @@ def between_rows(step: int, names: list[str], s_trace: Trace, model64: nn.Module
     if not cut:
         return []
     data = _Data(outputs={n: [_fp64(o) for o in s_trace[n].outputs] for n in cut},
-                 grad_inputs={n: [_fp64(g) for g in s_trace[n].grad_inputs] for n in cut},
+                 grad_inputs={n: s_trace[n].grad_inputs for n in cut},
+                 inputs={n: s_trace[n].inputs for n in watched},
                  output_seed=_fp64(side_loss_gradient(s_trace, y, backend, loss_fn)),
                  calls={n: s_trace[n].calls for n in cut})
     x64 = _fp64(x)
     try:
         fwd, bwd, callers = _run(model64, modules, cut, watched, data, x64, magnitude=False)
         if any(s.tag.c > 0 for s in _samples(fwd, bwd)):
-            mfwd, mbwd, _ = _run(model64, modules, cut, watched, data, x64, magnitude=True)
+            mfwd, mbwd, _ = _run(model64, modules, cut, watched, data, x64, magnitude=True,
+                                 needed={(n, i) for n, group in fwd.items() for i, s in enumerate(group)
+                                         if s is not None and s.comparison is None})
             _attach(fwd, mfwd)
             _attach(bwd, mbwd)
     except RuntimeError as exc:  # a model this run cannot re-enter: say so, never crash the verdict
         warnings.warn(f"between-units check skipped at step {step}: {str(exc).splitlines()[0]}", stacklevel=2)
         return []
     return _rows(step, s_trace, modules, fwd, bwd, callers, backend, side_dtype_roundoff, who)
+
+
+_Samples = dict[str, list["_Sample | None"]]
 
 
 def _samples(fwd: dict, bwd: dict) -> list[_Sample]:
@@ -300,14 +313,14 @@ def _attach(values: dict[str, list[_Sample | None]], mags: dict[str, list[_Sampl
 
 
 def _run(model: nn.Module, modules: dict[str, nn.Module], cut: list[str], watched: list[str], data: _Data,
-         x64: Tensor, magnitude: bool) -> tuple[dict[str, list[_Sample | None]], dict[str, list[_Sample | None]],
-                                                dict[str, str]]:
+         x64: Tensor, magnitude: bool, needed: set | None = None) -> tuple[_Samples, _Samples, dict[str, str]]:
     """One float64 forward and VJP of the between code. Returns (inputs arriving at each watched unit,
-    grad_outputs each watched unit should receive, as values or magnitudes; the module that called each)."""
+    grad_outputs each watched unit should receive, as values or magnitudes; the module that called each).
+    ``needed``: in the magnitude pass, the (unit, input) pairs whose magnitudes are wanted."""
     stack: list[str] = []
     tracker = None if magnitude else _Tracker()
     mag = (lambda t: t.abs()) if magnitude else (lambda t: t)
-    bases = {n: [mag(o).requires_grad_(o.is_floating_point()) for o in data.outputs[n]] for n in cut}
+    bases = {n: [mag(o.detach()).requires_grad_(o.is_floating_point()) for o in data.outputs[n]] for n in cut}
     arrived: dict[str, list[Tensor | None]] = {}
     forward: dict[str, list[_Sample | None]] = {}
     grads: dict[str, list[_Sample | None]] = {}
@@ -354,6 +367,17 @@ def _run(model: nn.Module, modules: dict[str, nn.Module], cut: list[str], watche
 
         return forward_
 
+    def _arrival(name: str, i: int, a: Tensor | None) -> _Sample | None:
+        if a is None:
+            return None
+        if magnitude:
+            return _Sample(a.detach().clone(), _Tag(0.0, frozenset())) if (name, i) in (needed or ()) else None
+        tag = tag_of(a)
+        if tag.c > 0:  # compared once its magnitude is known; a later in-place op must not change it
+            return _Sample(a.detach().clone(), tag)
+        side = data.inputs[name][i] if i < len(data.inputs[name]) else None
+        return _Sample(None, tag, comparison=compare(side, a.detach(), None))
+
     def pre(name: str) -> Callable:
         def hook(module: nn.Module, args: tuple) -> None:
             if name in watched and name not in seen and not in_backward():
@@ -361,8 +385,7 @@ def _run(model: nn.Module, modules: dict[str, nn.Module], cut: list[str], watche
                 callers[name] = stack[-1] if stack else ""
                 arrived[name] = [a if isinstance(a, Tensor) else None for a in args]
                 with _disable_current_modes():
-                    forward[name] = [None if a is None else _Sample(a.detach().clone(), tag_of(a))
-                                     for a in arrived[name]]
+                    forward[name] = [_arrival(name, i, a) for i, a in enumerate(arrived[name])]
             stack.append(name)
         return hook
 
@@ -408,17 +431,29 @@ def _run(model: nn.Module, modules: dict[str, nn.Module], cut: list[str], watche
                     tracker.set(seed, _Tag(1.0, frozenset({"the loss"})))
                 roots.append(outs[0])
                 seeds.append(seed)
-            for n in cut:
-                for t, g in zip(arrived.get(n, []), data.grad_inputs[n]):
-                    if t is None or g is None or not t.requires_grad or t.shape != g.shape:
-                        continue
-                    seed = mag(g).clone()
-                    if tracker is not None:
-                        tracker.set(seed, _Tag(0.0, frozenset({n})))
-                    roots.append(t)
-                    seeds.append(seed)
-            if roots:
-                torch.autograd.backward(roots, seeds)
+            grouped: dict[int, tuple[Tensor, Tensor, int, set[str]]] = {}
+            with _disable_current_modes():  # one seed per tensor handed on: the sum of what its consumers sent
+                for n in cut:
+                    for t, g in zip(arrived.get(n, []), data.grad_inputs[n]):
+                        if t is None or g is None or not t.requires_grad or tuple(t.shape) != tuple(g.shape):
+                            continue
+                        g64 = mag(_fp64(g))
+                        if id(t) in grouped:
+                            _, total, count, src = grouped[id(t)]
+                            total.add_(g64)
+                            grouped[id(t)] = (t, total, count + 1, src | {n})
+                        else:
+                            grouped[id(t)] = (t, g64, 1, {n})
+            for t, total, count, src in grouped.values():
+                if tracker is not None:  # the side's autograd adds them in its dtype: count - 1 roundings
+                    tracker.set(total, _Tag(float(count - 1), frozenset(src)))
+                roots.append(t)
+                seeds.append(total)
+            grouped.clear()
+            if not (outs and roots and roots[0] is outs[0]):
+                grads.clear()  # without the loss's gradient no unit's grad_output is known: no backward check
+                return forward, {}, callers
+            torch.autograd.backward(roots, seeds)
     finally:
         for h in handles:
             h.remove()
@@ -453,12 +488,13 @@ def _rows(step: int, s_trace: Trace, modules: dict[str, nn.Module], fwd: dict[st
     rows: list[Row] = []
     for name, samples in fwd.items():
         rec = s_trace[name]
-        pairs = [(s, rec.inputs[i] if i < len(rec.inputs) else None) for i, s in enumerate(samples)]
+        pairs = [(s, rec.inputs[i] if i < len(rec.inputs) else None) for i, s in enumerate(samples)
+                 if s is not None]
         row = _row(step, name, "forward", "input", rec.forward_index, pairs, backend, u_floor)
         if row is not None:
             src = sorted(set().union(*(s.tag.src for s, _ in pairs if s is not None)) - {name})
-            holder = callers.get(name, "")
-            row.note = _where(src or ["the model input"], [name], holder, modules, who)
+            starts = [callers[p] for p in src if p in callers]
+            row.note = _where(src or ["the model input"], [name], starts, callers.get(name, ""), modules, who)
             rows.append(row)
     for name, samples in bwd.items():
         rec = s_trace[name]
@@ -475,8 +511,9 @@ def _rows(step: int, s_trace: Trace, modules: dict[str, nn.Module], fwd: dict[st
         row = _row(step, name, "backward", "grad_output", rec.backward_index or 0, pairs, backend, u_floor)
         if row is not None:
             consumers = sorted(set().union(*(s.tag.src for s, _ in pairs)) - {name})
-            holder = next((callers[c] for c in consumers if c in callers), callers.get(name, ""))
-            row.note = _where([name], consumers or ["nothing"], holder, modules, who, backward=True)
+            ends = [callers[c] for c in consumers if c in callers]
+            row.note = _where([name], consumers or ["nothing"], [callers.get(name, "")], ends[0] if ends else "",
+                              modules, who, backward=True)
             rows.append(row)
     return rows
 
@@ -490,7 +527,7 @@ def _row(step: int, name: str, pass_: str, quantity: str, order: int, pairs: lis
         dtype = side.dtype if isinstance(side, Tensor) else torch.float64
         u = max(unit_roundoff(dtype), backend.accumulate_roundoff if backend is not None else 0.0, u_floor or 0.0)
         eta = 2 * underflow(dtype)
-        comp = compare(side, s.value, _bound(s, u, eta))
+        comp = s.comparison if s.comparison is not None else compare(side, s.value, _bound(s, u, eta))
         if best is None or comp.ratio > best.ratio:
             best = comp
     if best is None:
@@ -501,13 +538,18 @@ def _row(step: int, name: str, pass_: str, quantity: str, order: int, pairs: lis
                tolerance_a=best.tolerance, ratio_a=best.ratio, worst_a=tuple(best.worst) or None, order=order)
 
 
-def _where(producers: list[str], consumers: list[str], holder: str, modules: dict[str, nn.Module], who: str,
-           backward: bool = False) -> str:
-    module = modules.get(holder)
-    kind = f" ({type(module).__name__})" if module is not None else ""
-    place = f"'{holder}'{kind}" if holder else f"the model's own forward{kind}"
+def _where(producers: list[str], consumers: list[str], starts: list[str], end: str, modules: dict[str, nn.Module],
+           who: str, backward: bool = False) -> str:
+    """``between X and Y: the code in M`` (M: the module whose forward called them), or ``from M1 to M2`` when
+    the producers were called in another module's forward than the consumer."""
+    def place(name: str) -> str:
+        module = modules.get(name)
+        kind = f" ({type(module).__name__})" if module is not None else ""
+        return f"'{name}'{kind}" if name else f"the model's own forward{kind}"
+
+    begin = sorted(set(starts), key=len, reverse=True)[0] if starts else end
+    where = place(end) if begin == end else f"{place(begin)} to {place(end)}"
+    where = ("in " if begin == end else "from ") + where
     prefix = f"{who}: " if who else ""
-    if backward:
-        return (f"{prefix}between {', '.join(producers)} and {', '.join(consumers)}: the backward of the code in "
-                f"{place}")
-    return f"{prefix}between {', '.join(producers)} and {', '.join(consumers)}: the code in {place}"
+    what = "the backward of the code" if backward else "the code"
+    return f"{prefix}between {', '.join(producers)} and {', '.join(consumers)}: {what} {where}"
