@@ -222,9 +222,10 @@ class _Data:
     """What a between run needs from a side: unit outputs (cut, in float64), grad_inputs (seeds) and inputs
     (to compare with) as the side recorded them, the output seed, and how often each unit was called."""
 
-    outputs: dict[str, list[Tensor]]
+    outputs: dict[str, list[Tensor]]  # as the side recorded them (float64 copies are made one at a time)
     grad_inputs: dict[str, list[Tensor | None]]
     inputs: dict[str, list[Tensor | None]]
+    grad_outputs: dict[str, list[Tensor | None]]
     output_seed: Tensor | None
     calls: dict[str, int]
 
@@ -277,18 +278,20 @@ def between_rows(step: int, names: list[str], s_trace: Trace, model64: nn.Module
     cut, watched = cut_units(names, modules, s_trace)
     if not cut:
         return []
-    data = _Data(outputs={n: [_fp64(o) for o in s_trace[n].outputs] for n in cut},
+    data = _Data(outputs={n: list(s_trace[n].outputs) for n in cut},
                  grad_inputs={n: s_trace[n].grad_inputs for n in cut},
                  inputs={n: s_trace[n].inputs for n in watched},
+                 grad_outputs={n: s_trace[n].grad_outputs for n in watched},
                  output_seed=_fp64(side_loss_gradient(s_trace, y, backend, loss_fn)),
                  calls={n: s_trace[n].calls for n in cut})
     x64 = _fp64(x)
     try:
         fwd, bwd, callers = _run(model64, modules, cut, watched, data, x64, magnitude=False)
-        if any(s.tag.c > 0 for s in _samples(fwd, bwd)):
+        _settle_equal(fwd, data.inputs)
+        _settle_equal(bwd, data.grad_outputs)
+        if _open(fwd) or _open(bwd):  # a check that rounds and differs: its bound needs sum|terms|
             mfwd, mbwd, _ = _run(model64, modules, cut, watched, data, x64, magnitude=True,
-                                 needed={(n, i) for n, group in fwd.items() for i, s in enumerate(group)
-                                         if s is not None and s.comparison is None})
+                                 needed=_open(fwd), needed_grads=_open(bwd))
             _attach(fwd, mfwd)
             _attach(bwd, mbwd)
     except RuntimeError as exc:  # a model this run cannot re-enter: say so, never crash the verdict
@@ -300,8 +303,22 @@ def between_rows(step: int, names: list[str], s_trace: Trace, model64: nn.Module
 _Samples = dict[str, list["_Sample | None"]]
 
 
-def _samples(fwd: dict, bwd: dict) -> list[_Sample]:
-    return [s for group in (*fwd.values(), *bwd.values()) for s in group if s is not None]
+def _open(samples: _Samples) -> set[tuple[str, int]]:
+    """The checks still waiting for their magnitudes (those that round)."""
+    return {(n, i) for n, group in samples.items() for i, s in enumerate(group)
+            if s is not None and s.comparison is None}
+
+
+def _settle_equal(samples: _Samples, side: dict[str, list[Tensor | None]]) -> None:
+    """A check that rounds but came out bit-equal passes under any bound: settle it without magnitudes."""
+    for name, group in samples.items():
+        for i, s in enumerate(group):
+            if s is None or s.comparison is not None:
+                continue
+            t = side.get(name, [])[i] if i < len(side.get(name, [])) else None
+            exact = compare(t, s.value, None)
+            if exact.ratio == 0:
+                s.comparison, s.value = exact, None
 
 
 def _attach(values: dict[str, list[_Sample | None]], mags: dict[str, list[_Sample | None]]) -> None:
@@ -313,14 +330,18 @@ def _attach(values: dict[str, list[_Sample | None]], mags: dict[str, list[_Sampl
 
 
 def _run(model: nn.Module, modules: dict[str, nn.Module], cut: list[str], watched: list[str], data: _Data,
-         x64: Tensor, magnitude: bool, needed: set | None = None) -> tuple[_Samples, _Samples, dict[str, str]]:
+         x64: Tensor, magnitude: bool, needed: set | None = None,
+         needed_grads: set | None = None) -> tuple[_Samples, _Samples, dict[str, str]]:
     """One float64 forward and VJP of the between code. Returns (inputs arriving at each watched unit,
     grad_outputs each watched unit should receive, as values or magnitudes; the module that called each).
-    ``needed``: in the magnitude pass, the (unit, input) pairs whose magnitudes are wanted."""
+    ``needed``/``needed_grads``: in the magnitude pass, the (unit, index) pairs whose magnitudes are wanted."""
     stack: list[str] = []
     tracker = None if magnitude else _Tracker()
     mag = (lambda t: t.abs()) if magnitude else (lambda t: t)
-    bases = {n: [mag(o.detach()).requires_grad_(o.is_floating_point()) for o in data.outputs[n]] for n in cut}
+    # The leaf is the side's own tensor (no copy); what the model gets is its float64 copy, made at the call,
+    # on which the gradient is read (before any cast back to the side's dtype).
+    bases = {n: [o.detach().requires_grad_(o.is_floating_point()) for o in data.outputs[n]] for n in cut}
+    made: set[str] = set()
     arrived: dict[str, list[Tensor | None]] = {}
     forward: dict[str, list[_Sample | None]] = {}
     grads: dict[str, list[_Sample | None]] = {}
@@ -337,14 +358,31 @@ def _run(model: nn.Module, modules: dict[str, nn.Module], cut: list[str], watche
     def grad_hook(name: str, j: int, n_out: int) -> Callable:
         def hook(g: Tensor) -> None:
             group = grads.setdefault(name, [None] * n_out)
-            if group[j] is None:  # several hooks (a recompute) see the same gradient: keep the first
-                group[j] = _Sample(g.detach().clone(), tag_of(g))
+            if group[j] is not None:  # several hooks (a recompute) see the same gradient: keep the first
+                return
+            with _disable_current_modes():
+                if magnitude:
+                    if (name, j) in (needed_grads or ()):
+                        group[j] = _Sample(g.detach().clone(), _Tag(0.0, frozenset()))
+                    return
+                tag = tag_of(g)
+                if tag.c > 0:
+                    group[j] = _Sample(g.detach().clone(), tag)
+                    return
+                side = data.grad_outputs[name][j] if j < len(data.grad_outputs[name]) else None
+                group[j] = _Sample(None, tag, comparison=compare(side, g.detach(), None))
         return hook
 
-    for n in cut:
-        for j, b in enumerate(bases[n]):
-            if b.requires_grad:
-                handles.append(b.register_hook(grad_hook(n, j, len(bases[n]))))
+    def copies(name: str) -> list[Tensor]:
+        with _disable_current_modes():  # the tool's own copy: exact (every side dtype embeds in float64)
+            outs = [mag(b).to("cpu", torch.float64, copy=True) if b.is_floating_point() else b.to("cpu")
+                    for b in bases[name]]
+        if name not in made:  # the first call, not a checkpoint's recompute: its gradient is the one read
+            made.add(name)
+            for j, o in enumerate(outs):
+                if o.requires_grad:
+                    handles.append(o.register_hook(grad_hook(name, j, len(outs))))
+        return outs
 
     def replacement(name: str, original: Callable) -> Callable:
         calls = [0]
@@ -356,7 +394,7 @@ def _run(model: nn.Module, modules: dict[str, nn.Module], cut: list[str], watche
                     return original(*args, **kwargs)
             elif data.calls.get(name, 1) > 1:
                 return original(*args, **kwargs)
-            outs = [b.clone() for b in bases[name]]
+            outs = copies(name)
             if tracker is not None:
                 for o in outs:
                     tracker.set(o, _Tag(0.0, frozenset({name})))
