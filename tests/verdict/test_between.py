@@ -26,6 +26,8 @@ from densenet_debug.verdict.engine import diff
 from densenet_debug.verdict.propagated import explain_by_local
 from densenet_debug.verdict.report import Row, Status
 
+pytest_plugins = ["pytester"]
+
 
 # -- the planted fault: a custom Function outside every leaf unit ------------------------------------------
 class ScaleChannelGrad(torch.autograd.Function):
@@ -361,3 +363,61 @@ def test_only_upstream_failures_explain_a_propagated_row() -> None:
     assert fresh[0].explained_by == "mid" and fresh[0].status == Status.MISMATCH
     assert fresh[0].note == "downstream of the between-units failure at mid (backward q)"
     assert math.isfinite(fresh[0].error_a)
+
+
+# -- the pytest plugin, as a user meets it ------------------------------------------------------------------
+PLUGIN_TEST = '''
+import os
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class ScaleChannelGrad(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, t):
+        return t.clone()
+
+    @staticmethod
+    def backward(ctx, g):
+        g = g.clone()
+        g[:, 3] *= float(os.environ.get("BETWEEN_SCALE", "1"))  # in every dtype
+        return g
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8)
+        self.conv2, self.bn2 = nn.Conv2d(8, 6, 3, padding=1, bias=False), nn.BatchNorm2d(14)
+        self.fc = nn.Linear(14, 10)
+
+    def forward(self, x):
+        a = F.relu(self.bn1(self.conv1(x)))
+        h = torch.cat([a, ScaleChannelGrad.apply(self.conv2(a))], 1)
+        return self.fc(F.adaptive_avg_pool2d(F.relu(self.bn2(h)), 1).flatten(1))
+
+
+def test_net(grad_reference):
+    torch.manual_seed(0)
+    x = torch.randn(4, 3, 8, 8, generator=torch.Generator().manual_seed(1))
+    grad_reference.check(Net(), x, name="between-net", backend=["native"])
+'''
+
+
+def test_the_plugin_fails_a_fixture_whose_between_code_changed_in_every_dtype(pytester: pytest.Pytester,
+                                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    import torch._dynamo  # noqa: F401  (imported once, outside the inner runs: see tests/reference)
+
+    args = ("-q", "-p", "no:cacheprovider", "-p", "no:hypothesispytest")
+    monkeypatch.delenv("BETWEEN_SCALE", raising=False)
+    pytester.makepyfile(test_user=PLUGIN_TEST)
+    pytester.runpytest(*args, "--update-reference").assert_outcomes(passed=1)
+    pytester.runpytest(*args).assert_outcomes(passed=1)
+    for scale in ("2", "0", "1.001"):
+        monkeypatch.setenv("BETWEEN_SCALE", scale)
+        result = pytester.runpytest(*args)
+        result.assert_outcomes(failed=1)
+        assert ("mismatch: the model's code between units does not reproduce the stored truth of between-net first "
+                "at conv2 (backward grad_output, between, step 0)") in result.stdout.str()
