@@ -78,6 +78,7 @@ from torch.utils.weak import WeakTensorKeyDictionary
 
 from densenet_debug._autograd import in_backward
 from densenet_debug.backends import U64, Backend, unit_roundoff
+from densenet_debug.errors import is_allocation_failure
 from densenet_debug.trace import Trace
 from densenet_debug.verdict.compare import Comparison, compare
 from densenet_debug.verdict.magnitude import _PASS, MagnitudeMode
@@ -248,10 +249,10 @@ def cut_units(names: list[str], modules: dict[str, nn.Module], s_trace: Trace) -
 
 
 def _fp64(t: Tensor | None) -> Tensor | None:
+    """A float64 CPU *copy* (never an alias: the records it comes from are a side's or the oracle's truth)."""
     if t is None:
         return None
-    t = t.detach().to("cpu")
-    return t.to(torch.float64) if t.is_floating_point() else t
+    return t.detach().to("cpu", torch.float64 if t.is_floating_point() else t.dtype, copy=True)
 
 
 def side_loss_gradient(s_trace: Trace, y: Tensor, backend: Backend | None, loss_fn: Callable) -> Tensor | None:
@@ -269,8 +270,7 @@ def side_loss_gradient(s_trace: Trace, y: Tensor, backend: Backend | None, loss_
 
 
 def between_rows(step: int, names: list[str], s_trace: Trace, model64: nn.Module, x: Tensor, y: Tensor,
-                 backend: Backend | None, loss_fn: Callable, *, side_dtype_roundoff: float | None = None,
-                 who: str = "") -> list[Row]:
+                 backend: Backend | None, loss_fn: Callable, *, who: str = "") -> list[Row]:
     """The between-check of one side at one step (see the module docstring). ``model64``: the float64 model
     at that step (left as it was); ``x``/``y``: the side's inputs and targets; ``backend``: the side's (its
     loss is replayed under it; None: float64). Rows carry the error in ``error_a``."""
@@ -295,9 +295,11 @@ def between_rows(step: int, names: list[str], s_trace: Trace, model64: nn.Module
             _attach(fwd, mfwd)
             _attach(bwd, mbwd)
     except RuntimeError as exc:  # a model this run cannot re-enter: say so, never crash the verdict
+        if is_allocation_failure(exc):  # no room is no pass: the caller reports it (exit 2)
+            raise
         warnings.warn(f"between-units check skipped at step {step}: {str(exc).splitlines()[0]}", stacklevel=2)
         return []
-    return _rows(step, s_trace, modules, fwd, bwd, callers, backend, side_dtype_roundoff, who)
+    return _rows(step, s_trace, modules, fwd, bwd, callers, backend, who)
 
 
 _Samples = dict[str, list["_Sample | None"]]
@@ -522,13 +524,13 @@ def _bound(sample: _Sample, u: float, eta: float) -> Tensor | None:
 
 def _rows(step: int, s_trace: Trace, modules: dict[str, nn.Module], fwd: dict[str, list[_Sample | None]],
           bwd: dict[str, list[_Sample | None]], callers: dict[str, str], backend: Backend | None,
-          u_floor: float | None, who: str) -> list[Row]:
+          who: str) -> list[Row]:
     rows: list[Row] = []
     for name, samples in fwd.items():
         rec = s_trace[name]
         pairs = [(s, rec.inputs[i] if i < len(rec.inputs) else None) for i, s in enumerate(samples)
                  if s is not None]
-        row = _row(step, name, "forward", "input", rec.forward_index, pairs, backend, u_floor)
+        row = _row(step, name, "forward", "input", rec.forward_index, pairs, backend)
         if row is not None:
             src = sorted(set().union(*(s.tag.src for s, _ in pairs if s is not None)) - {name})
             starts = [callers[p] for p in src if p in callers]
@@ -546,7 +548,7 @@ def _rows(step: int, s_trace: Trace, modules: dict[str, nn.Module], fwd: dict[st
             if s is None:  # the between code sends no gradient here: the unit should have received zeros
                 s = _Sample(torch.zeros(side.shape, dtype=torch.float64), _Tag(0.0, frozenset()))
             pairs.append((s, side))
-        row = _row(step, name, "backward", "grad_output", rec.backward_index or 0, pairs, backend, u_floor)
+        row = _row(step, name, "backward", "grad_output", rec.backward_index or 0, pairs, backend)
         if row is not None:
             consumers = sorted(set().union(*(s.tag.src for s, _ in pairs)) - {name})
             ends = [callers[c] for c in consumers if c in callers]
@@ -556,14 +558,14 @@ def _rows(step: int, s_trace: Trace, modules: dict[str, nn.Module], fwd: dict[st
     return rows
 
 
-def _row(step: int, name: str, pass_: str, quantity: str, order: int, pairs: list, backend: Backend | None,
-         u_floor: float | None) -> Row | None:
+def _row(step: int, name: str, pass_: str, quantity: str, order: int, pairs: list,
+         backend: Backend | None) -> Row | None:
     best = None
     for s, side in pairs:
         if s is None:
             continue
         dtype = side.dtype if isinstance(side, Tensor) else torch.float64
-        u = max(unit_roundoff(dtype), backend.accumulate_roundoff if backend is not None else 0.0, u_floor or 0.0)
+        u = max(unit_roundoff(dtype), backend.accumulate_roundoff if backend is not None else 0.0)
         eta = 2 * underflow(dtype)
         comp = s.comparison if s.comparison is not None else compare(side, s.value, _bound(s, u, eta))
         if best is None or comp.ratio > best.ratio:

@@ -421,3 +421,23 @@ def test_the_plugin_fails_a_fixture_whose_between_code_changed_in_every_dtype(py
         result.assert_outcomes(failed=1)
         assert ("mismatch: the model's code between units does not reproduce the stored truth of between-net first "
                 "at conv2 (backward grad_output, between, step 0)") in result.stdout.str()
+
+
+def test_the_check_never_writes_into_the_records_it_reads() -> None:
+    """A float64 side (or a fixture's stored truth) hands its own tensors over: nothing may alias them."""
+    from densenet_debug import build_model
+    from densenet_debug.models.copies import fp64_copy
+    from densenet_debug.verdict.between import between_rows
+    from densenet_debug.verdict.engine import oracle_traces
+
+    x, y = _batch()
+    torch.manual_seed(0)
+    model = build_model("densenet-bc-10")  # Concat units: one feature map handed to several units
+    (trace,) = oracle_traces(model, x, y, keep_graph=False)
+    records = [t for rec in trace for t in (*rec.inputs, *rec.outputs, *rec.grad_inputs, *rec.grad_outputs)
+               if t is not None]
+    before = [t.clone() for t in records]
+    rows = between_rows(0, trace.forward_order, trace, fp64_copy(model, "cpu").train(), x.double(), y, None,
+                        F.cross_entropy)
+    assert rows and all(r.status == Status.OK for r in rows)
+    assert all(torch.equal(a, b) for a, b in zip(records, before))
