@@ -276,6 +276,29 @@ def reproduction_rows(fixture: Fixture, oracle: list[Trace], stored: list[dict],
     return rows
 
 
+def _between_truth(fixture: Fixture, model: nn.Module, oracle: list[Trace], steps: int, eval_mode: bool) -> list[Row]:
+    """The between-units check of the stored truth itself (a ``full`` fixture): the model's code between its
+    units, run in float64 on the stored unit outputs and grad_inputs, must give the stored inputs and
+    grad_outputs (:mod:`densenet_debug.verdict.between`; two float64s: u_side = 2^-53). A side replays today's
+    code, so a change to that code in every dtype (a custom Function's backward) agrees with itself; the
+    stored truth does not. A ``checkpoints`` fixture's oracle is recomputed by today's code: its reproduction
+    rows see such a change instead."""
+    from densenet_debug.verdict.between import between_rows
+    from densenet_debug.verdict.engine import _Reference
+
+    if not fixture.complete:
+        return []
+    ref = _Reference(model, eval_mode, oracle)
+    rows = []
+    for step in range(min(steps, len(oracle))):
+        trace = oracle[step]
+        rows += between_rows(step, trace.forward_order, trace, ref.module(step), fixture.inputs, fixture.targets,
+                             None, torch.nn.functional.cross_entropy, who="stored truth vs the model's code")
+    for r in rows:
+        r.side = "reference"
+    return rows
+
+
 def _loss_tolerance(tol_logits: float, logits: Tensor | None, loss: Tensor | None) -> float:
     """Relative bound of the loss (cross-entropy, mean over N) from the logits' bound and its own rounding.
 
@@ -375,7 +398,9 @@ def check_reference(
                    _shared=shared)
     repro = shared.reproduction.get(id(oracle))
     if repro is None:
-        repro = shared.reproduction[id(oracle)] = reproduction_rows(fixture, oracle, recomputed, shared)
+        repro = reproduction_rows(fixture, oracle, recomputed, shared) + _between_truth(fixture, model, oracle,
+                                                                                          steps, eval_mode)
+        shared.reproduction[id(oracle)] = repro
     rows, kinks = result.rows, result.kinks
     for k in kinks:
         k.side = "a"
@@ -384,7 +409,7 @@ def check_reference(
     if failing_repro:
         r = min(failing_repro, key=lambda r: (r.step, r.pass_ != "forward", r.order))
         first = FirstDivergence(layer=r.layer, pass_=r.pass_, quantity=r.quantity, error=r.error_a,
-                                tolerance=r.tolerance, side="reference", step=r.step, mode="reproduction",
+                                tolerance=r.tolerance, side="reference", step=r.step, mode=r.mode,
                                 status="mismatch")
     else:
         first = first_divergence(rows)
@@ -406,8 +431,10 @@ def _summarize(r: ReferenceResult) -> str:
         return (f"agree: {r.backend} matches reference {r.name} at every unit "
                 f"({len(r.rows)} rows{repro}){kink_text}")
     f = r.first_divergence or {}
-    what = ("this PyTorch's float64 recomputation drifted from the stored truth" if f.get("mode") == "reproduction"
-            else f"{r.backend} diverges from reference {r.name}")
+    what = {"reproduction": "this PyTorch's float64 recomputation drifted from the stored truth",
+            "between": f"the model's code between units does not reproduce the stored truth of {r.name}"}.get(
+        f.get("mode"), f"{r.backend} diverges from reference {r.name}") if f.get("side") == "reference" else (
+        f"{r.backend} diverges from reference {r.name}")
     if f.get("status") == Status.NONFINITE:
         firsts = "; ".join(where(n) for n in r.nonfinite) or "none"
         return (f"mismatch: {r.backend} non-finite (NaN/Inf) where reference {r.name} is finite, first at "

@@ -36,6 +36,7 @@ from densenet_debug.models.copies import fp64_copy
 from densenet_debug.trace import Trace, UnitRecord, UnitSelector, discover_units, trace_step
 from densenet_debug.verdict import counterfactual
 from densenet_debug.verdict import kinks as kinkmod
+from densenet_debug.verdict.between import between_rows
 from densenet_debug.verdict.counterfactual import traced_step_with_gates
 from densenet_debug.verdict.local import blame_children, compose_tolerances, element_count, local_rows
 from densenet_debug.verdict.nonfinite import check_oracle, finite, first_nonfinite, where
@@ -290,9 +291,11 @@ class _Side:
             cf = _counterfactual(ref, step, x, y, o_trace, sites, names, loss_fn)
             self.result.counterfactual_steps.append(step)
             counterfactual.explain(prop_rows, s_trace, cf)
-        if any(r.status == Status.MISMATCH for r in prop_rows):
+        between = between_rows(step, names, s_trace, ref.module(step), self.x, self.y, self.backend,
+                               loss_fn) if propagated else []
+        explain_by_local(prop_rows, local + between)  # before amplification: only what nothing upstream explains
+        if any(r.status == Status.MISMATCH and r.explained_by is None for r in prop_rows):
             self_consistent(prop_rows, s_trace, ref.at(step), self.backend, lam)
-        explain_by_local(prop_rows, local)
         if any(r.status == Status.NONFINITE for r in local + prop_rows):  # name where the side's NaN/Inf began
             found = first_nonfinite(s_trace, step)
             if found is not None:
@@ -301,7 +304,7 @@ class _Side:
             prop_rows += carried_state(names, step, self.previous, s_trace)
         self.previous = {rec.name: rec.buffers_after for rec in s_trace if rec.buffers_after}
         self.trace = None
-        self.result.rows += local + prop_rows
+        self.result.rows += local + between + prop_rows
         self.result.kinks += self.step_kinks
         _sgd_step(self.model, o_trace)
 

@@ -8,6 +8,20 @@ large one in its grad_input). :func:`self_consistent` settles the second: the un
 the side's *own* propagated inputs and grad_outputs, must reproduce what the side computed there within the
 unit's local bound. Only a divergence that fails that too (a state, sequence or fusion fault that no
 teacher-forced replay shows), or a missing gradient, stays a ``mismatch``.
+
+The rule explains or flags. Self-consistency alone explains nothing about where a unit's inputs went wrong,
+so amplification is accepted only where the code *between* the units was checked too
+(:mod:`densenet_debug.verdict.between`): a divergence is explained, in this order, by
+
+1. kinks: the counterfactual oracle reproduces it (status ``kink``);
+2. an upstream failing local or between-units row (:func:`explain_by_local`): it stays failing, with a note
+   and ``explained_by`` naming the culprit (the verdict rests on the culprit's row);
+3. amplification: nothing upstream failed, the between-units checks upstream of the unit passed (so every
+   unit and every piece of code between them reproduced its own math at the side's own values), and the
+   unit reproduces its exact math at its own propagated inputs (:func:`self_consistent`): status ``ok``.
+
+Anything else stays a ``mismatch``. A fault between units that every unit is self-consistent about is a
+failing between-units row, and every propagated row it moves is downstream of it.
 """
 
 from __future__ import annotations
@@ -118,14 +132,34 @@ def propagated_rows(names: list[str], step: int, o_trace: Trace, s_trace: Trace,
     return rows
 
 
-def explain_by_local(rows: list[Row], local: list[Row]) -> None:
-    failing = sorted((r for r in local if r.status in FAILING), key=lambda r: (r.pass_ != "forward", r.order))
+def explain_by_local(rows: list[Row], checks: list[Row]) -> None:
+    """Failing propagated rows downstream of a failing local or between-units row are explained by it.
+
+    Upstream means the same step and, for a forward row, a failing forward check at or before its unit; for a
+    backward row, any failing forward check or a failing backward check at or before it in backward order. The
+    row stays failing (the verdict already rests on the culprit) with a note naming it and ``explained_by``
+    set, so :func:`~densenet_debug.verdict.report.first_divergence` names the culprit, not the row.
+    """
+    failing = [r for r in checks if r.status in FAILING]
     if not failing:
         return
-    first = failing[0]
     for r in rows:
-        if r.status in FAILING:
-            r.note = r.note or f"downstream of the local failure at {first.layer} ({first.pass_})"
+        if r.status not in FAILING:
+            continue
+        ups = [f for f in failing if f.step == r.step and _upstream(f, r)]
+        if not ups:
+            continue
+        first = min(ups, key=lambda f: (f.pass_ != "forward", f.order))
+        what = "between-units" if first.mode == "between" else "local"
+        r.note = r.note or (f"downstream of the {what} failure at {first.layer or '(the model)'} "
+                            f"({first.pass_} {first.quantity})")
+        r.explained_by = first.layer
+
+
+def _upstream(check: Row, row: Row) -> bool:
+    if row.pass_ == "forward":
+        return check.pass_ == "forward" and check.order <= row.order
+    return check.pass_ == "forward" or check.order <= row.order
 
 
 def _as_fp64(rec: UnitRecord) -> UnitRecord:
@@ -159,7 +193,7 @@ def self_consistent(rows: list[Row], s_trace: Trace, modules64: dict[str, nn.Mod
     fp64 = parse_backend("fp64", "cpu")
     # A missing or misshapen tensor (infinite error) is no amplification: those rows stay as they are.
     failing = sorted({r.layer for r in rows if r.status == "mismatch" and r.mode == "propagated"
-                      and r.error_a is not None and math.isfinite(r.error_a)})
+                      and r.explained_by is None and r.error_a is not None and math.isfinite(r.error_a)})
     for name in failing:
         s_rec = s_trace.units.get(name)
         if s_rec is None or name not in modules64:
@@ -186,7 +220,7 @@ def self_consistent(rows: list[Row], s_trace: Trace, modules64: dict[str, nn.Mod
             worst[quantity] = max(worst.get(quantity, 0.0), compare(side_t, want, bound).ratio)
         for r in rows:
             if (r.layer == name and r.status == "mismatch" and r.mode == "propagated" and math.isfinite(r.error_a)
-                    and worst.get(r.quantity, math.inf) <= 1):
+                    and r.explained_by is None and worst.get(r.quantity, math.inf) <= 1):
                 r.status = Status.OK
                 r.note = (f"amplified upstream error: {name} reproduces its exact math at its own propagated inputs "
                           f"(fp64 replay, worst element at {worst[r.quantity]:.2f} of its bound)")

@@ -1,0 +1,595 @@
+"""Teacher forcing of the code *between* units: the ops a model runs outside its leaf units.
+
+Local rows (:mod:`densenet_debug.verdict.local`) replay each unit on the oracle's inputs; nothing replays the
+code that carries one unit's output to the next unit's input (``torch.cat``, ``F.relu``, a custom
+``autograd.Function``, a residual sum written in a ``forward``) or, in backward, one unit's grad_input to the
+grad_output of the unit before it. A fault there (a custom Function whose backward scales a channel in
+float32 only) leaves every unit self-consistent at the wrong values it is handed, so neither local nor
+propagated rows can name it. This module checks that code, forward and backward, on the side's own values.
+
+**The run.** The float64 model of the step runs once more with every *cut* unit's first call replaced by
+the side's recorded output of that call, cast to float64 (exact: every side dtype embeds in float64), as a
+fresh leaf that requires grad. What then arrives at each unit is ``fp64(between(side's unit outputs))``:
+
+* forward: it is compared with the side's recorded inputs of that unit;
+* backward: one VJP of the same graph, seeded with each cut unit's recorded grad_inputs at the inputs it
+  was handed, and at the model's output with the side's own loss gradient (the loss replayed in the side's
+  dtype and backend on the side's recorded output: the loss is no unit and no between code of the model),
+  gives the grad_output each unit should have received; it is compared with the side's recorded one.
+
+Cut units are the leaf units (units with no unit inside them) that the side recorded; a unit that writes
+into its input (``inplace=True``: ReLU, Hardtanh, Dropout ...) is not cut but runs in float64 as between code
+(its op is exact on the side's values) and is still checked at its input and grad_output. Composite units'
+own math (the top-level ``forward``, a dense layer's ``torch.cat``) *is* between code.
+
+**The bound (derived, deterministic, first order).** The between code is a composition of aten ops. Every
+op is classified (:func:`rounding`): data movement, ReLU-like selections and comparisons are exact (``k = 0``:
+on the same operands, float32 and float64 give the same number); an elementwise arithmetic op rounds once
+(``k = 1``); a reduction of K terms per result (sum, mean, pooling, softmax) has worst-case error
+``(K - 1) u sum|terms| <= K u sum|terms|`` (``k = K``); any other op (convolution, matmul, batch norm: an
+unselected module or a later call of a unit inside the between code) gets the generic rule of
+:mod:`densenet_debug.verdict.tolerance` for unknown units, ``K = all input elements`` (``k = K``). For ops linear
+in each operand, an error ``e <= c u M_in`` entering an op of Jacobian J leaves ``|J| e <= c u |J| M_in``, and
+the op adds ``k u M_out``; since the magnitude evaluation (:class:`~densenet_debug.verdict.magnitude.MagnitudeMode`:
+the same code on ``|values|``, ``sub`` as ``add``) propagates ``M_out = |J| M_in`` exactly, the error of any
+tensor is at most ``c u M`` with the *rounding count* ``c = max over operands of c + k`` tracked along the
+graph (:class:`_Tracker`), forward and backward (autograd's accumulation of fan-out gradients is an ``add``:
+``k = 1`` each). The side and this float64 run each round so, so a check allows
+
+    ``|side - expected| <= c (u_side + 2^-53) M + c eta``
+
+with ``u_side`` the coarsest unit roundoff among the side's values of that check and ``eta`` the underflow
+of the side's dtype. ``c = 0`` (cat, slicing, view, ReLU, a flatten: the usual case) means bit-exact. For
+ops not linear in their operands (exp, division) ``M`` is the op at the magnitudes, a heuristic stated by
+:mod:`~densenet_debug.verdict.magnitude`. No probability enters: a correct backend cannot fail this check to first
+order. The model's output seed (a replay of the side's loss) carries ``c = 1``: one rounding of slack for a
+loss kernel that does not reproduce itself bit for bit.
+
+**Kinks.** A ReLU in the between code is evaluated on the side's values, so it takes the side's branch:
+no kink can make this check fail.
+
+**Modules called twice.** The trace records a unit's first call only; that call is cut. Later calls run in
+float64 on what they are handed, as between code, and their ops are counted like any other (a conv called
+twice adds its generic ``k``): downstream checks stay sound, only looser. Inside a checkpointed region the
+recompute of a cut unit returns the same leaf again (so gradients reach it); a unit called more than once
+inside a checkpointed region is recomputed in float64 instead (documented limitation: its gradient then
+bypasses the cut, and its grad_output check is left out).
+
+**Findings** are rows of mode ``between``: ``input`` (forward, at the consuming unit) and ``grad_output``
+(backward, at the producing unit), with a note naming the producing units, the consuming unit and the
+module whose ``forward`` ran the code. :func:`between_rows` judges a side; the same run on the stored truth of
+a fixture (side = the fixture's float64 records) checks that the model's between code still reproduces it
+(:func:`densenet_debug.reference.check.check_reference`).
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Callable
+from contextlib import ExitStack
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
+from torch.utils._pytree import tree_flatten, tree_map
+from torch.utils.weak import WeakTensorKeyDictionary
+
+from densenet_debug._autograd import in_backward
+from densenet_debug.backends import U64, Backend, unit_roundoff
+from densenet_debug.errors import is_allocation_failure
+from densenet_debug.trace import Trace
+from densenet_debug.verdict.compare import Comparison, compare
+from densenet_debug.verdict.magnitude import _PASS, MagnitudeMode
+from densenet_debug.verdict.report import Row, Status
+from densenet_debug.verdict.tolerance import underflow
+
+MODE = "between"
+BETWEEN_ORIGIN = ("between units: the model's code outside its leaf units, re-run in fp64 on the side's own unit "
+                  "outputs (forward) and grad_inputs (backward); bound c*(u_side + 2^-53)*sum|terms| with c the "
+                  "rounding count of that code (0 = exact: cat, slicing, view, ReLU must match bit for bit)")
+
+# Ops that give the same number in any float dtype on the same operands (selection, comparison, movement).
+EXACT_OPS = _PASS | {
+    "relu", "threshold", "threshold_backward", "where", "abs", "neg", "sign", "le", "lt", "ge", "gt", "eq", "ne",
+    "logical_and", "logical_or", "logical_not", "logical_xor", "maximum", "minimum", "clamp", "clamp_min",
+    "clamp_max", "hardtanh", "hardtanh_backward", "max_pool1d_with_indices", "max_pool2d_with_indices",
+    "max_pool3d_with_indices", "masked_select", "isnan", "isinf", "isfinite", "any", "all", "argmax", "argmin",
+    "max", "min", "amax", "amin", "sort", "topk", "squeeze", "constant_pad_nd", "roll", "flip", "repeat",
+    "index_put", "scatter", "new_zeros", "zero", "bitwise_and", "bitwise_or", "bitwise_not", "detach_",
+    "_unsafe_index", "pad", "reflection_pad2d", "replication_pad2d", "_local_scalar_dense", "diagonal",
+    "view_as_real", "tril", "triu", "resize_", "masked_scatter", "unfold", "im2col", "col2im_exact",
+}
+# One rounding per result element.
+ELEMENTWISE_OPS = {
+    "add", "sub", "rsub", "mul", "div", "addcmul", "addcdiv", "exp", "exp2", "log", "log2", "log1p", "expm1",
+    "sqrt", "rsqrt", "reciprocal", "pow", "sigmoid", "tanh", "sigmoid_backward", "tanh_backward", "leaky_relu",
+    "leaky_relu_backward", "elu", "elu_backward", "gelu", "gelu_backward", "silu", "silu_backward", "softplus",
+    "softplus_backward", "lerp", "hardswish", "hardswish_backward", "hardsigmoid", "hardsigmoid_backward",
+    "mish", "sin", "cos", "erf", "fill", "_to_copy", "copy", "square", "xlogy", "fmod", "remainder",
+    "log_sigmoid_forward", "log_sigmoid_backward", "rrelu_with_noise", "prelu", "_prelu_kernel",
+    "_prelu_kernel_backward", "clone",
+}
+# Reductions over a dimension that keep the shape (softmax family): K = that dimension's size plus its ops.
+SAME_SHAPE_REDUCTIONS = {"_softmax", "_log_softmax", "_softmax_backward_data", "_log_softmax_backward_data",
+                         "cumsum", "logcumsumexp"}
+# Reductions whose K is the ratio of input to output elements (sum, mean, pooling and their backward).
+RATIO_REDUCTIONS = {"sum", "mean", "avg_pool1d", "avg_pool2d", "avg_pool3d", "avg_pool2d_backward",
+                    "avg_pool3d_backward", "adaptive_avg_pool1d", "adaptive_avg_pool2d", "_adaptive_avg_pool2d",
+                    "_adaptive_avg_pool2d_backward", "adaptive_avg_pool3d", "_adaptive_avg_pool3d",
+                    "_adaptive_avg_pool3d_backward", "max_pool2d_with_indices_backward",
+                    "max_pool3d_with_indices_backward", "prod", "norm", "linalg_vector_norm", "var", "std",
+                    "var_mean", "std_mean", "logsumexp", "nansum", "sum_to_size", "expand_backward"}
+
+
+def rounding(func: object, tensors: list[Tensor], outputs: list[Tensor]) -> float:
+    """``k`` of one aten op (see the module docstring): 0 exact, 1 elementwise, K for a reduction of K terms,
+    and the generic ``K = all input elements`` of :mod:`densenet_debug.verdict.tolerance` for anything else."""
+    name = func.overloadpacket.__name__ if hasattr(func, "overloadpacket") else str(func)
+    name = name.rstrip("_") if name not in EXACT_OPS else name
+    if name in EXACT_OPS:
+        if name in ("index_put", "scatter") and len(tensors) > 2:  # accumulate=True adds
+            return 1.0
+        return 0.0
+    if name in ELEMENTWISE_OPS:
+        if name in ("_to_copy", "copy", "clone", "fill"):  # a cast rounds only into a narrower dtype
+            src = [t for t in tensors if t.is_floating_point()]
+            dst = [o for o in outputs if o.is_floating_point()]
+            widest = max((unit_roundoff(t.dtype) for t in src), default=0.0)
+            return 1.0 if dst and unit_roundoff(dst[0].dtype) > widest else 0.0
+        return 1.0
+    out_numel = max((o.numel() for o in outputs), default=1) or 1
+    in_numel = max((t.numel() for t in tensors), default=1)
+    if name in SAME_SHAPE_REDUCTIONS:
+        dim = tensors[0].dim() if tensors else 1
+        return float(max(tensors[0].shape[-1] if dim else 1, 1) + 3) if tensors else 1.0
+    if name in RATIO_REDUCTIONS:
+        return float(max(1, math.ceil(in_numel / out_numel)) + 1)
+    return float(max(1, sum(t.numel() for t in tensors)))
+
+
+@dataclass(frozen=True)
+class _Tag:
+    """What the between run knows about a tensor: its rounding count and the units it carries values from
+    (forward) or gradients of (backward)."""
+
+    c: float
+    src: frozenset
+
+
+class _Tracker(TorchDispatchMode):
+    """Tags every op's outputs with ``c`` (rounding count) and ``src`` (the units whose values or gradients it
+    carries). In-place ops bump their whole storage (a write through a view)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.tags: WeakTensorKeyDictionary = WeakTensorKeyDictionary()
+        self.storage_c: dict[int, float] = {}
+
+    def tag(self, t: Tensor) -> _Tag:
+        own = self.tags.get(t)
+        bump = self.storage_c.get(_storage(t), 0.0)
+        if own is None:
+            return _Tag(bump, frozenset())
+        return own if bump <= own.c else _Tag(bump, own.src)
+
+    def set(self, t: Tensor, tag: _Tag) -> None:
+        self.tags[t] = tag
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        ins = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, Tensor)]
+        outs = [t for t in tree_flatten(out)[0] if isinstance(t, Tensor)]
+        if not outs:
+            return out
+        tags = [self.tag(t) for t in ins]
+        c = max((t.c for t in tags), default=0.0) + rounding(func, ins, outs)
+        src = frozenset().union(*(t.src for t in tags)) if tags else frozenset()
+        tag = _Tag(c, src)
+        name = getattr(getattr(func, "overloadpacket", None), "__name__", "")
+        for o in outs:
+            self.tags[o] = tag
+            if name.endswith("_") and tag.c > 0:  # written in place: every alias of the storage holds it now
+                key = _storage(o)
+                self.storage_c[key] = max(self.storage_c.get(key, 0.0), tag.c)
+        return out
+
+
+def _storage(t: Tensor) -> int:
+    try:
+        return t.untyped_storage().data_ptr()
+    except (RuntimeError, NotImplementedError):
+        return 0
+
+
+@dataclass
+class _Sample:
+    """One checked tensor of the between run: its value, magnitude (filled by the magnitude pass) and tag.
+
+    A bit-exact check (``c = 0``) is compared at once and keeps only its ``comparison``, not the value: a
+    DenseNet's concatenations see every earlier feature map, and copies of all of them would grow with the
+    square of the depth."""
+
+    value: Tensor | None
+    tag: _Tag
+    magnitude: Tensor | None = None
+    comparison: Comparison | None = None
+
+
+@dataclass
+class _Data:
+    """What a between run needs from a side: unit outputs (cut, in float64), grad_inputs (seeds) and inputs
+    (to compare with) as the side recorded them, the output seed, and how often each unit was called."""
+
+    outputs: dict[str, list[Tensor]]  # as the side recorded them (float64 copies are made one at a time)
+    grad_inputs: dict[str, list[Tensor | None]]
+    inputs: dict[str, list[Tensor | None]]
+    grad_outputs: dict[str, list[Tensor | None]]
+    output_seed: Tensor | None
+    calls: dict[str, int]
+
+
+def cut_units(names: list[str], modules: dict[str, nn.Module], s_trace: Trace) -> tuple[list[str], list[str]]:
+    """(cut, watched): leaf units the side recorded (cut at their outputs), and those plus in-place units
+    (checked at their inputs and grad_outputs, but run in fp64 as between code)."""
+    chosen = set(names)
+    cut, watched = [], []
+    for n in names:
+        if not n or any(m != n and m.startswith(n + ".") for m in chosen) or n not in modules or n not in s_trace:
+            continue
+        rec = s_trace[n]
+        if not rec.outputs or any(o is None for o in rec.outputs):
+            continue
+        watched.append(n)
+        if not getattr(modules[n], "inplace", False):
+            cut.append(n)
+    return cut, watched
+
+
+def _fp64(t: Tensor | None) -> Tensor | None:
+    """A float64 CPU *copy* (never an alias: the records it comes from are a side's or the oracle's truth)."""
+    if t is None:
+        return None
+    return t.detach().to("cpu", torch.float64 if t.is_floating_point() else t.dtype, copy=True)
+
+
+def side_loss_gradient(s_trace: Trace, y: Tensor, backend: Backend | None, loss_fn: Callable) -> Tensor | None:
+    """The side's gradient of the loss at its own recorded output, replayed in its dtype and backend."""
+    out = s_trace.output
+    if out is None or not out.is_floating_point():
+        return None
+    with _disable_current_modes():
+        z = out.detach().clone().requires_grad_(True)
+        active = backend.active() if backend is not None else ExitStack()
+        with active, torch.enable_grad():
+            (g,) = torch.autograd.grad(loss_fn(z, y.to(z.device) if not y.is_floating_point() else
+                                               y.to(z.device, z.dtype)), z)
+    return g.detach()
+
+
+def between_rows(step: int, names: list[str], s_trace: Trace, model64: nn.Module, x: Tensor, y: Tensor,
+                 backend: Backend | None, loss_fn: Callable, *, who: str = "") -> list[Row]:
+    """The between-check of one side at one step (see the module docstring). ``model64``: the float64 model
+    at that step (left as it was); ``x``/``y``: the side's inputs and targets; ``backend``: the side's (its
+    loss is replayed under it; None: float64). Rows carry the error in ``error_a``."""
+    modules = dict(model64.named_modules())
+    cut, watched = cut_units(names, modules, s_trace)
+    if not cut:
+        return []
+    data = _Data(outputs={n: list(s_trace[n].outputs) for n in cut},
+                 grad_inputs={n: s_trace[n].grad_inputs for n in cut},
+                 inputs={n: s_trace[n].inputs for n in watched},
+                 grad_outputs={n: s_trace[n].grad_outputs for n in watched},
+                 output_seed=_fp64(side_loss_gradient(s_trace, y, backend, loss_fn)),
+                 calls={n: s_trace[n].calls for n in cut})
+    x64 = _fp64(x)
+    try:
+        fwd, bwd, callers = _run(model64, modules, cut, watched, data, x64, magnitude=False)
+        _settle_equal(fwd, data.inputs)
+        _settle_equal(bwd, data.grad_outputs)
+        if _open(fwd) or _open(bwd):  # a check that rounds and differs: its bound needs sum|terms|
+            mfwd, mbwd, _ = _run(model64, modules, cut, watched, data, x64, magnitude=True,
+                                 needed=_open(fwd), needed_grads=_open(bwd))
+            _attach(fwd, mfwd)
+            _attach(bwd, mbwd)
+    except RuntimeError as exc:  # a model this run cannot re-enter: say so, never crash the verdict
+        if is_allocation_failure(exc):  # no room is no pass: the caller reports it (exit 2)
+            raise
+        warnings.warn(f"between-units check skipped at step {step}: {str(exc).splitlines()[0]}", stacklevel=2)
+        return []
+    return _rows(step, s_trace, modules, fwd, bwd, callers, backend, who)
+
+
+_Samples = dict[str, list["_Sample | None"]]
+
+
+def _open(samples: _Samples) -> set[tuple[str, int]]:
+    """The checks still waiting for their magnitudes (those that round)."""
+    return {(n, i) for n, group in samples.items() for i, s in enumerate(group)
+            if s is not None and s.comparison is None}
+
+
+def _settle_equal(samples: _Samples, side: dict[str, list[Tensor | None]]) -> None:
+    """A check that rounds but came out bit-equal passes under any bound: settle it without magnitudes."""
+    for name, group in samples.items():
+        for i, s in enumerate(group):
+            if s is None or s.comparison is not None:
+                continue
+            t = side.get(name, [])[i] if i < len(side.get(name, [])) else None
+            exact = compare(t, s.value, None)
+            if exact.ratio == 0:
+                s.comparison, s.value = exact, None
+
+
+def _attach(values: dict[str, list[_Sample | None]], mags: dict[str, list[_Sample | None]]) -> None:
+    for name, group in values.items():
+        other = mags.get(name, [])
+        for i, s in enumerate(group):
+            if s is not None and i < len(other) and other[i] is not None:
+                s.magnitude = other[i].value
+
+
+def _run(model: nn.Module, modules: dict[str, nn.Module], cut: list[str], watched: list[str], data: _Data,
+         x64: Tensor, magnitude: bool, needed: set | None = None,
+         needed_grads: set | None = None) -> tuple[_Samples, _Samples, dict[str, str]]:
+    """One float64 forward and VJP of the between code. Returns (inputs arriving at each watched unit,
+    grad_outputs each watched unit should receive, as values or magnitudes; the module that called each).
+    ``needed``/``needed_grads``: in the magnitude pass, the (unit, index) pairs whose magnitudes are wanted."""
+    stack: list[str] = []
+    tracker = None if magnitude else _Tracker()
+    mag = (lambda t: t.abs()) if magnitude else (lambda t: t)
+    # The leaf is the side's own tensor (no copy); what the model gets is its float64 copy, made at the call,
+    # on which the gradient is read (before any cast back to the side's dtype).
+    bases = {n: [o.detach().requires_grad_(o.is_floating_point()) for o in data.outputs[n]] for n in cut}
+    made: set[str] = set()
+    arrived: dict[str, list[Tensor | None]] = {}
+    forward: dict[str, list[_Sample | None]] = {}
+    grads: dict[str, list[_Sample | None]] = {}
+    seen: set[str] = set()
+    callers: dict[str, str] = {}  # the module whose forward handed each watched unit its inputs
+    handles: list = []
+    saved_buffers = {k: b.clone() for k, b in model.named_buffers()}
+    grad_flags = {p: p.requires_grad for p in model.parameters()}
+    patched: dict[str, object] = {}
+
+    def tag_of(t: Tensor) -> _Tag:
+        return tracker.tag(t) if tracker is not None else _Tag(0.0, frozenset())
+
+    def grad_hook(name: str, j: int, n_out: int) -> Callable:
+        def hook(g: Tensor) -> None:
+            group = grads.setdefault(name, [None] * n_out)
+            if group[j] is not None:  # several hooks (a recompute) see the same gradient: keep the first
+                return
+            with _disable_current_modes():
+                if magnitude:
+                    if (name, j) in (needed_grads or ()):
+                        group[j] = _Sample(g.detach().clone(), _Tag(0.0, frozenset()))
+                    return
+                tag = tag_of(g)
+                if tag.c > 0:
+                    group[j] = _Sample(g.detach().clone(), tag)
+                    return
+                side = data.grad_outputs[name][j] if j < len(data.grad_outputs[name]) else None
+                group[j] = _Sample(None, tag, comparison=compare(side, g.detach(), None))
+        return hook
+
+    def copies(name: str) -> list[Tensor]:
+        with _disable_current_modes():  # the tool's own copy: exact (every side dtype embeds in float64)
+            outs = [mag(b).to("cpu", torch.float64, copy=True) if b.is_floating_point() else b.to("cpu")
+                    for b in bases[name]]
+        if name not in made:  # the first call, not a checkpoint's recompute: its gradient is the one read
+            made.add(name)
+            for j, o in enumerate(outs):
+                if o.requires_grad:
+                    handles.append(o.register_hook(grad_hook(name, j, len(outs))))
+        return outs
+
+    def replacement(name: str, original: Callable) -> Callable:
+        calls = [0]
+
+        def forward_(*args: object, **kwargs: object) -> object:
+            if not in_backward():
+                calls[0] += 1
+                if calls[0] > 1:  # a later call: float64 between code (see the module docstring)
+                    return original(*args, **kwargs)
+            elif data.calls.get(name, 1) > 1:
+                return original(*args, **kwargs)
+            outs = copies(name)
+            if tracker is not None:
+                for o in outs:
+                    tracker.set(o, _Tag(0.0, frozenset({name})))
+            if len(outs) == 1:
+                return outs[0]
+            it = iter(outs)
+            return tree_map(lambda v: next(it) if isinstance(v, Tensor) else v, original(*args, **kwargs))
+
+        return forward_
+
+    def _arrival(name: str, i: int, a: Tensor | None) -> _Sample | None:
+        if a is None:
+            return None
+        if magnitude:
+            return _Sample(a.detach().clone(), _Tag(0.0, frozenset())) if (name, i) in (needed or ()) else None
+        tag = tag_of(a)
+        if tag.c > 0:  # compared once its magnitude is known; a later in-place op must not change it
+            return _Sample(a.detach().clone(), tag)
+        side = data.inputs[name][i] if i < len(data.inputs[name]) else None
+        return _Sample(None, tag, comparison=compare(side, a.detach(), None))
+
+    def pre(name: str) -> Callable:
+        def hook(module: nn.Module, args: tuple) -> None:
+            if name in watched and name not in seen and not in_backward():
+                seen.add(name)
+                callers[name] = stack[-1] if stack else ""
+                arrived[name] = [a if isinstance(a, Tensor) else None for a in args]
+                with _disable_current_modes():
+                    forward[name] = [_arrival(name, i, a) for i, a in enumerate(arrived[name])]
+            stack.append(name)
+        return hook
+
+    def post(name: str) -> Callable:
+        def hook(module: nn.Module, args: tuple, output: object) -> None:
+            if stack:
+                stack.pop()
+            if name in watched and name not in cut and name not in grads and not in_backward():
+                outs = [o for o in tree_flatten(output)[0] if isinstance(o, Tensor)]
+                for j, o in enumerate(outs):
+                    if o.requires_grad:
+                        handles.append(o.register_hook(grad_hook(name, j, len(outs))))
+        return hook
+
+    try:
+        for p in model.parameters():
+            p.requires_grad_(False)
+        for name, module in modules.items():
+            if not name:
+                continue
+            handles.append(module.register_forward_pre_hook(pre(name)))
+            handles.append(module.register_forward_hook(post(name)))
+        for n in cut:
+            module = modules[n]
+            patched[n] = module.__dict__.get("forward")
+            module.forward = replacement(n, module.forward)
+        roots: list[Tensor] = []
+        seeds: list[Tensor] = []
+        with ExitStack() as ctx:
+            if tracker is not None:
+                ctx.enter_context(tracker)
+            else:
+                ctx.enter_context(MagnitudeMode())
+            ctx.enter_context(torch.enable_grad())
+            stack.append("")
+            out = model(mag(x64))
+            stack.clear()
+            outs = [o for o in tree_flatten(out)[0] if isinstance(o, Tensor)]
+            if data.output_seed is not None and len(outs) == 1 and outs[0].requires_grad and \
+                    outs[0].shape == data.output_seed.shape:
+                seed = mag(data.output_seed).clone()
+                if tracker is not None:
+                    tracker.set(seed, _Tag(1.0, frozenset({"the loss"})))
+                roots.append(outs[0])
+                seeds.append(seed)
+            grouped: dict[int, tuple[Tensor, Tensor, int, set[str]]] = {}
+            with _disable_current_modes():  # one seed per tensor handed on: the sum of what its consumers sent
+                for n in cut:
+                    for t, g in zip(arrived.get(n, []), data.grad_inputs[n]):
+                        if t is None or g is None or not t.requires_grad or tuple(t.shape) != tuple(g.shape):
+                            continue
+                        g64 = mag(_fp64(g))
+                        if id(t) in grouped:
+                            _, total, count, src = grouped[id(t)]
+                            total.add_(g64)
+                            grouped[id(t)] = (t, total, count + 1, src | {n})
+                        else:
+                            grouped[id(t)] = (t, g64, 1, {n})
+            for t, total, count, src in grouped.values():
+                if tracker is not None:  # the side's autograd adds them in its dtype: count - 1 roundings
+                    tracker.set(total, _Tag(float(count - 1), frozenset(src)))
+                roots.append(t)
+                seeds.append(total)
+            grouped.clear()
+            if not (outs and roots and roots[0] is outs[0]):
+                grads.clear()  # without the loss's gradient no unit's grad_output is known: no backward check
+                return forward, {}, callers
+            torch.autograd.backward(roots, seeds)
+    finally:
+        for h in handles:
+            h.remove()
+        for n, own in patched.items():
+            if own is None:
+                del modules[n].forward
+            else:
+                modules[n].forward = own
+        for p, flag in grad_flags.items():
+            p.requires_grad_(flag)
+        with torch.no_grad():
+            for k, b in model.named_buffers():
+                b.copy_(saved_buffers[k])
+    for n in cut:  # a cut output nothing downstream used: it should receive a zero gradient
+        if n not in grads:
+            grads[n] = [None] * len(bases[n])
+    return forward, grads, callers
+
+
+def _bound(sample: _Sample, u: float, eta: float) -> Tensor | None:
+    """``c (u_side + 2^-53) M + c eta``; None (bit-exact) when the code between rounds nothing."""
+    c = sample.tag.c
+    if c <= 0:
+        return None
+    m = sample.magnitude if sample.magnitude is not None else sample.value.abs()
+    return m * (c * (u + U64)) + c * eta
+
+
+def _rows(step: int, s_trace: Trace, modules: dict[str, nn.Module], fwd: dict[str, list[_Sample | None]],
+          bwd: dict[str, list[_Sample | None]], callers: dict[str, str], backend: Backend | None,
+          who: str) -> list[Row]:
+    rows: list[Row] = []
+    for name, samples in fwd.items():
+        rec = s_trace[name]
+        pairs = [(s, rec.inputs[i] if i < len(rec.inputs) else None) for i, s in enumerate(samples)
+                 if s is not None]
+        row = _row(step, name, "forward", "input", rec.forward_index, pairs, backend)
+        if row is not None:
+            src = sorted(set().union(*(s.tag.src for s, _ in pairs if s is not None)) - {name})
+            starts = [callers[p] for p in src if p in callers]
+            row.note = _where(src or ["the model input"], [name], starts, callers.get(name, ""), modules, who)
+            rows.append(row)
+    for name, samples in bwd.items():
+        rec = s_trace[name]
+        n_out = len(rec.outputs)
+        pairs = []
+        for j in range(n_out):
+            s = samples[j] if j < len(samples) else None
+            side = rec.grad_outputs[j] if j < len(rec.grad_outputs) else None
+            if s is None and side is None:
+                continue
+            if s is None:  # the between code sends no gradient here: the unit should have received zeros
+                s = _Sample(torch.zeros(side.shape, dtype=torch.float64), _Tag(0.0, frozenset()))
+            pairs.append((s, side))
+        row = _row(step, name, "backward", "grad_output", rec.backward_index or 0, pairs, backend)
+        if row is not None:
+            consumers = sorted(set().union(*(s.tag.src for s, _ in pairs)) - {name})
+            ends = [callers[c] for c in consumers if c in callers]
+            row.note = _where([name], consumers or ["nothing"], [callers.get(name, "")], ends[0] if ends else "",
+                              modules, who, backward=True)
+            rows.append(row)
+    return rows
+
+
+def _row(step: int, name: str, pass_: str, quantity: str, order: int, pairs: list,
+         backend: Backend | None) -> Row | None:
+    best = None
+    for s, side in pairs:
+        if s is None:
+            continue
+        dtype = side.dtype if isinstance(side, Tensor) else torch.float64
+        u = max(unit_roundoff(dtype), backend.accumulate_roundoff if backend is not None else 0.0)
+        eta = 2 * underflow(dtype)
+        comp = s.comparison if s.comparison is not None else compare(side, s.value, _bound(s, u, eta))
+        if best is None or comp.ratio > best.ratio:
+            best = comp
+    if best is None:
+        return None
+    status = Status.OK if best.ok else Status.MISMATCH
+    return Row(layer=name, pass_=pass_, quantity=quantity, error_a=best.error, error_b=None,
+               tolerance=best.tolerance, status=status, origin=BETWEEN_ORIGIN, step=step, mode=MODE,
+               tolerance_a=best.tolerance, ratio_a=best.ratio, worst_a=tuple(best.worst) or None, order=order)
+
+
+def _where(producers: list[str], consumers: list[str], starts: list[str], end: str, modules: dict[str, nn.Module],
+           who: str, backward: bool = False) -> str:
+    """``between X and Y: the code in M`` (M: the module whose forward called them), or ``from M1 to M2`` when
+    the producers were called in another module's forward than the consumer."""
+    def place(name: str) -> str:
+        module = modules.get(name)
+        kind = f" ({type(module).__name__})" if module is not None else ""
+        return f"'{name}'{kind}" if name else f"the model's own forward{kind}"
+
+    begin = sorted(set(starts), key=len, reverse=True)[0] if starts else end
+    where = place(end) if begin == end else f"{place(begin)} to {place(end)}"
+    where = ("in " if begin == end else "from ") + where
+    prefix = f"{who}: " if who else ""
+    what = "the backward of the code" if backward else "the code"
+    return f"{prefix}between {', '.join(producers)} and {', '.join(consumers)}: {what} {where}"
