@@ -210,6 +210,7 @@ def judge(model: nn.Module, x: Tensor, y: Tensor, backend: str | Backend, oracle
                       loss_fn=loss_fn, propagated=propagated, _shared=_shared)[0]
 
 
+@progress.stage("judging units")
 def judge_many(model: nn.Module, x: Tensor, y: Tensor, backends: list[str | Backend], oracle: list[Trace], *,
                units: UnitSelector = None, steps: int = 1, eval_mode: bool = False, loss_fn: LossFn = F.cross_entropy,
                propagated: bool = True, _shared: JudgeCache | None = None) -> list[SideResult]:
@@ -228,7 +229,7 @@ def judge_many(model: nn.Module, x: Tensor, y: Tensor, backends: list[str | Back
     ref = _Reference(model, eval_mode, oracle)
     if shared.lam is None:
         shared.lam = confidence(element_count(oracle[:steps]))
-    task = progress.step(f"judging units ({', '.join(s.backend.name for s in sides)})", total=steps * len(names))
+    progress.expect(steps * len(names))
     lam, scales = shared.lam, shared.scales
     for step in range(steps):
         o_trace = oracle[step]
@@ -245,10 +246,9 @@ def judge_many(model: nn.Module, x: Tensor, y: Tensor, backends: list[str | Back
                     shared.bounds[(step, name)] = bounds
             for side in sides:
                 side.local_unit(name, step, o_trace[name], bounds, lam, scales)
-            task.advance()
+            progress.advance()
         for side in sides:
             side.finish_step(step, names, o_trace, ref, x, y, loss_fn, lam, scales, propagated)
-    task.close()
     return [side.result for side in sides]
 
 
