@@ -85,6 +85,24 @@ def test_a_stage_closed_out_of_order_leaves_the_others_open() -> None:
     assert rec.state[1]["completed"] == 1 and rec.state[0]["completed"] == 0
 
 
+def test_a_stage_closes_when_its_function_raises() -> None:
+    rec = Recorder()
+
+    @progress.stage("boom")
+    def fails() -> None:
+        progress.expect(3)
+        progress.advance()
+        raise ValueError("inside")
+
+    with progress.installed(rec):
+        with pytest.raises(ValueError):
+            fails()
+        with progress.step("next"):
+            progress.advance(2)  # counts into the new stage, not the failed one
+    assert rec.events == [("open", "boom", None), ("close", "boom", 1.0), ("open", "next", None),
+                          ("close", "next", 2.0)]
+
+
 def test_a_stage_decorator_spans_the_call_and_tracing_counts_units(tiny_model, batch) -> None:
     from densenet_debug.trace import trace_step
 
