@@ -22,6 +22,7 @@ from torch.autograd.graph import Node
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import _disable_current_modes
 
+from densenet_debug import progress
 from densenet_debug._autograd import in_backward
 from densenet_debug.capture.cow import CopyOnWrite
 from densenet_debug.capture.graph import Edge, call_graph, gradient_edge, next_sequence_nr
@@ -164,6 +165,7 @@ class Tracer:
             self._handles.append(module.register_forward_hook(self._post_hook(name), with_kwargs=True))
         if self._keeps_aliases:  # only kept aliases need copy-on-write; its dispatch mode costs every op
             self._cow.__enter__()
+        progress.expect(len(self.modules) * (2 if self._wants_grads else 1))  # each unit's forward and backward
         self._active = True
         return self
 
@@ -240,6 +242,7 @@ class Tracer:
             if in_backward() or rec.calls > 1:
                 return
             outputs = flatten_tensors(output)
+            progress.advance()
             if "outputs" in self.record:
                 rec.outputs = self._aliases(name, outputs)  # type: ignore[assignment]
             if "buffers" in self.record:
@@ -276,6 +279,7 @@ class Tracer:
             if not self._active:
                 return
             if rec.backward_index is None:
+                progress.advance()
                 rec.backward_index = self._backward_count
                 self._backward_count += 1
                 rec.grad_output_layouts = [None] * n_out

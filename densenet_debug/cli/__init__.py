@@ -143,7 +143,11 @@ def _main(argv: Sequence[str] | None) -> int:
             import torch
 
             torch.set_num_threads(threads)
-        code = int(args._run(args) or 0)
+        from densenet_debug import progress
+
+        # train draws its own per-epoch bar (one live display at a time); elsewhere the library's stages show
+        with progress.bar(enabled=not getattr(args, "quiet", False) and verb != "train"):
+            code = int(args._run(args) or 0)
         if _INTERRUPTED:  # a library swallowed the KeyboardInterrupt and the verb ran on: still the user's Ctrl-C
             _handled_interrupt()
             return 130

@@ -29,6 +29,11 @@ def add_threads_arg(parser: argparse.ArgumentParser, default: int | None = None)
                              + "; on a busy shared machine 1 is often much faster: small ops)")
 
 
+def add_quiet_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--quiet", action="store_true",
+                        help="no progress bar (it is drawn on stderr only when that is a terminal)")
+
+
 def add_seed_arg(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0, help="seed for weights, inputs and labels (default 0)")
 

@@ -6,7 +6,7 @@ import argparse
 import json
 
 from densenet_debug.atomic import write_text
-from densenet_debug.cli._common import add_seed_arg, add_threads_arg, check_outputs, positive_int
+from densenet_debug.cli._common import add_quiet_arg, add_seed_arg, add_threads_arg, check_outputs, positive_int
 from densenet_debug.errors import UsageError
 from densenet_debug.models import BUILDERS
 from densenet_debug.table import make_console
@@ -52,6 +52,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="the stated test accuracy the clean run must reach and the faulty one must not "
                              "(default 0.8: measured on ten seeds, clean runs stay above it, faulty below)")
     add_threads_arg(parser, default=1)
+    add_quiet_arg(parser)
     add_seed_arg(parser)
 
 

@@ -9,7 +9,7 @@ import math
 from rich.table import Table
 
 from densenet_debug.atomic import write_text
-from densenet_debug.cli._common import add_device_arg, add_threads_arg, check_outputs, resolve_device
+from densenet_debug.cli._common import add_device_arg, add_quiet_arg, add_threads_arg, check_outputs, resolve_device
 from densenet_debug.reference.check import check_reference
 from densenet_debug.table import make_console, print_table
 
@@ -32,6 +32,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", default=None, metavar="P", help="also write the result(s) as JSON to P")
     parser.add_argument("--rows", type=int, default=12, help="table rows to print per backend (default 12)")
     add_threads_arg(parser)
+    add_quiet_arg(parser)
 
 
 def run(args: argparse.Namespace) -> int:

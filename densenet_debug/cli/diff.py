@@ -12,6 +12,7 @@ from densenet_debug.backends import backend_names, default_pair, parse_backend
 from densenet_debug.cli._common import (
     add_device_arg,
     add_model_args,
+    add_quiet_arg,
     add_seed_arg,
     add_threads_arg,
     check_outputs,
@@ -58,6 +59,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="also replay every aten op of each side (first step) on the fp64 oracle's inputs to "
                              "that op and print the worst op rows per side; a failing op is a finding")
     add_threads_arg(parser)
+    add_quiet_arg(parser)
     parser.add_argument("--json", default=None, metavar="PATH", help="write the JSON report here")
     parser.add_argument("--html", default=None, metavar="PATH", help="write a self-contained HTML report here")
 

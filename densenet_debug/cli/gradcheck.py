@@ -6,14 +6,13 @@ import argparse
 import json
 
 import torch
-from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from densenet_debug.atomic import write_text
 from densenet_debug.cli._common import (
     add_device_arg,
     add_model_args,
+    add_quiet_arg,
     add_seed_arg,
     add_threads_arg,
     check_outputs,
@@ -26,6 +25,7 @@ from densenet_debug.gradcheck.engine import MODES, gradcheck_model
 from densenet_debug.gradcheck.report import GradcheckReport
 from densenet_debug.models.batch import make_batch
 from densenet_debug.models.copies import fp64_copy
+from densenet_debug.progress import step as progress_step
 from densenet_debug.table import make_console, print_table
 from densenet_debug.trace import discover_units
 
@@ -49,6 +49,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--list", action="store_true", help="list the units that would be checked and exit")
     parser.add_argument("--all-rows", action="store_true", help="print every row, not only failures and the worst")
     add_threads_arg(parser)
+    add_quiet_arg(parser)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -64,13 +65,10 @@ def run(args: argparse.Namespace) -> int:
         for name in discover_units(probe, x.to(torch.float64)):
             print(name or "(model)")
         return 0
-    console = Console(stderr=True)
-    with Progress(TextColumn("gradcheck"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.description}"),
-                  TimeElapsedColumn(), console=console, transient=True) as bar:
-        task = bar.add_task("", total=None)
+    with progress_step("gradcheck: units checked") as task:
 
         def progress(done: int, total: int, name: str) -> None:
-            bar.update(task, completed=done, total=total, description=name)
+            task.update(completed=done, total=total, detail=name)
 
         try:
             report = gradcheck_model(model, x, y, mode=args.mode, layers=args.layer, seed=args.seed,

@@ -12,6 +12,7 @@ from densenet_debug.atomic import write_text
 from densenet_debug.cli._common import (
     add_device_arg,
     add_model_args,
+    add_quiet_arg,
     add_seed_arg,
     add_threads_arg,
     check_outputs,
@@ -34,6 +35,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", metavar="PATH", help="write the report as JSON (schema densenet-debug/oracle/1)")
     parser.add_argument("--all-rows", action="store_true", help="print every row, not only mismatches and the worst")
     add_threads_arg(parser)
+    add_quiet_arg(parser)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -8,7 +8,14 @@ from pathlib import Path
 import torch
 
 from densenet_debug.atomic import check_output, exclusive
-from densenet_debug.cli._common import add_model_args, add_seed_arg, add_threads_arg, load_model, positive_int
+from densenet_debug.cli._common import (
+    add_model_args,
+    add_quiet_arg,
+    add_seed_arg,
+    add_threads_arg,
+    load_model,
+    positive_int,
+)
 from densenet_debug.errors import UsageError
 from densenet_debug.models.batch import check_batch_of_one, output_classes
 from densenet_debug.reference.record import (
@@ -39,6 +46,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"size limit for --policy auto to store everything (default {DEFAULT_MAX_MB:g})")
     parser.add_argument("--force", action="store_true", help="replace an existing fixture of that name")
     add_threads_arg(parser)
+    add_quiet_arg(parser)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -5,14 +5,14 @@ from __future__ import annotations
 import argparse
 import json
 
-from rich.progress import Progress
 from rich.table import Table
 
 from densenet_debug.atomic import write_text
-from densenet_debug.cli._common import add_device_arg, add_threads_arg, check_outputs, positive_int
+from densenet_debug.cli._common import add_device_arg, add_quiet_arg, add_threads_arg, check_outputs, positive_int
 from densenet_debug.errors import UsageError
 from densenet_debug.faults.registry import FAULTS
 from densenet_debug.models import BUILDERS
+from densenet_debug.progress import step as progress_step
 from densenet_debug.table import make_console, print_table
 
 HELP = ("plant faithful copies of historical backend bugs (and precision controls) in a small DenseNet-BC; "
@@ -38,6 +38,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_device_arg(parser)
     parser.add_argument("--json", default=None, metavar="PATH", help="write the JSON report here")
     add_threads_arg(parser)
+    add_quiet_arg(parser)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -56,11 +57,10 @@ def run(args: argparse.Namespace) -> int:
     parse_backend(backend, device)
     model = FULL_MODEL if args.full else (args.model or DEFAULT_MODEL)
     console = make_console()
-    with Progress(console=console, transient=True) as bar:
-        task = bar.add_task("self-test", total=len(names))
+    with progress_step("self-test: faults planted", total=len(names)) as task:
 
         def progress(i: int, n: int, name: str) -> None:
-            bar.update(task, completed=i, description=f"planting {name}" if name else "done")
+            task.update(completed=i, detail=name)
 
         report = run_selftest(names, model=model, seed=args.seed, batch=args.batch, backend=backend,
                               device=str(device), gradcheck=not args.no_gradcheck, progress=progress)

@@ -9,7 +9,14 @@ from rich.table import Table
 
 from densenet_debug.atomic import write_text
 from densenet_debug.backends import backend_names, default_pair, parse_backend
-from densenet_debug.cli._common import add_device_arg, add_seed_arg, add_threads_arg, check_outputs, resolve_device
+from densenet_debug.cli._common import (
+    add_device_arg,
+    add_quiet_arg,
+    add_seed_arg,
+    add_threads_arg,
+    check_outputs,
+    resolve_device,
+)
 from densenet_debug.table import make_console, print_table
 
 HELP = ("sweep the cat->conv configurations of the 2017 DenseNet bug (layouts, batch 1/2/odd, channel splits, "
@@ -27,6 +34,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_seed_arg(parser)
     parser.add_argument("--json", default=None, metavar="PATH", help="write every case's result here")
     add_threads_arg(parser)
+    add_quiet_arg(parser)
 
 
 def _cell(result: object) -> str:

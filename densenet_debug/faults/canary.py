@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from densenet_debug import progress
 from densenet_debug.errors import UsageError
 from densenet_debug.faults.registry import make_fault
 from densenet_debug.models import BUILDERS, build_model
@@ -150,6 +151,7 @@ def train_run(
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
     order_rng = torch.Generator().manual_seed(seed + 1)
     start = time.perf_counter()
+    task = progress.step(f"canary: {label} run, epochs", total=epochs)
     for _ in range(epochs):
         net.train()
         order = torch.randperm(len(y_train), generator=order_rng)
@@ -162,6 +164,8 @@ def train_run(
             sched.step()
             run.losses.append(float(loss.detach()))
         run.accuracy.append(evaluate(net, x_test, y_test))
+        task.advance()
+    task.close()
     run.seconds = time.perf_counter() - start
     return run
 

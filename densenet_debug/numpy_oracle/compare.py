@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from densenet_debug import progress
 from densenet_debug.errors import UsageError
 from densenet_debug.numpy_oracle import bounds
 from densenet_debug.numpy_oracle.model import NumpyTrace, UnitSpec, build_specs, numpy_forward_backward
@@ -72,6 +73,7 @@ class OracleReport:
                 "seconds": round(self.seconds, 3)}
 
 
+@progress.stage("oracle: PyTorch float64 vs NumPy float64")
 def compare_with_torch(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, train: bool | None = None
                        ) -> OracleReport:
     """One float64 step of ``model`` in PyTorch and in NumPy, compared unit by unit.

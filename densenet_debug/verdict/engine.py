@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from densenet_debug import progress
 from densenet_debug.backends import Backend, default_pair, environment, parse_backend
 from densenet_debug.errors import UsageError
 from densenet_debug.models.copies import fp64_copy
@@ -156,6 +157,7 @@ def _check_inputs(x: Tensor, y: Tensor) -> None:
 
 
 # -- the oracle --------------------------------------------------------------------------------------------
+@progress.stage("oracle: float64 step traced")
 def oracle_traces(model: nn.Module, x: Tensor, y: Tensor, *, steps: int = 1, eval_mode: bool = False,
                   units: UnitSelector = None, loss_fn: LossFn = F.cross_entropy,
                   keep_graph: bool = True) -> list[Trace]:
@@ -209,6 +211,7 @@ def judge(model: nn.Module, x: Tensor, y: Tensor, backend: str | Backend, oracle
                       loss_fn=loss_fn, propagated=propagated, _shared=_shared)[0]
 
 
+@progress.stage("judging units")
 def judge_many(model: nn.Module, x: Tensor, y: Tensor, backends: list[str | Backend], oracle: list[Trace], *,
                units: UnitSelector = None, steps: int = 1, eval_mode: bool = False, loss_fn: LossFn = F.cross_entropy,
                propagated: bool = True, _shared: JudgeCache | None = None) -> list[SideResult]:
@@ -227,6 +230,7 @@ def judge_many(model: nn.Module, x: Tensor, y: Tensor, backends: list[str | Back
     ref = _Reference(model, eval_mode, oracle)
     if shared.lam is None:
         shared.lam = confidence(element_count(oracle[:steps]))
+    progress.expect(steps * len(names))
     lam, scales = shared.lam, shared.scales
     for step in range(steps):
         o_trace = oracle[step]
@@ -243,6 +247,7 @@ def judge_many(model: nn.Module, x: Tensor, y: Tensor, backends: list[str | Back
                     shared.bounds[(step, name)] = bounds
             for side in sides:
                 side.local_unit(name, step, o_trace[name], bounds, lam, scales)
+            progress.advance()
         for side in sides:
             side.finish_step(step, names, o_trace, ref, x, y, loss_fn, lam, scales, propagated)
     return [side.result for side in sides]
@@ -268,7 +273,7 @@ class _Side:
         self.step_kinks: list[UnitKink] = []
 
     def run_step(self, names: list[str], loss_fn: LossFn) -> None:
-        with self.backend.active():
+        with self.backend.active(), progress.step(f"{self.backend.name}: step traced"):
             # torch.compile skips its frames while a dispatch mode is active: copies, not guarded aliases.
             self.trace = trace_step(self.model, self.x, self.y, units=names, loss_fn=loss_fn,
                                     copy_on_write=not self.backend.compile_backend)

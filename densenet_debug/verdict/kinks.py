@@ -81,33 +81,35 @@ def pool_indices(module: nn.Module, x: Tensor) -> tuple[Tensor, Tensor]:
 def find(layer: str, step: int, module: nn.Module, oracle_x: Tensor, side_x: Tensor) -> KinkSite | None:
     """The elements where ``side_x`` falls on another branch than ``oracle_x``; None if there are none."""
     xo = oracle_x.detach().to("cpu", torch.float64)
-    xs = side_x.detach().to("cpu", torch.float64)
-    if xo.shape != xs.shape:
+    if tuple(xo.shape) != tuple(side_x.shape):
         return None
-    scale = float(xo.abs().max()) if xo.numel() else 0.0
+    if type(module) is nn.ReLU:
+        # The common case, without autograd or a float64 copy of the side: the branch is the sign, and a cast to
+        # float64 keeps every sign (and NaN's "not > 0"), so the side's own dtype gives the same answer.
+        ds = side_x.detach().to("cpu") > 0
+        mask = torch.ne(xo > 0, ds)
+    else:
+        xs = side_x.detach().to("cpu", torch.float64)
+        if isinstance(module, POOLS):
+            _, io = pool_indices(module, xo)
+            _, ds = pool_indices(module, xs)
+        else:
+            io, ds = derivative(module, xo), derivative(module, xs)
+        mask = io != ds
+    if not bool(mask.any()):  # most units, most steps: one pass over each input and no more
+        return None
     if isinstance(module, POOLS):
-        _, io = pool_indices(module, xo)
-        _, is_ = pool_indices(module, xs)
-        mask = io != is_
-        if not bool(mask.any()):
-            return None
         flat = xo.flatten(2)
         top = flat.gather(2, io.flatten(2)).view_as(io)
-        other = flat.gather(2, is_.flatten(2)).view_as(is_)
+        other = flat.gather(2, ds.flatten(2)).view_as(ds)
         margins = (top - other)[mask]
-        branch = is_
-    else:
-        if type(module) is nn.ReLU:  # the common case without autograd: the branch is the sign
-            do, ds = xo > 0, xs > 0
-        else:
-            do, ds = derivative(module, xo), derivative(module, xs)
-        mask = do != ds
-        if not bool(mask.any()):
-            return None
-        dist = torch.stack([(xo - b).abs() for b in boundaries(module)]).amin(0)
-        margins = dist[mask]
+        branch = ds
+    else:  # distances to the nearest boundary, at the flipped elements only
+        flipped = xo[mask]
+        margins = torch.stack([(flipped - b).abs() for b in boundaries(module)]).amin(0)
         branch = ds.to(torch.float64)
     m = float(margins.min())
+    scale = float(xo.abs().max())
     return KinkSite(layer, step, int(mask.sum()), m, m / scale if scale > 0 else 0.0, mask, branch)
 
 

@@ -14,6 +14,7 @@ NaN tolerance makes every test vacuous). So non-finite values are settled before
 from __future__ import annotations
 
 import math
+import weakref
 
 import torch
 from torch import Tensor
@@ -102,11 +103,45 @@ def where(found: dict) -> str:
     return f"{found['layer'] or '<model>'} ({found['pass']} {found['quantity']}, step {found['step']})"
 
 
+def _fingerprint(trace: Trace) -> tuple | None:
+    """Every tensor of ``trace`` by identity and version: equal fingerprints, the same values (a tensor replaced
+    or written in place changes it). None when a tensor keeps no version (made under inference mode)."""
+    tensors: list[object] = [trace.output, trace.loss]
+    for rec in trace:
+        tensors += [*rec.inputs, *rec.outputs, *rec.grad_outputs, *rec.grad_inputs]
+        tensors += [*rec.param_grads.values(), *rec.buffers_before.values(), *rec.buffers_after.values()]
+    try:
+        return tuple((id(t), t._version) for t in tensors if isinstance(t, Tensor))
+    except RuntimeError:
+        return None
+
+
+# Traces found finite, by id: (a weak reference, so a new trace reusing the id is not taken for it; fingerprint).
+_FINITE: dict[int, tuple[weakref.ref, tuple]] = {}
+
+
+def _known_finite(trace: Trace) -> bool:
+    entry = _FINITE.get(id(trace))
+    return entry is not None and entry[0]() is trace and entry[1] is not None and entry[1] == _fingerprint(trace)
+
+
+def _remember_finite(trace: Trace) -> None:
+    key = id(trace)
+    _FINITE[key] = (weakref.ref(trace, lambda _, key=key: _FINITE.pop(key, None)), _fingerprint(trace))
+
+
 def check_oracle(oracle: list[Trace], what: str = "the float64 oracle") -> None:
-    """Raise :class:`NonFiniteOracle` naming the first NaN/Inf of ``oracle`` (one trace per step)."""
+    """Raise :class:`NonFiniteOracle` naming the first NaN/Inf of ``oracle`` (one trace per step).
+
+    A trace is scanned once: one found finite and unchanged since (:func:`_fingerprint`) is not scanned again
+    (the oracle is checked where it is made and again by every judge of it)."""
     for step, trace in enumerate(oracle):
+        if _known_finite(trace):
+            continue
         found = first_nonfinite(trace, step)
-        if found is not None:
+        if found is None:
+            _remember_finite(trace)
+        else:
             raise NonFiniteOracle(f"{what} is itself non-finite (NaN/Inf), first at {where(found)}: there is no "
                                   "finite truth to judge against (a model or input that overflows or takes log/sqrt "
                                   "of a negative number in float64)")

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from densenet_debug.trace import UnitRecord, flatten_tensors, with_layout
+from densenet_debug.trace import Layout, UnitRecord, flatten_tensors, with_layout
 
 
 @dataclass
@@ -25,13 +25,29 @@ class Replay:
     grad_outputs: list[Tensor | None] = field(default_factory=list)
 
 
-def _cast(t: Tensor, like: Tensor | None, device: torch.device, default_dtype: torch.dtype) -> Tensor:
-    if not t.is_floating_point():
-        return t.to(device)
-    return t.to(device=device, dtype=like.dtype if like is not None else default_dtype)
+def _dense_strides(size: tuple[int, ...]) -> tuple[int, ...]:
+    strides, step = [], 1
+    for n in reversed(size):
+        strides.append(step)
+        step *= max(n, 1)
+    return tuple(reversed(strides))
 
 
-def grad_entry(x: Tensor) -> tuple[Tensor, Tensor]:
+def placed(t: Tensor, dtype: torch.dtype, device: torch.device, layout: Layout | None) -> Tensor:
+    """``t`` cast to ``dtype`` on ``device`` and laid out as ``layout`` (:func:`~densenet_debug.trace.with_layout`),
+    always in a fresh buffer of its own (never an alias of ``t``), so a replay may write into it.
+
+    A contiguous layout at offset 0 (most tensors) is one cast-and-copy: its buffer has no room around the
+    view for ``with_layout``'s fill to occupy, so the result is the same without the fill and the second copy.
+    """
+    applies = layout is not None and tuple(t.shape) == layout.size
+    if applies and (layout.storage_offset != 0 or layout.stride != _dense_strides(layout.size)):
+        return with_layout(t.to(device=device, dtype=dtype), layout)  # with_layout copies into a new buffer
+    x = t.to(device=device, dtype=dtype, memory_format=torch.contiguous_format if applies else torch.preserve_format)
+    return x.clone() if x.data_ptr() == t.data_ptr() else x
+
+
+def grad_entry(x: Tensor, owned: bool = False) -> tuple[Tensor, Tensor]:
     """``x`` as a differentiable *non-leaf* in its exact layout, and the leaf its gradient is read from.
 
     A unit may write into its input (``nn.ReLU(inplace=True)``); autograd forbids that on a leaf that requires
@@ -40,13 +56,20 @@ def grad_entry(x: Tensor) -> tuple[Tensor, Tensor]:
     kernels see the layout the side saw. :func:`input_grad` reads the input's gradient back through the same
     strides. Overlapping layouts (a stride 0 over more than one element) would sum aliased gradients, so they
     stay a plain leaf (no unit writes into an expanded input).
+
+    ``owned``: ``x`` is a buffer the caller made for this call alone (:func:`placed`, a cast), so the leaf may
+    be that buffer itself instead of a copy of it; nothing writes into a leaf, so its values stay ``x``'s.
     """
     if any(st == 0 and n > 1 for n, st in zip(x.shape, x.stride())) or x.numel() == 0:
         leaf = x.detach().requires_grad_(True)
         return leaf, leaf
     extent = x.storage_offset() + 1 + sum((n - 1) * st for n, st in zip(x.shape, x.stride()))
-    leaf = x.detach().as_strided((extent,), (1,), 0).clone().requires_grad_(True)
+    leaf = x.detach().as_strided((extent,), (1,), 0)
+    leaf = (leaf if owned else leaf.clone()).requires_grad_(True)
     with torch.enable_grad():
+        if extent == x.numel() and tuple(x.stride()) == _dense_strides(tuple(x.shape)):
+            # The same layout as a view: its backward is a reshape, as_strided's a scatter into a zeroed storage.
+            return (leaf * 1).view(x.shape), leaf
         return (leaf * 1).as_strided(x.shape, x.stride(), x.storage_offset()), leaf
 
 
@@ -70,20 +93,19 @@ def replay_unit(module: nn.Module, oracle: UnitRecord, side: UnitRecord | None, 
             continue
         seen = side.inputs[i] if side is not None and i < len(side.inputs) else None
         layout = side.input_layouts[i] if side is not None and i < len(side.input_layouts) else None
-        x = with_layout(_cast(t, seen, device, default), layout)
-        if x.data_ptr() == t.data_ptr():  # a cast to the same dtype/device aliases the record: never touch it
-            x = x.detach().clone()
+        dtype = (seen.dtype if seen is not None else default) if t.is_floating_point() else t.dtype
+        x = placed(t, dtype, device, layout)  # a fresh buffer: the record is never touched
         wants_grad = i < len(oracle.grad_inputs) and oracle.grad_inputs[i] is not None and x.is_floating_point()
         if wants_grad:
-            x, leaves[i] = grad_entry(x)
+            x, leaves[i] = grad_entry(x, owned=True)
         inputs.append(x)
     own_buffers = dict(module.named_buffers(recurse=False))
     every_buffer = dict(module.named_buffers())  # a composite's replay runs its children: restore theirs too
     saved_buffers = {k: b.clone() for k, b in every_buffer.items()}
     saved_modes = {m: m.training for m in module.modules()}
-    # What went in, kept apart: a unit that writes into its input must not change the operands we judge by.
-    result = Replay(inputs=[None if x is None else x.detach().clone().requires_grad_(i in leaves)
-                            for i, x in enumerate(inputs)])
+    # What went in, kept apart: a unit that writes into its input must not change the operands we judge by. A
+    # differentiable input is a non-leaf computed from its leaf, which nothing writes into: view the leaf.
+    result = Replay(inputs=[None if x is None else _operand(x, leaves.get(i)) for i, x in enumerate(inputs)])
     try:
         with torch.no_grad():
             for k, b in own_buffers.items():
@@ -107,8 +129,7 @@ def replay_unit(module: nn.Module, oracle: UnitRecord, side: UnitRecord | None, 
                     result.grad_outputs.append(None)
                     continue
                 layout = side.grad_output_layouts[j] if side is not None and j < len(side.grad_output_layouts) else None
-                g_side = with_layout(g.to(device=o.device, dtype=o.dtype), layout)
-                live.append((o, g_side.clone() if g_side.data_ptr() == g.data_ptr() else g_side))
+                live.append((o, placed(g, o.dtype, o.device, layout)))
                 result.grad_outputs.append(live[-1][1])
             if targets and live:
                 grads = torch.autograd.grad([o for o, _ in live], [t for _, t in targets], [g for _, g in live],
@@ -126,6 +147,14 @@ def replay_unit(module: nn.Module, oracle: UnitRecord, side: UnitRecord | None, 
         for m, mode in saved_modes.items():
             m.train(mode)
     return result
+
+
+def _operand(x: Tensor, leaf: Tensor | None) -> Tensor:
+    """The value of replay input ``x`` before the unit ran, as a tensor no later write can reach."""
+    if leaf is None:
+        return x.detach().clone()
+    view = leaf.detach() if leaf is x else leaf.detach().as_strided(x.shape, x.stride(), x.storage_offset())
+    return view.requires_grad_(True)
 
 
 def oracle_values(rec: UnitRecord) -> dict[str, Tensor | None]:
@@ -159,9 +188,9 @@ def exact_expectation(module: nn.Module, replay: Replay) -> dict[str, Tensor | N
     xs: list[Tensor | None] = []
     leaves: dict[int, Tensor] = {}
     for i, t in enumerate(replay.inputs):
-        x = None if t is None else t.detach().to("cpu", torch.float64)
+        x = None if t is None else placed(t.detach(), torch.float64, torch.device("cpu"), None)
         if x is not None and t.requires_grad:
-            x, leaves[i] = grad_entry(x)
+            x, leaves[i] = grad_entry(x, owned=True)
         xs.append(x)
     with torch.enable_grad():
         outs = flatten_tensors(type(module).forward(module, *xs))

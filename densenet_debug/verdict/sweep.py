@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import Tensor, nn
 
+from densenet_debug import progress
 from densenet_debug.backends import Backend, parse_backend
 from densenet_debug.models.densenet import Concat
 from densenet_debug.verdict.report import FirstDivergence, to_json_or_none
@@ -165,4 +166,10 @@ def run_case(case: CatConvCase, a: str | Backend, b: str | Backend, seed: int = 
 def run_sweep(a: str, b: str, device: str | None = None, cases: Iterable[CatConvCase] | None = None,
               seed: int = 0) -> list[CaseResult]:
     ba, bb = parse_backend(a, device), parse_backend(b, device)
-    return [run_case(c, ba, bb, seed) for c in (cases if cases is not None else sweep_cases())]
+    cases = list(cases if cases is not None else sweep_cases())
+    results = []
+    with progress.step("sweep: cases run", total=len(cases)) as task:
+        for c in cases:
+            results.append(run_case(c, ba, bb, seed))
+            task.advance()
+    return results
