@@ -305,6 +305,48 @@ def _overlap(module: nn.Module) -> int:
     return math.prod(math.ceil(k / s) for k, s in zip(ks, st))
 
 
+def repeated_addend_count(g: Tensor) -> Tensor:
+    """``K_eff = sum_v m_v^2`` per channel: the accumulation length of a sum of ``g`` over all dims but 1.
+
+    The random-rounding model (``lam u sqrt(K) M``) takes the K rounding errors of a sum as independent. They
+    are not when addends repeat: adding the same ``v`` to partial sums on one ulp grid (one binade) leaves the
+    same residue ``v mod ulp`` every time, so those roundings are *equal*, not independent. BN's grad_output
+    repeats by construction wherever a pooling follows: the last BN of a DenseNet gets ``g = mask * G / (H W)``,
+    one value per (sample, channel) repeated over H*W positions (ReLU zeros add exactly). CPU's channels_last
+    ``native_batch_norm_backward`` sums it row after row in one float32 accumulator per channel, so a run of
+    H*W equal addends rounds H*W times the same way (measured: error up to 16 u sqrt(R) sum|g|, beyond
+    ``lam`` ~ 7; the contiguous kernel splits the run over vector lanes and stays under 0.5 u sqrt(R) sum|g|).
+
+    Model: group the nonzero addends of a channel by value (``m_v`` of value ``v``); each group's rounding
+    errors are worst-case fully correlated, ``|e_v| <= u m_v M``; distinct groups are independent and mean
+    zero. Hoeffding over the groups: ``P(|err| > lam u M sqrt(sum_v m_v^2)) <= 2 exp(-lam^2/2)``, which is the
+    usual bound (K = R) when no value repeats; :func:`sum_accumulation_factor` caps it at the deterministic
+    first-order ``(R - 1) u M``. Values are grouped as float32 (BN runs in float32 or float64, autocast
+    included; float32 ties only merge float64 groups, and merging never lowers ``sum m_v^2``), so the count
+    does not depend on the side's precision and bounds stay linear in it (:meth:`Precision.plus`).
+    """
+    c = g.shape[1]
+    rows = g.detach().movedim(1, 0).reshape(c, -1).to(torch.float32)
+    if rows.shape[1] == 0:
+        return torch.zeros(c, dtype=torch.float64)
+    s = rows.sort(dim=1).values
+    start = torch.ones_like(s, dtype=torch.bool)
+    start[:, 1:] = s[:, 1:] != s[:, :-1]
+    run = start.reshape(-1).cumsum(0) - 1  # run id of every element, row-major: rows never share a run
+    counts = torch.bincount(run).to(torch.float64)
+    first = start.reshape(-1).nonzero().squeeze(1)
+    keep = s.reshape(-1)[first] != 0  # zeros add exactly
+    channel = torch.div(first, s.shape[1], rounding_mode="floor")
+    out = torch.zeros(c, dtype=torch.float64)
+    return out.index_add_(0, channel[keep], counts[keep] ** 2)
+
+
+def sum_accumulation_factor(lam: float, k_eff: Tensor, length: int) -> Tensor:
+    """``min(lam sqrt(K_eff), R - 1)``: accumulation error of a sum of ``length`` addends per ``u sum|terms|``
+    (:func:`repeated_addend_count`: probabilistic over groups of equal addends, capped by the worst case)."""
+    return torch.clamp(lam * k_eff.sqrt(), max=float(max(length - 1, 1)))
+
+
 # -- batch normalisation ---------------------------------------------------------------------------------
 def _batchnorm(module: nn.Module, rec: UnitRecord, params: dict[str, Tensor]) -> UnitBounds:
     """First-order rounding model of BN forward, backward and running-stat update (derivation inline).
@@ -396,10 +438,11 @@ def _bn_bounds(module: nn.Module, rec: UnitRecord, params: dict[str, Tensor], p:
     Forward:  e_mu = (u_op + r) mean|x| + c|mu|;  e_var = (2u_op + r + 3c) E[x^2] + 2|mu| e_mu;
               rel = e_var / (2 (var + eps)) + 2c;  e_xhat = u_op|x|/sigma + e_mu/sigma + |xhat| (rel + 2c);
               e_y = |gamma| e_xhat + (u_op + 2c)|gamma xhat| + (u_op + c)|beta| + u_out|y|.
-    Backward: e_sg = (u_op + r) sum|g|;  e_sgx = (u_op + r + c) sum|g xhat| + sum |g| e_xhat;
+    Backward: e_sg = (u_op + r_g) sum|g|;  e_sgx = (u_op + r + c) sum|g xhat| + sum |g| e_xhat;
               e_t = (u_op + 2c)|g| + e_sg/R + |xhat| e_sgx/R + e_xhat |s_gx|/R + 2c(|s_g| + |xhat s_gx|)/R;
               e_gx = |gamma|/sigma (e_t + (rel + 2c)|t|) + u_out|gx|,  t = g - s_g/R - xhat s_gx/R.
-    (r = lam u_acc sqrt(R), c = u_cmp; running statistics in eval mode carry u_op instead.)
+    (r = lam u_acc sqrt(R), c = u_cmp; running statistics in eval mode carry u_op instead. r_g = u_acc
+    min(lam sqrt(K_eff), R - 1) for the sum of g, whose addends repeat: :func:`repeated_addend_count`.)
     """
     uo, c, uout = p.u_op, p.cmp, p.u_out
     r = p.lam * p.u_acc * math.sqrt(R)  # probabilistic bound of a sum of R terms, per unit of sum |terms|
@@ -433,8 +476,10 @@ def _bn_bounds(module: nn.Module, rec: UnitRecord, params: dict[str, Tensor], p:
         s_g = g.sum(dims, keepdim=True)
         s_gx = (g * xhat).sum(dims, keepdim=True)
         a1 = (ag * axhat).sum(dims, keepdim=True)
+        # s_g sums g, whose values repeat (a pooling's gradient): K_eff for sqrt(R) (repeated_addend_count)
+        r_g = p.u_acc * sum_accumulation_factor(p.lam, repeated_addend_count(g), R).view(shape)
         g_ex = uo * inv_sigma * (ag * ax).sum(dims, keepdim=True) + e_mu * inv_sigma * sum_ag + (rel + 2 * c) * a1
-        e_sg = (uo + r) * sum_ag
+        e_sg = (uo + r_g) * sum_ag
         e_sgx = (uo + r + c) * a1 + g_ex
         out["grad_bias"] = (e_sg + uout * s_g.abs()).reshape(-1) + p.eta
         out["grad_weight"] = (e_sgx + uout * s_gx.abs()).reshape(-1) + p.eta
@@ -464,4 +509,5 @@ def _bn_bounds(module: nn.Module, rec: UnitRecord, params: dict[str, Tensor], p:
 
 
 __all__ = ["FALSE_ALARM", "TEACHER_ORIGIN", "U64", "Comparison", "Precision", "UnitBounds", "abs_difference",
-           "compare", "confidence", "fp64_precision", "linear_bound", "oracle_scale", "underflow", "unit_bounds"]
+           "compare", "confidence", "fp64_precision", "linear_bound", "oracle_scale", "repeated_addend_count",
+           "sum_accumulation_factor", "underflow", "unit_bounds"]

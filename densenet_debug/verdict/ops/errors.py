@@ -58,7 +58,7 @@ import torch
 from torch import Tensor
 
 from densenet_debug.verdict.magnitude import MagnitudeMode
-from densenet_debug.verdict.tolerance import Precision
+from densenet_debug.verdict.tolerance import Precision, repeated_addend_count, sum_accumulation_factor
 
 aten = torch.ops.aten
 EXACT = "exact"  # sentinel bound: the side must equal the oracle rounded to its dtype
@@ -346,6 +346,11 @@ def _native_batch_norm_backward(a: list, outs: list) -> OpModel:
     def r_of(p: Precision) -> float:
         return p.lam * p.u_acc * math.sqrt(R)
 
+    k_eff = repeated_addend_count(g)  # sum g: equal addends round alike (tolerance.repeated_addend_count)
+
+    def r_g(p: Precision) -> Tensor:
+        return p.u_acc * sum_accumulation_factor(p.lam, k_eff, R).view(shape)
+
     def e_xhat_sum(p: Precision) -> Tensor:  # sum |g| e_xhat, per channel
         c = p.cmp
         return ((ag * (p.u_op * (ax + mu.abs()) + c * centred)).sum(dims, keepdim=True) * inv_sigma
@@ -359,7 +364,7 @@ def _native_batch_norm_backward(a: list, outs: list) -> OpModel:
         a_ = gamma * inv_sigma
         if not train:
             return gx * (3 * uo + 3 * c + p.u_out) + p.eta
-        e_sg = (uo + r_of(p)) * sum_ag
+        e_sg = (uo + r_g(p)) * sum_ag
         e_xhat = (uo * (ax + mu.abs()) + c * centred) * inv_sigma + (uo + c) * axhat
         e_t = ((uo + 2 * c) * ag + e_sg / R + axhat * (e_sgx(p) / R) + e_xhat * (s_gx.abs() / R)
                + 2 * c * (s_g.abs() + axhat * s_gx.abs()) / R)
@@ -369,7 +374,7 @@ def _native_batch_norm_backward(a: list, outs: list) -> OpModel:
         return (e_sgx(p) + p.u_out * s_gx.abs()).reshape(-1) + p.eta
 
     def grad_bias(p: Precision) -> Tensor:
-        return ((p.u_op + r_of(p)) * sum_ag + p.u_out * s_g.abs()).reshape(-1) + p.eta
+        return ((p.u_op + r_g(p)) * sum_ag + p.u_out * s_g.abs()).reshape(-1) + p.eta
 
     bounds = [grad_input if gx is not None else None, grad_weight, grad_bias]
     return OpModel("native_batch_norm_backward", f"batch norm backward (R={R} per channel, mean and invstd "
