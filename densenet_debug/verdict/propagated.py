@@ -137,8 +137,9 @@ def explain_by_local(rows: list[Row], checks: list[Row]) -> None:
 
     Upstream means the same step and, for a forward row, a failing forward check at or before its unit; for a
     backward row, any failing forward check or a failing backward check at or before it in backward order. The
-    row stays failing (the verdict already rests on the culprit) with a note naming it and ``explained_by``
-    set, so :func:`~densenet_debug.verdict.report.first_divergence` names the culprit, not the row.
+    row is not ok: a mismatch becomes ``downstream`` (the verdict already rests on the culprit), with a note
+    naming it and ``explained_by`` set, so :func:`~densenet_debug.verdict.report.first_divergence` names the
+    culprit, not the row; a non-finite row stays ``nonfinite``.
     """
     failing = [r for r in checks if r.status in FAILING]
     if not failing:
@@ -154,6 +155,8 @@ def explain_by_local(rows: list[Row], checks: list[Row]) -> None:
         r.note = r.note or (f"downstream of the {what} failure at {first.layer or '(the model)'} "
                             f"({first.pass_} {first.quantity})")
         r.explained_by = first.layer
+        if r.status == Status.MISMATCH:
+            r.status = Status.DOWNSTREAM
 
 
 def _upstream(check: Row, row: Row) -> bool:

@@ -18,7 +18,8 @@ from rich.table import Table
 from densenet_debug.table import print_table
 from densenet_debug.verdict.report import FAILING, DiffReport, Row, Status, sortable
 
-STYLE = {"ok": "green", "kink": "yellow", "mismatch": "bold red", "nonfinite": "bold magenta", "math": "bold red"}
+STYLE = {"ok": "green", "kink": "yellow", "mismatch": "bold red", "nonfinite": "bold magenta", "math": "bold red",
+         "downstream": "red"}
 
 
 def _e(v: float | None) -> str:
@@ -106,11 +107,14 @@ def propagated_line(report: DiffReport) -> str:
     kinks = sum(1 for r in prop if r.status == Status.KINK)
     other = sum(1 for r in prop if r.status == Status.OK and sortable(r.worst_ratio) > 1)
     failing = sum(1 for r in prop if r.status in FAILING)
+    downstream = sum(1 for r in prop if r.status == Status.DOWNSTREAM)
     parts = [f"{within} within the summed local tolerances"]
     if kinks:
         parts.append(f"{kinks} explained by kinks")
     if other:
         parts.append(f"{other} explained as amplified upstream error (notes: --json)")
+    if downstream:
+        parts.append(f"{downstream} downstream of a failing check (each names it)")
     if failing:
         parts.append(f"{failing} failing")
     return f"propagated (end to end): {len(prop)} row(s), " + ", ".join(parts)

@@ -17,6 +17,8 @@ class Status(str, Enum):
     MISMATCH = "mismatch"  # outside the derived tolerance: a finding
     NONFINITE = "nonfinite"  # NaN/Inf where the oracle is finite: a finding, never "within tolerance"
     MATH = "math"  # a custom autograd Function's backward is not its forward's derivative (verdict.mathcheck)
+    DOWNSTREAM = "downstream"  # a propagated divergence explained by a failing check upstream of it: not ok,
+    # not a finding of its own (the verdict rests on the upstream row)
 
     def __str__(self) -> str:
         return self.value
@@ -25,7 +27,8 @@ class Status(str, Enum):
         return format(self.value, spec)
 
 
-STATUS_ORDER = {Status.OK: 0, Status.KINK: 1, Status.MISMATCH: 2, Status.NONFINITE: 3, Status.MATH: 4}
+STATUS_ORDER = {Status.OK: 0, Status.KINK: 1, Status.DOWNSTREAM: 2, Status.MISMATCH: 3, Status.NONFINITE: 4,
+                Status.MATH: 5}
 FAILING = (Status.MISMATCH, Status.NONFINITE, Status.MATH)
 
 

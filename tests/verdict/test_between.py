@@ -306,7 +306,8 @@ def test_propagated_rows_moved_by_a_between_fault_are_downstream_of_it(planted) 
     planted(scale=3.0)
     x, y = _batch()
     report = diff(_build(TopLevel, bias=False), x, y, "mkldnn", "native")
-    moved = [r for r in report.rows if r.mode == "propagated" and r.status == Status.MISMATCH]
+    moved = [r for r in report.rows if r.mode == "propagated" and r.status != Status.OK]
+    assert all(r.status == Status.DOWNSTREAM for r in moved)  # not ok, and not a finding of their own
     assert moved and all(r.note == "downstream of the between-units failure at conv2 (backward grad_output)"
                          and r.explained_by == "conv2" for r in moved)
     assert {r.layer for r in moved} >= {"conv2", "conv1"}
@@ -357,10 +358,11 @@ def test_only_upstream_failures_explain_a_propagated_row() -> None:
             _row("early-grad", "backward", 1, Status.MISMATCH, "propagated")]
     explain_by_local(rows, [later])
     assert [r.explained_by for r in rows] == [None, "late"]  # a later forward failure moves every gradient
+    assert [r.status for r in rows] == [Status.MISMATCH, Status.DOWNSTREAM]
     between = _row("mid", "backward", 0, Status.MISMATCH, "between")
     fresh = [_row("x", "backward", 3, Status.MISMATCH, "propagated")]
     explain_by_local(fresh, [between])
-    assert fresh[0].explained_by == "mid" and fresh[0].status == Status.MISMATCH
+    assert fresh[0].explained_by == "mid" and fresh[0].status == Status.DOWNSTREAM
     assert fresh[0].note == "downstream of the between-units failure at mid (backward q)"
     assert math.isfinite(fresh[0].error_a)
 
