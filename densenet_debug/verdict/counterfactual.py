@@ -15,13 +15,13 @@ U's grad_output and parameter gradients agree within the row's tolerance: U itse
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
 
-from densenet_debug.trace import Trace, Tracer, UnitSelector
+from densenet_debug.trace import TensorStore, Trace, Tracer, UnitSelector
 from densenet_debug.verdict import kinks as kinkmod
 from densenet_debug.verdict.compare import relative_error
 from densenet_debug.verdict.report import Row, Status
@@ -95,8 +95,11 @@ class RetainedGraph:
 
 
 def traced_step_with_gates(model: nn.Module, x: Tensor, y: Tensor, units: UnitSelector,
-                           loss_fn: Callable[[Tensor, Tensor], Tensor]) -> Trace:
-    """:func:`densenet_debug.trace.trace_step` for the oracle, keeping its graph (``trace.retained``)."""
+                           loss_fn: Callable[[Tensor, Tensor], Tensor], store: TensorStore | None = None) -> Trace:
+    """:func:`densenet_debug.trace.trace_step` for the oracle, keeping its graph (``trace.retained``).
+
+    With a ``store`` that had to spill, the graph is not kept: it holds every activation of the step, as
+    large as what did not fit (a counterfactual then re-runs the step, :func:`rerun_gradients`)."""
     gates = _Gates()
     modules = dict(model.named_modules())
     graph_outputs: dict[str, list[Tensor]] = {}
@@ -106,7 +109,7 @@ def traced_step_with_gates(model: nn.Module, x: Tensor, y: Tensor, units: UnitSe
             handles.append(module.register_forward_hook(_gate_hook(name, gates)))
     model.zero_grad(set_to_none=True)
     try:
-        with Tracer(model, units) as tracer:
+        with Tracer(model, units, store=store) as tracer:
             for name in tracer.modules:
                 handles.append(modules[name].register_forward_hook(_keep_outputs(name, graph_outputs)))
             output = model(x)
@@ -117,6 +120,9 @@ def traced_step_with_gates(model: nn.Module, x: Tensor, y: Tensor, units: UnitSe
         for h in handles:
             h.remove()
     trace.output, trace.loss = output.detach(), loss.detach()
+    if trace.spilled:
+        trace.retained = None
+        return trace
     params = {name: dict(modules[name].named_parameters(recurse=False)) for name in graph_outputs}
     trace.retained = RetainedGraph(loss, gates, graph_outputs, params)
     return trace
@@ -141,8 +147,11 @@ def _keep_outputs(name: str, store: dict[str, list[Tensor]]) -> Callable:
 
 
 def rerun_gradients(ref: nn.Module, x: Tensor, y: Tensor, o_trace: Trace, sites: list[kinkmod.KinkSite],
-                    units: list[str], loss_fn: Callable) -> dict[str, dict[str, Tensor | None]]:
-    """The counterfactual without a kept graph: the fp64 step again, with forcing hooks at the sites."""
+                    units: list[str], loss_fn: Callable) -> Mapping[str, dict[str, Tensor | None]]:
+    """The counterfactual without a kept graph: the fp64 step again, with forcing hooks at the sites.
+
+    Its gradients go through a :class:`~densenet_debug.trace.TensorStore` and are read back one unit at a time
+    (a whole step's fp64 gradients are as large as the oracle's)."""
     modules = dict(ref.named_modules())
     saved = {k: b.clone() for k, b in ref.named_buffers()}
     with torch.no_grad():
@@ -152,7 +161,7 @@ def rerun_gradients(ref: nn.Module, x: Tensor, y: Tensor, o_trace: Trace, sites:
     handles = [modules[s.layer].register_forward_hook(kinkmod.forcing_hook(s)) for s in sites]
     try:
         ref.zero_grad(set_to_none=True)
-        with Tracer(ref, units, record=("grad_outputs", "param_grads")) as tracer:
+        with Tracer(ref, units, record=("grad_outputs", "param_grads"), store=TensorStore()) as tracer:
             loss_fn(ref(x), y).backward()
         trace = tracer.trace()
     finally:
@@ -161,15 +170,32 @@ def rerun_gradients(ref: nn.Module, x: Tensor, y: Tensor, o_trace: Trace, sites:
         with torch.no_grad():
             for k, b in ref.named_buffers():
                 b.copy_(saved[k])
-    result: dict[str, dict[str, Tensor | None]] = {}
-    for rec in trace:
+    return _UnitGradients(trace)
+
+
+class _UnitGradients(Mapping[str, dict[str, Tensor | None]]):
+    """A counterfactual trace as ``{unit: {"grad_output.i" | "grad_<param>": tensor}}``, built on lookup."""
+
+    def __init__(self, trace: Trace) -> None:
+        self.trace = trace
+
+    def __getitem__(self, name: str) -> dict[str, Tensor | None]:
+        rec = self.trace[name]
         values = {f"grad_output.{i}": g for i, g in enumerate(rec.grad_outputs)}
         values.update({f"grad_{p}": g for p, g in rec.param_grads.items()})
-        result[rec.name] = values
-    return result
+        return values
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.trace.units)
+
+    def __len__(self) -> int:
+        return len(self.trace.units)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self.trace.units
 
 
-def explain(rows: list[Row], s_trace: Trace, cf: dict[str, dict[str, Tensor | None]]) -> None:
+def explain(rows: list[Row], s_trace: Trace, cf: Mapping[str, dict[str, Tensor | None]]) -> None:
     """Turn backward ``mismatch`` rows the kinks explain into ``kink`` rows (see the module docstring).
 
     The rule needs only the side's grad_outputs and parameter grads against the counterfactual ``cf``.

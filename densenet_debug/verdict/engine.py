@@ -23,6 +23,7 @@
 from __future__ import annotations
 
 import copy
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -33,7 +34,7 @@ from torch import Tensor, nn
 from densenet_debug.backends import Backend, default_pair, environment, parse_backend
 from densenet_debug.errors import UsageError
 from densenet_debug.models.copies import fp64_copy
-from densenet_debug.trace import Trace, UnitRecord, UnitSelector, discover_units, trace_step
+from densenet_debug.trace import TensorStore, Trace, UnitRecord, UnitSelector, discover_units, trace_step
 from densenet_debug.verdict import counterfactual
 from densenet_debug.verdict import kinks as kinkmod
 from densenet_debug.verdict.counterfactual import traced_step_with_gates
@@ -161,7 +162,9 @@ def oracle_traces(model: nn.Module, x: Tensor, y: Tensor, *, steps: int = 1, eva
     """The fp64 CPU truth: ``steps`` traced steps of a float64 copy of ``model`` (``model`` is untouched).
 
     ``keep_graph`` keeps each step's autograd graph (``trace.retained``) so that kinks can be explained by one
-    more fp64 backward instead of a whole step; :func:`release` frees it.
+    more fp64 backward instead of a whole step; :func:`release` frees it. Each step's records go through a
+    :class:`~densenet_debug.trace.TensorStore`: past its memory budget they are written to disk as they are
+    recorded and read back unit by unit, and the graph (as large as the records) is not kept.
     """
     _check_inputs(x, y)
     if steps < 1:
@@ -171,11 +174,12 @@ def oracle_traces(model: nn.Module, x: Tensor, y: Tensor, *, steps: int = 1, eva
     x64, y64 = _input(x, torch.device("cpu"), torch.float64), _target(y, torch.device("cpu"), torch.float64)
     traces = []
     for step in range(steps):
-        trace = traced_step_with_gates(ref, x64, y64, names, loss_fn) if keep_graph else trace_step(
-            ref, x64, y64, units=names, loss_fn=loss_fn)
+        store = TensorStore()
+        trace = traced_step_with_gates(ref, x64, y64, names, loss_fn, store) if keep_graph else trace_step(
+            ref, x64, y64, units=names, loss_fn=loss_fn, store=store)
         traces.append(trace)
         if step + 1 < steps:
-            if keep_graph:  # the kept graph saved these weights: the next step updates a copy, not them
+            if getattr(trace, "retained", None) is not None:  # the graph saved these weights: update a copy
                 ref = _detached_copy(ref)
             _sgd_step(ref, trace)
     check_oracle(traces)
@@ -224,9 +228,12 @@ def judge_many(model: nn.Module, x: Tensor, y: Tensor, backends: list[str | Back
     names = list(units) if units is not None and not callable(units) else oracle[0].forward_order
     sides = [_Side(parse_backend(b), model, x, y, names, eval_mode) for b in backends]
     ref = _Reference(model, eval_mode, oracle)
-    if shared.lam is None:
-        shared.lam = confidence(element_count(oracle[:steps]))
-    lam, scales = shared.lam, shared.scales
+    if shared.lam is None:  # shapes suffice: a spilled oracle is not read back to count its elements
+        shared.lam = confidence(element_count([trace.metas() for trace in oracle[:steps]]))
+    lam = shared.lam
+    # max |oracle| is memoised by tensor identity, holding the tensor: a spilled oracle is read back afresh for
+    # every unit, so its memo keeps only the latest few (else it would hold the whole oracle again)
+    scales = _RecentScales() if any(t.spilled for t in oracle[:steps]) else shared.scales
     for step in range(steps):
         o_trace = oracle[step]
         for side in sides:
@@ -245,6 +252,17 @@ def judge_many(model: nn.Module, x: Tensor, y: Tensor, backends: list[str | Back
         for side in sides:
             side.finish_step(step, names, o_trace, ref, x, y, loss_fn, lam, scales, propagated)
     return [side.result for side in sides]
+
+
+class _RecentScales(OrderedDict):
+    """A memo of :func:`~densenet_debug.verdict.compare.oracle_scale` that keeps only its latest entries."""
+
+    LIMIT = 64
+
+    def __setitem__(self, key: object, value: object) -> None:
+        super().__setitem__(key, value)
+        if len(self) > self.LIMIT:
+            self.popitem(last=False)
 
 
 class _Side:
@@ -270,13 +288,15 @@ class _Side:
         with self.backend.active():
             # torch.compile skips its frames while a dispatch mode is active: copies, not guarded aliases.
             self.trace = trace_step(self.model, self.x, self.y, units=names, loss_fn=loss_fn,
-                                    copy_on_write=not self.backend.compile_backend)
+                                    copy_on_write=not self.backend.compile_backend, store=TensorStore())
         self.result.flags = self.backend.flags_in_force()
         self.local, self.step_kinks = [], []
 
     def local_unit(self, name: str, step: int, o_rec: UnitRecord, bounds: UnitBounds, lam: float, scales: dict) -> None:
-        self.local += local_rows(name, step, self.modules[name], o_rec, self.trace.units.get(name), bounds,
-                                 self.backend, lam, self.step_kinks, scales)
+        # the replay needs the side's layouts and dtypes only: a spilled record is not read back for them
+        seen = self.trace.meta(name) if name in self.trace else None
+        self.local += local_rows(name, step, self.modules[name], o_rec, seen, bounds, self.backend, lam,
+                                 self.step_kinks, scales)
 
     def finish_step(self, step: int, names: list[str], o_trace: Trace, ref: _Reference, x: Tensor, y: Tensor,
                     loss_fn: LossFn, lam: float, scales: dict, propagated: bool) -> None:
