@@ -23,7 +23,7 @@
 from __future__ import annotations
 
 import copy
-from collections import OrderedDict
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -232,8 +232,8 @@ def judge_many(model: nn.Module, x: Tensor, y: Tensor, backends: list[str | Back
         shared.lam = confidence(element_count([trace.metas() for trace in oracle[:steps]]))
     lam = shared.lam
     # max |oracle| is memoised by tensor identity, holding the tensor: a spilled oracle is read back afresh for
-    # every unit, so its memo keeps only the latest few (else it would hold the whole oracle again)
-    scales = _RecentScales() if any(t.spilled for t in oracle[:steps]) else shared.scales
+    # every unit, so its memo must not keep what it read (else it would hold the whole oracle again)
+    scales = _WeakScales() if any(t.spilled for t in oracle[:steps]) else shared.scales
     for step in range(steps):
         o_trace = oracle[step]
         for side in sides:
@@ -254,15 +254,24 @@ def judge_many(model: nn.Module, x: Tensor, y: Tensor, backends: list[str | Back
     return [side.result for side in sides]
 
 
-class _RecentScales(OrderedDict):
-    """A memo of :func:`~densenet_debug.verdict.compare.oracle_scale` that keeps only its latest entries."""
+class _WeakScales(dict):
+    """:func:`~densenet_debug.verdict.compare.oracle_scale`'s memo (``id -> (tensor, scale)``) holding its tensors
+    weakly: an entry lives as long as the tensor it was made for, and keeps nothing alive itself."""
 
-    LIMIT = 64
+    def __setitem__(self, key: object, value: tuple) -> None:
+        if len(self) > 4096:  # forget the entries whose tensors are gone
+            for k in [k for k, (ref, _) in dict.items(self) if ref() is None]:
+                del self[k]
+        oracle, scale = value
+        super().__setitem__(key, (weakref.ref(oracle), scale))
 
-    def __setitem__(self, key: object, value: object) -> None:
-        super().__setitem__(key, value)
-        if len(self) > self.LIMIT:
-            self.popitem(last=False)
+    def __getitem__(self, key: object) -> tuple:
+        ref, scale = super().__getitem__(key)
+        return ref(), scale
+
+    def __contains__(self, key: object) -> bool:
+        entry = dict.get(self, key)
+        return entry is not None and entry[0]() is not None
 
 
 class _Side:
@@ -303,7 +312,7 @@ class _Side:
         s_trace, local = self.trace, self.local
         compose_tolerances(local, names)
         blame_children(local, names)
-        sites = kink_sites(names, step, o_trace, s_trace, self.modules)
+        sites = _kink_sites(names, step, o_trace, s_trace, self.modules)
         self.step_kinks += [UnitKink(s.layer, s.count, s.min_margin, s.relative_margin, "", step) for s in sites]
         prop_rows = propagated_rows(names, step, o_trace, s_trace, local, scales) if propagated else []
         if sites and any(r.status == Status.MISMATCH and r.pass_ == "backward" for r in prop_rows):
@@ -324,6 +333,19 @@ class _Side:
         self.result.rows += local + prop_rows
         self.result.kinks += self.step_kinks
         _sgd_step(self.model, o_trace)
+
+
+def _kink_sites(names: list[str], step: int, o_trace: Trace, s_trace: Trace,
+                modules: dict[str, nn.Module]) -> list[kinkmod.KinkSite]:
+    """:func:`~densenet_debug.verdict.propagated.kink_sites`, one unit at a time, each site kept compactly: a
+    ReLU's branch (exactly 0 or 1, read back as such) as bool, not float64, an eighth of the memory."""
+    sites = []
+    for name in names:
+        for site in kink_sites([name], step, o_trace, s_trace, modules):
+            if type(modules[name]) is nn.ReLU:
+                site.side_branch = site.side_branch.bool()
+            sites.append(site)
+    return sites
 
 
 class _Reference:
