@@ -99,19 +99,21 @@ def traced_step_with_gates(model: nn.Module, x: Tensor, y: Tensor, units: UnitSe
     """:func:`densenet_debug.trace.trace_step` for the oracle, keeping its graph (``trace.retained``).
 
     With a ``store`` that had to spill, the graph is not kept: it holds every activation of the step, as
-    large as what did not fit (a counterfactual then re-runs the step, :func:`rerun_gradients`)."""
+    large as what did not fit (a counterfactual then re-runs the step, :func:`rerun_gradients`). From the
+    first spill on, no more gates are added and no more outputs held for it, so the step costs what a plain
+    one does."""
     gates = _Gates()
     modules = dict(model.named_modules())
     graph_outputs: dict[str, list[Tensor]] = {}
     handles = []
     for name, module in modules.items():
         if name and kinkmod.is_kinky(module):
-            handles.append(module.register_forward_hook(_gate_hook(name, gates)))
+            handles.append(module.register_forward_hook(_gate_hook(name, gates, store)))
     model.zero_grad(set_to_none=True)
     try:
         with Tracer(model, units, store=store) as tracer:
             for name in tracer.modules:
-                handles.append(modules[name].register_forward_hook(_keep_outputs(name, graph_outputs)))
+                handles.append(modules[name].register_forward_hook(_keep_outputs(name, graph_outputs, store)))
             output = model(x)
             loss = loss_fn(output, y)
             loss.backward(retain_graph=True)
@@ -128,8 +130,10 @@ def traced_step_with_gates(model: nn.Module, x: Tensor, y: Tensor, units: UnitSe
     return trace
 
 
-def _gate_hook(name: str, gates: _Gates) -> Callable:
+def _gate_hook(name: str, gates: _Gates, store: TensorStore | None) -> Callable:
     def hook(module: nn.Module, args: tuple, output: Tensor) -> Tensor | None:
+        if store is not None and store.spilled:  # the graph will not be kept: no gate to save inputs for
+            return None
         if not isinstance(output, Tensor) or not args or not isinstance(args[0], Tensor) or not output.requires_grad:
             return None
         return _GateFn.apply(output, args[0], gates, name, module)
@@ -137,10 +141,13 @@ def _gate_hook(name: str, gates: _Gates) -> Callable:
     return hook
 
 
-def _keep_outputs(name: str, store: dict[str, list[Tensor]]) -> Callable:
+def _keep_outputs(name: str, outputs: dict[str, list[Tensor]], store: TensorStore | None) -> Callable:
     def hook(module: nn.Module, args: tuple, output: object) -> None:
-        if name not in store:  # the first call (a checkpoint recompute calls again, in backward)
-            store[name] = [o for o in (output if isinstance(output, (tuple, list)) else [output])
+        if store is not None and store.spilled:  # the graph will not be kept: hold no outputs for it
+            outputs.clear()
+            return
+        if name not in outputs:  # the first call (a checkpoint recompute calls again, in backward)
+            outputs[name] = [o for o in (output if isinstance(output, (tuple, list)) else [output])
                            if isinstance(o, Tensor)]
 
     return hook

@@ -13,9 +13,12 @@ Memory. Each in its own child process, started fresh, its peak resident set read
 child's own rusage (``os.wait4``, ``ru_maxrss``): one plain fp32 training step of the same model and batch
 (forward, cross-entropy, backward, default flags), and one full diff. Figure: ``memory.ratio`` = the diff's
 peak over the plain step's. Target: <= 4.0 on BC-100 at batch 64 (issue 13). Both are whole-process peaks
-(interpreter, torch and the model included), with the default malloc, as a user runs them. Where the diff's
-records go past the trace budget (``DENSENET_DEBUG_TRACE_BUDGET_MB``, inherited by the child) they are
-written to an anonymous temporary file: ``memory.diff_spilled_gb`` reports how much, from the child.
+(interpreter, torch and the model included). Both children run with ``MALLOC_MMAP_THRESHOLD_=65536`` (as
+``bench.py train``'s memory processes): glibc then maps every block of 64 KiB or more on its own and unmaps
+it when freed, so the peak is of live memory, not of a heap holding freed blocks (with the default malloc a
+float64 step of BC-100 shows ~1.5x its live memory at batch 8); ``--default-malloc`` measures as a user runs
+it. Where the diff's records go past the trace budget (``DENSENET_DEBUG_TRACE_BUDGET_MB``, inherited by the
+child) they are written to an anonymous temporary file: ``memory.diff_spilled_gb`` reports how much.
 """
 
 from __future__ import annotations
@@ -85,8 +88,9 @@ def _measure(what: str, args: argparse.Namespace) -> dict:
     """Run one child and read its peak RSS from its rusage; the child's JSON line joins the result."""
     cmd = [sys.executable, __file__, "--child", what, args.model, str(args.batch), str(args.threads or 0),
            args.a, args.b]
+    env = dict(os.environ) if args.default_malloc else {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=err, text=True)
+        proc = subprocess.Popen(cmd, stdout=out, stderr=err, text=True, env=env)
         _, status, usage = os.wait4(proc.pid, 0)  # this child's own rusage, not the children's total
         proc.returncode = os.waitstatus_to_exitcode(status)
         out.seek(0)
@@ -110,6 +114,7 @@ def _measure_memory(args: argparse.Namespace) -> dict:
         "diff_spilled_gb": round(full["spilled_bytes"] / 2**30, 3),
         "diff_cold_seconds": round(full["seconds"], 3),
         "verdict": full["verdict"],
+        "malloc": "default" if args.default_malloc else "MALLOC_MMAP_THRESHOLD_=65536",
     }
 
 
@@ -130,6 +135,8 @@ def run(argv: list[str]) -> dict:
     parser.add_argument("--threads", type=int, default=None,
                         help="torch threads for both the anchor and the diff (default: torch's choice)")
     parser.add_argument("--no-memory", action="store_true", help="skip the two memory child processes")
+    parser.add_argument("--default-malloc", action="store_true",
+                        help="measure memory with glibc's default malloc (peaks include freed heap blocks)")
     args = parser.parse_args(argv)
     if args.repeat == 0 and args.no_memory:
         parser.error("--repeat 0 times the memory child's diff: it needs the memory measurement")
