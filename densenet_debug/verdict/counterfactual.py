@@ -155,7 +155,11 @@ def _keep_outputs(name: str, outputs: dict[str, list[Tensor]], store: TensorStor
 
 def rerun_gradients(ref: nn.Module, x: Tensor, y: Tensor, o_trace: Trace, sites: list[kinkmod.KinkSite],
                     units: list[str], loss_fn: Callable) -> Mapping[str, dict[str, Tensor | None]]:
-    """The counterfactual without a kept graph: the fp64 step again, with forcing hooks at the sites.
+    """The counterfactual without a kept graph: the fp64 step again, with a gate open at each site.
+
+    The gate (:class:`_SiteGateFn`) adds the same correction as the kept graph's, but keeps only what it reads:
+    the coefficients at the flipped elements (a pool's whole input), not a copy of the unit's output as
+    :func:`~densenet_debug.verdict.kinks.forcing_hook` makes, so the step costs what a plain one does.
 
     Its gradients go through a :class:`~densenet_debug.trace.TensorStore` and are read back one unit at a time
     (a whole step's fp64 gradients are as large as the oracle's)."""
@@ -165,7 +169,7 @@ def rerun_gradients(ref: nn.Module, x: Tensor, y: Tensor, o_trace: Trace, sites:
         for rec in o_trace:
             for k, b in rec.buffers_before.items():
                 getattr(modules[rec.name], k).copy_(b)
-    handles = [modules[s.layer].register_forward_hook(kinkmod.forcing_hook(s)) for s in sites]
+    handles = [modules[s.layer].register_forward_hook(_site_gate_hook(s)) for s in sites]
     try:
         ref.zero_grad(set_to_none=True)
         with Tracer(ref, units, record=("grad_outputs", "param_grads"), store=TensorStore()) as tracer:
@@ -200,6 +204,41 @@ class _UnitGradients(Mapping[str, dict[str, Tensor | None]]):
 
     def __contains__(self, name: object) -> bool:
         return name in self.trace.units
+
+
+class _SiteGateFn(torch.autograd.Function):
+    """Identity on a unit's output; in backward, the side's branch minus the oracle's at one open site."""
+
+    @staticmethod
+    def forward(ctx, out: Tensor, x: Tensor, site: kinkmod.KinkSite, module: nn.Module, coef: Tensor | None) -> Tensor:
+        ctx.save_for_backward(x if coef is None else coef)
+        ctx.site, ctx.module, ctx.elementwise = site, module, coef is not None
+        return out.view_as(out)
+
+    @staticmethod
+    def backward(ctx, g: Tensor) -> tuple:
+        (saved,) = ctx.saved_tensors
+        if not ctx.elementwise:  # a pool: its indices need the whole input
+            return g, _correction(ctx.module, ctx.site, saved, g), None, None, None
+        return g, saved * g[ctx.site.mask.to(g.device)], None, None, None
+
+
+def _site_gate_hook(site: kinkmod.KinkSite) -> Callable:
+    """A forward hook opening the gate of ``site``: for an elementwise op, the gradient correction enters
+    through the flipped elements of its input (``x[mask]``), times (side's derivative - the oracle's)."""
+
+    def hook(module: nn.Module, args: tuple, output: Tensor) -> Tensor | None:
+        if not isinstance(output, Tensor) or not args or not isinstance(args[0], Tensor) or not output.requires_grad:
+            return None
+        x = args[0]
+        if isinstance(module, kinkmod.POOLS):
+            return _SiteGateFn.apply(output, x, site, module, None)
+        mask = site.mask.to(x.device)
+        xm = x[mask]
+        coef = site.side_branch.to(x.device, x.dtype)[mask] - kinkmod.derivative(module, xm).to(x.dtype)
+        return _SiteGateFn.apply(output, xm, site, module, coef)
+
+    return hook
 
 
 def explain(rows: list[Row], s_trace: Trace, cf: Mapping[str, dict[str, Tensor | None]]) -> None:
