@@ -133,9 +133,10 @@ class Trace:
 
 # -- compact storage ---------------------------------------------------------------------------------------
 def default_budget() -> int:
-    """Bytes of records one :class:`TensorStore` keeps in memory: ``$DENSENET_DEBUG_TRACE_BUDGET_MB`` (MiB) or
-    1024 MiB. A DenseNet-BC-100 step records ~160 MB per sample in float32 and twice that in float64, so a
-    diff past batch ~4 writes the rest of its traces to disk instead of holding them all."""
+    """Bytes of records the :class:`TensorStore` s of a process keep in memory together:
+    ``$DENSENET_DEBUG_TRACE_BUDGET_MB`` (MiB) or 1024 MiB. A DenseNet-BC-100 step records ~110 MB per sample in
+    float32 (each tensor once) and twice that in float64, so a diff past batch ~2 writes the rest of its traces
+    to disk instead of holding them all; its peak is then the float64 step itself plus this budget."""
     raw = os.environ.get(BUDGET_ENV, "").strip()
     try:
         mb = float(raw) if raw else DEFAULT_BUDGET_MB
@@ -194,7 +195,8 @@ def _inverse(order: Sequence[int]) -> list[int]:
 
 
 class TensorStore:
-    """Where a :class:`Tracer` keeps what it records: in memory up to ``budget`` bytes, the rest in a file.
+    """Where a :class:`Tracer` keeps what it records: in memory while all live stores together hold less than
+    ``budget`` bytes, the rest in a file.
 
     One copy per distinct tensor: an alias recorded twice (a unit's output is the next unit's input) or a
     gradient passed on unchanged (a unit's grad_input is the grad_output of the unit before it) is stored once,
@@ -208,12 +210,15 @@ class TensorStore:
     as they stay mapped, and a judge reads each record a few times, one unit at a time.
     """
 
+    kept_in_process = 0  # bytes every live store holds in memory: the budget is the process's, not a store's
     written_in_process = 0  # bytes every store of this process wrote (for benchmarks)
 
     def __init__(self, budget: int | None = None) -> None:
         self.budget = default_budget() if budget is None else budget
-        self.kept = 0  # bytes held in memory
+        self.kept = 0  # bytes held in memory by this store
         self.spilled = 0  # bytes written to the file
+        self._held = [0]  # what this store adds to kept_in_process, given back when it is collected
+        weakref.finalize(self, TensorStore._give_back, self._held)
         self._file = None
         self._end = 0
         self._seen: dict[int, tuple[weakref.ref, int, Tensor | Spilled]] = {}
@@ -226,7 +231,9 @@ class TensorStore:
         src = t.detach()
         n = src.numel() * src.element_size()
         kept: Tensor | Spilled
-        if self.kept + n <= self.budget:
+        if TensorStore.kept_in_process + n <= self.budget:
+            TensorStore.kept_in_process += n
+            self._held[0] += n
             self.kept += n
             kept = src.to("cpu", copy=clone) if to_cpu else (src.clone() if clone else src)
         else:
@@ -236,6 +243,10 @@ class TensorStore:
         except TypeError:  # an object without weak references is never shared
             pass
         return kept
+
+    @staticmethod
+    def _give_back(held: list[int]) -> None:
+        TensorStore.kept_in_process -= held[0]
 
     def seal(self) -> None:
         """The step is recorded: forget the identities (the records hold what they need)."""
@@ -410,9 +421,7 @@ class Tracer:
                             rec.param_grads[pname] = self._keep(p.grad, clone=True)
         if self.store is None:
             return Trace(dict(self._records))
-        self.store.seal()
-        if not self.store.spilled:
-            return Trace(dict(self._records))
+        self.store.seal()  # the trace holds the store, so its share of the budget is given back with it
         return Trace(StoredUnits(dict(self._records), self.store))
 
     # -- forward hooks -------------------------------------------------------------------------------

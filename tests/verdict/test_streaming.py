@@ -55,12 +55,18 @@ def test_spilled_tensor_reads_back_equal_with_its_strides(shape: list[int], dtyp
 
 
 def test_budget_keeps_in_memory_then_spills() -> None:
-    store = TensorStore(budget=100 * 8)
+    store = TensorStore(budget=TensorStore.kept_in_process + 100 * 8)  # the budget is the process's
     a, b = torch.randn(100, dtype=torch.float64), torch.randn(10, dtype=torch.float64)
     kept_a = store.keep(a, clone=True)
     assert isinstance(kept_a, Tensor) and kept_a.data_ptr() != a.data_ptr()  # a private copy
     kept_b = store.keep(b, clone=True)
     assert isinstance(kept_b, Spilled) and store.spilled == 80 and torch.equal(materialize(kept_b), b)
+    other = TensorStore(budget=store.budget)  # shares the budget: nothing left for it
+    assert isinstance(other.keep(b, clone=True), Spilled)
+    held = TensorStore.kept_in_process
+    store.seal()
+    del store, kept_a, kept_b
+    assert TensorStore.kept_in_process == held - 800  # given back with the store
 
 
 def test_one_copy_per_tensor_while_it_lives_and_unchanged() -> None:
