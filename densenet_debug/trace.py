@@ -259,14 +259,21 @@ class TensorStore:
             order = tuple(range(src.dim()))
             dense = src.contiguous()
         dense = dense.to("cpu")
-        if self._file is None:
-            self._file = tempfile.TemporaryFile(prefix="densenet-debug-spill-", buffering=0)
         offset = self._end
         if dense.numel():
             view = memoryview(dense.reshape(-1).view(torch.uint8).numpy())
             done = 0
-            while done < len(view):
-                done += os.pwrite(self._file.fileno(), view[done:], offset + done)
+            try:
+                if self._file is None:
+                    self._file = tempfile.TemporaryFile(prefix="densenet-debug-spill-", buffering=0)
+                while done < len(view):
+                    done += os.pwrite(self._file.fileno(), view[done:], offset + done)
+            except OSError as e:  # a full or unwritable temp directory is the environment's, not a finding
+                from densenet_debug.errors import UsageError
+
+                raise UsageError(f"cannot write recorded tensors past the memory budget to {tempfile.gettempdir()} "
+                                 f"({e.strerror}): free space there, point TMPDIR elsewhere or raise "
+                                 f"{BUDGET_ENV}") from e
             self.spilled += len(view)
             self._end += len(view)
             TensorStore.written_in_process += len(view)

@@ -178,3 +178,13 @@ def test_user_style_models_identical_streamed(monkeypatch: pytest.MonkeyPatch) -
         x, y = _batch(3)
         in_memory, streamed = _both(monkeypatch, lambda m=model, x=x, y=y: diff(m, x, y, "mkldnn", "native"))
         assert streamed == in_memory, factory.__name__
+
+
+def test_unwritable_temp_dir_is_one_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import tempfile
+
+    from densenet_debug.errors import UsageError
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "gone"))  # no such directory: nowhere to spill
+    with pytest.raises(UsageError, match=f"TMPDIR elsewhere or raise {BUDGET_ENV}"):
+        TensorStore(budget=0).keep(torch.ones(4), clone=True)
