@@ -18,6 +18,13 @@
 * Several steps: between steps every copy takes the same in-place SGD step made from the *oracle's*
   gradients (so weights change as in training, caches keyed on weights are exercised, and all sides keep
   the same weights); BN running buffers carry over and are compared every step.
+* Memory: every trace (the oracle's, each side's, a counterfactual re-run's) records through a
+  :class:`~densenet_debug.trace.TensorStore`: each tensor once (a unit's output is the next one's input), and
+  past the process's budget (``DENSENET_DEBUG_TRACE_BUDGET_MB``, 1 GiB) written to an anonymous temporary
+  file as it is recorded. The judge then reads one unit at a time (a replay needs only the side's layouts
+  and dtypes, never its values; kink sites are kept compactly), a spilled oracle keeps no autograd graph (a
+  counterfactual re-runs the fp64 step with light gates), and oracle scales are memoised weakly. The peak
+  is about one plain float64 step of the model plus the budget, whatever the batch; the report is the same.
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """Cost of a full diff: ``scripts/bench.py diff [--model NAME] [--batch B] [--a X] [--b Y] [--repeat R] [--threads T]
-[--no-memory]``.
+[--no-memory | --memory-only] [--default-malloc]``.
 
 Time. Anchor, measured in the same process on the same batch: three plain forward+backward passes, one per
 backend the diff runs (A, B and the fp64 oracle), each in its own flags. Figure: ``ratio`` = seconds of
@@ -135,13 +135,19 @@ def run(argv: list[str]) -> dict:
     parser.add_argument("--threads", type=int, default=None,
                         help="torch threads for both the anchor and the diff (default: torch's choice)")
     parser.add_argument("--no-memory", action="store_true", help="skip the two memory child processes")
+    parser.add_argument("--memory-only", action="store_true",
+                        help="only the two memory children (no anchor passes in this process: at batch 64 the "
+                        "float64 pass alone holds several GB)")
     parser.add_argument("--default-malloc", action="store_true",
                         help="measure memory with glibc's default malloc (peaks include freed heap blocks)")
     args = parser.parse_args(argv)
-    if args.repeat == 0 and args.no_memory:
-        parser.error("--repeat 0 times the memory child's diff: it needs the memory measurement")
+    if args.no_memory and (args.repeat == 0 or args.memory_only):
+        parser.error("--repeat 0 and --memory-only need the memory measurement")
 
     memory = None if args.no_memory else _measure_memory(args)  # first, in a quiet parent
+    if args.memory_only:
+        return {"model": args.model, "batch": args.batch, "a": args.a, "b": args.b, "threads": args.threads,
+                "memory": memory}
 
     model, x, y = _setup(args.model, args.batch, args.threads)
     backends = [parse_backend(args.a), parse_backend(args.b), parse_backend("fp64", "cpu")]
