@@ -188,3 +188,14 @@ def test_unwritable_temp_dir_is_one_line(tmp_path: Path, monkeypatch: pytest.Mon
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "gone"))  # no such directory: nowhere to spill
     with pytest.raises(UsageError, match=f"TMPDIR elsewhere or raise {BUDGET_ENV}"):
         TensorStore(budget=0).keep(torch.ones(4), clone=True)
+
+
+@pytest.mark.gpu
+def test_cuda_side_spilled_comes_back_on_its_device_and_the_report_is_the_same(monkeypatch: pytest.MonkeyPatch) -> None:
+    t = torch.randn(2, 3, 4, 5, device="cuda").contiguous(memory_format=torch.channels_last)
+    kept = TensorStore(budget=0).keep(t, clone=True)
+    back = kept.load()
+    assert back.device == t.device and torch.equal(back, t) and back.stride() == t.stride()
+    model, x, y = _densenet_case(2)
+    in_memory, streamed = _both(monkeypatch, lambda: diff(model, x, y, "cudnn", "no-cudnn"))
+    assert streamed == in_memory
