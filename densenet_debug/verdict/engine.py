@@ -190,6 +190,8 @@ def oracle_traces(model: nn.Module, x: Tensor, y: Tensor, *, steps: int = 1, eva
                 ref = _detached_copy(ref)
             _sgd_step(ref, trace)
     check_oracle(traces)
+    for trace in traces:  # a judge need not read it all again (a spilled oracle is read back from disk)
+        trace.checked_finite = True
     return traces
 
 
@@ -230,7 +232,8 @@ def judge_many(model: nn.Module, x: Tensor, y: Tensor, backends: list[str | Back
         raise UsageError(f"the oracle has {len(oracle)} step(s), {steps} asked")
     shared = JudgeCache.of(_shared)
     if shared.finite_oracle is not oracle:  # checked once per oracle, however many sides judge it
-        check_oracle(oracle[:steps])
+        if not all(getattr(t, "checked_finite", False) for t in oracle[:steps]):
+            check_oracle(oracle[:steps])
         shared.finite_oracle = oracle
     names = list(units) if units is not None and not callable(units) else oracle[0].forward_order
     sides = [_Side(parse_backend(b), model, x, y, names, eval_mode) for b in backends]
