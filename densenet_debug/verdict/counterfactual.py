@@ -15,13 +15,13 @@ U's grad_output and parameter gradients agree within the row's tolerance: U itse
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
 
-from densenet_debug.trace import Trace, Tracer, UnitSelector
+from densenet_debug.trace import TensorStore, Trace, Tracer, UnitSelector
 from densenet_debug.verdict import kinks as kinkmod
 from densenet_debug.verdict.compare import relative_error
 from densenet_debug.verdict.report import Row, Status
@@ -95,20 +95,25 @@ class RetainedGraph:
 
 
 def traced_step_with_gates(model: nn.Module, x: Tensor, y: Tensor, units: UnitSelector,
-                           loss_fn: Callable[[Tensor, Tensor], Tensor]) -> Trace:
-    """:func:`densenet_debug.trace.trace_step` for the oracle, keeping its graph (``trace.retained``)."""
+                           loss_fn: Callable[[Tensor, Tensor], Tensor], store: TensorStore | None = None) -> Trace:
+    """:func:`densenet_debug.trace.trace_step` for the oracle, keeping its graph (``trace.retained``).
+
+    With a ``store`` that had to spill, the graph is not kept: it holds every activation of the step, as
+    large as what did not fit (a counterfactual then re-runs the step, :func:`rerun_gradients`). From the
+    first spill on, no more gates are added and no more outputs held for it, so the step costs what a plain
+    one does."""
     gates = _Gates()
     modules = dict(model.named_modules())
     graph_outputs: dict[str, list[Tensor]] = {}
     handles = []
     for name, module in modules.items():
         if name and kinkmod.is_kinky(module):
-            handles.append(module.register_forward_hook(_gate_hook(name, gates)))
+            handles.append(module.register_forward_hook(_gate_hook(name, gates, store)))
     model.zero_grad(set_to_none=True)
     try:
-        with Tracer(model, units) as tracer:
+        with Tracer(model, units, store=store) as tracer:
             for name in tracer.modules:
-                handles.append(modules[name].register_forward_hook(_keep_outputs(name, graph_outputs)))
+                handles.append(modules[name].register_forward_hook(_keep_outputs(name, graph_outputs, store)))
             output = model(x)
             loss = loss_fn(output, y)
             loss.backward(retain_graph=True)
@@ -117,13 +122,18 @@ def traced_step_with_gates(model: nn.Module, x: Tensor, y: Tensor, units: UnitSe
         for h in handles:
             h.remove()
     trace.output, trace.loss = output.detach(), loss.detach()
+    if trace.spilled:
+        trace.retained = None
+        return trace
     params = {name: dict(modules[name].named_parameters(recurse=False)) for name in graph_outputs}
     trace.retained = RetainedGraph(loss, gates, graph_outputs, params)
     return trace
 
 
-def _gate_hook(name: str, gates: _Gates) -> Callable:
+def _gate_hook(name: str, gates: _Gates, store: TensorStore | None) -> Callable:
     def hook(module: nn.Module, args: tuple, output: Tensor) -> Tensor | None:
+        if store is not None and store.spilled:  # the graph will not be kept: no gate to save inputs for
+            return None
         if not isinstance(output, Tensor) or not args or not isinstance(args[0], Tensor) or not output.requires_grad:
             return None
         return _GateFn.apply(output, args[0], gates, name, module)
@@ -131,28 +141,38 @@ def _gate_hook(name: str, gates: _Gates) -> Callable:
     return hook
 
 
-def _keep_outputs(name: str, store: dict[str, list[Tensor]]) -> Callable:
+def _keep_outputs(name: str, outputs: dict[str, list[Tensor]], store: TensorStore | None) -> Callable:
     def hook(module: nn.Module, args: tuple, output: object) -> None:
-        if name not in store:  # the first call (a checkpoint recompute calls again, in backward)
-            store[name] = [o for o in (output if isinstance(output, (tuple, list)) else [output])
+        if store is not None and store.spilled:  # the graph will not be kept: hold no outputs for it
+            outputs.clear()
+            return
+        if name not in outputs:  # the first call (a checkpoint recompute calls again, in backward)
+            outputs[name] = [o for o in (output if isinstance(output, (tuple, list)) else [output])
                            if isinstance(o, Tensor)]
 
     return hook
 
 
 def rerun_gradients(ref: nn.Module, x: Tensor, y: Tensor, o_trace: Trace, sites: list[kinkmod.KinkSite],
-                    units: list[str], loss_fn: Callable) -> dict[str, dict[str, Tensor | None]]:
-    """The counterfactual without a kept graph: the fp64 step again, with forcing hooks at the sites."""
+                    units: list[str], loss_fn: Callable) -> Mapping[str, dict[str, Tensor | None]]:
+    """The counterfactual without a kept graph: the fp64 step again, with a gate open at each site.
+
+    The gate (:class:`_SiteGateFn`) adds the same correction as the kept graph's, but keeps only what it reads:
+    the coefficients at the flipped elements (a pool's whole input), not a copy of the unit's output as
+    :func:`~densenet_debug.verdict.kinks.forcing_hook` makes, so the step costs what a plain one does.
+
+    Its gradients go through a :class:`~densenet_debug.trace.TensorStore` and are read back one unit at a time
+    (a whole step's fp64 gradients are as large as the oracle's)."""
     modules = dict(ref.named_modules())
     saved = {k: b.clone() for k, b in ref.named_buffers()}
     with torch.no_grad():
         for rec in o_trace:
             for k, b in rec.buffers_before.items():
                 getattr(modules[rec.name], k).copy_(b)
-    handles = [modules[s.layer].register_forward_hook(kinkmod.forcing_hook(s)) for s in sites]
+    handles = [modules[s.layer].register_forward_hook(_site_gate_hook(s)) for s in sites]
     try:
         ref.zero_grad(set_to_none=True)
-        with Tracer(ref, units, record=("grad_outputs", "param_grads")) as tracer:
+        with Tracer(ref, units, record=("grad_outputs", "param_grads"), store=TensorStore()) as tracer:
             loss_fn(ref(x), y).backward()
         trace = tracer.trace()
     finally:
@@ -161,15 +181,67 @@ def rerun_gradients(ref: nn.Module, x: Tensor, y: Tensor, o_trace: Trace, sites:
         with torch.no_grad():
             for k, b in ref.named_buffers():
                 b.copy_(saved[k])
-    result: dict[str, dict[str, Tensor | None]] = {}
-    for rec in trace:
+    return _UnitGradients(trace)
+
+
+class _UnitGradients(Mapping[str, dict[str, Tensor | None]]):
+    """A counterfactual trace as ``{unit: {"grad_output.i" | "grad_<param>": tensor}}``, built on lookup."""
+
+    def __init__(self, trace: Trace) -> None:
+        self.trace = trace
+
+    def __getitem__(self, name: str) -> dict[str, Tensor | None]:
+        rec = self.trace[name]
         values = {f"grad_output.{i}": g for i, g in enumerate(rec.grad_outputs)}
         values.update({f"grad_{p}": g for p, g in rec.param_grads.items()})
-        result[rec.name] = values
-    return result
+        return values
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.trace.units)
+
+    def __len__(self) -> int:
+        return len(self.trace.units)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self.trace.units
 
 
-def explain(rows: list[Row], s_trace: Trace, cf: dict[str, dict[str, Tensor | None]]) -> None:
+class _SiteGateFn(torch.autograd.Function):
+    """Identity on a unit's output; in backward, the side's branch minus the oracle's at one open site."""
+
+    @staticmethod
+    def forward(ctx, out: Tensor, x: Tensor, site: kinkmod.KinkSite, module: nn.Module, coef: Tensor | None) -> Tensor:
+        ctx.save_for_backward(x if coef is None else coef)
+        ctx.site, ctx.module, ctx.elementwise = site, module, coef is not None
+        return out.view_as(out)
+
+    @staticmethod
+    def backward(ctx, g: Tensor) -> tuple:
+        (saved,) = ctx.saved_tensors
+        if not ctx.elementwise:  # a pool: its indices need the whole input
+            return g, _correction(ctx.module, ctx.site, saved, g), None, None, None
+        return g, saved * g[ctx.site.mask.to(g.device)], None, None, None
+
+
+def _site_gate_hook(site: kinkmod.KinkSite) -> Callable:
+    """A forward hook opening the gate of ``site``: for an elementwise op, the gradient correction enters
+    through the flipped elements of its input (``x[mask]``), times (side's derivative - the oracle's)."""
+
+    def hook(module: nn.Module, args: tuple, output: Tensor) -> Tensor | None:
+        if not isinstance(output, Tensor) or not args or not isinstance(args[0], Tensor) or not output.requires_grad:
+            return None
+        x = args[0]
+        if isinstance(module, kinkmod.POOLS):
+            return _SiteGateFn.apply(output, x, site, module, None)
+        mask = site.mask.to(x.device)
+        xm = x[mask]
+        coef = site.side_branch.to(x.device, x.dtype)[mask] - kinkmod.derivative(module, xm).to(x.dtype)
+        return _SiteGateFn.apply(output, xm, site, module, coef)
+
+    return hook
+
+
+def explain(rows: list[Row], s_trace: Trace, cf: Mapping[str, dict[str, Tensor | None]]) -> None:
     """Turn backward ``mismatch`` rows the kinks explain into ``kink`` rows (see the module docstring).
 
     The rule needs only the side's grad_outputs and parameter grads against the counterfactual ``cf``.

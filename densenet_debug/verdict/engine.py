@@ -18,11 +18,19 @@
 * Several steps: between steps every copy takes the same in-place SGD step made from the *oracle's*
   gradients (so weights change as in training, caches keyed on weights are exercised, and all sides keep
   the same weights); BN running buffers carry over and are compared every step.
+* Memory: every trace (the oracle's, each side's, a counterfactual re-run's) records through a
+  :class:`~densenet_debug.trace.TensorStore`: each tensor once (a unit's output is the next one's input), and
+  past the process's budget (``DENSENET_DEBUG_TRACE_BUDGET_MB``, 1 GiB) written to an anonymous temporary
+  file as it is recorded. The judge then reads one unit at a time (a replay needs only the side's layouts
+  and dtypes, never its values; kink sites are kept compactly), a spilled oracle keeps no autograd graph (a
+  counterfactual re-runs the fp64 step with light gates), and oracle scales are memoised weakly. The peak
+  is about one plain float64 step of the model plus the budget, whatever the batch; the report is the same.
 """
 
 from __future__ import annotations
 
 import copy
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -34,7 +42,7 @@ from densenet_debug import progress
 from densenet_debug.backends import Backend, default_pair, environment, parse_backend
 from densenet_debug.errors import UsageError
 from densenet_debug.models.copies import fp64_copy
-from densenet_debug.trace import Trace, UnitRecord, UnitSelector, discover_units, trace_step
+from densenet_debug.trace import TensorStore, Trace, UnitRecord, UnitSelector, discover_units, trace_step
 from densenet_debug.verdict import counterfactual
 from densenet_debug.verdict import kinks as kinkmod
 from densenet_debug.verdict.between import between_rows
@@ -164,7 +172,9 @@ def oracle_traces(model: nn.Module, x: Tensor, y: Tensor, *, steps: int = 1, eva
     """The fp64 CPU truth: ``steps`` traced steps of a float64 copy of ``model`` (``model`` is untouched).
 
     ``keep_graph`` keeps each step's autograd graph (``trace.retained``) so that kinks can be explained by one
-    more fp64 backward instead of a whole step; :func:`release` frees it.
+    more fp64 backward instead of a whole step; :func:`release` frees it. Each step's records go through a
+    :class:`~densenet_debug.trace.TensorStore`: past its memory budget they are written to disk as they are
+    recorded and read back unit by unit, and the graph (as large as the records) is not kept.
     """
     _check_inputs(x, y)
     if steps < 1:
@@ -174,14 +184,17 @@ def oracle_traces(model: nn.Module, x: Tensor, y: Tensor, *, steps: int = 1, eva
     x64, y64 = _input(x, torch.device("cpu"), torch.float64), _target(y, torch.device("cpu"), torch.float64)
     traces = []
     for step in range(steps):
-        trace = traced_step_with_gates(ref, x64, y64, names, loss_fn) if keep_graph else trace_step(
-            ref, x64, y64, units=names, loss_fn=loss_fn)
+        store = TensorStore()
+        trace = traced_step_with_gates(ref, x64, y64, names, loss_fn, store) if keep_graph else trace_step(
+            ref, x64, y64, units=names, loss_fn=loss_fn, store=store)
         traces.append(trace)
         if step + 1 < steps:
-            if keep_graph:  # the kept graph saved these weights: the next step updates a copy, not them
+            if getattr(trace, "retained", None) is not None:  # the graph saved these weights: update a copy
                 ref = _detached_copy(ref)
             _sgd_step(ref, trace)
     check_oracle(traces)
+    for trace in traces:  # a judge need not read it all again (a spilled oracle is read back from disk)
+        trace.checked_finite = True
     return traces
 
 
@@ -223,15 +236,19 @@ def judge_many(model: nn.Module, x: Tensor, y: Tensor, backends: list[str | Back
         raise UsageError(f"the oracle has {len(oracle)} step(s), {steps} asked")
     shared = JudgeCache.of(_shared)
     if shared.finite_oracle is not oracle:  # checked once per oracle, however many sides judge it
-        check_oracle(oracle[:steps])
+        if not all(getattr(t, "checked_finite", False) for t in oracle[:steps]):
+            check_oracle(oracle[:steps])
         shared.finite_oracle = oracle
     names = list(units) if units is not None and not callable(units) else oracle[0].forward_order
     sides = [_Side(parse_backend(b), model, x, y, names, eval_mode) for b in backends]
     ref = _Reference(model, eval_mode, oracle)
-    if shared.lam is None:
-        shared.lam = confidence(element_count(oracle[:steps]))
+    if shared.lam is None:  # shapes suffice: a spilled oracle is not read back to count its elements
+        shared.lam = confidence(element_count([trace.metas() for trace in oracle[:steps]]))
     progress.expect(steps * len(names))
-    lam, scales = shared.lam, shared.scales
+    lam = shared.lam
+    # max |oracle| is memoised by tensor identity, holding the tensor: a spilled oracle is read back afresh for
+    # every unit, so its memo must not keep what it read (else it would hold the whole oracle again)
+    scales = _WeakScales() if any(t.spilled for t in oracle[:steps]) else shared.scales
     for step in range(steps):
         o_trace = oracle[step]
         for side in sides:
@@ -251,6 +268,26 @@ def judge_many(model: nn.Module, x: Tensor, y: Tensor, backends: list[str | Back
         for side in sides:
             side.finish_step(step, names, o_trace, ref, x, y, loss_fn, lam, scales, propagated)
     return [side.result for side in sides]
+
+
+class _WeakScales(dict):
+    """:func:`~densenet_debug.verdict.compare.oracle_scale`'s memo (``id -> (tensor, scale)``) holding its tensors
+    weakly: an entry lives as long as the tensor it was made for, and keeps nothing alive itself."""
+
+    def __setitem__(self, key: object, value: tuple) -> None:
+        if len(self) > 4096:  # forget the entries whose tensors are gone
+            for k in [k for k, (ref, _) in dict.items(self) if ref() is None]:
+                del self[k]
+        oracle, scale = value
+        super().__setitem__(key, (weakref.ref(oracle), scale))
+
+    def __getitem__(self, key: object) -> tuple:
+        ref, scale = super().__getitem__(key)
+        return ref(), scale
+
+    def __contains__(self, key: object) -> bool:
+        entry = dict.get(self, key)
+        return entry is not None and entry[0]() is not None
 
 
 class _Side:
@@ -276,20 +313,22 @@ class _Side:
         with self.backend.active(), progress.step(f"{self.backend.name}: step traced"):
             # torch.compile skips its frames while a dispatch mode is active: copies, not guarded aliases.
             self.trace = trace_step(self.model, self.x, self.y, units=names, loss_fn=loss_fn,
-                                    copy_on_write=not self.backend.compile_backend)
+                                    copy_on_write=not self.backend.compile_backend, store=TensorStore())
         self.result.flags = self.backend.flags_in_force()
         self.local, self.step_kinks = [], []
 
     def local_unit(self, name: str, step: int, o_rec: UnitRecord, bounds: UnitBounds, lam: float, scales: dict) -> None:
-        self.local += local_rows(name, step, self.modules[name], o_rec, self.trace.units.get(name), bounds,
-                                 self.backend, lam, self.step_kinks, scales)
+        # the replay needs the side's layouts and dtypes only: a spilled record is not read back for them
+        seen = self.trace.meta(name) if name in self.trace else None
+        self.local += local_rows(name, step, self.modules[name], o_rec, seen, bounds, self.backend, lam,
+                                 self.step_kinks, scales)
 
     def finish_step(self, step: int, names: list[str], o_trace: Trace, ref: _Reference, x: Tensor, y: Tensor,
                     loss_fn: LossFn, lam: float, scales: dict, propagated: bool) -> None:
         s_trace, local = self.trace, self.local
         compose_tolerances(local, names)
         blame_children(local, names)
-        sites = kink_sites(names, step, o_trace, s_trace, self.modules)
+        sites = _kink_sites(names, step, o_trace, s_trace, self.modules)
         self.step_kinks += [UnitKink(s.layer, s.count, s.min_margin, s.relative_margin, "", step) for s in sites]
         prop_rows = propagated_rows(names, step, o_trace, s_trace, local, scales) if propagated else []
         if sites and any(r.status == Status.MISMATCH and r.pass_ == "backward" for r in prop_rows):
@@ -312,6 +351,19 @@ class _Side:
         self.result.rows += local + between + prop_rows
         self.result.kinks += self.step_kinks
         _sgd_step(self.model, o_trace)
+
+
+def _kink_sites(names: list[str], step: int, o_trace: Trace, s_trace: Trace,
+                modules: dict[str, nn.Module]) -> list[kinkmod.KinkSite]:
+    """:func:`~densenet_debug.verdict.propagated.kink_sites`, one unit at a time, each site kept compactly: a
+    ReLU's branch (exactly 0 or 1, read back as such) as bool, not float64, an eighth of the memory."""
+    sites = []
+    for name in names:
+        for site in kink_sites([name], step, o_trace, s_trace, modules):
+            if type(modules[name]) is nn.ReLU:
+                site.side_branch = site.side_branch.bool()
+            sites.append(site)
+    return sites
 
 
 class _Reference:

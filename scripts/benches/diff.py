@@ -1,16 +1,39 @@
-"""Cost of a full diff: ``scripts/bench.py diff [--model NAME] [--batch B] [--a X] [--b Y] [--repeat R] [--threads T]``.
+"""Cost of a full diff: ``scripts/bench.py diff [--model NAME] [--batch B] [--a X] [--b Y] [--repeat R] [--threads T]
+[--no-memory | --memory-only] [--default-malloc]``.
 
-Anchor, measured in the same process on the same batch: three plain forward+backward passes, one per
+Time. Anchor, measured in the same process on the same batch: three plain forward+backward passes, one per
 backend the diff runs (A, B and the fp64 oracle), each in its own flags. Figure: ``ratio`` = seconds of
 one full :func:`densenet_debug.verdict.engine.diff` (oracle, both sides' traces, every unit's teacher-forced
-replay, error models, kink counterfactuals, report) over the anchor. Target: <= 2.0 on BC-100, batch 8.
-The minimum over ``--repeat`` runs is taken for both, after one warm-up of each.
+replay, error models, kink counterfactuals, report) over the anchor. Target: <= 3.0 on BC-100, batch 8, one
+thread (issue 13). The minimum over ``--repeat`` runs is taken for both, after one warm-up of each;
+``--repeat 0`` times the one cold diff of the memory measurement instead (for large batches, where a diff
+takes minutes).
+
+Memory. Each in its own child process, started fresh, its peak resident set read by the parent from the
+child's own rusage (``os.wait4``, ``ru_maxrss``): one plain fp32 training step of the same model and batch
+(forward, cross-entropy, backward, default flags), and one full diff. Figure: ``memory.ratio`` = the diff's
+peak over the plain step's. Target: <= 4.0 on BC-100 at batch 64 (issue 13). Both are whole-process peaks
+(interpreter, torch and the model included). Both children run with ``MALLOC_MMAP_THRESHOLD_=65536`` (as
+``bench.py train``'s memory processes): glibc then maps every block of 64 KiB or more on its own and unmaps
+it when freed, so the peak is of live memory, not of a heap holding freed blocks (with the default malloc a
+float64 step of BC-100 shows ~1.5x its live memory at batch 8); ``--default-malloc`` measures as a user runs
+it. Where the diff's records go past the trace budget (``DENSENET_DEBUG_TRACE_BUDGET_MB``, inherited by the
+child) they are written to an anonymous temporary file: ``memory.diff_spilled_gb`` reports how much.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
 import time
+
+TIME_TARGET = 3.0
+MEMORY_TARGET = 4.0
 
 
 def _plain_pass(backend, model, x, y) -> float:  # noqa: ANN001
@@ -24,12 +47,81 @@ def _plain_pass(backend, model, x, y) -> float:  # noqa: ANN001
     return time.perf_counter() - start
 
 
+def _setup(model_name: str, batch: int, threads: int | None):  # noqa: ANN202
+    import torch
+
+    from densenet_debug.models import build_model
+    from densenet_debug.models.batch import make_batch
+
+    if threads:
+        torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    model = build_model(model_name)
+    x, y = make_batch(model, (3, 32, 32), batch, seed=0, num_classes=10)
+    return model, x, y
+
+
+def _child(argv: list[str]) -> None:
+    """``diff.py --child plain|diff MODEL BATCH THREADS A B``: one measured run, a JSON line on stdout."""
+    what, model_name, batch, threads, a, b = argv
+    model, x, y = _setup(model_name, int(batch), int(threads) or None)
+    out: dict = {}
+    if what == "plain":
+        import torch.nn.functional as F
+
+        model.zero_grad(set_to_none=True)
+        F.cross_entropy(model(x), y).backward()
+    else:
+        from densenet_debug import trace
+        from densenet_debug.verdict.engine import diff
+
+        start = time.perf_counter()
+        report = diff(model, x, y, a, b)
+        store = getattr(trace, "TensorStore", None)  # absent before streaming: to bench an older checkout
+        out = {"seconds": time.perf_counter() - start, "verdict": report.verdict,
+               "kinks": sum(k.count for k in report.kinks),
+               "spilled_bytes": store.written_in_process if store is not None else 0}
+    print(json.dumps(out))
+
+
+def _measure(what: str, args: argparse.Namespace) -> dict:
+    """Run one child and read its peak RSS from its rusage; the child's JSON line joins the result."""
+    cmd = [sys.executable, __file__, "--child", what, args.model, str(args.batch), str(args.threads or 0),
+           args.a, args.b]
+    env = dict(os.environ) if args.default_malloc else {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=err, text=True, env=env)
+        _, status, usage = os.wait4(proc.pid, 0)  # this child's own rusage, not the children's total
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        out.seek(0)
+        err.seek(0)
+        stdout, stderr = out.read(), err.read()
+    if proc.returncode != 0:
+        raise RuntimeError(f"{what} child failed:\n{stderr[-2000:]}")
+    result = json.loads(stdout.strip().splitlines()[-1])
+    result["peak_rss_mb"] = round(usage.ru_maxrss / 1024, 1)  # KiB on Linux
+    return result
+
+
+def _measure_memory(args: argparse.Namespace) -> dict:
+    plain = _measure("plain", args)
+    full = _measure("diff", args)
+    return {
+        "ratio": round(full["peak_rss_mb"] / plain["peak_rss_mb"], 3),
+        "target": MEMORY_TARGET,
+        "plain_step_peak_rss_mb": plain["peak_rss_mb"],
+        "diff_peak_rss_mb": full["peak_rss_mb"],
+        "diff_spilled_gb": round(full["spilled_bytes"] / 2**30, 3),
+        "diff_cold_seconds": round(full["seconds"], 3),
+        "verdict": full["verdict"],
+        "malloc": "default" if args.default_malloc else "MALLOC_MMAP_THRESHOLD_=65536",
+    }
+
+
 def run(argv: list[str]) -> dict:
     import torch
 
     from densenet_debug.backends import default_pair, parse_backend
-    from densenet_debug.models import build_model
-    from densenet_debug.models.batch import make_batch
     from densenet_debug.verdict.engine import diff
 
     da, db = default_pair()
@@ -38,40 +130,66 @@ def run(argv: list[str]) -> dict:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--a", default=da)
     parser.add_argument("--b", default=db)
-    parser.add_argument("--repeat", type=int, default=2)
+    parser.add_argument("--repeat", type=int, default=2, help="timed diffs after a warm-up; 0: time the cold "
+                        "diff of the memory child instead")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch threads for both the anchor and the diff (default: torch's choice)")
+    parser.add_argument("--no-memory", action="store_true", help="skip the two memory child processes")
+    parser.add_argument("--memory-only", action="store_true",
+                        help="only the two memory children (no anchor passes in this process: at batch 64 the "
+                        "float64 pass alone holds several GB)")
+    parser.add_argument("--default-malloc", action="store_true",
+                        help="measure memory with glibc's default malloc (peaks include freed heap blocks)")
     args = parser.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    if args.no_memory and (args.repeat == 0 or args.memory_only):
+        parser.error("--repeat 0 and --memory-only need the memory measurement")
 
-    torch.manual_seed(0)
-    model = build_model(args.model)
-    x, y = make_batch(model, (3, 32, 32), args.batch, seed=0, num_classes=10)
+    memory = None if args.no_memory else _measure_memory(args)  # first, in a quiet parent
+    if args.memory_only:
+        return {"model": args.model, "batch": args.batch, "a": args.a, "b": args.b, "threads": args.threads,
+                "memory": memory}
+
+    model, x, y = _setup(args.model, args.batch, args.threads)
     backends = [parse_backend(args.a), parse_backend(args.b), parse_backend("fp64", "cpu")]
     prepared = [b.prepare_model(model) for b in backends]
     anchor_parts = {b.name: [] for b in backends}
-    for _ in range(args.repeat + 1):
+    for _ in range(max(args.repeat, 1) + 1):
         for b, m in zip(backends, prepared):
             anchor_parts[b.name].append(_plain_pass(b, m, x, y))
     anchor = {k: min(v[1:]) for k, v in anchor_parts.items()}
     anchor_total = sum(anchor.values())
+    del prepared
 
-    diff_times = []
     report = None
-    for _ in range(args.repeat + 1):
-        start = time.perf_counter()
-        report = diff(model, x, y, args.a, args.b)
-        diff_times.append(time.perf_counter() - start)
-    diff_time = min(diff_times[1:])
-    return {
+    if args.repeat:
+        diff_times = []
+        for _ in range(args.repeat + 1):
+            start = time.perf_counter()
+            report = diff(model, x, y, args.a, args.b)
+            diff_times.append(time.perf_counter() - start)
+        diff_time = min(diff_times[1:])
+    else:
+        diff_time = memory["diff_cold_seconds"]
+    result = {
         "ratio": round(diff_time / anchor_total, 3),
-        "target": 2.0,
+        "target": TIME_TARGET,
         "diff_seconds": round(diff_time, 3),
+        "diff_timed": "warm, best of repeats" if args.repeat else "cold, one run (the memory child's)",
         "anchor_seconds": round(anchor_total, 3),
         "anchor_parts_seconds": {k: round(v, 3) for k, v in anchor.items()},
         "model": args.model, "batch": args.batch, "a": args.a, "b": args.b,
         "threads": torch.get_num_threads(),
-        "verdict": report.verdict if report else None,
+        "verdict": report.verdict if report else memory["verdict"],
         "kinks": sum(k.count for k in report.kinks) if report else None,
+        "parent_peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
     }
+    if memory is not None:
+        result["memory"] = memory
+    return result
+
+
+if __name__ == "__main__":
+    if sys.argv[1:2] == ["--child"]:
+        _child(sys.argv[2:])
+    else:
+        print(json.dumps(run(sys.argv[1:]), indent=2))
