@@ -34,7 +34,7 @@ from densenet_debug.backends import Backend, default_pair, environment, parse_ba
 from densenet_debug.errors import UsageError
 from densenet_debug.models.copies import fp64_copy
 from densenet_debug.trace import Trace, UnitRecord, UnitSelector, discover_units, trace_step
-from densenet_debug.verdict import counterfactual
+from densenet_debug.verdict import counterfactual, inner_kinks
 from densenet_debug.verdict import kinks as kinkmod
 from densenet_debug.verdict.counterfactual import traced_step_with_gates
 from densenet_debug.verdict.local import blame_children, compose_tolerances, element_count, local_rows
@@ -282,6 +282,9 @@ class _Side:
                     loss_fn: LossFn, lam: float, scales: dict, propagated: bool) -> None:
         s_trace, local = self.trace, self.local
         compose_tolerances(local, names)
+        if any(r.status == Status.MISMATCH for r in local):  # relu kinks inside a unit's own forward
+            inner_kinks.explain(local, step, o_trace, s_trace, self.modules, ref.at(step), self.backend,
+                                self.step_kinks)
         blame_children(local, names)
         sites = kink_sites(names, step, o_trace, s_trace, self.modules)
         self.step_kinks += [UnitKink(s.layer, s.count, s.min_margin, s.relative_margin, "", step) for s in sites]
