@@ -295,6 +295,8 @@ class _Side:
             counterfactual.explain(prop_rows, s_trace, cf)
         if any(r.status == Status.MISMATCH for r in prop_rows):
             self_consistent(prop_rows, s_trace, ref.at(step), self.backend, lam)
+            inner_kinks.explain_propagated(prop_rows, step, s_trace, self.modules, ref.at(step), self.backend,
+                                           self.step_kinks)
         explain_by_local(prop_rows, local)
         if any(r.status == Status.NONFINITE for r in local + prop_rows):  # name where the side's NaN/Inf began
             found = first_nonfinite(s_trace, step)

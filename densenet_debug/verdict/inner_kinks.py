@@ -28,9 +28,9 @@ import torch
 from torch import Tensor, nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from densenet_debug.trace import Trace
+from densenet_debug.trace import Trace, UnitRecord
 from densenet_debug.verdict import kinks as kinkmod
-from densenet_debug.verdict.replay import Replay, replay_unit
+from densenet_debug.verdict.replay import Replay, replay_unit, side_values
 from densenet_debug.verdict.report import Row, Status, UnitKink
 
 _RELU = {torch.ops.aten.relu.default, torch.ops.aten.relu_.default}
@@ -130,14 +130,15 @@ def find(side_inputs: list[Tensor], ref_inputs: list[Tensor]) -> InnerKinks | No
     return InnerKinks(count, len(flips), margin, relative, flips)
 
 
-def _error(side: Replay, cf: Replay, quantity: str, scale: float) -> float:
-    keys = [k for k in side.values if k == quantity or k.startswith(quantity + ".")
-            or (quantity.startswith("grad_") and k == quantity)]
+def _error(side: dict[str, Tensor | None], cf: dict[str, Tensor | None], quantity: str, scale: float | None
+           ) -> float:
+    """max |side - cf| over the tensors of ``quantity``, on the row's scale."""
+    keys = [k for k in side if k == quantity or k.startswith(quantity + ".")]
     if not keys:
         return math.inf
     err = 0.0
     for k in keys:
-        s, c = side.values.get(k), cf.values.get(k)
+        s, c = side.get(k), cf.get(k)
         if s is None or c is None or s.shape != c.shape:
             return math.inf
         d = (s.detach().to("cpu", torch.float64) - c.detach().to("cpu", torch.float64)).abs()
@@ -147,41 +148,77 @@ def _error(side: Replay, cf: Replay, quantity: str, scale: float) -> float:
     return err if math.isfinite(err) else math.inf
 
 
-def explain(local: list[Row], step: int, o_trace: Trace, s_trace: Trace, side_modules: dict[str, nn.Module],
-            ref_modules: dict[str, nn.Module], backend: object, kinks_out: list[UnitKink]) -> None:
-    """Turn failing local rows that the inner relu kinks of their unit explain into ``kink`` rows."""
+def _unit(name: str, o_rec: UnitRecord, s_rec: UnitRecord | None, side_module: nn.Module, ref_module: nn.Module,
+          backend: object) -> tuple[Replay, Replay, InnerKinks] | None:
+    """The side's replay of a unit on ``o_rec``, the counterfactual fp64 replay and the flips; None: no flip."""
+    try:
+        rec = _Record()
+        with rec:
+            side = replay_unit(side_module, o_rec, s_rec, backend)
+        ref = _Record()
+        with ref:
+            replay_unit(ref_module, o_rec, None, _Fp64())
+        found = find(rec.inputs, ref.inputs)
+        if found is None:
+            return None
+        with _Force(found.flips):
+            cf = replay_unit(ref_module, o_rec, None, _Fp64())
+    except RuntimeError:  # a unit that cannot be replayed again this way: nothing is excused
+        return None
+    return side, cf, found
+
+
+def _judge(name: str, rows: list[Row], side: dict[str, Tensor | None], cf: Replay, found: InnerKinks,
+           what: str) -> bool:
+    explained = False
+    for r in rows:
+        err = _error(side, cf.values, r.quantity, r.scale)
+        if err <= r.tolerance:
+            r.status = Status.KINK
+            r.note = (f"{found.count} relu element(s) inside {name or 'the model'} took the other branch "
+                      f"({found.calls} call(s); margin {found.min_margin:.2e}, relative "
+                      f"{found.relative_margin:.2e}); agrees with the counterfactual oracle ({what}, the side's "
+                      f"branch there): error {err:.2e}")
+            explained = True
+    return explained
+
+
+def _failing(rows: list[Row], mode: str, step: int, known: set[str], side_modules: dict[str, nn.Module]
+             ) -> dict[str, list[Row]]:
     failing: dict[str, list[Row]] = {}
-    for r in local:
-        if (r.status == Status.MISMATCH and r.mode == "local" and r.step == step and r.layer in o_trace
-                and r.layer in side_modules and r.layer in ref_modules
+    for r in rows:
+        if (r.status == Status.MISMATCH and r.mode == mode and r.step == step and r.layer in known
+                and r.layer in side_modules and r.error_a is not None and math.isfinite(r.error_a)
                 and not kinkmod.is_kinky(side_modules[r.layer])  # a kinky unit: the module-level rule
                 and (r.quantity == "output" or r.quantity.startswith("grad_"))):
             failing.setdefault(r.layer, []).append(r)
-    for name, rows in failing.items():
-        o_rec, s_rec = o_trace[name], s_trace.units.get(name)
-        try:
-            rec = _Record()
-            with rec:
-                side = replay_unit(side_modules[name], o_rec, s_rec, backend)
-            ref = _Record()
-            with ref:
-                replay_unit(ref_modules[name], o_rec, None, _Fp64())
-            found = find(rec.inputs, ref.inputs)
-            if found is None:
-                continue
-            with _Force(found.flips):
-                cf = replay_unit(ref_modules[name], o_rec, None, _Fp64())
-        except RuntimeError:  # a unit that cannot be replayed again this way: nothing is excused
-            continue
-        explained = 0
-        for r in rows:
-            err = _error(side, cf, r.quantity, r.scale)
-            if err <= r.tolerance:
-                r.status = Status.KINK
-                r.note = (f"{found.count} relu element(s) inside {name or 'the model'} took the other branch "
-                          f"({found.calls} call(s); margin {found.min_margin:.2e}, relative "
-                          f"{found.relative_margin:.2e}); agrees with the counterfactual oracle taking the side's "
-                          f"branch there: error {err:.2e}")
-                explained += 1
-        if explained:
-            kinks_out.append(UnitKink(name, found.count, found.min_margin, found.relative_margin, "", step, "local"))
+    return failing
+
+
+def explain(local: list[Row], step: int, o_trace: Trace, s_trace: Trace, side_modules: dict[str, nn.Module],
+            ref_modules: dict[str, nn.Module], backend: object, kinks_out: list[UnitKink]) -> None:
+    """Turn failing local rows that the inner relu kinks of their unit explain into ``kink`` rows."""
+    known = {n for n in o_trace.units if n in ref_modules}
+    for name, rows in _failing(local, "local", step, known, side_modules).items():
+        got = _unit(name, o_trace[name], s_trace.units.get(name), side_modules[name], ref_modules[name], backend)
+        if got is not None and _judge(name, rows, got[0].values, got[1], got[2], "on the oracle's inputs"):
+            kinks_out.append(UnitKink(name, got[2].count, got[2].min_margin, got[2].relative_margin, "", step,
+                                      "local"))
+
+
+def explain_propagated(rows: list[Row], step: int, s_trace: Trace, side_modules: dict[str, nn.Module],
+                       ref_modules: dict[str, nn.Module], backend: object, kinks_out: list[UnitKink]) -> None:
+    """Propagated rows still failing: the same, at the side's own propagated inputs and grad_outputs.
+
+    The counterfactual is the fp64 reference unit on the side's own inputs, taking the side's branch at the
+    flips; the side's recorded values must agree with it within the row's tolerance.
+    """
+    from densenet_debug.verdict.propagated import _as_fp64
+
+    known = {n for n in s_trace.units if n in ref_modules}
+    for name, failing in _failing(rows, "propagated", step, known, side_modules).items():
+        s_rec = s_trace.units[name]
+        got = _unit(name, _as_fp64(s_rec), s_rec, side_modules[name], ref_modules[name], backend)
+        if got is not None and _judge(name, failing, side_values(s_rec), got[1], got[2],
+                                      "on the side's own inputs"):
+            kinks_out.append(UnitKink(name, got[2].count, got[2].min_margin, got[2].relative_margin, "", step))
