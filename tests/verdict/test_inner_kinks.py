@@ -95,3 +95,26 @@ def test_no_flip_no_excuse() -> None:
     found = inner_kinks.find([torch.tensor([1e-9, -2.0], dtype=torch.float64)],
                              [torch.tensor([-1e-9, -2.0], dtype=torch.float64)])
     assert found.count == 1 and found.min_margin == 1e-9
+
+
+def test_tf32_control_on_a_functional_user_model_is_no_longer_flagged() -> None:
+    """The bench's false positive (bench_verdict_run1, functional-k4-2layers, batch 3, seed 120477): TF32
+    rounding flips ReLUs written as ``F.relu`` inside the dense layers; both local and propagated rows failed."""
+    import importlib
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "scripts"))
+    try:
+        bench = importlib.import_module("benches.verdict")
+    finally:
+        sys.path.pop(0)
+    from densenet_debug.faults.selftest import harness_batch
+
+    x, y = harness_batch(3, 120477)
+    report = diff(bench._user_model("functional", 0, 120477), x, y, "native+fault:tf32_round@*", "native",
+                  math_check=False)
+    assert report.verdict == "agree", report.summary
+    kink_rows = [r for r in report.rows if r.status == "kink" and r.layer.startswith("dense.")]
+    assert {r.mode for r in kink_rows} == {"local", "propagated"}
+    assert all("relu element(s)" in r.note for r in kink_rows)
