@@ -143,7 +143,10 @@ def _error(side: dict[str, Tensor | None], cf: dict[str, Tensor | None], quantit
             return math.inf
         d = (s.detach().to("cpu", torch.float64) - c.detach().to("cpu", torch.float64)).abs()
         if d.numel():
-            err = max(err, float(d.max()))
+            worst = float(d.max())
+            if not math.isfinite(worst):  # NaN/Inf is never a kink
+                return math.inf
+            err = max(err, worst)
     err /= scale if scale and scale > 0 else 1.0
     return err if math.isfinite(err) else math.inf
 
