@@ -43,7 +43,7 @@ from densenet_debug.backends import Backend, default_pair, environment, parse_ba
 from densenet_debug.errors import UsageError
 from densenet_debug.models.copies import fp64_copy
 from densenet_debug.trace import TensorStore, Trace, UnitRecord, UnitSelector, discover_units, trace_step
-from densenet_debug.verdict import counterfactual
+from densenet_debug.verdict import counterfactual, inner_kinks
 from densenet_debug.verdict import kinks as kinkmod
 from densenet_debug.verdict.between import between_rows
 from densenet_debug.verdict.counterfactual import traced_step_with_gates
@@ -327,6 +327,9 @@ class _Side:
                     loss_fn: LossFn, lam: float, scales: dict, propagated: bool) -> None:
         s_trace, local = self.trace, self.local
         compose_tolerances(local, names)
+        if any(r.status == Status.MISMATCH for r in local):  # relu kinks inside a unit's own forward
+            inner_kinks.explain(local, step, o_trace, s_trace, self.modules, ref.at(step), self.backend,
+                                self.step_kinks)
         blame_children(local, names)
         sites = _kink_sites(names, step, o_trace, s_trace, self.modules)
         self.step_kinks += [UnitKink(s.layer, s.count, s.min_margin, s.relative_margin, "", step) for s in sites]
@@ -340,6 +343,8 @@ class _Side:
         explain_by_local(prop_rows, local + between)  # before amplification: only what nothing upstream explains
         if any(r.status == Status.MISMATCH and r.explained_by is None for r in prop_rows):
             self_consistent(prop_rows, s_trace, ref.at(step), self.backend, lam)
+            inner_kinks.explain_propagated(prop_rows, step, s_trace, self.modules, ref.at(step), self.backend,
+                                           self.step_kinks)
         if any(r.status == Status.NONFINITE for r in local + prop_rows):  # name where the side's NaN/Inf began
             found = first_nonfinite(s_trace, step)
             if found is not None:
