@@ -291,7 +291,9 @@ class TensorStore:
                     raise RuntimeError("a spilled trace file was truncated while in use")
                 done += got
         out = dense.permute(_inverse(s.order))
-        return out if s.device.type == "cpu" else out.to(s.device)
+        out = out if s.device.type == "cpu" else out.to(s.device)
+        out._dd_origin = (id(self), s.offset)  # a fresh tensor each read: memos key on where it was stored
+        return out
 
 
 class _Loaded(UnitRecord):

@@ -25,7 +25,12 @@ own math (the top-level ``forward``, a dense layer's ``torch.cat``) *is* between
 **The bound (derived, deterministic, first order).** The between code is a composition of aten ops. Every
 op is classified (:func:`rounding`): data movement, ReLU-like selections and comparisons are exact (``k = 0``:
 on the same operands, float32 and float64 give the same number); an elementwise arithmetic op rounds once
-(``k = 1``); a reduction of K terms per result (sum, mean, pooling, softmax) has worst-case error
+(``k = 1``: IEEE add, sub, mul, div, sqrt, casts are correctly rounded); an elementwise function PyTorch computes
+as a short composition (sigmoid ``1/(1+exp(-x))``, silu ``x·sigmoid(x)``, gelu ``x/2·(1+erf(x/√2))``, softplus,
+tanh, the ``*_backward`` formulas) rounds at each of at most four steps, each within one ulp (SLEEF's ``u10``
+exp/log/erf/tanh in the vectorized CPU kernels, IEEE arithmetic otherwise), with no cancellation between them
+on these forms (``k = 4``: :data:`COMPOSED_ROUNDINGS`); a reduction of K terms per result (sum, mean, pooling,
+softmax) has worst-case error
 ``(K - 1) u sum|terms| <= K u sum|terms|`` (``k = K``); any other op (convolution, matmul, batch norm: an
 unselected module or a later call of a unit inside the between code) gets the generic rule of
 :mod:`densenet_debug.verdict.tolerance` for unknown units, ``K = all input elements`` (``k = K``). For ops linear
@@ -111,6 +116,10 @@ ELEMENTWISE_OPS = {
     "log_sigmoid_forward", "log_sigmoid_backward", "rrelu_with_noise", "prelu", "_prelu_kernel",
     "_prelu_kernel_backward", "clone",
 }
+# One IEEE-rounded step each (k = 1); every other elementwise op is a composition of <= 4 (module docstring).
+CORRECTLY_ROUNDED = {"add", "sub", "rsub", "mul", "div", "sqrt", "reciprocal", "square", "fmod", "remainder",
+                     "leaky_relu", "prelu", "_prelu_kernel", "rrelu_with_noise", "lerp"}
+COMPOSED_ROUNDINGS = 4.0
 # Reductions over a dimension that keep the shape (softmax family): K = that dimension's size plus its ops.
 SAME_SHAPE_REDUCTIONS = {"_softmax", "_log_softmax", "_softmax_backward_data", "_log_softmax_backward_data",
                          "cumsum", "logcumsumexp"}
@@ -138,7 +147,7 @@ def rounding(func: object, tensors: list[Tensor], outputs: list[Tensor]) -> floa
             dst = [o for o in outputs if o.is_floating_point()]
             widest = max((unit_roundoff(t.dtype) for t in src), default=0.0)
             return 1.0 if dst and unit_roundoff(dst[0].dtype) > widest else 0.0
-        return 1.0
+        return 1.0 if name in CORRECTLY_ROUNDED else COMPOSED_ROUNDINGS
     out_numel = max((o.numel() for o in outputs), default=1) or 1
     in_numel = max((t.numel() for t in tensors), default=1)
     if name in SAME_SHAPE_REDUCTIONS:

@@ -64,8 +64,9 @@ def oracle_scale(oracle: Tensor, cache: dict | None = None, terms: float | None 
     Memoised by tensor identity in ``cache``: the first call that knows ``terms`` (a local row) sets S for every
     later one that does not (the propagated row of the same quantity).
     """
-    key = id(oracle)
-    known = cache is not None and key in cache and cache[key][0] is oracle
+    origin = getattr(oracle, "_dd_origin", None)  # a spilled record read back (a fresh tensor): its stable key
+    key = origin if origin is not None else id(oracle)
+    known = cache is not None and key in cache and (origin is not None or cache[key][0] is oracle)
     if known and (terms is None or cache[key][2]):
         return cache[key][1]
     o = oracle.detach()
@@ -76,7 +77,7 @@ def oracle_scale(oracle: Tensor, cache: dict | None = None, terms: float | None 
         scale = max(scale, terms)
     scale = scale if scale > 0 else 1.0
     if cache is not None:
-        cache[key] = (oracle, scale, terms is not None)
+        cache[key] = (oracle if origin is None else None, scale, terms is not None)
     return scale
 
 

@@ -270,20 +270,24 @@ def judge_many(model: nn.Module, x: Tensor, y: Tensor, backends: list[str | Back
     return [side.result for side in sides]
 
 
+def _kept() -> bool:
+    return True
+
+
 class _WeakScales(dict):
-    """:func:`~densenet_debug.verdict.compare.oracle_scale`'s memo (``id -> (tensor, scale)``) holding its tensors
+    """:func:`~densenet_debug.verdict.compare.oracle_scale`'s memo (``id -> (tensor, scale, ...)``) holding its tensors
     weakly: an entry lives as long as the tensor it was made for, and keeps nothing alive itself."""
 
     def __setitem__(self, key: object, value: tuple) -> None:
         if len(self) > 4096:  # forget the entries whose tensors are gone
-            for k in [k for k, (ref, _) in dict.items(self) if ref() is None]:
+            for k in [k for k, (ref, *_) in dict.items(self) if ref() is None]:
                 del self[k]
-        oracle, scale = value
-        super().__setitem__(key, (weakref.ref(oracle), scale))
+        oracle, *rest = value  # None for a spilled record's stable key: only the floats are kept
+        super().__setitem__(key, (weakref.ref(oracle) if oracle is not None else _kept, *rest))
 
     def __getitem__(self, key: object) -> tuple:
-        ref, scale = super().__getitem__(key)
-        return ref(), scale
+        ref, *rest = super().__getitem__(key)
+        return (ref(), *rest)
 
     def __contains__(self, key: object) -> bool:
         entry = dict.get(self, key)

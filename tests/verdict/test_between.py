@@ -341,6 +341,7 @@ def test_rounding_counts_of_ops() -> None:
     assert rounding(aten.threshold_backward.default, [a, b], [a]) == 0
     assert rounding(aten.add.Tensor, [a, b], [a + b]) == 1
     assert rounding(aten.add_.Tensor, [a, b], [a]) == 1
+    assert rounding(aten.sigmoid.default, [a], [a.sigmoid()]) == 4  # 1/(1+exp(-x)): a composition
     s = a.sum((2, 3))
     assert rounding(aten.sum.dim_IntList, [a], [s]) == 25 + 1  # K = 25 terms per result, then one more
     conv_out = torch.randn(4, 6, 5, 5)
