@@ -98,7 +98,7 @@ def test_check_reference_agrees_and_writes_json(recorded: Path, tmp_path: Path,
     layers = {r["layer"] for r in data["rows"]}
     index = json.loads((recorded / "index.json").read_text())
     assert layers == set(index["steps"][0]["units"])  # every unit judged
-    assert {r["mode"] for r in data["rows"]} == {"local", "propagated", "between"}  # between: the code between units vs the stored truth
+    assert {r["mode"] for r in data["rows"]} == {"local", "propagated", "between"}
 
 
 def test_check_reference_fails_at_a_planted_fault(recorded: Path, capsys: pytest.CaptureFixture) -> None:
