@@ -76,14 +76,14 @@ class DdpDiffReport:
                 f"the all-reduce bound{bn}")
 
     def to_json(self) -> dict:
-        """The diff JSON contract (schema densenet-debug/diff/1), with side a = ddp and b = the backend."""
+        """The diff JSON contract (schema densenet-debug/diff/2), with side a = ddp and b = the backend."""
         bad = [r for r in self.rows if r.status == "mismatch"]
         first = None
         if bad:
             first = {"layer": bad[0].layer, "pass": "backward", "quantity": bad[0].quantity,
                      "error": bad[0].error, "tolerance": bad[0].tolerance}
         return {
-            "schema": "densenet-debug/diff/1", "verdict": self.verdict, "first_divergence": first,
+            "schema": "densenet-debug/diff/2", "verdict": self.verdict, "first_divergence": first,
             "rows": [{"layer": r.layer, "pass": "backward", "quantity": r.quantity, "error_a": r.error,
                       "error_b": 0.0, "tolerance": r.tolerance, "status": r.status, "origin": ORIGIN,
                       "mode": "ddp", "full_batch_gap": r.full_batch_gap} for r in self.rows],

@@ -1,4 +1,5 @@
-"""The one float64 copy of a model, for every oracle: the verdict's, gradcheck's and the CLI's."""
+"""The one float64 copy of a model, for every oracle (the verdict's, gradcheck's and the CLI's), and the one
+mode every judged copy runs in."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import copy
 import torch
 from torch import Tensor, nn
 
-__all__ = ["fp64_copy"]
+__all__ = ["fp64_copy", "judging_mode"]
 
 
 def fp64_copy(model: nn.Module, device: str | torch.device | None = None) -> nn.Module:
@@ -44,3 +45,13 @@ def fp64_copy(model: nn.Module, device: str | torch.device | None = None) -> nn.
         return c
 
     return module(model)
+
+
+def judging_mode(model: nn.Module, eval_mode: bool) -> nn.Module:
+    """``model`` in train (or eval) mode with every dropout off: dropout draws differ between dtypes, and its
+    randomness is no backend property."""
+    model.train(not eval_mode)
+    for m in model.modules():
+        if isinstance(m, nn.modules.dropout._DropoutNd):
+            m.eval()
+    return model

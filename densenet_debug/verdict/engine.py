@@ -41,7 +41,7 @@ from torch import Tensor, nn
 from densenet_debug import progress
 from densenet_debug.backends import Backend, default_pair, environment, parse_backend
 from densenet_debug.errors import UsageError
-from densenet_debug.models.copies import fp64_copy
+from densenet_debug.models.copies import fp64_copy, judging_mode
 from densenet_debug.trace import TensorStore, Trace, UnitRecord, UnitSelector, discover_units, trace_step
 from densenet_debug.verdict import counterfactual, inner_kinks
 from densenet_debug.verdict import kinks as kinkmod
@@ -99,16 +99,8 @@ class JudgeCache:
 
 
 # -- preparing copies -------------------------------------------------------------------------------------
-def _set_mode(model: nn.Module, eval_mode: bool) -> nn.Module:
-    model.train(not eval_mode)
-    for m in model.modules():  # dropout draws differ between dtypes; its randomness is no backend property
-        if isinstance(m, nn.modules.dropout._DropoutNd):
-            m.eval()
-    return model
-
-
 def _fp64(model: nn.Module, eval_mode: bool) -> nn.Module:
-    return _set_mode(fp64_copy(model, "cpu"), eval_mode)
+    return judging_mode(fp64_copy(model, "cpu"), eval_mode)
 
 
 def unit_names(model: nn.Module, x: Tensor, units: UnitSelector) -> list[str] | Callable[[str, nn.Module], bool]:
@@ -300,7 +292,7 @@ class _Side:
     def __init__(self, backend: Backend, model: nn.Module, x: Tensor, y: Tensor, names: list[str],
                  eval_mode: bool) -> None:
         self.backend = backend
-        self.model = _set_mode(backend.prepare_model(model), eval_mode)
+        self.model = judging_mode(backend.prepare_model(model), eval_mode)
         self.modules = dict(self.model.named_modules())
         missing = [n for n in names if n not in self.modules]
         if missing:

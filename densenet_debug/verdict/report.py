@@ -1,4 +1,10 @@
-"""Rows, per-side results and the diff report, with the JSON contract ``densenet-debug/diff/1``."""
+"""Rows, per-side results and the diff report, with the JSON contract ``densenet-debug/diff/2``.
+
+diff/2 (from diff/1): rows gain ``ratio``, ``ratio_a``/``ratio_b`` and ``scale`` (errors and tolerances read on the
+scale of the terms); new row modes ``between`` (the code between units) and ``math`` (custom autograd Functions
+against finite differences); new statuses ``nonfinite``, ``math`` (findings) and ``downstream`` (explained by a
+failing check upstream); ``settings`` may hold ``math_check`` and ``ops``. Every diff/1 key is kept.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +12,7 @@ import math
 from dataclasses import dataclass, field
 from enum import Enum
 
-SCHEMA = "densenet-debug/diff/1"
+SCHEMA = "densenet-debug/diff/2"
 
 
 class Status(str, Enum):

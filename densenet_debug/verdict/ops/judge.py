@@ -44,7 +44,7 @@ from densenet_debug.capture import Capture, OpRecord, align, capture
 from densenet_debug.capture.kinks import signed_coordinate
 from densenet_debug.capture.records import OUTSIDE, TensorLayout
 from densenet_debug.errors import UsageError
-from densenet_debug.models.copies import fp64_copy
+from densenet_debug.models.copies import fp64_copy, judging_mode
 from densenet_debug.verdict.compare import Comparison, compare
 from densenet_debug.verdict.local import precision
 from densenet_debug.verdict.ops.errors import EXACT, OpModel, base_name, op_model
@@ -151,14 +151,6 @@ def rollup(rows: list[Row]) -> list[Row]:
 
 
 # -- capture ------------------------------------------------------------------------------------------------
-def _set_mode(model: nn.Module, eval_mode: bool) -> nn.Module:
-    model.train(not eval_mode)
-    for m in model.modules():  # dropout draws differ between dtypes; its randomness is no backend property
-        if isinstance(m, nn.modules.dropout._DropoutNd):
-            m.eval()
-    return model
-
-
 def _step(model: nn.Module, x: Tensor, y: Tensor, loss_fn: LossFn) -> Capture:
     model.zero_grad(set_to_none=True)  # an existing .grad turns AccumulateGrad's detach into add_
     x = x.detach().requires_grad_(False)
@@ -170,7 +162,7 @@ def _step(model: nn.Module, x: Tensor, y: Tensor, loss_fn: LossFn) -> Capture:
 def oracle_capture(model: nn.Module, x: Tensor, y: Tensor, *, loss_fn: LossFn = F.cross_entropy,
                    eval_mode: bool = False) -> Capture:
     """The float64 CPU step with every op's values: the truth each side's ops are replayed against."""
-    ref = _set_mode(fp64_copy(model, "cpu"), eval_mode)
+    ref = judging_mode(fp64_copy(model, "cpu"), eval_mode)
     target = y.detach().to("cpu", torch.float64) if y.is_floating_point() else y.detach().cpu()
     with one_thread():
         return _step(ref, x.detach().to("cpu", torch.float64), target, loss_fn)
@@ -179,7 +171,7 @@ def oracle_capture(model: nn.Module, x: Tensor, y: Tensor, *, loss_fn: LossFn = 
 def side_capture(model: nn.Module, x: Tensor, y: Tensor, backend: Backend, *, loss_fn: LossFn = F.cross_entropy,
                  eval_mode: bool = False) -> Capture:
     """The side's step (its conversion, faults and flags) with every op's values."""
-    side = _set_mode(backend.prepare_model(model), eval_mode)
+    side = judging_mode(backend.prepare_model(model), eval_mode)
     target = y.detach().to(backend.device, backend.param_dtype) if y.is_floating_point() else y.to(backend.device)
     with backend.active():
         return _step(side, backend.prepare_input(x.detach()), target, loss_fn)
