@@ -23,7 +23,7 @@ The tool's own copies run inside ``__torch_dispatch__``, where the mode is off, 
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from functools import partial
 
@@ -93,7 +93,7 @@ class _Where:
 class OpCapture(TorchDispatchMode):
     """Record every aten op into :attr:`capture`. Use through :func:`capture`."""
 
-    def __init__(self, model: nn.Module, values: bool = False) -> None:
+    def __init__(self, model: nn.Module, values: bool | Callable[[str], bool] = False) -> None:
         super().__init__()
         self.capture = Capture()
         self.values = values
@@ -125,7 +125,8 @@ class OpCapture(TorchDispatchMode):
             input_layouts=tuple(TensorLayout.of(t) for t in tensors),
             arguments=_non_tensor_arguments(func, args, kwargs), output_layouts=(),
             written=written, node=where.node, creator=where.creator, function=where.function)
-        if self.values:
+        keep_values = self.values(str(func)) if callable(self.values) else self.values
+        if keep_values:
             record.input_values = [t.detach().clone() if i in written else t.detach() for i, t in enumerate(tensors)]
             self._watch(record.input_values, written)
         record.key = self._key(record)
@@ -134,7 +135,7 @@ class OpCapture(TorchDispatchMode):
         out = func(*args, **kwargs)
         outs = tree_leaves(out)
         record.output_layouts = tuple(TensorLayout.of(o) if isinstance(o, Tensor) else None for o in outs)
-        if self.values:
+        if keep_values:
             keep = record.op not in _UNINITIALISED
             record.output_values = [o.detach() if keep and isinstance(o, Tensor) else None for o in outs]
             self._watch(record.output_values, ())
@@ -262,7 +263,7 @@ def _finish(finished: set[int], node_id: int, grad_inputs: tuple, grad_outputs: 
 
 
 @contextmanager
-def capture(model: nn.Module, values: bool = False) -> Iterator[Capture]:
+def capture(model: nn.Module, values: bool | Callable[[str], bool] = False) -> Iterator[Capture]:
     """Capture every aten op run while the block runs (forward, loss, backward) for ``model``.
 
     >>> with capture(model) as cap:
@@ -270,7 +271,8 @@ def capture(model: nn.Module, values: bool = False) -> Iterator[Capture]:
     >>> cap.counts()   # {'forward': ..., 'backward': ..., 'accumulate': ...}
 
     ``values``: keep every op's input and output values too (aliases, copied before any write reaches them;
-    memory grows with the step). Clear ``.grad`` first (``zero_grad(set_to_none=True)``): an existing
+    memory grows with the step), or only for the ops a predicate on the op's name (``"aten.relu_.default"``)
+    selects. Clear ``.grad`` first (``zero_grad(set_to_none=True)``): an existing
     gradient makes AccumulateGrad run ``add_`` instead of ``detach`` and changes the stream.
     """
     mode = OpCapture(model, values)

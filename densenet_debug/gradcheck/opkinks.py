@@ -87,13 +87,18 @@ def _branch(r: OpRecord) -> tuple[str, Tensor] | None:
     return None
 
 
+def _is_piecewise(op: str) -> bool:
+    """``aten.relu_.default`` -> relu is piecewise: only such ops' values are kept (a branch reads its own)."""
+    return op.split(".")[1].rstrip("_") in PIECEWISE
+
+
 def _piecewise(unit: UnitFunction, tensors: list[Tensor]) -> dict[Key, tuple[str, str, Tensor]]:
     """Key -> (label, kind, branch tensor) of every piecewise forward op of the unit at ``tensors``."""
-    with torch.no_grad(), unit._rng(), capture(unit.module, values=True) as cap:
+    with torch.no_grad(), unit._rng(), capture(unit.module, values=_is_piecewise) as cap:
         unit.call(tensors, functional=False)
     out = {}
     for r in cap.records:
-        if r.phase != "forward" or r.op.split(".")[1].rstrip("_") not in PIECEWISE:
+        if r.phase != "forward" or not _is_piecewise(r.op):
             continue
         b = _branch(r)
         if b is not None:
