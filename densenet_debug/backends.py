@@ -6,11 +6,17 @@ restores all of them on exit. Everything it runs (forward, backward, local repla
 ``active()``. ``torch.backends.cudnn.flags()`` resets each flag it is not given, so flags are always passed
 in full.
 
-CPU components: ``native`` (oneDNN off), ``mkldnn``/``onednn`` (oneDNN on), ``fp64``, ``channels_last``,
-``bf16`` (autocast), ``compile``. CUDA components: ``cudnn``, ``no-cudnn``, ``cudnn-benchmark``,
-``cudnn-deterministic``, ``tf32``, ``fp16``, ``bf16``, ``channels_last``, ``compile``. Modifiers:
+CPU components: ``native`` (oneDNN off: PyTorch's own direct kernels), ``mkldnn``/``onednn`` (oneDNN on),
+``fp64``, ``channels_last``, ``bf16`` (autocast), ``compile``. CUDA components: ``cudnn``, ``no-cudnn``,
+``cudnn-benchmark``, ``cudnn-deterministic``, ``tf32``, ``fp16``, ``bf16``, ``channels_last``, ``compile``. Modifiers:
 ``fault:NAME[@LAYER][=MAG]`` (planted faults, :mod:`densenet_debug.faults.registry`) and ``compile:BACKEND``
 (a ``torch.compile`` backend such as ``aot_eager``).
+
+NNPACK is off in every backend. With oneDNN off, PyTorch runs a float32 stride-1 convolution through NNPACK
+once the batch reaches 16: Winograd F(6x6, 3x3) for 3x3 kernels, FFT tiles for others. Its transforms add
+rounding that a direct sum's error model does not cover (measured on BC-100's stem at batch 16: 323·u·Σ|terms|,
+against 4.5·u·Σ|terms| for the direct kernel), so ``native`` at batch 16 would be a different algorithm from
+``native`` at batch 8 and false-alarm. There is no ``nnpack`` component until such transforms have a derived bound.
 """
 
 from __future__ import annotations
@@ -51,7 +57,7 @@ class Component:
 
 _BOTH = ("cpu", "cuda")
 COMPONENTS: dict[str, Component] = {c.name: c for c in [
-    Component("native", "CPU kernels with oneDNN (mkldnn) disabled", ("cpu",), {"mkldnn": False}),
+    Component("native", "CPU kernels with oneDNN (mkldnn) and NNPACK disabled", ("cpu",), {"mkldnn": False}),
     Component("mkldnn", "CPU kernels with oneDNN (mkldnn) enabled", ("cpu",), {"mkldnn": True}),
     Component("onednn", "alias of mkldnn", ("cpu",), {"mkldnn": True}),
     Component("fp64", "model and inputs in float64", _BOTH, {"dtype": torch.float64}),
@@ -148,6 +154,7 @@ class Backend:
         return {
             "mkldnn.enabled": s.get("mkldnn", True),
             "mkldnn.deterministic": False,
+            "nnpack.enabled": False,  # see the module docstring
             "cudnn.enabled": s.get("cudnn", True) if cuda else torch.backends.cudnn.enabled,
             "cudnn.benchmark": bool(s.get("benchmark", False)),
             "cudnn.deterministic": bool(s.get("deterministic", False)),
@@ -170,6 +177,7 @@ class Backend:
             warnings.filterwarnings("ignore", message=".*TF32 acceleration on top of oneDNN.*")
             stack.enter_context(torch.backends.mkldnn.flags(
                 enabled=want["mkldnn.enabled"], deterministic=False, allow_tf32=False, fp32_precision="none"))
+            stack.enter_context(torch.backends.nnpack.flags(enabled=want["nnpack.enabled"]))
             stack.enter_context(torch.backends.cudnn.flags(
                 enabled=want["cudnn.enabled"], benchmark=want["cudnn.benchmark"], benchmark_limit=10,
                 deterministic=want["cudnn.deterministic"], allow_tf32=self.tf32, fp32_precision="none",
@@ -211,6 +219,7 @@ def _read_flags(want: dict, tf32_precision: str) -> dict:
     got = dict(want)
     got["mkldnn.enabled"] = torch.backends.mkldnn.enabled
     got["mkldnn.deterministic"] = torch.backends.mkldnn.deterministic
+    got["nnpack.enabled"] = bool(torch._C._get_nnpack_enabled())
     got["cudnn.enabled"] = torch.backends.cudnn.enabled
     got["cudnn.benchmark"] = torch.backends.cudnn.benchmark
     got["cudnn.deterministic"] = torch.backends.cudnn.deterministic

@@ -37,18 +37,42 @@ def test_cpu_backend_on_a_cuda_device_is_refused() -> None:
 
 def test_active_sets_every_flag_and_restores_them_even_on_error() -> None:
     before = (torch.backends.mkldnn.enabled, torch.backends.cudnn.benchmark, torch.backends.cudnn.allow_tf32,
-              torch.backends.cuda.matmul.allow_tf32)
+              torch.backends.cuda.matmul.allow_tf32, torch._C._get_nnpack_enabled())
     native = parse_backend("native")
     with native.active():
         assert torch.backends.mkldnn.enabled is False
         assert native.flags_in_force()["mkldnn.enabled"] is False
+        assert native.flags_in_force()["nnpack.enabled"] is False
     assert torch.backends.mkldnn.enabled == before[0]
     with pytest.raises(RuntimeError), parse_backend("mkldnn").active():
         assert torch.backends.mkldnn.enabled is True
         raise RuntimeError("boom")
     after = (torch.backends.mkldnn.enabled, torch.backends.cudnn.benchmark, torch.backends.cudnn.allow_tf32,
-             torch.backends.cuda.matmul.allow_tf32)
+             torch.backends.cuda.matmul.allow_tf32, torch._C._get_nnpack_enabled())
     assert after == before
+
+
+@pytest.mark.skipif(not torch.backends.nnpack.is_available(), reason="this torch build has no NNPACK")
+def test_native_at_a_training_batch_is_the_direct_convolution_not_nnpack() -> None:
+    """At batch >= 16 torch would pick NNPACK's Winograd for this conv with oneDNN off; native must not.
+
+    Direct summation errs by a few u·Σ|terms| (the conv bound allows C·k·k of them); Winograd's transforms
+    err by tens of them on the same data, so the measured error tells which algorithm ran.
+    """
+    gen = torch.Generator().manual_seed(0)
+    x, w = torch.randn(16, 24, 16, 16, generator=gen), torch.randn(12, 24, 3, 3, generator=gen)
+    truth = nn.functional.conv2d(x.double(), w.double(), padding=1)
+    terms = nn.functional.conv2d(x.double().abs(), w.double().abs(), padding=1)
+
+    def error_in_u() -> float:
+        y = nn.functional.conv2d(x, w, padding=1)
+        return float(((y.double() - truth).abs() / terms).max()) / unit_roundoff(torch.float32)
+
+    with parse_backend("native").active():
+        direct = error_in_u()
+    with torch.backends.mkldnn.flags(enabled=False), torch.backends.nnpack.flags(enabled=True):
+        winograd = error_in_u()
+    assert direct < 8.0 < winograd  # 8: twice the direct kernel's worst measured here (3.9)
 
 
 def test_prepare_model_converts_a_deep_copy(tiny_model) -> None:
