@@ -51,6 +51,8 @@ import threading  # noqa: E402
 from collections.abc import Sequence  # noqa: E402
 
 _INTERRUPTED = False
+# True while main(), run as the program, imports the verbs (and torch): Ctrl-C then leaves at once, as at start-up
+_IMPORTING = False
 
 
 def _on_sigint(signum: int, frame: object) -> None:
@@ -58,6 +60,8 @@ def _on_sigint(signum: int, frame: object) -> None:
     remember it, because a library may swallow the KeyboardInterrupt (a bare ``except`` while importing) and
     fail later with another error that is really the interrupt's."""
     global _INTERRUPTED
+    if _IMPORTING:  # a KeyboardInterrupt unwinding through torch's C++ import code aborts (SIGABRT, exit -6)
+        _interrupted_early(signum, frame)
     _INTERRUPTED = True
     raise KeyboardInterrupt
 
@@ -112,22 +116,28 @@ def main(argv: Sequence[str] | None = None) -> int:
     global _INTERRUPTED
     _INTERRUPTED = False
     previous = signal.getsignal(signal.SIGINT)
-    ours = previous is signal.default_int_handler or getattr(previous, "early", False)
+    as_program = getattr(previous, "early", False)
+    ours = previous is signal.default_int_handler or as_program
     if ours and threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGINT, _on_sigint)  # from here KeyboardInterrupt unwinds cleanly
     try:
-        return _main(argv)
+        return _main(argv, as_program)
     finally:
         if ours and threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGINT, previous)  # as the program: the early handler again, to the very end
 
 
-def _main(argv: Sequence[str] | None) -> int:
+def _main(argv: Sequence[str] | None, as_program: bool = False) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
     verb = None
+    global _IMPORTING
     try:
-        parser = build_parser()
+        _IMPORTING = as_program
+        try:
+            parser = build_parser()
+        finally:
+            _IMPORTING = False
         args = parser.parse_args(argv)
         verb, debug = getattr(args, "verb", None), bool(getattr(args, "debug", debug))
         if not getattr(args, "_run", None):
