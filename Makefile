@@ -26,8 +26,11 @@ demo: setup
 lint: setup
 	$(VENV)/bin/ruff check densenet_debug tests scripts
 
+# Test processes (pytest-xdist), one file per process at a time (a file's module fixtures are computed once);
+# CI has 2 cores, and every test runs torch on one thread (tests/conftest.py). PYTEST_WORKERS=0: one process.
+PYTEST_WORKERS ?= 2
 pytest: setup
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n $(PYTEST_WORKERS) --dist loadfile
 
 test: lint pytest
 
