@@ -205,11 +205,16 @@ def _same_call(a: FunctionCall, b: FunctionCall) -> bool:
 @contextmanager
 def _profiled(calls: _Calls) -> Iterator[None]:
     previous = sys.getprofile()
-    sys.setprofile(calls.profile)
+    sys.setprofile(calls.profile)  # replaces the user's profiler (cProfile...) for the forward's length
     try:
         yield
     finally:
-        sys.setprofile(previous)
+        if previous is None or callable(previous):
+            sys.setprofile(previous)
+        elif hasattr(previous, "enable"):  # a C profiler: getprofile gives its object, which setprofile refuses
+            previous.enable()
+        else:
+            sys.setprofile(None)
 
 
 def find_calls(model: nn.Module, x: Tensor, y: Tensor, *, eval_mode: bool = False,

@@ -9,6 +9,7 @@ custom autograd Function given to the model, correct or planted wrong.
 from __future__ import annotations
 
 import random
+import sys
 from pathlib import Path
 
 import pytest
@@ -270,6 +271,22 @@ def test_every_call_is_found_once_with_its_module_even_when_recomputed(style: st
         [("CatFn", f"{prefix}.{i}") for i in range(3)] + [("ScaledReluFn", f"{prefix}.{i}") for i in range(3)])
     cat = next(c for c in calls if c.name == "CatFn" and c.module.endswith(".2"))
     assert len(cat.args) == (2 if style == "functional" else 3) and all(a.dtype == torch.float64 for a in cat.args)
+
+
+def test_finding_calls_under_a_users_profiler_keeps_the_profiler() -> None:
+    """diff under cProfile crashed ('Profile' object is not callable) when restoring the profiler."""
+    import cProfile
+
+    x, y = _batch()
+    profiler = cProfile.Profile()
+    profiler.enable()
+    try:
+        calls = mathcheck.find_calls(_model("functional", CatFn), x, y, loss_fn=STYLES["functional"][1])
+        still = sys.getprofile()
+    finally:
+        profiler.disable()
+    assert [c.name for c in calls] == ["CatFn"] * 3
+    assert still is profiler
 
 
 def test_functions_whose_backward_is_unused_and_torch_functions_are_skipped() -> None:
