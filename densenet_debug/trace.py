@@ -87,6 +87,9 @@ class UnitRecord:
     grad_output_layouts: list[Layout | None] = field(default_factory=list)
     backward_index: int | None = None
     calls: int = 0
+    # A unit called more than once: what its first call sent to each parameter (``param_grads`` sums every
+    # call, as .grad does; the first call's inputs are all that is recorded, so local rows judge this share)
+    call_param_grads: dict[str, Tensor] = field(default_factory=dict)
 
 
 @dataclass
@@ -369,7 +372,9 @@ class Tracer:
     :mod:`densenet_debug.capture.graph`), not from module full backward hooks, which wrap tensors and make
     in-place ops (``nn.ReLU(inplace=True)``) crash. A unit's ``grad_outputs`` are what its output nodes'
     backward received, in that layout; ``grad_inputs[i]`` is the sum of what its own nodes send to input i.
-    Only the first call of a unit is recorded (``calls`` counts them); hooks run until the block exits.
+    Only the first call of a unit is recorded (``calls`` counts them); hooks run until the block exits. A unit
+    called more than once keeps both its parameters' ``.grad`` (every call) and its first call's share
+    (``call_param_grads``, from the same node hooks: what its nodes sent to each parameter's AccumulateGrad).
     """
 
     def __init__(
@@ -430,6 +435,8 @@ class Tracer:
                     for pname, p in self.modules[name].named_parameters(recurse=False):
                         if p.grad is not None:
                             rec.param_grads[pname] = self._keep(p.grad, clone=True)
+                if rec.calls == 1:  # .grad is the first call's share
+                    rec.call_param_grads = {}
         if self.store is None:
             return Trace(dict(self._records))
         self.store.seal()  # the trace holds the store, so its share of the budget is given back with it
@@ -482,7 +489,9 @@ class Tracer:
             self._records[name] = rec
             rec.input_layouts = [Layout.of(a) if isinstance(a, Tensor) else None for a in args]
             if self._wants_grads:
-                self._calls[name] = _FirstCall(next_sequence_nr(), [gradient_edge(a) for a in args])
+                params = [(k, gradient_edge(p)) for k, p in module.named_parameters(recurse=False)]
+                self._calls[name] = _FirstCall(next_sequence_nr(), [gradient_edge(a) for a in args],
+                                               [(k, e) for k, e in params if e is not None])
             if "inputs" in self.record:
                 rec.inputs = self._aliases(name, args)
             if "buffers" in self.record:
@@ -509,7 +518,8 @@ class Tracer:
 
     # -- backward: hooks on the call's own autograd nodes ----------------------------------------------
     def _hook_nodes(self, rec: UnitRecord, call: _FirstCall, output_edges: list[Edge | None]) -> None:
-        graph = call_graph(call.first_seq, next_sequence_nr(), output_edges, call.input_edges)
+        graph = call_graph(call.first_seq, next_sequence_nr(), output_edges,
+                           call.input_edges + [e for _, e in call.param_edges])
         n_in, n_out = len(call.input_edges), len(output_edges)
         by_node: dict[int, tuple[Node, list[tuple[int, int]]]] = {}
         for j, edge in enumerate(output_edges):
@@ -524,7 +534,7 @@ class Tracer:
         feeds: dict[int, tuple[Node, list[tuple[int, int]]]] = {}
         for feed in graph.feeds:
             feeds.setdefault(id(feed.node), (feed.node, []))[1].append((feed.position, feed.input_index))
-        if "grad_inputs" in self.record:
+        if self.record & {"grad_inputs", "param_grads"}:
             for node, pairs in feeds.values():
                 self._handles.append(node.register_hook(self._grad_in_hook(rec, pairs, n_in)))
 
@@ -567,8 +577,15 @@ class Tracer:
                 rec.grad_inputs = [None] * n_in
             for position, i in pairs:
                 g = grad_inputs[position]
-                if g is not None:
-                    self._add_grad(rec.grad_inputs, i, g)
+                if g is None:
+                    continue
+                if i < n_in:
+                    if "grad_inputs" in self.record:
+                        self._add_grad(rec.grad_inputs, i, g)
+                elif "param_grads" in self.record:  # a parameter: its AccumulateGrad edge follows the inputs'
+                    pname = self._calls[rec.name].param_edges[i - n_in][0]
+                    have = rec.call_param_grads.get(pname)
+                    rec.call_param_grads[pname] = g.detach().clone() if have is None else have + g
 
         return _unobserved(hook)
 
@@ -591,6 +608,7 @@ class _FirstCall:
 
     first_seq: int
     input_edges: list[Edge | None]
+    param_edges: list[tuple[str, Edge]] = field(default_factory=list)  # the unit's own parameters
     passthrough: list[tuple[int, int]] = field(default_factory=list)
 
 

@@ -329,7 +329,8 @@ def _reproduction_row(tol: float, step: int, layer: str, pass_: str, quantity: s
 def _pairs(q: str, stored: object, recomputed: object) -> dict[str, tuple[Tensor | None, Tensor | None]]:
     """Quantity label -> (stored, recomputed): ``output``, ``grad_output``, ``grad_weight``, ``running_mean``..."""
     if isinstance(stored, dict):
-        prefix = {"param_grads": "grad_", "buffers_before": "before:", "buffers_after": ""}[q]
+        prefix = {"param_grads": "grad_", "call_param_grads": "first call:grad_", "buffers_before": "before:",
+                  "buffers_after": ""}[q]
         return {f"{prefix}{k}": (v, recomputed.get(k)) for k, v in stored.items()}  # type: ignore[union-attr]
     label = q.removesuffix("s")
     many = len(stored) > 1  # type: ignore[arg-type]

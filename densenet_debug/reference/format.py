@@ -59,7 +59,9 @@ from densenet_debug.trace import Layout, Trace, UnitRecord
 
 ARRAY_FILES = ("inputs.npz", "state.npz", "trace.npz")
 TENSOR_QUANTITIES = ("inputs", "outputs", "grad_outputs", "grad_inputs")
-DICT_QUANTITIES = ("param_grads", "buffers_before", "buffers_after")
+# call_param_grads: a unit called several times, its first call's share of each parameter gradient (the
+# share its local rows judge); stored only for such units
+DICT_QUANTITIES = ("param_grads", "call_param_grads", "buffers_before", "buffers_after")
 ALL_QUANTITIES = TENSOR_QUANTITIES + DICT_QUANTITIES
 _ZIP_DATE = (1980, 1, 1, 0, 0, 0)
 _WIDENED = {torch.bfloat16: torch.float32}
@@ -232,7 +234,7 @@ def _encode_unit(rec: UnitRecord, wanted: set[str], store: _Store) -> dict:
         else:
             tensors[q] = [_ref(t, store) for t in values]
     for q in DICT_QUANTITIES:
-        if q in wanted:
+        if q in wanted and (q != "call_param_grads" or rec.call_param_grads):
             tensors[q] = {k: store.key(t) for k, t in sorted(getattr(rec, q).items())}
     return entry
 

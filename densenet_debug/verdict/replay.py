@@ -157,16 +157,21 @@ def _operand(x: Tensor, leaf: Tensor | None) -> Tensor:
     return view.requires_grad_(True)
 
 
-def oracle_values(rec: UnitRecord) -> dict[str, Tensor | None]:
-    """The oracle's quantities under the same keys as :class:`Replay`."""
+def oracle_values(rec: UnitRecord, first_call: bool = False) -> dict[str, Tensor | None]:
+    """The oracle's quantities under the same keys as :class:`Replay`.
+
+    ``first_call``: a unit called several times has its parameters' gradients as its first call sent them
+    (what a replay of that call computes), not their sum over the calls (``.grad``, the propagated truth).
+    """
     values: dict[str, Tensor | None] = {}
     for j, o in enumerate(rec.outputs):
         values[f"output.{j}"] = o
     for i, g in enumerate(rec.grad_inputs):
         if g is not None:
             values[f"grad_input.{i}"] = g
+    shares = rec.call_param_grads if first_call else {}
     for n, g in rec.param_grads.items():
-        values[f"grad_{n}"] = g
+        values[f"grad_{n}"] = shares.get(n, g)
     for k, b in rec.buffers_after.items():
         values[f"buffer.{k}"] = b
     return values

@@ -126,6 +126,22 @@ def test_a_unit_called_twice_records_its_first_call() -> None:
     torch.testing.assert_close(trace["shared"].grad_inputs[0], ref["shared"]["grad_inputs"][0], **TOL)
 
 
+def test_a_unit_called_twice_keeps_its_first_calls_share_of_each_parameter_gradient() -> None:
+    """.grad sums both calls; the first call's share is what a replay of that call computes."""
+    x, y = batch(3)
+    model = build("twice").double()
+    units = discover_units(model, x.double())
+    trace = trace_step(model, x.double(), y, units=units)
+    rec, shared = trace["shared"], dict(model.named_modules())["shared"]
+    assert sorted(rec.call_param_grads) == ["bias", "weight"]
+    first = torch.func.functional_call(shared, dict(shared.named_parameters()), (rec.inputs[0],))
+    share = torch.autograd.grad(first, list(shared.parameters()), rec.grad_outputs[0])
+    for (name, _), mine in zip(shared.named_parameters(), share):
+        torch.testing.assert_close(rec.call_param_grads[name], mine, **TOL)
+        assert not torch.allclose(rec.param_grads[name], mine)  # the second call's share is not zero
+    assert all(not r.call_param_grads for r in trace if r.calls == 1)  # once: .grad is the share
+
+
 def test_cat_backward_slice_keeps_its_708_layout() -> None:
     """The last layer's conv2 only feeds the final cat: its grad_output is a strided slice of cat's grad."""
     x, y = batch(3)

@@ -110,7 +110,7 @@ def test_dedup_shares_tensors_and_uses_verified_recipes() -> None:
     assert distinct < 0.6 * total
     traces, stored = decode_traces(index, arrays, Path("index.json"))
     _assert_same_trace(trace, traces[0])
-    assert stored[0]["block1.cat"] == set(ALL_QUANTITIES)
+    assert stored[0]["block1.cat"] == set(ALL_QUANTITIES) - {"call_param_grads"}  # called once: .grad is its share
 
 
 def test_partial_storage_keeps_only_what_was_asked() -> None:
@@ -282,3 +282,40 @@ def test_checkpoints_policy_rebuilds_the_full_oracle(tmp_path_factory, seed: int
     result = check_reference(fb, "native", loaded=(fb, mb, oracle_b, recomputed))
     assert result.verdict == "agree", result.message()
     assert result.reproduction and all(r.error_a == 0.0 for r in result.reproduction)
+
+
+
+class _ConvTwice(torch.nn.Module):
+    """A conv and a batch norm each called twice in one forward (their .grad sums both calls)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv0 = torch.nn.Conv2d(3, 4, 3, padding=1)
+        self.conv1 = torch.nn.Conv2d(4, 4, 3, padding=1)
+        self.bn = torch.nn.BatchNorm2d(4)
+        self.fc = torch.nn.Linear(4, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.bn(self.conv0(x)))
+        h = torch.relu(self.bn(self.conv1(h))) + h
+        h = torch.relu(self.conv1(h)) + h
+        return self.fc(h.mean((2, 3)))
+
+
+@pytest.mark.parametrize("policy", ["full", "checkpoints"])
+def test_a_module_called_twice_round_trips_and_its_first_call_share_is_stored(tmp_path: Path, policy: str) -> None:
+    """Its local rows judge the first call's share of each parameter gradient: the fixture must hold it."""
+    from densenet_debug.reference.check import check_reference
+    from densenet_debug.reference.format import read_fixture
+    from densenet_debug.reference.record import generate_batch, record_reference
+
+    torch.manual_seed(0)
+    model = _ConvTwice()
+    x, y, _ = generate_batch(3, 0, (3, 8, 8), 10)
+    path = record_reference(model, x, y, tmp_path / "fx", policy=policy, check_oracle=False)
+    stored = read_fixture(path).traces[0]
+    assert stored["conv1"].calls == 2 and sorted(stored["conv1"].call_param_grads) == ["bias", "weight"]
+    assert sorted(stored["bn"].call_param_grads) == ["bias", "weight"] and not stored["conv0"].call_param_grads
+    for backend in ("native", "mkldnn"):
+        result = check_reference(path, backend, model=model)
+        assert result.verdict == "agree", result.message()

@@ -185,8 +185,8 @@ class Torchvision(nn.Module):
 
 class CalledTwice(nn.Module):
     """One ReLU module called three times and one average pool called twice in a forward, and residual sums
-    (between code that rounds). A conv called twice is left out: its weight gradient sums both calls, which
-    a module-level local replay of the first call cannot reproduce (the op-level engine's business)."""
+    (between code that rounds). A conv called twice is left out here (its second call would be between code
+    with a conv's bound): tests/verdict/test_verdict.py has one."""
 
     def __init__(self, num_classes: int = 10) -> None:
         super().__init__()

@@ -137,6 +137,45 @@ def test_correct_backends_never_mismatch(name: str, n: int, seed: int, pair: tup
     assert report.verdict == "agree", report.summary
 
 
+class ConvTwice(nn.Module):
+    """A conv and a batch norm each called twice in one forward, in the functional style: .grad sums both calls."""
+
+    def __init__(self, num_classes: int = 10) -> None:
+        super().__init__()
+        self.conv0 = nn.Conv2d(3, 6, 3, padding=1)
+        self.conv1 = nn.Conv2d(6, 6, 3, padding=1)
+        self.bn = nn.BatchNorm2d(6)
+        self.fc = nn.Linear(12, num_classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        a = F.relu(self.bn(self.conv0(x)))
+        b = F.relu(self.bn(self.conv1(a)))
+        c = F.relu(self.conv1(b))
+        return self.fc(F.adaptive_avg_pool2d(torch.cat([b, c], 1), 1).flatten(1))
+
+
+@given(n=st.integers(2, 5), seed=st.integers(0, 10**4), pair=st.sampled_from([("mkldnn", "native"),
+                                                                              ("channels_last", "fp64")]))
+@settings(max_examples=5, deadline=None)
+def test_modules_called_twice_agree(n: int, seed: int, pair: tuple[str, str]) -> None:
+    """Local rows judge the first call's share of each parameter gradient (its replay computes that share);
+    the whole .grad was judged against it before, and every correct backend failed conv1's grad_bias."""
+    x, y = _batch(n, seed, size=8)
+    torch.manual_seed(seed)
+    report = diff(ConvTwice(), x, y, *pair)
+    assert report.verdict == "agree", report.summary
+    assert {"grad_weight", "grad_bias"} <= {r.quantity for r in report.rows if r.layer == "conv1" and r.mode == "local"}
+
+
+def test_a_fault_in_a_module_called_twice_is_localised_to_it() -> None:
+    x, y = _batch(3, size=8)
+    torch.manual_seed(0)
+    report = diff(ConvTwice(), x, y, "mkldnn", "native+fault:bn_invstd_as_var@bn")
+    assert report.verdict == "mismatch"
+    first = report.first_divergence
+    assert (first["layer"], first["pass"], first["side"], first["mode"]) == ("bn", "backward", "b", "local")
+
+
 def test_layout_fault_is_caught_by_the_local_check_at_its_unit() -> None:
     """conv2 of a block's last layer gets a cat-backward slice as grad_output: offset and non-contiguous."""
     unit = "block1.layer02.conv2"
