@@ -55,7 +55,9 @@ no kink can make this check fail.
 
 **Modules called twice.** The trace records a unit's first call only; that call is cut. Later calls run in
 float64 on what they are handed, as between code, and their ops are counted like any other (a conv called
-twice adds its generic ``k``): downstream checks stay sound, only looser. Inside a checkpointed region the
+twice adds its generic ``k``; a batch norm's magnitudes come from its aten decomposition, whose
+``x - mean`` then adds, not from its fused kernel on |values|, which cancels): downstream checks stay
+sound, only looser. Inside a checkpointed region the
 recompute of a cut unit returns the same leaf again (so gradients reach it); a unit called more than once
 inside a checkpointed region is recomputed in float64 instead (documented limitation: its gradient then
 bypasses the cut, and its grad_output check is left out).
@@ -467,7 +469,7 @@ def _run(model: nn.Module, modules: dict[str, nn.Module], cut: list[str], watche
             if tracker is not None:
                 ctx.enter_context(tracker)
             else:
-                ctx.enter_context(MagnitudeMode())
+                ctx.enter_context(MagnitudeMode(decompose_fused=True))
             ctx.enter_context(torch.enable_grad())
             stack.append("")
             out = model(mag(x64))

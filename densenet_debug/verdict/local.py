@@ -184,7 +184,7 @@ def _multi(values: dict, quantity: str) -> bool:
 
 def compose_tolerances(local: list[Row], names: list[str]) -> None:
     """A composite unit's replay runs its descendants too: its tolerance adds theirs (first order, per pass)."""
-    composites = {n for n in names if any(m.startswith(n + ".") for m in names if n)}
+    composites = {n for n in names if any(_inside(m, n) for m in names)}
     if not composites:
         return
     per_unit: dict[tuple[int, str, str], float] = {}
@@ -195,10 +195,10 @@ def compose_tolerances(local: list[Row], names: list[str]) -> None:
         if r.layer not in composites:
             continue
         extra = sum(t for (step, layer, pass_), t in per_unit.items()
-                    if step == r.step and pass_ == r.pass_ and layer.startswith(r.layer + "."))
+                    if step == r.step and pass_ == r.pass_ and _inside(layer, r.layer))
         if r.pass_ == "backward":  # the backward of the descendants runs on their own forward values
             extra += sum(t for (step, layer, pass_), t in per_unit.items()
-                         if step == r.step and pass_ == "forward" and layer.startswith(r.layer + "."))
+                         if step == r.step and pass_ == "forward" and _inside(layer, r.layer))
         if extra <= 0:
             continue
         r.tolerance = r.tolerance_a = r.tolerance + extra
@@ -207,6 +207,11 @@ def compose_tolerances(local: list[Row], names: list[str]) -> None:
             continue
         r.status = Status.OK if r.error_a <= r.tolerance else Status.MISMATCH
         r.origin += "; plus the sum of its descendant units' local tolerances (first order)"
+
+
+def _inside(name: str, parent: str) -> bool:
+    """``name`` is a module strictly below ``parent`` (every named module is below the root, ``""``)."""
+    return name != parent and (not parent or name.startswith(parent + "."))
 
 
 def blame_children(local: list[Row], names: list[str]) -> None:
