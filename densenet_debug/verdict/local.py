@@ -182,11 +182,19 @@ def _multi(values: dict, quantity: str) -> bool:
     return sum(1 for k in values if k.startswith(quantity + ".")) > 1
 
 
-def compose_tolerances(local: list[Row], names: list[str]) -> None:
-    """A composite unit's replay runs its descendants too: its tolerance adds theirs (first order, per pass)."""
+Composed = dict[tuple[int, str, str], float]
+
+
+def compose_tolerances(local: list[Row], names: list[str]) -> Composed:
+    """A composite unit's replay runs its descendants too: its tolerance adds theirs (first order, per pass).
+
+    Returns what was added, per (step, composite unit, pass), so a composite judged again elsewhere (the
+    propagated rule's :func:`~densenet_debug.verdict.propagated.self_consistent`) gets the same allowance.
+    """
     composites = {n for n in names if any(m.startswith(n + ".") for m in names if n)}
+    added: Composed = {}
     if not composites:
-        return
+        return added
     per_unit: dict[tuple[int, str, str], float] = {}
     for r in local:
         key = (r.step, r.layer, r.pass_)
@@ -201,12 +209,14 @@ def compose_tolerances(local: list[Row], names: list[str]) -> None:
                          if step == r.step and pass_ == "forward" and layer.startswith(r.layer + "."))
         if extra <= 0:
             continue
+        added[(r.step, r.layer, r.pass_)] = extra
         r.tolerance = r.tolerance_a = r.tolerance + extra
         r.ratio_a = r.error_a / r.tolerance if r.tolerance > 0 else math.inf
         if r.status == Status.NONFINITE:
             continue
         r.status = Status.OK if r.error_a <= r.tolerance else Status.MISMATCH
         r.origin += "; plus the sum of its descendant units' local tolerances (first order)"
+    return added
 
 
 def blame_children(local: list[Row], names: list[str]) -> None:
