@@ -185,13 +185,18 @@ def _multi(values: dict, quantity: str) -> bool:
 Composed = dict[tuple[int, str, str], float]
 
 
+def inside(name: str, unit: str) -> bool:
+    """``name`` is a descendant of ``unit``; every unit is inside the model's own (``""``)."""
+    return name != unit and (unit == "" or name.startswith(unit + "."))
+
+
 def compose_tolerances(local: list[Row], names: list[str]) -> Composed:
     """A composite unit's replay runs its descendants too: its tolerance adds theirs (first order, per pass).
 
     Returns what was added, per (step, composite unit, pass), so a composite judged again elsewhere (the
     propagated rule's :func:`~densenet_debug.verdict.propagated.self_consistent`) gets the same allowance.
     """
-    composites = {n for n in names if any(m.startswith(n + ".") for m in names if n)}
+    composites = {n for n in names if any(inside(m, n) for m in names)}
     added: Composed = {}
     if not composites:
         return added
@@ -203,10 +208,10 @@ def compose_tolerances(local: list[Row], names: list[str]) -> Composed:
         if r.layer not in composites:
             continue
         extra = sum(t for (step, layer, pass_), t in per_unit.items()
-                    if step == r.step and pass_ == r.pass_ and layer.startswith(r.layer + "."))
+                    if step == r.step and pass_ == r.pass_ and inside(layer, r.layer))
         if r.pass_ == "backward":  # the backward of the descendants runs on their own forward values
             extra += sum(t for (step, layer, pass_), t in per_unit.items()
-                         if step == r.step and pass_ == "forward" and layer.startswith(r.layer + "."))
+                         if step == r.step and pass_ == "forward" and inside(layer, r.layer))
         if extra <= 0:
             continue
         added[(r.step, r.layer, r.pass_)] = extra
@@ -225,7 +230,9 @@ def blame_children(local: list[Row], names: list[str]) -> None:
     for r in local:
         if r.status not in FAILING:
             continue
-        kids = [n for (s, n) in failing if s == r.step and n != r.layer and n.startswith(r.layer + ".")]
+        kids = [n for (s, n) in failing if s == r.step and inside(n, r.layer)]
+        # not the model's own: its forward's code may be the culprit, and a child fail only because the
+        # oracle's inputs to it, cast to the side's dtype, do (an fp64 value beyond fp32's range)
         if kids and r.layer:
             r.explained_by = sorted(kids)[0]
             r.note = f"explained by failing unit {r.explained_by}"

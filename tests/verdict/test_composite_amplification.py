@@ -86,3 +86,14 @@ def test_a_state_fault_inside_a_composite_layer_still_fails() -> None:
     assert report.verdict == "mismatch"
     first = report.first_divergence
     assert (first["layer"], first["mode"], first["side"]) == ("layers.0.conv1", "propagated", "a"), report.summary
+
+
+def test_the_models_own_unit_adds_its_descendants_tolerances() -> None:
+    """The model's own forward is a composite unit too: its replay runs every conv in TF32, which no bound of its
+    own (the generic |.|-evaluation at float32's roundoff) covers. Before, it alone was never composed and a
+    correct TF32 side failed at the model's forward output (8x8 inputs, batch 2)."""
+    net, x, y = _case(seed=0, batch=2, size=8)
+    report = diff(net, x, y, "native+fault:tf32_round@*", "native")
+    assert report.verdict == "agree", report.summary
+    root = [r for r in report.rows if r.layer == "" and r.mode == "local" and r.quantity == "output"]
+    assert root and "descendant units' local tolerances" in root[0].origin
