@@ -225,14 +225,18 @@ def compose_tolerances(local: list[Row], names: list[str]) -> Composed:
 
 
 def blame_children(local: list[Row], names: list[str]) -> None:
-    """A failing composite unit with a failing descendant is not the culprit; the descendant is."""
+    """A failing composite unit with a failing descendant is not the culprit; the descendant is.
+
+    The model's own unit too, but only by a descendant's finite failure (``mismatch``, ``math``): a descendant
+    non-finite in its teacher-forced replay may just have been handed the oracle's value beyond its dtype's range
+    (``exp(200 x)`` cast to float32), which the model's own forward code produced.
+    """
     failing = {(r.step, r.layer) for r in local if r.status in FAILING}
+    finite = {(r.step, r.layer) for r in local if r.status in (Status.MISMATCH, Status.MATH)}
     for r in local:
         if r.status not in FAILING:
             continue
-        kids = [n for (s, n) in failing if s == r.step and inside(n, r.layer)]
-        # not the model's own: its forward's code may be the culprit, and a child fail only because the
-        # oracle's inputs to it, cast to the side's dtype, do (an fp64 value beyond fp32's range)
-        if kids and r.layer:
+        kids = [n for (s, n) in (failing if r.layer else finite) if s == r.step and inside(n, r.layer)]
+        if kids:
             r.explained_by = sorted(kids)[0]
             r.note = f"explained by failing unit {r.explained_by}"

@@ -97,3 +97,15 @@ def test_the_models_own_unit_adds_its_descendants_tolerances() -> None:
     assert report.verdict == "agree", report.summary
     root = [r for r in report.rows if r.layer == "" and r.mode == "local" and r.quantity == "output"]
     assert root and "descendant units' local tolerances" in root[0].origin
+
+
+def test_a_fault_in_a_unit_is_not_blamed_on_the_models_own_forward() -> None:
+    """The model's own unit replays the faulty BN too and fails first in forward order; a failing descendant with
+    a finite failure is the culprit (bench verdict --seed 1: fp64 side, BN normalising with the unbiased variance)."""
+    net, x, y = _case(seed=0, batch=2, size=8)
+    report = diff(net, x, y, "fp64+fault:bn_unbiased_normalisation@norm", "native")
+    first = report.first_divergence
+    assert report.verdict == "mismatch"
+    assert (first["layer"], first["pass"], first["side"]) == ("norm", "forward", "a"), report.summary
+    root = [r for r in report.rows if r.layer == "" and r.mode == "local" and r.quantity == "output"]
+    assert root and root[0].note == "explained by failing unit norm"
