@@ -322,7 +322,7 @@ class _Side:
     def finish_step(self, step: int, names: list[str], o_trace: Trace, ref: _Reference, x: Tensor, y: Tensor,
                     loss_fn: LossFn, lam: float, scales: dict, propagated: bool) -> None:
         s_trace, local = self.trace, self.local
-        compose_tolerances(local, names)
+        composed = compose_tolerances(local, names)
         if any(r.status == Status.MISMATCH for r in local):  # relu kinks inside a unit's own forward
             inner_kinks.explain(local, step, o_trace, s_trace, self.modules, ref.at(step), self.backend,
                                 self.step_kinks)
@@ -338,7 +338,7 @@ class _Side:
                                loss_fn) if propagated else []
         explain_by_local(prop_rows, local + between)  # before amplification: only what nothing upstream explains
         if any(r.status == Status.MISMATCH and r.explained_by is None for r in prop_rows):
-            self_consistent(prop_rows, s_trace, ref.at(step), self.backend, lam)
+            self_consistent(prop_rows, s_trace, ref.at(step), self.backend, lam, composed)
             inner_kinks.explain_propagated(prop_rows, step, s_trace, self.modules, ref.at(step), self.backend,
                                            self.step_kinks)
         if any(r.status == Status.NONFINITE for r in local + prop_rows):  # name where the side's NaN/Inf began

@@ -66,6 +66,10 @@ class _Force(TorchDispatchMode):
             flip = self.flips.get(k)
             before = args[0].detach().clone() if flip is not None else None
             out = func(*args, **kwargs)
+            # Outputs are found again by address: a relu output lands where a freed one was (a checkpointed
+            # bottleneck frees its forward's, an equal-shaped relu later takes the memory), so the newest relu
+            # at an address is the only one its threshold_backward can read; an older entry there is stale.
+            self.outputs.pop(out.data_ptr(), None)
             if flip is not None:
                 mask, passes = (t.to(out.device) for t in flip)
                 with torch.no_grad():

@@ -108,7 +108,7 @@ def local_rows(name: str, step: int, module: nn.Module, o_rec: UnitRecord, s_rec
                 backend: Backend, lam: float, kinks_out: list[UnitKink], cache: dict | None = None) -> list[Row]:
     replay = replay_unit(module, o_rec, s_rec, backend)
     operands = [t for t in replay.inputs if t is not None]
-    truth = oracle_values(o_rec, first_call=True)
+    truth = oracle_values(o_rec)
     expected = exact_expectation(module, replay) if bounds.exact else truth
     exclude = None
     if bounds.kinky and kinkmod.is_kinky(module) and o_rec.inputs and operands:
@@ -182,11 +182,24 @@ def _multi(values: dict, quantity: str) -> bool:
     return sum(1 for k in values if k.startswith(quantity + ".")) > 1
 
 
-def compose_tolerances(local: list[Row], names: list[str]) -> None:
-    """A composite unit's replay runs its descendants too: its tolerance adds theirs (first order, per pass)."""
-    composites = {n for n in names if any(_inside(m, n) for m in names)}
+Composed = dict[tuple[int, str, str], float]
+
+
+def inside(name: str, unit: str) -> bool:
+    """``name`` is a descendant of ``unit``; every unit is inside the model's own (``""``)."""
+    return name != unit and (unit == "" or name.startswith(unit + "."))
+
+
+def compose_tolerances(local: list[Row], names: list[str]) -> Composed:
+    """A composite unit's replay runs its descendants too: its tolerance adds theirs (first order, per pass).
+
+    Returns what was added, per (step, composite unit, pass), so a composite judged again elsewhere (the
+    propagated rule's :func:`~densenet_debug.verdict.propagated.self_consistent`) gets the same allowance.
+    """
+    composites = {n for n in names if any(inside(m, n) for m in names)}
+    added: Composed = {}
     if not composites:
-        return
+        return added
     per_unit: dict[tuple[int, str, str], float] = {}
     for r in local:
         key = (r.step, r.layer, r.pass_)
@@ -195,32 +208,35 @@ def compose_tolerances(local: list[Row], names: list[str]) -> None:
         if r.layer not in composites:
             continue
         extra = sum(t for (step, layer, pass_), t in per_unit.items()
-                    if step == r.step and pass_ == r.pass_ and _inside(layer, r.layer))
+                    if step == r.step and pass_ == r.pass_ and inside(layer, r.layer))
         if r.pass_ == "backward":  # the backward of the descendants runs on their own forward values
             extra += sum(t for (step, layer, pass_), t in per_unit.items()
-                         if step == r.step and pass_ == "forward" and _inside(layer, r.layer))
+                         if step == r.step and pass_ == "forward" and inside(layer, r.layer))
         if extra <= 0:
             continue
+        added[(r.step, r.layer, r.pass_)] = extra
         r.tolerance = r.tolerance_a = r.tolerance + extra
         r.ratio_a = r.error_a / r.tolerance if r.tolerance > 0 else math.inf
         if r.status == Status.NONFINITE:
             continue
         r.status = Status.OK if r.error_a <= r.tolerance else Status.MISMATCH
         r.origin += "; plus the sum of its descendant units' local tolerances (first order)"
-
-
-def _inside(name: str, parent: str) -> bool:
-    """``name`` is a module strictly below ``parent`` (every named module is below the root, ``""``)."""
-    return name != parent and (not parent or name.startswith(parent + "."))
+    return added
 
 
 def blame_children(local: list[Row], names: list[str]) -> None:
-    """A failing composite unit with a failing descendant is not the culprit; the descendant is."""
+    """A failing composite unit with a failing descendant is not the culprit; the descendant is.
+
+    The model's own unit too, but only by a descendant's finite failure (``mismatch``, ``math``): a descendant
+    non-finite in its teacher-forced replay may just have been handed the oracle's value beyond its dtype's range
+    (``exp(200 x)`` cast to float32), which the model's own forward code produced.
+    """
     failing = {(r.step, r.layer) for r in local if r.status in FAILING}
+    finite = {(r.step, r.layer) for r in local if r.status in (Status.MISMATCH, Status.MATH)}
     for r in local:
         if r.status not in FAILING:
             continue
-        kids = [n for (s, n) in failing if s == r.step and n != r.layer and n.startswith(r.layer + ".")]
-        if kids and r.layer:
+        kids = [n for (s, n) in (failing if r.layer else finite) if s == r.step and inside(n, r.layer)]
+        if kids:
             r.explained_by = sorted(kids)[0]
             r.note = f"explained by failing unit {r.explained_by}"

@@ -7,11 +7,21 @@ conv, linear, pooling and the like, but not where the op itself subtracts (``x -
 ``alpha`` loses its sign, and every result is made non-negative, in the forward and in the backward that
 autograd runs below it. For ops linear in each operand the result is exactly ``sum |terms|``; for other
 ops it is the op at the magnitudes of its operands (a heuristic, stated as such in the tolerance origin).
+
+Except ops whose result is a difference that cancels, where that heuristic drops the terms: ``log_softmax``
+(``y_i = x_i - max x - log S``) evaluated on magnitudes gives ``|log_softmax(m)|``, ~0 for the largest ``m``
+(a model in eval mode whose BN running statistics do not normalise the magnitudes leaves one class far ahead),
+while its terms are ``|x_i| + |max x| + |log S|``. Its result's magnitude is the first-order sensitivity to its
+operand (``dy_i/dx_j = delta_ij - p_j``: ``|dy_i| <= |dx_i| + max_j |dx_j|``) plus its own terms:
+``m_i + max_j m_j + log K`` (``|log S| <= log K`` after the shift by the max). Its backward ``g_i - p_i sum_j g_j``
+has terms ``|g_i| + p_i sum_j |g_j| <= m_i + sum_j m_j`` (``p_i <= 1``; the softmax itself is not at hand among
+magnitudes). The per-op error model (:mod:`densenet_debug.verdict.ops.errors`) states the same.
 """
 
 from __future__ import annotations
 
 import copy
+import math
 
 import torch
 from torch import Tensor, nn
@@ -74,6 +84,11 @@ class MagnitudeMode(TorchDispatchMode):
                 _abs(b), abs(a))
         if name == "neg":
             return args[0].abs()
+        if name == "_log_softmax":
+            return _log_softmax_terms(args[0].abs(), int(args[1]))
+        if name == "_log_softmax_backward_data":
+            m, dim = args[0].abs(), int(args[2])
+            return m + m.sum(dim, keepdim=True)
         if name in ("add", "sub") and len(args) > 2:
             args = (*args[:2], abs(args[2]), *args[3:])
         if name.endswith("_") and args and isinstance(args[0], Tensor):  # in place: the target is a magnitude
@@ -81,6 +96,13 @@ class MagnitudeMode(TorchDispatchMode):
             return out.abs_() if isinstance(out, Tensor) and out.is_floating_point() else out
         out = func(*tree_map(_abs, tuple(args)), **kwargs)
         return tree_map(_abs, out)
+
+
+def _log_softmax_terms(m: Tensor, dim: int) -> Tensor:
+    """Sum |terms| of ``log_softmax`` at operand magnitudes ``m`` (module docstring)."""
+    k = m.shape[dim] if m.dim() else 1
+    top = m.amax(dim, keepdim=True) if m.dim() else m
+    return m + top + math.log(k)
 
 
 def magnitude_module(module: nn.Module, params: dict[str, Tensor] | None = None) -> nn.Module:

@@ -118,3 +118,23 @@ def test_tf32_control_on_a_functional_user_model_is_no_longer_flagged() -> None:
     kink_rows = [r for r in report.rows if r.status == "kink" and r.layer.startswith("dense.")]
     assert {r.mode for r in kink_rows} == {"local", "propagated"}
     assert all("relu element(s)" in r.note for r in kink_rows)
+
+
+def test_a_relu_output_at_the_address_of_a_forced_one_is_not_forced() -> None:
+    """The counterfactual finds a forced relu's output again by address; a checkpointed bottleneck frees its
+    forward's output and an equal-shaped relu later takes that memory (bench verdict: a tf32 control flagged in
+    the in-place style, now and then). The newest relu at an address is the one its threshold_backward reads."""
+    x = torch.randn(3, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    x[0, 0] = -1.0
+    mask = torch.zeros(3, 5, dtype=torch.bool)
+    mask[0, 0] = True
+    force = inner_kinks._Force({0: (mask, torch.ones(3, 5, dtype=torch.bool))})  # call 0: take the other branch
+    g = torch.ones(3, 5, dtype=torch.float64)
+    with force:
+        buf = x.clone()
+        forced = torch.relu_(buf)  # call 0, forced: passes at [0, 0]
+        assert float(forced[0, 0]) == -1.0
+        assert float(torch.ops.aten.threshold_backward.default(g, forced, 0)[0, 0]) == 1.0  # the side's branch
+        again = torch.relu_(buf)  # call 1, not forced, same address and shape
+        grad = torch.ops.aten.threshold_backward.default(g, again, 0)
+    assert float(again[0, 0]) == 0.0 and float(grad[0, 0]) == 0.0
