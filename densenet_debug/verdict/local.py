@@ -108,7 +108,7 @@ def local_rows(name: str, step: int, module: nn.Module, o_rec: UnitRecord, s_rec
                 backend: Backend, lam: float, kinks_out: list[UnitKink], cache: dict | None = None) -> list[Row]:
     replay = replay_unit(module, o_rec, s_rec, backend)
     operands = [t for t in replay.inputs if t is not None]
-    truth = oracle_values(o_rec)
+    truth = oracle_values(o_rec, first_call=True)
     expected = exact_expectation(module, replay) if bounds.exact else truth
     exclude = None
     if bounds.kinky and kinkmod.is_kinky(module) and o_rec.inputs and operands:
