@@ -289,6 +289,14 @@ def between_rows(step: int, names: list[str], s_trace: Trace, model64: nn.Module
     cut, watched = cut_units(names, modules, s_trace)
     if not cut:
         return []
+    need, free = 2 * _resident_bytes(s_trace, cut, watched), _available_bytes()
+    if s_trace.spilled and free is not None and need > free:
+        # The run reads every cut unit's output and grad_input back at once and makes float64 copies of them
+        # (about twice their float64 bytes in all): at BC-100 batch 64 that went past 19 GB and was killed.
+        warnings.warn(f"between-units check skipped at step {step}: it would hold about {need / 2**30:.1f} GiB, "
+                      f"and {free / 2**30:.1f} GiB of memory is available; check the code between units at a "
+                      "smaller batch", stacklevel=2)
+        return []
     data = _Data(outputs={n: list(s_trace[n].outputs) for n in cut},
                  grad_inputs={n: s_trace[n].grad_inputs for n in cut},
                  inputs={n: s_trace[n].inputs for n in watched},
@@ -311,6 +319,28 @@ def between_rows(step: int, names: list[str], s_trace: Trace, model64: nn.Module
         warnings.warn(f"between-units check skipped at step {step}: {str(exc).splitlines()[0]}", stacklevel=2)
         return []
     return _rows(step, s_trace, modules, fwd, bwd, callers, backend, who)
+
+
+def _available_bytes() -> int | None:
+    """Physical memory available now (Linux ``MemAvailable``), None where it cannot be read."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def _resident_bytes(s_trace: Trace, cut: list[str], watched: list[str]) -> int:
+    """Bytes of the side's records a between run reads back at once, counted as float64 (its copies)."""
+    total = 0
+    for name in set(cut) | set(watched):
+        rec = s_trace.meta(name)
+        quantities = [rec.inputs, rec.grad_outputs] + ([rec.outputs, rec.grad_inputs] if name in cut else [])
+        total += sum(t.numel() for q in quantities for t in q if isinstance(t, Tensor))
+    return 8 * total
 
 
 _Samples = dict[str, list["_Sample | None"]]

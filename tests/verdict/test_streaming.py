@@ -199,3 +199,21 @@ def test_cuda_side_spilled_comes_back_on_its_device_and_the_report_is_the_same(m
     model, x, y = _densenet_case(2)
     in_memory, streamed = _both(monkeypatch, lambda: diff(model, x, y, "cudnn", "no-cudnn"))
     assert streamed == in_memory
+
+
+def test_a_between_check_that_cannot_fit_in_memory_is_skipped_with_a_warning(monkeypatch: pytest.MonkeyPatch) -> None:
+    """It reads a spilled side's records back at once: past the memory available it says so and is left out
+    (BC-100 at batch 64 was killed by the kernel at 19 GB), and the rest of the verdict still comes."""
+    from densenet_debug.verdict import between
+
+    model, x, y = _densenet_case(2, 16)
+    monkeypatch.setenv(BUDGET_ENV, "0")
+    checked = diff(model, x, y, "mkldnn", "native")
+    assert any(r.mode == "between" for r in checked.rows)  # spilled, but it fits: still checked
+    monkeypatch.setattr(between, "_available_bytes", lambda: 1024)
+    with pytest.warns(UserWarning, match="between-units check skipped at step 0: it would hold about"):
+        skipped = diff(model, x, y, "mkldnn", "native")
+    assert skipped.verdict == checked.verdict == "agree"
+    assert not any(r.mode == "between" for r in skipped.rows)
+    monkeypatch.delenv(BUDGET_ENV)  # in memory: nothing to read back, never skipped
+    assert any(r.mode == "between" for r in diff(model, x, y, "mkldnn", "native").rows)
