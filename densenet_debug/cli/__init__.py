@@ -153,11 +153,19 @@ def _main(argv: Sequence[str] | None, as_program: bool = False) -> int:
             import torch
 
             torch.set_num_threads(threads)
+        import warnings
+
         from densenet_debug import progress
 
-        # train draws its own per-epoch bar (one live display at a time); elsewhere the library's stages show
-        with progress.bar(enabled=not getattr(args, "quiet", False) and verb != "train"):
-            code = int(args._run(args) or 0)
+        formatted = warnings.formatwarning
+        # a warning is one line of the verb's output, not a file:line and a line of source
+        warnings.formatwarning = lambda message, *_args, **_kw: f"warning: {message}\n"
+        try:
+            # train draws its own per-epoch bar (one live display at a time); elsewhere the library's stages show
+            with progress.bar(enabled=not getattr(args, "quiet", False) and verb != "train"):
+                code = int(args._run(args) or 0)
+        finally:
+            warnings.formatwarning = formatted
         if _INTERRUPTED:  # a library swallowed the KeyboardInterrupt and the verb ran on: still the user's Ctrl-C
             _handled_interrupt()
             return 130

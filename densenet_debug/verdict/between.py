@@ -289,10 +289,10 @@ def between_rows(step: int, names: list[str], s_trace: Trace, model64: nn.Module
     cut, watched = cut_units(names, modules, s_trace)
     if not cut:
         return []
-    need, free = 2 * _resident_bytes(s_trace, cut, watched), _available_bytes()
+    need, free = _resident_bytes(s_trace, cut, watched), _available_bytes()
     if s_trace.spilled and free is not None and need > free:
-        # The run reads every cut unit's output and grad_input back at once and makes float64 copies of them
-        # (about twice their float64 bytes in all): at BC-100 batch 64 that went past 19 GB and was killed.
+        # The run reads every cut unit's output and grad_input, and every watched unit's input and grad_output,
+        # back at once (BC-100: measured 1.2 GB more at batch 8; at batch 64 past 19 GB, killed by the kernel).
         warnings.warn(f"between-units check skipped at step {step}: it would hold about {need / 2**30:.1f} GiB, "
                       f"and {free / 2**30:.1f} GiB of memory is available; check the code between units at a "
                       "smaller batch", stacklevel=2)
@@ -334,13 +334,13 @@ def _available_bytes() -> int | None:
 
 
 def _resident_bytes(s_trace: Trace, cut: list[str], watched: list[str]) -> int:
-    """Bytes of the side's records a between run reads back at once, counted as float64 (its copies)."""
+    """Bytes of the side's records a between run reads back at once (in the side's dtypes)."""
     total = 0
     for name in set(cut) | set(watched):
         rec = s_trace.meta(name)
         quantities = [rec.inputs, rec.grad_outputs] + ([rec.outputs, rec.grad_inputs] if name in cut else [])
-        total += sum(t.numel() for q in quantities for t in q if isinstance(t, Tensor))
-    return 8 * total
+        total += sum(t.numel() * t.element_size() for q in quantities for t in q if isinstance(t, Tensor))
+    return total
 
 
 _Samples = dict[str, list["_Sample | None"]]
