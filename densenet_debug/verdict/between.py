@@ -289,10 +289,12 @@ def between_rows(step: int, names: list[str], s_trace: Trace, model64: nn.Module
     cut, watched = cut_units(names, modules, s_trace)
     if not cut:
         return []
-    need, free = _resident_bytes(s_trace, cut, watched), _available_bytes()
+    need, free = 2 * _resident_bytes(s_trace, cut, watched), _available_bytes()
     if s_trace.spilled and free is not None and need > free:
         # The run reads every cut unit's output and grad_input, and every watched unit's input and grad_output,
-        # back at once (BC-100: measured 1.2 GB more at batch 8; at batch 64 past 19 GB, killed by the kernel).
+        # back at once, and holds float64 copies of some. Measured on BC-100 (1 GiB trace budget): the peak went
+        # 2.7 -> 5.2 GB at batch 8 and 6.1 -> 9.1 GB at batch 16, 1.4x and 0.84x these bytes: twice them is
+        # the estimate. At batch 64 the process was killed by the kernel at 19 GB.
         warnings.warn(f"between-units check skipped at step {step}: it would hold about {need / 2**30:.1f} GiB, "
                       f"and {free / 2**30:.1f} GiB of memory is available; check the code between units at a "
                       "smaller batch", stacklevel=2)
