@@ -338,6 +338,10 @@ class StoredUnits(Mapping[str, UnitRecord]):
     def __len__(self) -> int:
         return len(self._records)
 
+    def records(self) -> Iterator[UnitRecord]:
+        """The records as stored, spilled tensors as :class:`Spilled` (nothing is read back)."""
+        return iter(self._records.values())
+
     def __contains__(self, name: object) -> bool:
         return name in self._records
 
