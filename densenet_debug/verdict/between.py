@@ -402,7 +402,11 @@ def _run(model: nn.Module, modules: dict[str, nn.Module], cut: list[str], watche
     mag = (lambda t: t.abs()) if magnitude else (lambda t: t)
     # The leaf is the side's own tensor (no copy); what the model gets is its float64 copy, made at the call,
     # on which the gradient is read (before any cast back to the side's dtype).
-    bases: dict[str, list[Tensor]] = {}  # read when the unit is called: the side's leaf, kept by the graph
+    # The cut outputs enter autograd through one 0-dim leaf: copy + 0 is the copy, its gradient is read by the
+    # hook on it, and nothing full-sized is a leaf (a leaf per output kept each side record alive through the
+    # graph and accumulated a .grad of its size).
+    zero = torch.zeros((), dtype=torch.float64, requires_grad=True)
+    sizes: dict[str, int] = {}
     made: set[str] = set()
     arrived: dict[str, list[Tensor | None]] = {}
     forward: dict[str, list[_Sample | None]] = {}
@@ -436,11 +440,13 @@ def _run(model: nn.Module, modules: dict[str, nn.Module], cut: list[str], watche
         return hook
 
     def copies(name: str) -> list[Tensor]:
-        if name not in bases:
-            bases[name] = [o.detach().requires_grad_(o.is_floating_point()) for o in data.outputs[name]]
+        recorded = data.outputs[name]
+        sizes[name] = len(recorded)
         with _disable_current_modes():  # the tool's own copy: exact (every side dtype embeds in float64)
-            outs = [mag(b).to("cpu", torch.float64, copy=True) if b.is_floating_point() else b.to("cpu")
-                    for b in bases[name]]
+            outs = [mag(b.detach()).to("cpu", torch.float64, copy=True) if b.is_floating_point() else b.to("cpu")
+                    for b in recorded]
+        del recorded
+        outs = [o + zero if o.is_floating_point() else o for o in outs]
         if name not in made:  # the first call, not a checkpoint's recompute: its gradient is the one read
             made.add(name)
             for j, o in enumerate(outs):
@@ -571,7 +577,7 @@ def _run(model: nn.Module, modules: dict[str, nn.Module], cut: list[str], watche
                 b.copy_(saved_buffers[k])
     for n in cut:  # a cut output nothing downstream used: it should receive a zero gradient
         if n not in grads:
-            grads[n] = [None] * len(bases[n] if n in bases else data.outputs[n])
+            grads[n] = [None] * (sizes[n] if n in sizes else len(data.outputs[n]))
     return forward, grads, callers
 
 
