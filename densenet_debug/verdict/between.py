@@ -57,9 +57,9 @@ no kink can make this check fail.
 float64 on what they are handed, as between code, and their ops are counted like any other (a conv called
 twice adds its generic ``k``; a batch norm's magnitudes come from its aten decomposition, whose
 ``x - mean`` then adds, not from its fused kernel on |values|, which cancels): downstream checks stay
-sound, only looser. Inside a checkpointed region the
-recompute of a cut unit returns the same leaf again (so gradients reach it); a unit called more than once
-inside a checkpointed region is recomputed in float64 instead (documented limitation: its gradient then
+sound, only looser. Inside a checkpointed region the recompute of a cut unit returns a fresh copy of the
+same recorded output (so gradients reach the cut); a unit called more than once inside a checkpointed region
+is recomputed in float64 instead (documented limitation: its gradient then
 bypasses the cut, and its grad_output check is left out).
 
 **Findings** are rows of mode ``between``: ``input`` (forward, at the consuming unit) and ``grad_output``
@@ -400,11 +400,10 @@ def _run(model: nn.Module, modules: dict[str, nn.Module], cut: list[str], watche
     stack: list[str] = []
     tracker = None if magnitude else _Tracker()
     mag = (lambda t: t.abs()) if magnitude else (lambda t: t)
-    # The leaf is the side's own tensor (no copy); what the model gets is its float64 copy, made at the call,
-    # on which the gradient is read (before any cast back to the side's dtype).
-    # The cut outputs enter autograd through one 0-dim leaf: copy + 0 is the copy, its gradient is read by the
-    # hook on it, and nothing full-sized is a leaf (a leaf per output kept each side record alive through the
-    # graph and accumulated a .grad of its size).
+    # What the model gets is a float64 copy of the side's output, made at the call, on which the gradient is
+    # read (before any cast back to the side's dtype). The copies enter autograd through one 0-dim leaf
+    # (copy + 0 is the copy): nothing full-sized is a leaf (a leaf per output kept each side record alive
+    # through the graph and accumulated a .grad of its size).
     zero = torch.zeros((), dtype=torch.float64, requires_grad=True)
     sizes: dict[str, int] = {}
     made: set[str] = set()
