@@ -13,9 +13,10 @@ fresh leaf that requires grad. What then arrives at each unit is ``fp64(between(
 
 * forward: it is compared with the side's recorded inputs of that unit;
 * backward: one VJP of the same graph, seeded with each cut unit's recorded grad_inputs at the inputs it
-  was handed (each read when autograd reaches that unit: :class:`_Cut`), and at the model's output with the side's own loss gradient (the loss replayed in the side's
-  dtype and backend on the side's recorded output: the loss is no unit and no between code of the model),
-  gives the grad_output each unit should have received; it is compared with the side's recorded one.
+  was handed (each read when autograd reaches that unit: :class:`_Cut`), and at the model's output with the
+  side's own loss gradient (the loss replayed in the side's dtype and backend on the side's recorded output:
+  the loss is no unit and no between code of the model), gives the grad_output each unit should have
+  received; it is compared with the side's recorded one.
 
 Cut units are the leaf units (units with no unit inside them) that the side recorded; a unit that writes
 into its input (``inplace=True``: ReLU, Hardtanh, Dropout ...) is not cut but runs in float64 as between code
@@ -308,12 +309,12 @@ def between_rows(step: int, names: list[str], s_trace: Trace, model64: nn.Module
     cut, watched = cut_units(names, modules, s_trace)
     if not cut:
         return []
-    need, free = 2 * _resident_bytes(s_trace, cut, watched), _available_bytes()
+    need, free = _held_bytes(s_trace, cut), _available_bytes()
     if s_trace.spilled and free is not None and need > free:
-        # The run reads every cut unit's output and grad_input, and every watched unit's input and grad_output,
-        # back at once, and holds float64 copies of some. Measured on BC-100 (1 GiB trace budget): the peak went
-        # 2.7 -> 5.2 GB at batch 8 and 6.1 -> 9.1 GB at batch 16, 1.4x and 0.84x these bytes: twice them is
-        # the estimate. At batch 64 the process was killed by the kernel at 19 GB.
+        # The run reads the side's records one unit at a time; what it holds is its float64 graph, at most a
+        # float64 copy of every cut unit's output. Measured on BC-100 at batch 8 (mkldnn vs native): the between
+        # check raised the peak by 0.46 GB, 0.54x these bytes (0.85 GB). (Reading every record back at once, it
+        # was killed by the kernel at 19 GB at batch 64.) A trace kept in memory is within its budget.
         warnings.warn(f"between-units check skipped at step {step}: it would hold about {need / 2**30:.1f} GiB, "
                       f"and {free / 2**30:.1f} GiB of memory is available; check the code between units at a "
                       "smaller batch", stacklevel=2)
@@ -385,14 +386,9 @@ def _available_bytes() -> int | None:
     return None
 
 
-def _resident_bytes(s_trace: Trace, cut: list[str], watched: list[str]) -> int:
-    """Bytes of the side's records a between run reads back at once (in the side's dtypes)."""
-    total = 0
-    for name in set(cut) | set(watched):
-        rec = s_trace.meta(name)
-        quantities = [rec.inputs, rec.grad_outputs] + ([rec.outputs, rec.grad_inputs] if name in cut else [])
-        total += sum(t.numel() * t.element_size() for q in quantities for t in q if isinstance(t, Tensor))
-    return total
+def _held_bytes(s_trace: Trace, cut: list[str]) -> int:
+    """Bytes of a float64 copy of every cut unit's recorded outputs: what a between run's graph can hold."""
+    return sum(t.numel() * 8 for name in cut for t in s_trace.meta(name).outputs if isinstance(t, Tensor))
 
 
 _Samples = dict[str, list["_Sample | None"]]

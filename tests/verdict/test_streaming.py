@@ -202,8 +202,8 @@ def test_cuda_side_spilled_comes_back_on_its_device_and_the_report_is_the_same(m
 
 
 def test_a_between_check_that_cannot_fit_in_memory_is_skipped_with_a_warning(monkeypatch: pytest.MonkeyPatch) -> None:
-    """It reads a spilled side's records back at once: past the memory available it says so and is left out
-    (BC-100 at batch 64 was killed by the kernel at 19 GB), and the rest of the verdict still comes."""
+    """Its float64 graph holds up to a copy of every cut unit's output: past the memory available it says so and
+    is left out, and the rest of the verdict still comes."""
     from densenet_debug.verdict import between
 
     model, x, y = _densenet_case(2, 16)
