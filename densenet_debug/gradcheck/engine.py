@@ -13,6 +13,12 @@ Jacobians of tensors under a size limit. Tolerances come from an error model, pe
 (:mod:`densenet_debug.gradcheck.numerics`); non-smooth points crossed by a step (a ReLU input near 0)
 are found, masked and reported as kinks. A composite that fails while every unit inside it passes is
 the culprit (the code in its own ``forward``).
+
+Every call of a user-written custom ``autograd.Function`` is a unit of its own, smaller than the module it
+runs in: its backward against finite differences of its forward on the inputs of that call
+(:func:`densenet_debug.verdict.mathcheck.check_call`, the derivation there), a row named
+``module · Function``. A hand-written backward that is wrong is thus named at the Function; the module
+around it fails too and is explained by it (:func:`~densenet_debug.gradcheck.report.mark_culprits`).
 """
 
 from __future__ import annotations
@@ -41,6 +47,7 @@ from densenet_debug.gradcheck.numerics import (
 from densenet_debug.gradcheck.report import GradcheckReport, GradRow, Kink, mark_culprits
 from densenet_debug.models.copies import fp64_copy
 from densenet_debug.trace import Layout, discover_units, trace_step
+from densenet_debug.verdict import mathcheck
 from densenet_debug.verdict.nonfinite import check_oracle, finite
 
 __all__ = ["GradRow", "GradcheckReport", "Kink", "gradcheck_model", "gradcheck_unit"]
@@ -145,10 +152,46 @@ def _gradcheck_model(model: nn.Module, x: Tensor, y: Tensor, mode: str, layers: 
         kinks += unit_kinks
     if progress is not None:
         progress(len(order), len(order), "")
+    rows = _with_function_rows(rows, model, x, y, eval_mode, seed, selected, kw)
     mark_culprits(rows)
     env = {"torch": torch.__version__, "device": str(device), "dtype": "float64", "seed": seed,
            "train": not eval_mode, "batch": int(x.shape[0])}
     return GradcheckReport(rows, kinks, mode, order, time.perf_counter() - start, env)
+
+
+# -- custom Functions ------------------------------------------------------------------------------------
+_FUNCTION_STATUS = {"ok": "pass", "math": "fail", "unverifiable": "skip", "not_reproducible": "skip"}
+
+
+def _with_function_rows(rows: list[GradRow], model: nn.Module, x: Tensor, y: Tensor, eval_mode: bool, seed: int,
+                        selected: list[str], kw: dict) -> list[GradRow]:
+    """``rows`` with one row per custom Function call under a selected unit, each just before the first row of
+    the module it ran in (rows follow backward order, and a Function runs inside its module's backward)."""
+    inside = [n for n in selected if n]
+    calls = [c for c in mathcheck.find_calls(model, x, y, eval_mode=eval_mode, **kw)
+             if "" in selected or any(c.module == n or c.module.startswith(n + ".") for n in inside)]
+    if not calls:
+        return rows
+    by_module: dict[str, list[GradRow]] = {}
+    for c in calls:
+        by_module.setdefault(c.module, []).append(_function_row(mathcheck.check_call(c, seed=seed)))
+    out: list[GradRow] = []
+    for r in rows:
+        out += by_module.pop(r.layer, [])
+        out.append(r)
+    return out + [r for group in by_module.values() for r in group]
+
+
+def _function_row(check: mathcheck.MathCheck) -> GradRow:
+    call = check.call
+    note = check.note if check.status != "ok" else ""
+    if check.status in ("unverifiable", "not_reproducible"):
+        note = f"not checked ({check.status.replace('_', ' ')}): {check.note}"
+    return GradRow(layer=f"{call.module} · {call.name}" if call.module else call.name,
+                   tensor="custom Function <w, J v>", error=check.error, tolerance=check.tolerance,
+                   status=_FUNCTION_STATUS[check.status], mode="function", scale=1.0, step=check.step,
+                   directions=len(check.directions) or 1, origin={"finite_difference": check.tolerance},
+                   note=note)
 
 
 # -- one unit -------------------------------------------------------------------------------------------

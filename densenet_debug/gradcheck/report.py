@@ -108,7 +108,8 @@ def mark_culprits(rows: Sequence[GradRow]) -> None:
     """A failing unit is a culprit unless a unit inside it fails too (then the inner one explains it).
 
     Composites (modules with their own functional ops and children) are checked whole; when one fails while
-    every unit inside it passes, the code in its own ``forward`` is to blame and it is the culprit.
+    every unit inside it passes, the code in its own ``forward`` is to blame and it is the culprit. A custom
+    Function called in a module's forward (row ``module · Function``) is inside that module.
     """
     failing = {r.layer for r in rows if r.status in FAILING}
     for row in rows:
@@ -116,7 +117,7 @@ def mark_culprits(rows: Sequence[GradRow]) -> None:
             row.culprit = False
             continue
         prefix = f"{row.layer}." if row.layer else ""
-        inner = [u for u in failing if u != row.layer and u.startswith(prefix)]
+        inner = [u for u in failing if u != row.layer and (u.startswith(prefix) or u.startswith(f"{row.layer} · "))]
         row.culprit = not inner
         if inner and not row.note:
             row.note = f"explained by failing unit {sorted(inner)[0]}"

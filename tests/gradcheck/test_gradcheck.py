@@ -134,6 +134,22 @@ def _swap_conv(model: nn.Module, name: str, fault: str, target: str = "input") -
     setattr(model.get_submodule(parent), leaf, new)
 
 
+def _localized(report: object, layer: str, tensor: str) -> None:
+    """The fault is named at ``layer``: its first culprit is that unit, or the custom Function the test planted
+    the fault with inside it (a smaller unit: ``layer · _FaultyConvFn``), and the unit's row for ``tensor``
+    fails."""
+    first = report.first_failure
+    assert first is not None and first["layer"].split(" · ")[0] == layer, first
+    if " · " in first["layer"]:
+        assert first["tensor"] == "custom Function <w, J v>"
+    assert any(r.layer == layer and r.tensor == tensor for r in report.failures)
+
+
+def _failing_units(report: object) -> set[str]:
+    """Failing units, a custom Function counted as the module it ran in."""
+    return {r.layer.split(" · ")[0] for r in report.failures}
+
+
 def _tiny(seed: int = 0) -> nn.Module:
     torch.manual_seed(seed)
     return build_model("densenet-bc-10")
@@ -169,8 +185,8 @@ def test_planted_input_gradient_fault_is_caught_and_localized(fault: str) -> Non
     x, y = _data()
     report = gradcheck_model(model, x, y)
     assert report.verdict == "fail"
-    assert report.first_failure == {"layer": "block2.layer01.conv2", "tensor": "input0"}
-    assert {r.layer for r in report.failures} == {"block2.layer01.conv2"}  # teacher forcing: nobody else
+    _localized(report, "block2.layer01.conv2", "input0")
+    assert _failing_units(report) == {"block2.layer01.conv2"}  # teacher forcing: nobody else
 
 
 @pytest.mark.parametrize("fault", ["scale:1e-3", "swap"])
@@ -179,8 +195,8 @@ def test_planted_weight_gradient_fault_names_the_weight(fault: str) -> None:
     _swap_conv(model, "block1.layer01.conv1", fault, target="weight")
     x, y = _data()
     report = gradcheck_model(model, x, y, layers=["block1.layer01"])
-    assert report.first_failure == {"layer": "block1.layer01.conv1", "tensor": "weight"}
-    assert all(r.layer == "block1.layer01.conv1" for r in report.failures)
+    _localized(report, "block1.layer01.conv1", "weight")
+    assert _failing_units(report) == {"block1.layer01.conv1"}
 
 
 @pytest.mark.parametrize("fault", ["scale:1e-3", "roll", "swap"])
@@ -190,7 +206,7 @@ def test_planted_fault_in_a_relu_is_caught_despite_its_kinks(fault: str) -> None
     model.block3.layer01.relu2.fault = fault
     x, y = _data()
     report = gradcheck_model(model, x, y, layers=["block3.layer01"])
-    assert report.first_failure == {"layer": "block3.layer01.relu2", "tensor": "input0"}
+    _localized(report, "block3.layer01.relu2", "input0")
 
 
 @pytest.mark.slow
@@ -203,8 +219,9 @@ def test_bc100_localizes_a_0p1_percent_fault_in_one_channel_of_a_wide_bn_weight_
     model.block3.layer16.conv2 = Faulty(model.block3.layer16.conv2, "input0", "scale:1e-3", channel=5)
     x, y = _data(shape=(3, 32, 32))
     report = gradcheck_model(model, x, y, layers=["block3.layer16", "block3.cat"])
-    failing = {(r.layer, r.tensor) for r in report.failures}
+    failing = {(r.layer, r.tensor) for r in report.failures if " · " not in r.layer}
     assert failing == {("block3.layer16.norm1", "weight"), ("block3.layer16.conv2", "input0")}
+    assert _failing_units(report) == {"block3.layer16.norm1", "block3.layer16.conv2"}
     assert bn.weight.shape[0] > 300
 
 
@@ -365,17 +382,39 @@ def test_composite_with_wrong_own_code_is_the_culprit() -> None:
     report = gradcheck_model(UserNet(wrong=True), x, y)
     layers = {r.layer for r in report.rows}
     assert {"block", "", "block.conv", "stem", "fc"} <= layers  # the composites are units too
-    assert report.first_failure is not None and report.first_failure["layer"] == "block"
+    # the wrong code is a custom Function in the block's forward: a unit of its own, inside the block
+    assert report.first_failure == {"layer": "block · _Wrong", "tensor": "custom Function <w, J v>"}
     assert not any(r.status == "fail" for r in report.rows if r.layer == "block.conv")
-    root = [r for r in report.rows if r.layer == "" and r.status == "fail"]
-    assert root and not any(r.culprit for r in root)  # the model fails too, explained by its block
+    for layer in ("block", ""):  # the block and the model fail too, explained by the Function
+        failing = [r for r in report.failures if r.layer == layer]
+        assert failing and not any(r.culprit for r in failing)
+
+
+class _Doubled(nn.Module):
+    """Own code in a composite's forward, no custom Function: only the composite's row can name it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.conv(x)
+        return h + h.detach()  # the value of 2h, the gradient of h: wrong own code, every dtype
+
+
+def test_composite_with_wrong_own_aten_code_is_the_culprit() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 3, 1), _Doubled(), nn.Flatten(), nn.Linear(4 * 8 * 8, 10))
+    report = gradcheck_model(model, *_data(shape=(3, 8, 8)))
+    assert report.first_failure is not None and report.first_failure["layer"] == "1"
+    assert not any(r.status == "fail" for r in report.rows if r.layer == "1.conv")
 
 
 def test_failing_child_explains_its_composite() -> None:
     torch.manual_seed(0)
     x, y = _data(shape=(3, 8, 8))
     report = gradcheck_model(UserNet(faulty_conv=True), x, y)
-    assert report.first_failure == {"layer": "block.conv", "tensor": "input0"}
+    _localized(report, "block.conv", "input0")
     assert all(not r.culprit for r in report.failures if r.layer in ("block", ""))
 
 
@@ -389,7 +428,7 @@ def test_faulty_wrapper_is_itself_exact_when_no_fault_is_planted() -> None:
     assert gradcheck_model(model, x, y, layers=["trans1"]).verdict == "pass"
     model.trans1.norm.fault = "scale:1e-3"
     report = gradcheck_model(model, x, y, layers=["trans1"])
-    assert report.first_failure == {"layer": "trans1.norm", "tensor": "weight"}
+    _localized(report, "trans1.norm", "weight")
 
 
 @pytest.mark.gpu
@@ -399,7 +438,7 @@ def test_cuda_fp64_units_pass_and_a_planted_fault_is_caught() -> None:
     assert gradcheck_model(model, x.cuda(), y.cuda()).verdict == "pass"
     _swap_conv(model, "block2.layer01.conv2", "scale:1e-3")
     report = gradcheck_model(model.cuda(), x.cuda(), y.cuda())
-    assert report.first_failure == {"layer": "block2.layer01.conv2", "tensor": "input0"}
+    _localized(report, "block2.layer01.conv2", "input0")
 
 
 @pytest.mark.parametrize("kwargs", [{"drop_rate": 0.2}, {"memory_efficient": True}])

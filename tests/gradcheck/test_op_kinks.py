@@ -157,13 +157,15 @@ def test_inplace_densenet_passes(seed: int) -> None:
 @pytest.mark.parametrize("scale", [1.01, 0.0])
 def test_wrong_custom_function_between_units_still_fails_at_the_model_row(scale: float,
                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
-    """A wrong backward in every dtype, in the model's own forward: only the whole-model row sees it, and
-    its op-level kinks (in-place and functional ReLUs) must not excuse it."""
+    """A wrong backward in every dtype, in the model's own forward: the custom Function is a unit of its own
+    and fails; the whole-model row fails too, and its op-level kinks (in-place and functional ReLUs) must not
+    excuse it."""
     monkeypatch.setattr(_ScaleChannelGrad, "SCALE", scale)
     torch.manual_seed(0)
     report = gradcheck_model(InplaceDenseNet(wrong=True), *_data(0))
     assert report.verdict == "fail"
-    assert report.first_failure is not None and report.first_failure["layer"] == ""
+    assert report.first_failure is not None and report.first_failure["layer"] == "_ScaleChannelGrad"
+    assert any(r.layer == "" for r in report.failures)
     monkeypatch.setattr(_ScaleChannelGrad, "SCALE", 1.0)
     assert gradcheck_model(InplaceDenseNet(wrong=True), *_data(0)).verdict == "pass"
 
