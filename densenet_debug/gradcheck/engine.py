@@ -14,8 +14,9 @@ Jacobians of tensors under a size limit. Tolerances come from an error model, pe
 are found, masked and reported as kinks. A composite that fails while every unit inside it passes is
 the culprit (the code in its own ``forward``).
 
-Every call of a user-written custom ``autograd.Function`` is a unit of its own, smaller than the module it
-runs in: its backward against finite differences of its forward on the inputs of that call
+Every op a composite runs in its own ``forward`` (``F.relu``, ``torch.cat``, a ``torch.library`` custom op) is
+a unit of its own too, ``module · aten.op`` (:mod:`densenet_debug.gradcheck.ops`), and so is every call of a
+user-written custom ``autograd.Function``, smaller than the module it runs in: its backward against finite differences of its forward on the inputs of that call
 (:func:`densenet_debug.verdict.mathcheck.check_call`, the derivation there), a row named
 ``module · Function``. A hand-written backward that is wrong is thus named at the Function; the module
 around it fails too and is explained by it (:func:`~densenet_debug.gradcheck.report.mark_culprits`).
@@ -44,6 +45,7 @@ from densenet_debug.gradcheck.numerics import (
     Outcome,
     check_joint,
 )
+from densenet_debug.gradcheck.ops import composite_ops
 from densenet_debug.gradcheck.report import GradcheckReport, GradRow, Kink, mark_culprits
 from densenet_debug.models.copies import fp64_copy
 from densenet_debug.trace import Layout, discover_units, trace_step
@@ -152,6 +154,7 @@ def _gradcheck_model(model: nn.Module, x: Tensor, y: Tensor, mode: str, layers: 
         kinks += unit_kinks
     if progress is not None:
         progress(len(order), len(order), "")
+    rows = _with_op_rows(rows, model64, x64, named, selected, units, mode, seed, eval_mode)
     rows = _with_function_rows(rows, model, x, y, eval_mode, seed, selected, kw)
     mark_culprits(rows)
     env = {"torch": torch.__version__, "device": str(device), "dtype": "float64", "seed": seed,
@@ -175,11 +178,29 @@ def _with_function_rows(rows: list[GradRow], model: nn.Module, x: Tensor, y: Ten
     by_module: dict[str, list[GradRow]] = {}
     for c in calls:
         by_module.setdefault(c.module, []).append(_function_row(mathcheck.check_call(c, seed=seed)))
+    return _placed(rows, by_module)
+
+
+def _placed(rows: list[GradRow], by_module: dict[str, list[GradRow]]) -> list[GradRow]:
+    """``rows`` with each module's extra rows just before that module's first row (the rest at the end)."""
     out: list[GradRow] = []
     for r in rows:
         out += by_module.pop(r.layer, [])
         out.append(r)
     return out + [r for group in by_module.values() for r in group]
+
+
+# -- ops in a composite's own forward --------------------------------------------------------------------
+def _with_op_rows(rows: list[GradRow], model64: nn.Module, x64: Tensor, named: dict[str, nn.Module],
+                  selected: list[str], units: list[str], mode: str, seed: int, eval_mode: bool) -> list[GradRow]:
+    """``rows`` with one unit per op a selected composite runs in its own ``forward`` (:mod:`.ops`)."""
+    composites = [u for u in selected if any(v != u and (not u or v.startswith(u + ".")) for v in units)]
+    by_module: dict[str, list[GradRow]] = {}
+    for name, unit, inputs, layouts in composite_ops(model64, x64, composites, eval_mode=eval_mode):
+        module = name.rpartition(" · ")[0] if " · " in name else ""
+        by_module.setdefault(module, []).extend(
+            gradcheck_unit(unit, inputs, None, mode=mode, seed=seed, name=name, input_layouts=layouts))
+    return _placed(rows, by_module)
 
 
 def _function_row(check: mathcheck.MathCheck) -> GradRow:

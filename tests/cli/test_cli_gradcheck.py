@@ -71,7 +71,9 @@ def test_planted_fault_in_user_model_exits_1_and_names_the_culprit(user_file: Pa
     code = main(["gradcheck", "--model", f"{user_file}:faulty", "--input-shape", "3,6,6", "--json", str(out)])
     assert code == 1
     data = json.loads(out.read_text())
-    assert data["verdict"] == "fail" and data["first_failure"]["layer"] == ""  # the culprit is the model's own forward
+    # the culprit is the custom Function the model's own forward calls; the model's row fails too
+    assert data["verdict"] == "fail" and data["first_failure"]["layer"] == "Wrong"
+    assert any(r["layer"] == "" and r["status"] == "fail" and not r["culprit"] for r in data["rows"])
     assert "FAIL" in capsys.readouterr().out
     assert main(["gradcheck", "--model", f"{user_file}:correct", "--input-shape", "3,6,6"]) == 0
 
