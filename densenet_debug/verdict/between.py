@@ -347,7 +347,7 @@ class _Seeder:
     whose graph autograd does not run backward through)."""
 
     name: str
-    read: Callable[[str, int, tuple[int, ...]], Tensor | None] | None
+    read: Callable[[str, list[tuple[int, ...] | None]], list[Tensor | None]] | None
 
 
 class _Cut(torch.autograd.Function):
@@ -369,9 +369,10 @@ class _Cut(torch.autograd.Function):
     @staticmethod
     def backward(ctx, *grads: Tensor) -> tuple:  # noqa: ANN001
         read, name = ctx.seeder.read, ctx.seeder.name
-        wants = ctx.needs_input_grad[3:]
-        return (None, None, None, *[read(name, i, shape) if read is not None and want and shape is not None
-                                    else None for i, (shape, want) in enumerate(zip(ctx.shapes, wants))])
+        wanted = [shape if want else None for shape, want in zip(ctx.shapes, ctx.needs_input_grad[3:])]
+        if read is None or all(s is None for s in wanted):
+            return (None, None, None, *[None] * len(wanted))
+        return (None, None, None, *read(name, wanted))
 
 
 def _available_bytes() -> int | None:
@@ -403,11 +404,12 @@ def _open(samples: _Samples) -> set[tuple[str, int]]:
 def _settle_equal(samples: _Samples, side: dict[str, list[Tensor | None]]) -> None:
     """A check that rounds but came out bit-equal passes under any bound: settle it without magnitudes."""
     for name, group in samples.items():
+        recorded: list | None = None  # read back once per unit, and only if a check is open
         for i, s in enumerate(group):
             if s is None or s.comparison is not None:
                 continue
-            t = side.get(name, [])[i] if i < len(side.get(name, [])) else None
-            exact = compare(t, s.value, None)
+            recorded = side.get(name, []) if recorded is None else recorded
+            exact = compare(recorded[i] if i < len(recorded) else None, s.value, None)
             if exact.ratio == 0:
                 s.comparison, s.value = exact, None
 
@@ -464,7 +466,8 @@ def _run(model: nn.Module, modules: dict[str, nn.Module], cut: list[str], watche
                 if tag.c > 0:
                     group[j] = _Sample(g.detach().clone(), tag)
                     return
-                side = data.grad_outputs[name][j] if j < len(data.grad_outputs[name]) else None
+                recorded = data.grad_outputs[name]
+                side = recorded[j] if j < len(recorded) else None
                 group[j] = _Sample(None, tag, comparison=compare(side, g.detach(), None))
         return hook
 
@@ -484,18 +487,22 @@ def _run(model: nn.Module, modules: dict[str, nn.Module], cut: list[str], watche
                     handles.append(o.register_hook(grad_hook(name, j, len(outs))))
         return outs
 
-    def seed(name: str, i: int, shape: tuple[int, ...]) -> Tensor | None:
-        """The side's grad_input ``i`` of unit ``name``, in float64, read when autograd reaches the unit."""
+    def seed(name: str, shapes: list[tuple[int, ...] | None]) -> list[Tensor | None]:
+        """The side's grad_inputs of unit ``name`` in float64 (None where the shape differs), read when autograd
+        reaches the unit, all at once (a spilled unit's record is read back whole)."""
         recorded = data.grad_inputs[name]
-        g = recorded[i] if i < len(recorded) else None
-        del recorded
-        if g is None or tuple(g.shape) != shape:
-            return None
-        with _disable_current_modes():
-            g64 = mag(_fp64(g))
-        if tracker is not None:  # several consumers of t: autograd adds their seeds (counted as adds)
-            tracker.set(g64, _Tag(0.0, frozenset({name})))
-        return g64
+        out: list[Tensor | None] = []
+        for i, shape in enumerate(shapes):
+            g = recorded[i] if i < len(recorded) else None
+            if g is None or shape is None or tuple(g.shape) != shape:
+                out.append(None)
+                continue
+            with _disable_current_modes():
+                g64 = mag(_fp64(g))
+            if tracker is not None:  # several consumers of t: autograd adds their seeds (counted as adds)
+                tracker.set(g64, _Tag(0.0, frozenset({name})))
+            out.append(g64)
+        return out
 
     def replacement(name: str, original: Callable) -> Callable:
         calls = [0]
@@ -518,16 +525,23 @@ def _run(model: nn.Module, modules: dict[str, nn.Module], cut: list[str], watche
 
         return forward_
 
-    def _arrival(name: str, i: int, a: Tensor | None) -> _Sample | None:
-        if a is None:
-            return None
-        if magnitude:
-            return _Sample(a.detach().clone(), _Tag(0.0, frozenset())) if (name, i) in (needed or ()) else None
-        tag = tag_of(a)
-        if tag.c > 0:  # compared once its magnitude is known; a later in-place op must not change it
-            return _Sample(a.detach().clone(), tag)
-        side = data.inputs[name][i] if i < len(data.inputs[name]) else None
-        return _Sample(None, tag, comparison=compare(side, a.detach(), None))
+    def _arrivals(name: str, args: tuple) -> list[_Sample | None]:
+        """What arrived at each input of ``name``: compared now where exact, kept where it rounds."""
+        side: list | None = None  # the side's inputs of the unit, read back once (a spilled record is whole)
+        out: list[_Sample | None] = []
+        for i, a in enumerate(args):
+            if not isinstance(a, Tensor):
+                out.append(None)
+            elif magnitude:
+                out.append(_Sample(a.detach().clone(), _Tag(0.0, frozenset())) if (name, i) in (needed or ())
+                           else None)
+            elif (tag := tag_of(a)).c > 0:  # compared once its magnitude is known; a later in-place op must not
+                out.append(_Sample(a.detach().clone(), tag))  # change it
+            else:
+                side = data.inputs[name] if side is None else side
+                out.append(_Sample(None, tag, comparison=compare(side[i] if i < len(side) else None, a.detach(),
+                                                                  None)))
+        return out
 
     def pre(name: str) -> Callable:
         def hook(module: nn.Module, args: tuple) -> None:
@@ -535,8 +549,7 @@ def _run(model: nn.Module, modules: dict[str, nn.Module], cut: list[str], watche
                 seen.add(name)
                 callers[name] = stack[-1] if stack else ""
                 with _disable_current_modes():
-                    forward[name] = [_arrival(name, i, a if isinstance(a, Tensor) else None)
-                                     for i, a in enumerate(args)]
+                    forward[name] = _arrivals(name, args)
             stack.append(name)
         return hook
 
@@ -630,7 +643,7 @@ def _rows(step: int, s_trace: Trace, modules: dict[str, nn.Module], fwd: dict[st
             rows.append(row)
     for name, samples in bwd.items():
         rec = s_trace[name]
-        n_out = len(rec.outputs)
+        n_out = len(s_trace.meta(name).outputs)  # how many, without reading them back
         pairs = []
         for j in range(n_out):
             s = samples[j] if j < len(samples) else None
