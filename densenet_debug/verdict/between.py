@@ -89,7 +89,7 @@ from densenet_debug.backends import U64, Backend, unit_roundoff
 from densenet_debug.errors import is_allocation_failure
 from densenet_debug.trace import Trace
 from densenet_debug.verdict.compare import Comparison, compare
-from densenet_debug.verdict.magnitude import _PASS, MagnitudeMode
+from densenet_debug.verdict.magnitude import _PASS, Branches, MagnitudeMode
 from densenet_debug.verdict.report import Row, Status
 from densenet_debug.verdict.tolerance import underflow
 
@@ -174,10 +174,12 @@ class _Tracker(TorchDispatchMode):
     """Tags every op's outputs with ``c`` (rounding count) and ``src`` (the units whose values or gradients it
     carries). In-place ops bump their whole storage (a write through a view)."""
 
-    def __init__(self) -> None:
+    def __init__(self, branches: Branches | None = None) -> None:
         super().__init__()
         self.tags: WeakTensorKeyDictionary = WeakTensorKeyDictionary()
         self.storage_c: dict[int, float] = {}
+        # the decisions of piecewise ops, for the magnitude run to take the same branches (verdict.magnitude)
+        self.branches = Branches() if branches is None else branches
 
     def tag(self, t: Tensor) -> _Tag:
         own = self.tags.get(t)
@@ -191,7 +193,7 @@ class _Tracker(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
         kwargs = kwargs or {}
-        out = func(*args, **kwargs)
+        out = self.branches.run(func, args, kwargs)
         ins = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, Tensor)]
         outs = [t for t in tree_flatten(out)[0] if isinstance(t, Tensor)]
         if not outs:
@@ -325,12 +327,13 @@ def between_rows(step: int, names: list[str], s_trace: Trace, model64: nn.Module
                  calls={n: s_trace[n].calls for n in cut})
     x64 = _fp64(x)
     try:
-        fwd, bwd, callers = _run(model64, modules, cut, watched, data, x64, magnitude=False)
+        branches = Branches()
+        fwd, bwd, callers = _run(model64, modules, cut, watched, data, x64, magnitude=False, branches=branches)
         _settle_equal(fwd, data.inputs)
         _settle_equal(bwd, data.grad_outputs)
         if _open(fwd) or _open(bwd):  # a check that rounds and differs: its bound needs sum|terms|
             mfwd, mbwd, _ = _run(model64, modules, cut, watched, data, x64, magnitude=True,
-                                 needed=_open(fwd), needed_grads=_open(bwd))
+                                 needed=_open(fwd), needed_grads=_open(bwd), branches=branches)
             _attach(fwd, mfwd)
             _attach(bwd, mbwd)
     except RuntimeError as exc:  # a model this run cannot re-enter: say so, never crash the verdict
@@ -423,13 +426,14 @@ def _attach(values: dict[str, list[_Sample | None]], mags: dict[str, list[_Sampl
 
 
 def _run(model: nn.Module, modules: dict[str, nn.Module], cut: list[str], watched: list[str], data: _Data,
-         x64: Tensor, magnitude: bool, needed: set | None = None,
-         needed_grads: set | None = None) -> tuple[_Samples, _Samples, dict[str, str]]:
+         x64: Tensor, magnitude: bool, needed: set | None = None, needed_grads: set | None = None,
+         branches: Branches | None = None) -> tuple[_Samples, _Samples, dict[str, str]]:
     """One float64 forward and VJP of the between code. Returns (inputs arriving at each watched unit,
     grad_outputs each watched unit should receive, as values or magnitudes; the module that called each).
-    ``needed``/``needed_grads``: in the magnitude pass, the (unit, index) pairs whose magnitudes are wanted."""
+    ``needed``/``needed_grads``: in the magnitude pass, the (unit, index) pairs whose magnitudes are wanted.
+    ``branches``: recorded by the values' pass, taken by the magnitude pass (:class:`Branches`)."""
     stack: list[str] = []
-    tracker = None if magnitude else _Tracker()
+    tracker = None if magnitude else _Tracker(branches)
     mag = (lambda t: t.abs()) if magnitude else (lambda t: t)
     # What the model gets is a float64 copy of the side's output, made at the call, on which the gradient is
     # read (before any cast back to the side's dtype). The copies enter autograd through one 0-dim leaf
@@ -582,7 +586,7 @@ def _run(model: nn.Module, modules: dict[str, nn.Module], cut: list[str], watche
             if tracker is not None:
                 ctx.enter_context(tracker)
             else:
-                ctx.enter_context(MagnitudeMode(decompose_fused=True))
+                ctx.enter_context(MagnitudeMode(decompose_fused=True, branches=branches))
             ctx.enter_context(torch.enable_grad())
             stack.append("")
             out = model(mag(x64))
