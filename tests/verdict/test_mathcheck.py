@@ -256,7 +256,8 @@ def test_gradcheck_catches_a_cat_backward_wrong_in_every_dtype_at_its_unit(style
     layer = "dense.1" if style == "functional" else "layers.1"
     report = gradcheck_model(_model(style, WrongCatFn), x, y, layers=[layer], loss_fn=STYLES[style][1])
     assert report.verdict == "fail"
-    assert report.first_failure["layer"] == layer
+    assert report.first_failure["layer"] == f"{layer} · WrongCatFn"  # the Function, a unit inside its layer
+    assert any(r.layer == layer and not r.culprit for r in report.failures)  # the layer fails, explained by it
     right = gradcheck_model(_model(style, CatFn), x, y, layers=[layer], loss_fn=STYLES[style][1])
     assert right.verdict == "pass"
 

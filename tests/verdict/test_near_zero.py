@@ -179,6 +179,8 @@ def test_gradcheck_catches_a_wrong_bias_gradient_before_bn(monkeypatch: pytest.M
     torch.manual_seed(0)
     report = _gradcheck(BiasBeforeBN(WrongBiasConv))
     assert report.verdict == "fail"
-    assert report.first_failure == {"layer": "conv2", "tensor": "bias"}
+    # named at the hand-written backward (a unit inside conv2), and conv2's bias row fails too
+    assert report.first_failure == {"layer": "conv2 · _WrongBiasGrad", "tensor": "custom Function <w, J v>"}
     row = next(r for r in report.rows if r.layer == "conv2" and r.tensor == "bias")
+    assert row.status == "fail" and not row.culprit
     assert row.error > 10 * row.tolerance and row.error < 1.0  # the planted 1e-4 of the terms, on their scale
