@@ -245,15 +245,17 @@ class _Rule:
     element by ``code``) and forced (``force``: the values on the side's branch at the flipped elements).
 
     ``reads_result_of``: for a backward op whose input may be its forward op's output, those forward ops
-    (their flips bound this op's, module docstring).
+    (their flips bound this op's, module docstring). ``argmax``: the branch is the op's argmax output, coded
+    and forced after the call (:func:`_max_pool_call`, :func:`_force_max_pool`), not by ``code``/``force``.
     """
 
     as_op: str
     operands: Operands
-    code: Code
-    force: Force
+    code: Code | None
+    force: Force | None
     band: bool = False
     reads_result_of: tuple[str, ...] = ()
+    argmax: bool = False
 
 
 _RULES: dict[str, _Rule] = {
@@ -280,6 +282,7 @@ _RULES: dict[str, _Rule] = {
     "maximum": _Rule("aten.gt.Tensor", _both, _sign, _extremum(larger=True)),
     "minimum": _Rule("aten.gt.Tensor", _both, _sign, _extremum(larger=False)),
     **{op: _Rule(f"aten.{op}.Tensor", _compared, _comparison(op), _branch_itself) for op in _COMPARISONS},
+    _MAX_POOL: _Rule("aten.max_pool2d_with_indices.default", _floating(0), None, None, argmax=True),
 }
 
 
@@ -322,15 +325,15 @@ class _Record(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
         kwargs = kwargs or {}
         kind = kind_of(func)
-        if kind == _MAX_POOL:
+        rule = _RULES.get(kind)
+        tensors = rule.operands(func, args, kwargs) if rule is not None else None
+        if tensors is not None and rule.argmax:
             out = func(*args, **kwargs)
             try:
                 self.calls.append(_max_pool_call(args, kwargs, out, self.reference, _in_backward()))
             except (RuntimeError, TypeError, ValueError, IndexError):
                 self.calls.append(_Call(kind, _in_backward(), None))
             return out
-        rule = _RULES.get(kind)
-        tensors = rule.operands(func, args, kwargs) if rule is not None else None
         if tensors is not None:  # coded before the call: an in-place op overwrites its input
             self.calls.append(self._code(kind, rule, func, args, kwargs, tensors))
         return func(*args, **kwargs)
@@ -444,18 +447,16 @@ class _Force(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
         kwargs = kwargs or {}
         kind = kind_of(func)
-        if kind == _MAX_POOL:
-            flip = self._next(kind)
-            out = func(*args, **kwargs)
-            if flip is not None:
-                _force_max_pool(args[0], out, *flip)
-            return out
         rule = _RULES.get(kind)
         if rule is None or rule.operands(func, args, kwargs) is None:
             return func(*args, **kwargs)
         flip = self._next(kind)
         if flip is None:
             return func(*args, **kwargs)
+        if rule.argmax:
+            out = func(*args, **kwargs)
+            _force_max_pool(args[0], out, *flip)
+            return out
         mask, branch = flip
         with torch.no_grad():
             forced = rule.force(func, args, kwargs, branch, mask)  # before the call: it may write its input
