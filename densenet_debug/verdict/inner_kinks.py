@@ -98,13 +98,24 @@ def _rounded(value: object, dtype: torch.dtype) -> object:
     return value
 
 
-def _coordinate(as_op: str, func: object, args: tuple, kwargs: dict, tensors: list[Tensor]) -> Tensor | None:
-    """:func:`signed_coordinate` of ``tensors`` (upcast exactly to float64) under ``as_op``'s boundary, with the
-    call's scalar arguments rounded to the dtype of ``tensors[0]``."""
+def _coordinate(as_op: str, shift: tuple[str, ...], band: bool, func: object, args: tuple, kwargs: dict,
+                tensors: list[Tensor]) -> Tensor | None:
+    """:func:`signed_coordinate` of ``tensors`` under ``as_op``'s boundary, with the call's scalar arguments
+    rounded to the dtype of ``tensors[0]``.
+
+    ``shift``: the scalar arguments the coordinate subtracts. ``x - 0`` is ``x``, exact in its own dtype, on
+    its own device (relu, abs, leaky relu, a threshold or a comparison at 0: no copy at all); any other shift,
+    or a second tensor, is taken in float64, where the difference of two values upcast from one dtype has the
+    exact sign.
+    """
     dtype = tensors[0].dtype
     arguments = tuple((n, _rounded(v, dtype)) for n, v in _non_tensor_arguments(func, args, kwargs))
+    exact = len(tensors) == 1 and all(v == 0 for n, v in arguments if n in shift and _number(v))
+    if exact and not band:
+        return tensors[0].detach()
+    values = [t.detach() if exact else t.detach().to(torch.float64) for t in tensors]
     record = OpRecord(index=0, key=(), phase="forward", op=as_op, module="", input_layouts=(), arguments=arguments,
-                      output_layouts=(), input_values=[t.detach().to("cpu", torch.float64) for t in tensors])
+                      output_layouts=(), input_values=values)  # type: ignore[arg-type]
     z = signed_coordinate(record)
     return None if z is None else z.detach()
 
@@ -253,6 +264,7 @@ class _Rule:
     operands: Operands
     code: Code | None
     force: Force | None
+    shift: tuple[str, ...] = ()  # the scalar arguments the coordinate subtracts (:func:`_coordinate`)
     band: bool = False
     reads_result_of: tuple[str, ...] = ()
     argmax: bool = False
@@ -260,19 +272,19 @@ class _Rule:
 
 _RULES: dict[str, _Rule] = {
     "relu": _Rule("aten.relu.default", _floating(0), _positive, _passes_or(_zero)),
-    "threshold": _Rule("aten.threshold.default", _floating(0), _positive, _passes_or(_value)),
-    "threshold_backward": _Rule("aten.threshold.default", _floating(1), _positive, _passes_or(_zero),
+    "threshold": _Rule("aten.threshold.default", _floating(0), _positive, _passes_or(_value), ("threshold",)),
+    "threshold_backward": _Rule("aten.threshold.default", _floating(1), _positive, _passes_or(_zero), ("threshold",),
                                 reads_result_of=("relu", "threshold")),
     "hardtanh": _Rule("aten.hardtanh.default", _scalar_bounds("min_val", "max_val"), _hardtanh_band,
-                      _bounded("min_val", "max_val"), band=True),
+                      _bounded("min_val", "max_val"), ("min_val", "max_val"), band=True),
     "hardtanh_backward": _Rule("aten.hardtanh.default", _floating(1), _hardtanh_band, _passes_or(_zero),
-                               band=True, reads_result_of=("hardtanh",)),
+                               ("min_val", "max_val"), band=True, reads_result_of=("hardtanh",)),
     "clamp": _Rule("aten.clamp.default", _scalar_bounds("min", "max"), _clamp_band, _bounded("min", "max"),
-                   band=True),
+                   ("min", "max"), band=True),
     "clamp_min": _Rule("aten.clamp_min.default", _scalar_bounds("min"), _clamp_band, _bounded("min", "max"),
-                       band=True),
+                       ("min",), band=True),
     "clamp_max": _Rule("aten.clamp_max.default", _scalar_bounds("max"), _clamp_band, _bounded("min", "max"),
-                       band=True),
+                       ("max",), band=True),
     "leaky_relu": _Rule("aten.leaky_relu.default", _floating(0), _positive, _passes_or(_sloped)),
     "leaky_relu_backward": _Rule("aten.leaky_relu.default", _floating(1), _positive, _passes_or(_sloped),
                                  reads_result_of=("leaky_relu",)),
@@ -281,7 +293,7 @@ _RULES: dict[str, _Rule] = {
     "sign": _Rule("aten.abs.default", _floating(0), _sign, _branch_itself),
     "maximum": _Rule("aten.gt.Tensor", _both, _sign, _extremum(larger=True)),
     "minimum": _Rule("aten.gt.Tensor", _both, _sign, _extremum(larger=False)),
-    **{op: _Rule(f"aten.{op}.Tensor", _compared, _comparison(op), _branch_itself) for op in _COMPARISONS},
+    **{op: _Rule(f"aten.{op}.Tensor", _compared, _comparison(op), _branch_itself, ("other",)) for op in _COMPARISONS},
     _MAX_POOL: _Rule("aten.max_pool2d_with_indices.default", _floating(0), None, None, argmax=True),
 }
 
@@ -293,62 +305,111 @@ def _in_backward() -> bool:
 
 @dataclass
 class _Call:
-    """One coded call: the branch of every element (a max-pool's argmax per window), on the CPU."""
+    """One coded call of the side (its branch per element) or of the reference (where its branch differs from
+    the side's call of the same op and order, and how close to the boundary it was there)."""
 
     kind: str
     backward: bool
-    code: Tensor | None  # None: the call could not be coded, its op is then left unforced
-    distance: Tensor | None = None  # the reference's distance to the boundary per element (forward calls)
-    valid: Tensor | None = None  # max-pool, side: the argmax is a maximum of the side's own window
-    values: Tensor | None = None  # max-pool, reference: its fp64 input (the margin of a flipped window)
+    shape: tuple[int, ...] | None  # None: the call could not be coded; its op is then left unforced
+    code: Tensor | None = None  # side: the branch of every element (a max-pool's argmax per window), on the CPU
+    valid: Tensor | None = None  # side, max-pool: the argmax is a maximum of the side's own window
+    flipped: Tensor | None = None  # reference: elements on another branch than the side's (None: none)
+    margin: float = math.inf  # reference, forward: its smallest distance to the boundary at a flipped element
+    relative: float = math.inf  # margin / its largest distance in the call
 
 
-def _max_pool_call(args: tuple, kwargs: dict, out: object, reference: bool, backward: bool) -> _Call:
-    x, idx = args[0].detach(), out[1].detach()  # type: ignore[index]
+def _flipped(ref: _Call, code: Tensor, side: _Call | None) -> Tensor | None:
+    """The reference's elements on another branch than the side's call ``side`` (matched by op and order)."""
+    if side is None or side.code is None or side.backward != ref.backward or side.code.shape != code.shape:
+        return None
+    mask = side.code != code
+    if side.valid is not None:  # a max-pool argmax that is no maximum of the side's own window is no kink
+        mask &= side.valid
+    return mask if mask.numel() and bool(mask.view(torch.uint8).amax()) else None  # amax: 40x faster than any()
+
+
+def _closest(call: _Call, distance: Tensor, at: Tensor | None = None) -> None:
+    """The reference's margin at its flipped elements (``at``: the distances there, when not ``distance``'s)."""
+    gap = float((distance if at is None else at)[call.flipped].min())
+    scale = float(distance.max())
+    call.margin, call.relative = gap, (gap / scale if scale > 0 else math.inf)
+
+
+def _max_pool_call(args: tuple, kwargs: dict, out: object, backward: bool, side: _Call | None,
+                   reference: bool) -> _Call:
+    x, idx = args[0].detach(), out[1].detach().cpu()  # type: ignore[index]
     x64 = x.to("cpu", torch.float64)
-    idx = idx.to("cpu", copy=True)
-    at = x64.flatten(-2).gather(-1, idx.flatten(-2)).view(idx.shape)
+    call = _Call(_MAX_POOL, backward, tuple(idx.shape))
     if reference:
-        return _Call(_MAX_POOL, backward, idx, values=x64 if not backward else None)
+        call.flipped = _flipped(call, idx, side)
+        if call.flipped is not None and not backward:  # the fp64 gap between its maximum and the side's pick
+            flat = x64.flatten(-2)
+            top = flat.gather(-1, idx.flatten(-2)).view(idx.shape)
+            chosen = flat.gather(-1, side.code.flatten(-2)).view(idx.shape)  # type: ignore[union-attr]
+            _closest(call, x64.abs(), (top - chosen))
+        return call
     window_max = torch.ops.aten.max_pool2d_with_indices.default(x64, *args[1:], **kwargs)[0]
-    return _Call(_MAX_POOL, backward, idx, valid=at == window_max)
+    call.code = idx.clone()
+    call.valid = x64.flatten(-2).gather(-1, idx.flatten(-2)).view(idx.shape) == window_max
+    return call
 
 
 class _Record(TorchDispatchMode):
-    """The branch of every element of every covered call, in call order (``reference``: with its distance)."""
+    """The branch of every element of every covered call, in call order.
 
-    def __init__(self, reference: bool = False) -> None:
+    ``against``: the side's calls; the reference run then keeps, per call, only where it differs from the
+    side's call of the same op and order, and its margin there (no tensor of every element is kept).
+    """
+
+    def __init__(self, against: list[_Call] | None = None) -> None:
         super().__init__()
-        self.reference = reference
+        self.reference = against is not None
+        self.side: dict[str, list[_Call]] = {}
+        for c in against or []:
+            self.side.setdefault(c.kind, []).append(c)
         self.calls: list[_Call] = []
+        self.counts: dict[str, int] = {}
+
+    def _match(self, kind: str) -> _Call | None:
+        k = self.counts.get(kind, 0)
+        self.counts[kind] = k + 1
+        matched = self.side.get(kind, [])
+        return matched[k] if k < len(matched) else None
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
         kwargs = kwargs or {}
         kind = kind_of(func)
         rule = _RULES.get(kind)
         tensors = rule.operands(func, args, kwargs) if rule is not None else None
-        if tensors is not None and rule.argmax:
+        if tensors is None:
+            return func(*args, **kwargs)
+        side = self._match(kind)
+        if rule.argmax:
             out = func(*args, **kwargs)
             try:
-                self.calls.append(_max_pool_call(args, kwargs, out, self.reference, _in_backward()))
+                self.calls.append(_max_pool_call(args, kwargs, out, _in_backward(), side, self.reference))
             except (RuntimeError, TypeError, ValueError, IndexError):
                 self.calls.append(_Call(kind, _in_backward(), None))
             return out
-        if tensors is not None:  # coded before the call: an in-place op overwrites its input
-            self.calls.append(self._code(kind, rule, func, args, kwargs, tensors))
+        self.calls.append(self._code(kind, rule, func, args, kwargs, tensors, side))  # before: it may write x
         return func(*args, **kwargs)
 
-    def _code(self, kind: str, rule: _Rule, func: object, args: tuple, kwargs: dict, tensors: list[Tensor]
-              ) -> _Call:
+    def _code(self, kind: str, rule: _Rule, func: object, args: tuple, kwargs: dict, tensors: list[Tensor],
+              side: _Call | None) -> _Call:
         backward = _in_backward()
         try:
-            z = _coordinate(rule.as_op, func, args, kwargs, tensors)
+            z = _coordinate(rule.as_op, rule.shift, rule.band, func, args, kwargs, tensors)
             if z is None:
                 return _Call(kind, backward, None)
-            distance = None
-            if self.reference and not backward:
-                distance = z.abs().amin(0) if rule.band else z.abs()
-            return _Call(kind, backward, rule.code(z, func, args, kwargs), distance)
+            code = rule.code(z, func, args, kwargs).cpu()  # type: ignore[misc]
+            call = _Call(kind, backward, tuple(code.shape))
+            if not self.reference:
+                call.code = code
+                return call
+            call.flipped = _flipped(call, code, side)
+            if call.flipped is not None and not backward:
+                _closest(call, (z.abs().amin(0) if rule.band else z.abs()).to("cpu", torch.float64))
+            return call
         except (RuntimeError, TypeError, ValueError):  # e.g. a layout that cannot be read back: not coded
             return _Call(kind, backward, None)
 
@@ -370,27 +431,12 @@ class InnerKinks:
         return ", ".join(f"{n} {op}" for op, n in self.by_op.items())
 
 
-def _margin(side: _Call, ref: _Call, mask: Tensor) -> tuple[float, float]:
-    """(distance, relative distance) of the reference at the closest flipped element of one call."""
-    if ref.kind == _MAX_POOL:
-        if ref.values is None:
-            return math.inf, math.inf
-        flat = ref.values.flatten(-2)
-        top = flat.gather(-1, ref.code.flatten(-2)).view(ref.code.shape)
-        chosen = flat.gather(-1, side.code.flatten(-2)).view(side.code.shape)
-        gap, scale = float((top - chosen)[mask].min()), float(ref.values.abs().max())
-    else:
-        if ref.distance is None:
-            return math.inf, math.inf
-        gap, scale = float(ref.distance[mask].min()), float(ref.distance.max())
-    return gap, (gap / scale if scale > 0 else math.inf)
-
-
 def find(side_calls: list[_Call], ref_calls: list[_Call]) -> InnerKinks | None:
     """Flipped elements of the matched calls; None when nothing that can be matched flipped.
 
-    Calls are matched per op by order; an op whose calls differ in number, phase or shape on the two sides,
-    or one of whose calls could not be coded, is left out (unforced: it can only keep a row failing).
+    ``ref_calls`` recorded against ``side_calls`` (:class:`_Record`). Calls are matched per op by order; an
+    op whose calls differ in number, phase or shape on the two sides, or one of whose calls could not be
+    coded, is left out (unforced: it can only keep a row failing).
     """
     ops: dict[str, tuple[list[_Call], list[_Call]]] = {}
     for c in side_calls:
@@ -400,33 +446,31 @@ def find(side_calls: list[_Call], ref_calls: list[_Call]) -> InnerKinks | None:
     flips: dict[str, dict[int, tuple[Tensor, Tensor]]] = {}
     flipped: dict[str, int] = {}  # op -> flipped elements, every phase
     forward: dict[str, int] = {}
-    margins: list[tuple[float, float]] = []
+    margins: dict[str, list[tuple[float, float]]] = {}
     for op, (side, ref) in ops.items():
-        if len(side) != len(ref) or any(s.code is None or r.code is None or s.backward != r.backward
-                                        or s.code.shape != r.code.shape for s, r in zip(side, ref)):
+        if len(side) != len(ref) or any(s.shape is None or s.shape != r.shape or s.backward != r.backward
+                                        for s, r in zip(side, ref)):
             continue
         for k, (s, r) in enumerate(zip(side, ref)):
-            mask = s.code != r.code
-            if s.valid is not None:  # a max-pool argmax that is no maximum of the side's own window
-                mask &= s.valid
-            n = int(mask.sum())
-            if not n:
+            if r.flipped is None or s.code is None:
                 continue
-            flips.setdefault(op, {})[k] = (mask, s.code[mask])
+            n = int(r.flipped.sum())
+            flips.setdefault(op, {})[k] = (r.flipped, s.code[r.flipped])
             flipped[op] = flipped.get(op, 0) + n
             if not s.backward:
                 forward[op] = forward.get(op, 0) + n
-                margins.append(_margin(s, r, mask))
+                margins.setdefault(op, []).append((r.margin, r.relative))
     for op in list(flips):
         rule = _RULES.get(op)
         if rule is not None and rule.reads_result_of and \
                 flipped[op] > sum(flipped.get(f, 0) for f in rule.reads_result_of):
             del flips[op]  # a result read wrong: its forward kernel, not a kink (module docstring)
             forward.pop(op, None)
+            margins.pop(op, None)
     if not flips:
         return None
     by_op = forward or {op: flipped[op] for op in flips}
-    margin, relative = min(margins) if margins else (math.inf, math.inf)
+    margin, relative = min((m for ms in margins.values() for m in ms), default=(math.inf, math.inf))
     return InnerKinks(count=sum(by_op.values()), calls=sum(len(v) for v in flips.values()), min_margin=margin,
                       relative_margin=relative, flips=flips, by_op=by_op)
 
@@ -513,7 +557,7 @@ def _unit(name: str, o_rec: UnitRecord, s_rec: UnitRecord | None, side_module: n
         rec = _Record()
         with rec:
             side = replay_unit(side_module, o_rec, s_rec, backend)
-        ref = _Record(reference=True)
+        ref = _Record(against=rec.calls)
         with ref:
             replay_unit(ref_module, o_rec, None, _Fp64())
         found = find(rec.calls, ref.calls)

@@ -88,9 +88,10 @@ def test_a_real_fault_inside_the_composite_stays_a_mismatch() -> None:
     assert report.verdict == "mismatch"
 
 
-def _relu_calls(*inputs: Tensor, reference: bool = False) -> list:
-    """The coded calls of ``torch.relu`` on each input, as the side's (or the reference's) replay records them."""
-    rec = inner_kinks._Record(reference)
+def _relu_calls(*inputs: Tensor, against: list | None = None) -> list:
+    """The coded calls of ``torch.relu`` on each input, as the side's replay records them (``against``: the
+    side's calls, as the reference's replay records them)."""
+    rec = inner_kinks._Record(against)
     with rec:
         for x in inputs:
             torch.relu(x)
@@ -99,10 +100,11 @@ def _relu_calls(*inputs: Tensor, reference: bool = False) -> list:
 
 def test_no_flip_no_excuse() -> None:
     a = torch.tensor([1.0, -2.0], dtype=torch.float64)
-    assert inner_kinks.find(_relu_calls(a), _relu_calls(a.clone(), reference=True)) is None
-    assert inner_kinks.find(_relu_calls(a), []) is None  # calls that cannot be matched excuse nothing
-    found = inner_kinks.find(_relu_calls(torch.tensor([1e-9, -2.0], dtype=torch.float64)),
-                             _relu_calls(torch.tensor([-1e-9, -2.0], dtype=torch.float64), reference=True))
+    side = _relu_calls(a)
+    assert inner_kinks.find(side, _relu_calls(a.clone(), against=side)) is None
+    assert inner_kinks.find(side, []) is None  # calls that cannot be matched excuse nothing
+    side = _relu_calls(torch.tensor([1e-9, -2.0], dtype=torch.float64))
+    found = inner_kinks.find(side, _relu_calls(torch.tensor([-1e-9, -2.0], dtype=torch.float64), against=side))
     assert found.count == 1 and found.min_margin == 1e-9 and found.what == "1 relu"
 
 
