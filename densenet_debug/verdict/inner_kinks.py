@@ -311,6 +311,7 @@ class _Call:
     kind: str
     backward: bool
     shape: tuple[int, ...] | None  # None: the call could not be coded; its op is then left unforced
+    arguments: tuple = ()  # its non-tensor arguments as passed: a threshold that differs is another op
     code: Tensor | None = None  # side: the branch of every element (a max-pool's argmax per window), on the CPU
     valid: Tensor | None = None  # side, max-pool: the argmax is a maximum of the side's own window
     flipped: Tensor | None = None  # reference: elements on another branch than the side's (None: none)
@@ -320,7 +321,8 @@ class _Call:
 
 def _flipped(ref: _Call, code: Tensor, side: _Call | None) -> Tensor | None:
     """The reference's elements on another branch than the side's call ``side`` (matched by op and order)."""
-    if side is None or side.code is None or side.backward != ref.backward or side.code.shape != code.shape:
+    if side is None or side.code is None or side.backward != ref.backward or side.code.shape != code.shape \
+            or side.arguments != ref.arguments:
         return None
     mask = side.code != code
     if side.valid is not None:  # a max-pool argmax that is no maximum of the side's own window is no kink
@@ -335,11 +337,11 @@ def _closest(call: _Call, distance: Tensor, at: Tensor | None = None) -> None:
     call.margin, call.relative = gap, (gap / scale if scale > 0 else math.inf)
 
 
-def _max_pool_call(args: tuple, kwargs: dict, out: object, backward: bool, side: _Call | None,
+def _max_pool_call(func: object, args: tuple, kwargs: dict, out: object, backward: bool, side: _Call | None,
                    reference: bool) -> _Call:
     x, idx = args[0].detach(), out[1].detach().cpu()  # type: ignore[index]
     x64 = x.to("cpu", torch.float64)
-    call = _Call(_MAX_POOL, backward, tuple(idx.shape))
+    call = _Call(_MAX_POOL, backward, tuple(idx.shape), _non_tensor_arguments(func, args, kwargs))
     if reference:
         call.flipped = _flipped(call, idx, side)
         if call.flipped is not None and not backward:  # the fp64 gap between its maximum and the side's pick
@@ -387,7 +389,7 @@ class _Record(TorchDispatchMode):
         if rule.argmax:
             out = func(*args, **kwargs)
             try:
-                self.calls.append(_max_pool_call(args, kwargs, out, _in_backward(), side, self.reference))
+                self.calls.append(_max_pool_call(func, args, kwargs, out, _in_backward(), side, self.reference))
             except (RuntimeError, TypeError, ValueError, IndexError):
                 self.calls.append(_Call(kind, _in_backward(), None))
             return out
@@ -402,7 +404,7 @@ class _Record(TorchDispatchMode):
             if z is None:
                 return _Call(kind, backward, None)
             code = rule.code(z, func, args, kwargs).cpu()  # type: ignore[misc]
-            call = _Call(kind, backward, tuple(code.shape))
+            call = _Call(kind, backward, tuple(code.shape), _non_tensor_arguments(func, args, kwargs))
             if not self.reference:
                 call.code = code
                 return call
@@ -449,6 +451,7 @@ def find(side_calls: list[_Call], ref_calls: list[_Call]) -> InnerKinks | None:
     margins: dict[str, list[tuple[float, float]]] = {}
     for op, (side, ref) in ops.items():
         if len(side) != len(ref) or any(s.shape is None or s.shape != r.shape or s.backward != r.backward
+                                        or s.arguments != r.arguments
                                         for s, r in zip(side, ref)):
             continue
         for k, (s, r) in enumerate(zip(side, ref)):
