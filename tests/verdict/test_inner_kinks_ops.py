@@ -7,6 +7,7 @@ fault planted in the same composite (a gradient scaled in float32 only) stays a 
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 
 import pytest
@@ -15,6 +16,7 @@ import torch.nn.functional as F
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from torch import Tensor, nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from densenet_debug.verdict import inner_kinks
 from densenet_debug.verdict.engine import diff
@@ -54,11 +56,22 @@ CASES: dict[str, tuple[Callable[[Tensor], Tensor], float, bool]] = {
     "where": (lambda z: torch.where(z > 0, z + 1.0, 2.0 * z), 1.0, False),  # a jump of 1 in the value
     "maximum": (lambda z: torch.maximum(z, torch.zeros_like(z)), 1.0, False),  # fp32 ties: half the gradient
     "max_pool": (_pool, 1.0, True),  # the fp32 argmax is feature 0 (first of a tie), fp64's is feature 1
+    # amax splits the gradient between tied maxima: its backward's ``eq`` with the maximum takes the branch
+    "amax": (lambda z: torch.cat([z[:, :2].amax(1, keepdim=True), z[:, 2:].amax(1, keepdim=True)], 1), 1.0, True),
+}
+# Piecewise ops no rule covers, and a piecewise op whose own math differs by dtype: never excused.
+UNCOVERED: dict[str, tuple[Callable[[Tensor], Tensor], float, bool]] = {
+    # max over a dim routes the gradient by its argmax indices (a reduction's argmax: not covered)
+    "max_dim": (lambda z: torch.cat([z[:, :2].max(1, keepdim=True).values, z[:, 2:].max(1, keepdim=True).values],
+                                    1), 1.0, True),
+    # the comparison's threshold itself depends on the dtype: another op, not the other branch of the same one
+    "dtype_threshold": (lambda z: torch.where(z > (0.25 if z.dtype == torch.float32 else 0.0), z + 1.0, 2.0 * z),
+                        1.0, False),
 }
 OP_OF = {"hardtanh": "hardtanh", "relu6_inplace": "hardtanh", "clamp": "clamp", "clamp_max": "clamp_max",
          "clamp_inplace": "clamp", "threshold": "threshold", "leaky_relu": "leaky_relu",
          "leaky_relu_inplace": "leaky_relu", "abs": "abs", "where": "gt", "maximum": "maximum",
-         "max_pool": "max_pool2d_with_indices"}
+         "max_pool": "max_pool2d_with_indices", "amax": "eq"}
 
 
 class Composite(nn.Module):
@@ -70,7 +83,7 @@ class Composite(nn.Module):
 
     def __init__(self, case: str, wrong_backward: bool = False) -> None:
         super().__init__()
-        self.op, sign, second = CASES[case]
+        self.op, sign, second = {**CASES, **UNCOVERED}[case]
         self.lin = nn.Linear(4, 4)
         self.head = nn.Linear(2 if second else 4, 3)
         at = 1 if second else 0
@@ -163,3 +176,89 @@ def test_kink_or_fault_for_any_batch(case: str, n: int, seed: int) -> None:
     assert found and found[0].count == n
     faulty = diff(model(case, wrong_backward=True, seed=seed), x, y, "native", "fp64", math_check=False)
     assert faulty.verdict == "mismatch"
+
+
+@pytest.mark.parametrize("case", list(UNCOVERED))
+def test_a_piecewise_op_no_rule_covers_excuses_nothing(case: str) -> None:
+    x, y = batch()
+    x[0, 1:3] = 0.1  # dtype_threshold: an element between the two thresholds, far from either boundary
+    report = diff(model(case), x, y, "native", "fp64", math_check=False)
+    rows = [r for r in _rows(report) if r.quantity == "grad_input"]
+    assert rows and rows[0].status == "mismatch", [(r.quantity, r.status, r.note) for r in rows]
+    assert report.verdict == "mismatch"
+
+
+# -- kernels that decide wrong on their own inputs are no kinks ------------------------------------------------
+class _Faulty(TorchDispatchMode):
+    """A float32 kernel that decides wrong: ``op``'s output replaced by ``fault(output, args)``."""
+
+    def __init__(self, op: object, fault: Callable[..., object]) -> None:
+        super().__init__()
+        self.op, self.fault = op, fault
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
+        out = func(*args, **(kwargs or {}))
+        if func is self.op and args[0].dtype == torch.float32:
+            out = self.fault(out, args)
+        return out
+
+
+def _calls(fn: Callable[[Tensor], Tensor], x: Tensor, faulty: _Faulty | None = None,
+           against: list | None = None) -> list:
+    """The coded calls of ``fn``'s forward and backward at ``x`` (as the side's replay records them, or against
+    the side's calls as the reference's does)."""
+    x = x.clone().requires_grad_(True)
+    rec = inner_kinks._Record(against)
+    with rec, (faulty if faulty is not None else contextlib.nullcontext()):
+        fn(x).sum().backward()
+    return rec.calls
+
+
+@settings(max_examples=10, deadline=None)
+@given(seed=st.integers(0, 2**16), n=st.integers(2, 40))
+def test_a_relu_kernel_that_passes_negatives_is_no_kink(seed: int, n: int) -> None:
+    """Its backward reads its result: a ``threshold_backward`` that "flips" where the forward did not."""
+    x = torch.randn(n, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    x[0] = -1.0
+    fn = lambda t: torch.relu(t * 1.0)  # noqa: E731  (the relu reads a non-leaf, as in a model)
+    side = _calls(fn, x.float(), _Faulty(torch.ops.aten.relu.default, lambda out, args: args[0].abs()))
+    assert inner_kinks.find(side, _calls(fn, x, against=side)) is None
+    honest = _calls(fn, x.float())
+    assert inner_kinks.find(honest, _calls(fn, x, against=honest)) is None  # and no flip at all: no excuse
+
+
+def test_a_max_pool_kernel_that_picks_a_smaller_pixel_is_no_kink() -> None:
+    x = torch.arange(16, dtype=torch.float64).reshape(1, 1, 4, 4)
+    fn = lambda t: F.max_pool2d(t * 1.0, 2)  # noqa: E731
+
+    def wrong_pick(out: tuple, args: tuple) -> tuple:
+        values, idx = out
+        return values, torch.zeros_like(idx)  # pixel 0: the smallest of the first window
+    side = _calls(fn, x.float(), _Faulty(torch.ops.aten.max_pool2d_with_indices.default, wrong_pick))
+    assert inner_kinks.find(side, _calls(fn, x, against=side)) is None
+    # a true tie in float32 that float64 resolves: the side's pick is a maximum of its own window, a kink
+    tie = x.clone()  # window 0 is pixels 0, 1, 4, 5: 1 is 5 and 5 is 5 + 2**-28, a tie in fp32 (ulp 2**-21)
+    tie[0, 0, 0, 1], tie[0, 0, 1, 1] = 5.0, 5.0 + BUMP * 4
+    side = _calls(fn, tie.float())
+    found = inner_kinks.find(side, _calls(fn, tie, against=side))
+    assert found is not None and found.by_op == {"max_pool2d_with_indices": 1}
+
+
+def test_a_comparison_kernel_that_answers_wrong_is_no_kink() -> None:
+    x = torch.tensor([1.0, -1.0, 2.0], dtype=torch.float64)
+    fn = lambda t: torch.where(t > 0, t, 2.0 * t)  # noqa: E731
+    side = _calls(fn, x.float(), _Faulty(torch.ops.aten.gt.Scalar, lambda out, args: ~out))
+    assert inner_kinks.find(side, _calls(fn, x, against=side)) is None
+
+
+def test_a_scalar_bound_is_read_as_the_kernel_rounds_it() -> None:
+    """``x > 0.1`` on float32 compares with 0.1 rounded to float32: at x = float32(0.1) it is False, though the
+    exact float64 values say 0.1000000015 > 0.1. The side's branch is the kernel's, so fp64 flips there."""
+    x = torch.tensor([0.1, 0.5], dtype=torch.float32)
+    side = _calls(lambda t: torch.where(t > 0.1, t, 2.0 * t), x)
+    gt = next(c for c in side if c.kind == "gt")
+    assert gt.code.tolist() == (x > 0.1).tolist() == [False, True]
+    ref = _calls(lambda t: torch.where(t > 0.1, t, 2.0 * t), x.double(), against=side)
+    found = inner_kinks.find(side, ref)
+    assert found is not None and found.by_op == {"gt": 1}
+    assert found.min_margin == pytest.approx(float(x[0].double()) - 0.1, rel=1e-12)
