@@ -17,6 +17,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from torch import Tensor, nn
 from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.checkpoint import checkpoint
 
 from densenet_debug.verdict import inner_kinks
 from densenet_debug.verdict.engine import diff
@@ -55,6 +56,9 @@ CASES: dict[str, tuple[Callable[[Tensor], Tensor], float, bool]] = {
     "abs": (lambda z: z.abs(), 1.0, False),
     "where": (lambda z: torch.where(z > 0, z + 1.0, 2.0 * z), 1.0, False),  # a jump of 1 in the value
     "maximum": (lambda z: torch.maximum(z, torch.zeros_like(z)), 1.0, False),  # fp32 ties: half the gradient
+    # torchvision style: an in-place op in a checkpointed function (recomputed inside backward)
+    "checkpointed_relu6_inplace": (lambda z: checkpoint(lambda t: F.relu6(t * 1.0, inplace=True), z,
+                                                        use_reentrant=False), 1.0, False),
     "max_pool": (_pool, 1.0, True),  # the fp32 argmax is feature 0 (first of a tie), fp64's is feature 1
     # amax splits the gradient between tied maxima: its backward's ``eq`` with the maximum takes the branch
     "amax": (lambda z: torch.cat([z[:, :2].amax(1, keepdim=True), z[:, 2:].amax(1, keepdim=True)], 1), 1.0, True),
@@ -71,7 +75,7 @@ UNCOVERED: dict[str, tuple[Callable[[Tensor], Tensor], float, bool]] = {
 OP_OF = {"hardtanh": "hardtanh", "relu6_inplace": "hardtanh", "clamp": "clamp", "clamp_max": "clamp_max",
          "clamp_inplace": "clamp", "threshold": "threshold", "leaky_relu": "leaky_relu",
          "leaky_relu_inplace": "leaky_relu", "abs": "abs", "where": "gt", "maximum": "maximum",
-         "max_pool": "max_pool2d_with_indices", "amax": "eq"}
+         "max_pool": "max_pool2d_with_indices", "amax": "eq", "checkpointed_relu6_inplace": "hardtanh"}
 
 
 class Composite(nn.Module):
@@ -162,6 +166,18 @@ def test_a_real_fault_in_the_same_composite_stays_a_mismatch(case: str) -> None:
     rows = [r for r in _rows(report) if r.quantity == "grad_input"]
     assert rows and rows[0].status == "mismatch", [(r.quantity, r.status, r.note) for r in rows]
     assert report.verdict == "mismatch"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", list(CASES))
+def test_the_kinks_of_cuda_sides_are_explained(case: str) -> None:
+    """Both CUDA sides round the boundary element to 0 in float32, so both take the other branch there."""
+    x, y = batch()
+    report = diff(model(case), x, y, "cudnn", "no-cudnn", device="cuda", math_check=False)
+    assert report.verdict == "agree", report.summary
+    assert [k for k in report.kinks if k.layer == "1" and k.mode == "local"]
+    faulty = diff(model(case, wrong_backward=True), x, y, "cudnn", "no-cudnn", device="cuda", math_check=False)
+    assert faulty.verdict == "mismatch"
 
 
 @settings(max_examples=4, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
