@@ -180,17 +180,18 @@ def test_the_kinks_of_cuda_sides_are_explained(case: str) -> None:
     assert faulty.verdict == "mismatch"
 
 
-@settings(max_examples=4, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(case=st.sampled_from(["clamp", "where", "max_pool", "leaky_relu_inplace"]), n=st.integers(1, 5),
-       seed=st.integers(0, 2**16))
-def test_kink_or_fault_for_any_batch(case: str, n: int, seed: int) -> None:
-    """Any batch size and data: the boundary elements (one per sample) are kinks, the planted fault is not."""
+@settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(case=st.sampled_from(sorted(CASES)), sides=st.sampled_from([("native", "fp64"), ("mkldnn", "native")]),
+       n=st.integers(1, 5), seed=st.integers(0, 2**16))
+def test_kink_or_fault_for_any_batch(case: str, sides: tuple[str, str], n: int, seed: int) -> None:
+    """Any batch size and data, float32 against float64 or oneDNN against native: the boundary elements (one
+    per sample) are kinks, the planted fault is not."""
     x, y = batch(n, seed)
-    report = diff(model(case, seed=seed), x, y, "native", "fp64", math_check=False)
+    report = diff(model(case, seed=seed), x, y, *sides, math_check=False)
     assert report.verdict == "agree", report.summary
-    found = [k for k in report.kinks if k.layer == "1" and k.mode == "local"]
+    found = [k for k in report.kinks if k.layer == "1" and k.mode == "local" and k.side in ("a", "")]
     assert found and found[0].count == n
-    faulty = diff(model(case, wrong_backward=True, seed=seed), x, y, "native", "fp64", math_check=False)
+    faulty = diff(model(case, wrong_backward=True, seed=seed), x, y, *sides, math_check=False)
     assert faulty.verdict == "mismatch"
 
 
