@@ -151,6 +151,9 @@ def test_a_piecewise_op_at_its_boundary_inside_a_composite_is_a_kink(case: str, 
     assert f"3 {OP_OF[case]} element(s)" in kink_rows[0].note, kink_rows[0].note
     found = [k for k in report.kinks if k.layer == "1" and k.mode == "local"]
     assert found and found[0].count == 3 and found[0].min_margin == BUMP
+    # the propagated rows too: the side's own inputs, the same flips
+    propagated = [r for r in report.rows if r.mode == "propagated" and r.layer == "1" and r.status == "kink"]
+    assert propagated and all(f"3 {OP_OF[case]} element(s)" in r.note for r in propagated)
     assert report.verdict == "agree", report.summary
 
     relu_only()  # without the op covered, the same row is a false alarm
