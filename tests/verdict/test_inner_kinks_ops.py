@@ -102,6 +102,9 @@ class Composite(nn.Module):
             self.lin.bias[at] = sign * BUMP
             if second:  # the other window stays below 1
                 self.lin.bias[2:] = -5.0
+            else:  # features 2 and 3 at +-0.5, far from every boundary: every op passes a gradient through one
+                self.lin.weight[2:] = torch.tensor([1.0, 0.0, 0.0, 0.0])  # of them, so a planted fault shows
+                self.lin.bias[2:] = torch.tensor([-0.5, -1.5])
 
     def forward(self, x: Tensor) -> Tensor:
         h = self.lin(x)
