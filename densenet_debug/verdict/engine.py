@@ -471,7 +471,8 @@ def summarize(report: DiffReport, nonfinite: dict[str, list[dict]] | None = None
     kink_rows = sum(1 for r in report.rows if r.status == Status.KINK)
     sites = {s: [k for k in report.kinks if k.side == s and k.mode == "propagated"] for s in ("a", "b")}
     flips = {s: sum(k.count for k in ks) for s, ks in sites.items()}
-    kink_text = (f"; kinks (the other branch of a ReLU within rounding of its boundary): {report.a} at {flips['a']} "
+    kink_text = (f"; kinks (the other branch of a piecewise op within rounding of its boundary): "
+                 f"{report.a} at {flips['a']} "
                  f"element(s) in {len(sites['a'])} unit(s), {report.b} at {flips['b']} in {len(sites['b'])}; they "
                  f"explain {kink_rows} propagated row(s)") if any(flips.values()) else ""
     if report.verdict == "agree":

@@ -88,13 +88,24 @@ def test_a_real_fault_inside_the_composite_stays_a_mismatch() -> None:
     assert report.verdict == "mismatch"
 
 
+def _relu_calls(*inputs: Tensor, against: list | None = None) -> list:
+    """The coded calls of ``torch.relu`` on each input, as the side's replay records them (``against``: the
+    side's calls, as the reference's replay records them)."""
+    rec = inner_kinks._Record(against)
+    with rec:
+        for x in inputs:
+            torch.relu(x)
+    return rec.calls
+
+
 def test_no_flip_no_excuse() -> None:
-    a = [torch.tensor([1.0, -2.0], dtype=torch.float64)]
-    assert inner_kinks.find(a, [t.clone() for t in a]) is None
-    assert inner_kinks.find(a, []) is None  # calls that cannot be matched excuse nothing
-    found = inner_kinks.find([torch.tensor([1e-9, -2.0], dtype=torch.float64)],
-                             [torch.tensor([-1e-9, -2.0], dtype=torch.float64)])
-    assert found.count == 1 and found.min_margin == 1e-9
+    a = torch.tensor([1.0, -2.0], dtype=torch.float64)
+    side = _relu_calls(a)
+    assert inner_kinks.find(side, _relu_calls(a.clone(), against=side)) is None
+    assert inner_kinks.find(side, []) is None  # calls that cannot be matched excuse nothing
+    side = _relu_calls(torch.tensor([1e-9, -2.0], dtype=torch.float64))
+    found = inner_kinks.find(side, _relu_calls(torch.tensor([-1e-9, -2.0], dtype=torch.float64), against=side))
+    assert found.count == 1 and found.min_margin == 1e-9 and found.what == "1 relu"
 
 
 def test_tf32_control_on_a_functional_user_model_is_no_longer_flagged() -> None:
@@ -121,14 +132,15 @@ def test_tf32_control_on_a_functional_user_model_is_no_longer_flagged() -> None:
 
 
 def test_a_relu_output_at_the_address_of_a_forced_one_is_not_forced() -> None:
-    """The counterfactual finds a forced relu's output again by address; a checkpointed bottleneck frees its
-    forward's output and an equal-shaped relu later takes that memory (bench verdict: a tf32 control flagged in
-    the in-place style, now and then). The newest relu at an address is the one its threshold_backward reads."""
+    """The counterfactual forces calls by op and order, never by address: a checkpointed bottleneck frees its
+    forward's relu output and an equal-shaped relu later takes that memory (bench verdict: a tf32 control
+    flagged in the in-place style, now and then, when forced outputs were found again by address)."""
     x = torch.randn(3, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
     x[0, 0] = -1.0
     mask = torch.zeros(3, 5, dtype=torch.bool)
     mask[0, 0] = True
-    force = inner_kinks._Force({0: (mask, torch.ones(3, 5, dtype=torch.bool))})  # call 0: take the other branch
+    passes = torch.ones(1, dtype=torch.bool)  # call 0 of relu and of threshold_backward: take the other branch
+    force = inner_kinks._Force({"relu": {0: (mask, passes)}, "threshold_backward": {0: (mask, passes)}})
     g = torch.ones(3, 5, dtype=torch.float64)
     with force:
         buf = x.clone()
