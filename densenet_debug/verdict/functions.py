@@ -1,0 +1,386 @@
+"""Custom autograd Functions as teacher-forced units of their own, forward and backward.
+
+A custom ``torch.autograd.Function`` is a composite the user wrote by hand: a wrong *composition* of correct
+ops (a cat backward that hands an input the wrong slice) passes every per-op check, and a module that calls it
+fails as a whole without saying which of its parts is wrong. So every call of a user's Function is a unit too,
+as a module is: replayed whole on the oracle's inputs and grad_outputs, and the smallest failing unit is blamed
+(a Function before the module it ran in).
+
+**Recording** (:class:`FunctionRecorder`, around each side's traced step and the oracle's). The calls are found
+as :mod:`~densenet_debug.verdict.mathcheck` finds them, without touching torch: ``sys.setprofile`` sees the
+``forward(ctx, ...)`` (or ``setup_context(ctx, inputs, output)``) frame of every Function applied, whose ``ctx``
+is the autograd node itself (a ``BackwardCFunction``; ``_forward_cls`` is the class). Its inputs are copied on
+entry (a later in-place op cannot reach them), its outputs on return; a pre-hook on the node copies the
+grad_outputs it receives and a hook what its backward returns (grad_inputs) — hooks on the Function's own node,
+not module backward hooks, which break in-place ops. The module path is the innermost module whose forward is
+running (forward pre/post hooks on every module); ``(model)`` for the model's own forward. A call is named by
+(module path, class, occurrence k among that module's calls of that class, in forward order): ``dense.1 ·
+CatFn``, ``dense.1 · CatFn#2`` for the second. The oracle's records hold float64 values (through a
+:class:`~densenet_debug.trace.TensorStore`, so past the memory budget they go to disk); a side's hold only what
+its replay needs: each input's dtype and layout and each grad_output's layout. A checkpoint's recompute
+(autograd is running a backward) names no new call: a non-reentrant one repeats a call whose node is already
+hooked, and a reentrant one, whose forward ran without grad, supplies the node of the call it repeats (found by
+class, shapes and a value fingerprint). Functions defined by torch or by this tool are skipped.
+
+**Teacher forcing** (:func:`function_rows`). The call is wrapped in a parameterless module (:class:`Applied`:
+``cls.apply`` with the recorded non-tensor arguments in place) and judged exactly as a module unit is
+(:func:`~densenet_debug.verdict.local.local_rows`): the oracle's float64 inputs cast to the dtype the side saw and
+rebuilt in its layout, ``cls.apply`` under the side's :meth:`~densenet_debug.backends.Backend.active` flags, the
+backward by ``autograd.grad`` with the oracle's grad_outputs cast to the outputs' dtype in the layout the side's
+node received them. A Function has no error model of its own, so its bound is the generic one of a unit without
+one (:func:`~densenet_debug.verdict.tolerance.unit_bounds` on the wrapper: every aten op of the forward and of the
+hand-written backward evaluated on the magnitudes of its operands, ``M = sum |terms|``, K = all input elements:
+``(2 u_op + lam u_acc sqrt(K) + u_out) M + eta``, plus the float64 teacher's own), raised to a matmul's operand
+rounding (TF32, autocast) when the Function's own math runs a convolution or a matrix product. Non-finite values
+where the oracle is finite are status ``nonfinite``, never compared.
+
+**Blame** (:func:`blame`). A module whose replay runs a failing Function (the Function ran in it or in one of its
+descendants) is explained by the Function (``explained_by``), as a composite by its failing child: its rows stay
+in the report, failing, and the first divergence names the Function. Rows have mode ``function``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
+
+from densenet_debug._autograd import in_backward
+from densenet_debug.backends import Backend
+from densenet_debug.trace import Layout, Spilled, TensorStore, Trace, UnitRecord, flatten_tensors, materialize
+from densenet_debug.verdict.local import inside, local_rows
+from densenet_debug.verdict.mathcheck import _call_args, _profiled, _user_function
+from densenet_debug.verdict.report import FAILING, Row, Status
+from densenet_debug.verdict.tolerance import UnitBounds, unit_bounds
+
+MODE = "function"
+SEPARATOR = " · "
+MODEL = "(model)"
+_MATMUL = {"convolution", "convolution_backward", "mm", "addmm", "bmm", "baddbmm", "matmul", "linear", "mv", "dot",
+           "addmv", "addbmm", "einsum", "_convolution", "cudnn_convolution", "mkldnn_convolution"}
+
+__all__ = ["MODE", "Applied", "FunctionCall", "FunctionRecorder", "blame", "describe", "function_rows", "recording"]
+
+
+class _Slot:
+    """Where a tensor argument goes in a call's argument template."""
+
+    def __repr__(self) -> str:
+        return "<tensor>"
+
+
+SLOT = _Slot()
+
+
+@dataclass
+class FunctionCall:
+    """One application of a user's custom Function in a traced step."""
+
+    cls: type
+    module: str  # the module path it ran under ("" for the model's own forward)
+    occurrence: int  # among this module's calls of this class, in forward order
+    template: tuple  # the positional arguments after ctx, each tensor replaced by SLOT
+    inputs: list[Tensor | Spilled]  # the oracle's: values; a side's: meta tensors (dtype and shape)
+    input_layouts: list[Layout]
+    needs: list[bool]  # per tensor input: its gradient is used (ctx.needs_input_grad)
+    entered: int  # how many modules had started their forward before this call (for its order)
+    fingerprint: tuple = ()
+    outputs: list[Tensor | Spilled] = field(default_factory=list)
+    grad_outputs: list[Tensor | Spilled | None] | None = None
+    grad_output_layouts: list[Layout | None] = field(default_factory=list)
+    grad_inputs: list[Tensor | Spilled | None] | None = None
+
+    @property
+    def name(self) -> str:
+        return self.cls.__qualname__
+
+    @property
+    def key(self) -> tuple[str, str, int]:
+        return (self.module, self.name, self.occurrence)
+
+    @property
+    def label(self) -> str:
+        """The unit's name in rows: ``dense.1 · CatFn`` (``#k`` from the second call on)."""
+        suffix = f"#{self.occurrence + 1}" if self.occurrence else ""
+        return f"{self.module or MODEL}{SEPARATOR}{self.name}{suffix}"
+
+
+def describe(label: str) -> str:
+    """``dense.1 · CatFn`` -> ``custom autograd Function CatFn in dense.1`` (for a summary line)."""
+    module, _, name = label.partition(SEPARATOR)
+    return f"custom autograd Function {name} in {module}"
+
+
+def module_of(label: str) -> str:
+    """The module path a Function row's unit ran under ("" for the model's own forward)."""
+    module = label.partition(SEPARATOR)[0]
+    return "" if module == MODEL else module
+
+
+# -- recording ---------------------------------------------------------------------------------------------
+class FunctionRecorder:
+    """Records every call of a user's custom Function during one traced step (module docstring).
+
+    ``values``: keep the tensors (the oracle's, in ``store``), else only dtypes and layouts (a side's).
+    """
+
+    def __init__(self, model: nn.Module, values: bool, store: TensorStore | None = None) -> None:
+        self.model, self.values = model, values
+        self.store = store if store is not None or not values else TensorStore()
+        self.calls: list[FunctionCall] = []
+        self._names = {id(m): n for n, m in model.named_modules()}
+        self._stack: list[str] = []
+        self.entered: list[str] = []  # modules in the order their forward first started
+        self._seen_modules: set[str] = set()
+        self._counts: dict[tuple[str, str], int] = {}
+        self._pending: dict[int, FunctionCall] = {}  # id(frame) of a running old-style forward -> its call
+        self._handles: list = []
+        self.active = False
+
+    # module stack
+    def _push(self, module: nn.Module, args: tuple) -> None:
+        name = self._names.get(id(module), "")
+        self._stack.append(name)
+        if name not in self._seen_modules and not in_backward():
+            self._seen_modules.add(name)
+            self.entered.append(name)
+
+    def _pop(self, module: nn.Module, args: tuple, output: object) -> None:
+        if self._stack:
+            self._stack.pop()
+
+    def __enter__(self) -> FunctionRecorder:
+        for m in self.model.modules():
+            self._handles.append(m.register_forward_pre_hook(self._push))
+            self._handles.append(m.register_forward_hook(self._pop, always_call=True))
+        self._profile = _profiled(self)
+        self._profile.__enter__()
+        self.active = True
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.active = False
+        self._profile.__exit__(*exc)
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+        self._pending.clear()
+        if self.store is not None:
+            self.store.seal()
+
+    # the profiler callback (mathcheck._profiled calls ``profile``)
+    def profile(self, frame: object, event: str, arg: object) -> None:
+        if event == "return":
+            call = self._pending.pop(id(frame), None) if self._pending else None
+            if call is not None:
+                with _disable_current_modes():
+                    self._outputs(call, arg)
+            return
+        if event != "call":
+            return
+        found = _call_args(frame)
+        if found is None:
+            return
+        ctx, args = found
+        cls = ctx._forward_cls
+        if not _user_function(cls):
+            return
+        with _disable_current_modes():  # the copies are the tool's, no op of the step
+            call = self._call(ctx, cls, args)
+            if call is not None and frame.f_code.co_name == "setup_context":
+                names = frame.f_code.co_varnames
+                if frame.f_code.co_argcount > 2:
+                    self._outputs(call, frame.f_locals.get(names[2]))
+            elif call is not None:
+                self._pending[id(frame)] = call
+
+    def _call(self, ctx: object, cls: type, args: tuple) -> FunctionCall | None:
+        tensors = [a for a in args if isinstance(a, Tensor)]
+        needs_all = tuple(bool(n) for n in ctx.needs_input_grad)
+        needs = [bool(needs_all[i]) if i < len(needs_all) else False
+                 for i, a in enumerate(args) if isinstance(a, Tensor)]
+        fingerprint = tuple((tuple(t.shape), t.dtype, float(t.detach().double().sum()) if t.is_floating_point()
+                             else 0.0) for t in tensors)
+        if in_backward():  # a checkpoint's recompute: the call it repeats is already named
+            for call in self.calls:
+                if call.cls is cls and call.grad_outputs is None and call.fingerprint == fingerprint:
+                    self._hook(ctx, call)  # reentrant: this node is the one backward runs; else never fires
+                    return None
+            return None
+        module = self._stack[-1] if self._stack else ""
+        k = self._counts.get((module, cls.__qualname__), 0)
+        self._counts[(module, cls.__qualname__)] = k + 1
+        call = FunctionCall(cls=cls, module=module, occurrence=k,
+                            template=tuple(SLOT if isinstance(a, Tensor) else a for a in args),
+                            inputs=[self._keep(t) for t in tensors], input_layouts=[Layout.of(t) for t in tensors],
+                            needs=needs, entered=len(self.entered), fingerprint=fingerprint)
+        self.calls.append(call)
+        self._hook(ctx, call)
+        return call
+
+    def _keep(self, t: Tensor) -> Tensor | Spilled:
+        if not self.values:
+            return torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device="meta")
+        t = t.detach()
+        return self.store.keep(t.to("cpu") if t.device.type != "cpu" else t, clone=True)
+
+    def _outputs(self, call: FunctionCall, output: object) -> None:
+        outs = flatten_tensors(output)
+        call.outputs = [self._keep(o) for o in outs] if self.values else [None] * len(outs)
+
+    def _hook(self, ctx: object, call: FunctionCall) -> None:
+        def pre(grad_outputs: tuple) -> None:
+            if not self.active or call.grad_outputs is not None:
+                return
+            with _disable_current_modes():
+                call.grad_output_layouts = [Layout.of(g) if isinstance(g, Tensor) else None for g in grad_outputs]
+                call.grad_outputs = [self._keep(g) if isinstance(g, Tensor) and self.values else None
+                                     for g in grad_outputs]
+
+        def post(grad_inputs: tuple, grad_outputs: tuple) -> None:
+            if not self.active or call.grad_inputs is not None:
+                return
+            with _disable_current_modes():
+                call.grad_inputs = [self._keep(g) if isinstance(g, Tensor) and need and self.values else None
+                                    for g, need in zip(grad_inputs, call.needs)]
+
+        self._handles.append(ctx.register_prehook(pre))
+        self._handles.append(ctx.register_hook(post))
+
+
+@contextmanager
+def recording(model: nn.Module, values: bool) -> Iterator[FunctionRecorder]:
+    """Record the custom Function calls of the step run inside (see :class:`FunctionRecorder`)."""
+    recorder = FunctionRecorder(model, values)
+    with recorder:
+        yield recorder
+
+
+# -- judging -----------------------------------------------------------------------------------------------
+class Applied(nn.Module):
+    """One call of a custom Function as a parameterless module: ``cls.apply`` on its tensors, the recorded
+    non-tensor arguments in place."""
+
+    def __init__(self, cls: type, template: tuple) -> None:
+        super().__init__()
+        self.cls, self.template = cls, template
+
+    def forward(self, *tensors: Tensor) -> object:
+        it = iter(tensors)
+        return self.cls.apply(*[next(it) if isinstance(a, _Slot) else a for a in self.template])  # deep copies too
+
+
+def _orders(call: FunctionCall, entered: list[str], units: dict[str, tuple[int, int | None]]) -> tuple[int, int]:
+    """(forward, backward) order of a call among the units (``units``: name -> (forward_index, backward_index)):
+    after the last unit that started before it; in backward, with the unit that ran its backward last of those
+    that started after it (they run theirs first)."""
+    forward = max((units[n][0] for n in entered[:call.entered] if n in units), default=0)
+    after = [b for f, b in units.values() if f > forward and b is not None]
+    return forward, max(after, default=0)
+
+
+def _record(call: FunctionCall, label: str, orders: tuple[int, int], values: bool) -> UnitRecord:
+    """The call as a :class:`UnitRecord` for :func:`~densenet_debug.verdict.replay.replay_unit`."""
+    def get(ts: list | None) -> list:
+        return [materialize(t) if values else t for t in (ts or [])]
+
+    grad_inputs = get(call.grad_inputs) if call.grad_inputs is not None else [None] * len(call.inputs)
+    return UnitRecord(name=label, kind=call.name, forward_index=orders[0], training=True,
+                      inputs=get(call.inputs), outputs=get(call.outputs), grad_outputs=get(call.grad_outputs),
+                      grad_inputs=grad_inputs, input_layouts=list(call.input_layouts),
+                      grad_output_layouts=list(call.grad_output_layouts),
+                      backward_index=orders[1] if call.grad_outputs is not None else None, calls=1)
+
+
+class _Ops(TorchDispatchMode):
+    """The names of the aten ops run inside (below any other mode)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.names: set[str] = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
+        self.names.add(func.overloadpacket.__name__)
+        return func(*args, **(kwargs or {}))
+
+
+def _bounds(call: FunctionCall, module: Applied, o_rec: UnitRecord) -> UnitBounds:
+    ops = _Ops()
+    with ops:
+        bounds = unit_bounds(module, o_rec, {})
+    bounds.matmul = bool(ops.names & _MATMUL)
+    bounds.origin = (f"custom autograd Function {call.name}, replayed whole; "
+                     + bounds.origin.replace(f"({Applied.__name__})", f"({call.name})"))
+    return bounds
+
+
+def function_rows(step: int, o_trace: Trace, sides: list[tuple[Backend, Trace | None]], lam: float) -> list[list[Row]]:
+    """Teacher-forced rows of every custom Function call the oracle's step made (``o_trace.functions``), for
+    each side (its backend and traced step, whose ``functions`` give dtypes and layouts); mode ``function``."""
+    o_calls: list[FunctionCall] = getattr(o_trace, "functions", None) or []
+    out: list[list[Row]] = [[] for _ in sides]
+    if not o_calls:
+        return out
+    entered = getattr(o_trace, "entered", [])
+    units = {n: (rec.forward_index, rec.backward_index) for n in o_trace.units if (rec := o_trace.meta(n))}
+    by_side = [{c.key: c for c in (getattr(t, "functions", None) or [])} for _, t in sides]
+    for o_call in o_calls:
+        label = o_call.label
+        orders = _orders(o_call, entered, units)
+        o_rec = _record(o_call, label, orders, values=True)
+        module = Applied(o_call.cls, o_call.template)
+        try:
+            bounds = _bounds(o_call, module, o_rec)
+        except Exception as exc:  # noqa: BLE001 - the user's code on magnitudes: a note, not a finding
+            for rows in out:
+                rows.append(_note_row(label, step, orders, f"not judged: its forward or backward raised on the "
+                                                           f"magnitudes of its operands ({type(exc).__name__}: {exc})"))
+            continue
+        for (backend, _), calls, rows in zip(sides, by_side, out):
+            s_call = calls.get(o_call.key)
+            s_rec = _record(s_call, label, orders, values=False) if s_call is not None else None
+            try:
+                found = local_rows(label, step, module, o_rec, s_rec, bounds, backend, lam, [], None)
+            except Exception as exc:  # noqa: BLE001 - raised on the oracle's inputs here: a note, not a finding
+                rows.append(_note_row(label, step, orders, f"not replayed: it raised on the oracle's inputs cast "
+                                                           f"to this side ({type(exc).__name__}: {exc})"))
+                continue
+            for r in found:
+                r.mode = MODE
+            rows += found
+    return out
+
+
+def _note_row(label: str, step: int, orders: tuple[int, int], note: str) -> Row:
+    return Row(layer=label, pass_="forward", quantity="output", error_a=0.0, error_b=None, tolerance=0.0,
+               status=Status.OK, origin="custom autograd Function: not judged", step=step, mode=MODE,
+               tolerance_a=0.0, ratio_a=0.0, order=orders[0], note=note)
+
+
+def blame(local: list[Row], functions: list[Row]) -> None:
+    """A failing module whose replay runs a failing Function (applied in it or in a descendant) is explained
+    by the Function, the smaller unit: a failing forward explains both passes of the module, a failing backward
+    its backward. A row already explained by a failing descendant module keeps that culprit."""
+    failing = [f for f in functions if f.status in FAILING]
+    if not failing:
+        return
+    for r in local:
+        if r.status not in FAILING or r.explained_by is not None:
+            continue
+        culprits = [f for f in failing if f.step == r.step and (f.pass_ == "forward" or r.pass_ == "backward")
+                    and (module_of(f.layer) == r.layer or inside(module_of(f.layer), r.layer))]
+        if culprits:
+            first = min(culprits, key=lambda f: (f.pass_ != "forward", f.order))
+            r.explained_by = first.layer
+            r.note = f"explained by failing {describe(first.layer)} ({first.pass_} {first.quantity})"
+
+
+def attach(trace: Trace, recorder: FunctionRecorder) -> Trace:
+    """Hang what ``recorder`` saw on ``trace`` (``trace.functions``, ``trace.entered``) and return it."""
+    trace.functions = recorder.calls
+    trace.entered = list(recorder.entered)
+    return trace
