@@ -243,9 +243,12 @@ def test_a_cat_backward_wrong_under_onednn_float32_is_a_backward_mismatch_at_tha
     # the modules that ran it fail too, stay visible, and are explained by the Function: the smaller unit
     for module in CALLS[style]:
         mine = [r for r in report.rows if r.mode == "local" and r.layer == module and r.status in FAILING]
-        assert mine and all(r.explained_by == f"{module} · OneDNNWrongCatFn" and r.pass_ == "backward"
-                            for r in mine), (module, [(r.layer, r.explained_by) for r in mine])
-        assert all("explained by failing custom autograd Function OneDNNWrongCatFn" in r.note for r in mine)
+        assert mine and all(r.pass_ == "backward" for r in mine)
+        for r in mine:  # by its own Function, or (the block) by a failing layer inside it that a Function explains
+            if r.explained_by == f"{module} · OneDNNWrongCatFn":
+                assert f"explained by failing custom autograd Function OneDNNWrongCatFn in {module}" in r.note
+            else:
+                assert r.explained_by in CALLS[style] and r.explained_by.startswith(module + "."), r.explained_by
     assert all(r.status == Status.OK for r in report.rows if r.mode == "math")  # right in float64
     assert report.to_json()["first_divergence"]["mode"] == "function"
 
