@@ -6,21 +6,23 @@ fails as a whole without saying which of its parts is wrong. So every call of a 
 as a module is: replayed whole on the oracle's inputs and grad_outputs, and the smallest failing unit is blamed
 (a Function before the module it ran in).
 
-**Recording** (:class:`FunctionRecorder`, around each side's traced step and the oracle's). The calls are found
-as :mod:`~densenet_debug.verdict.mathcheck` finds them, without touching torch: ``sys.setprofile`` sees the
-``forward(ctx, ...)`` (or ``setup_context(ctx, inputs, output)``) frame of every Function applied, whose ``ctx``
-is the autograd node itself (a ``BackwardCFunction``; ``_forward_cls`` is the class). Its inputs are copied on
-entry (a later in-place op cannot reach them), its outputs on return; a pre-hook on the node copies the
-grad_outputs it receives and a hook what its backward returns (grad_inputs) — hooks on the Function's own node,
-not module backward hooks, which break in-place ops. The module path is the innermost module whose forward is
-running (forward pre/post hooks on every module); ``(model)`` for the model's own forward. A call is named by
-(module path, class, occurrence k among that module's calls of that class, in forward order): ``dense.1 ·
-CatFn``, ``dense.1 · CatFn#2`` for the second. The oracle's records hold float64 values (through a
+**Recording** (:class:`FunctionRecorder`, around each side's traced step and the oracle's). For the step's length
+``torch.autograd.Function.apply`` is wrapped (and restored on exit): a user's Function applied is seen with its
+class, its arguments (tensor inputs copied at once: a later in-place op cannot reach them) and its outputs, whose
+``grad_fn`` is the Function's own node (a ``BackwardCFunction``, ``_forward_cls`` the class). A pre-hook on that
+node copies the grad_outputs it receives and a hook what its backward returns (grad_inputs) — hooks on the
+Function's own node, not module backward hooks, which break in-place ops. (Wrapping ``apply`` costs nothing per
+op; a ``sys.setprofile`` callback, as :mod:`~densenet_debug.verdict.mathcheck` uses for its one extra forward,
+cost a traced BC-100 step 20-40 %.) The module path is the innermost module whose forward is running (forward
+pre/post hooks on every module); ``(model)`` for the model's own forward. A call is named by (module path, class,
+occurrence k among that module's calls of that class, in forward order): ``dense.1 · CatFn``, ``dense.1 ·
+CatFn#2`` for the second. The oracle's records hold float64 values (through a
 :class:`~densenet_debug.trace.TensorStore`, so past the memory budget they go to disk); a side's hold only what
-its replay needs: each input's dtype and layout and each grad_output's layout. A checkpoint's recompute
-(autograd is running a backward) names no new call: a non-reentrant one repeats a call whose node is already
-hooked, and a reentrant one, whose forward ran without grad, supplies the node of the call it repeats (found by
-class, shapes and a value fingerprint). Functions defined by torch or by this tool are skipped.
+its replay needs: each input's dtype and layout and each grad_output's layout (a side records only where the
+oracle's step applied a Function). A checkpoint's recompute (autograd is running a backward) names no new call: a
+non-reentrant one repeats a call whose node is already hooked, and a reentrant one, whose forward ran without
+grad, supplies the node of the call it repeats (found by class, shapes and a value fingerprint). Functions
+defined by torch or by this tool are skipped.
 
 **Teacher forcing** (:func:`function_rows`). The call is wrapped in a parameterless module (:class:`Applied`:
 ``cls.apply`` with the recorded non-tensor arguments in place) and judged exactly as a module unit is
@@ -41,19 +43,20 @@ in the report, failing, and the first divergence names the Function. Rows have m
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
+from torch.autograd import Function
 from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
 
 from densenet_debug._autograd import in_backward
 from densenet_debug.backends import Backend
 from densenet_debug.trace import Layout, Spilled, TensorStore, Trace, UnitRecord, flatten_tensors, materialize
 from densenet_debug.verdict.local import inside, local_rows
-from densenet_debug.verdict.mathcheck import _call_args, _profiled, _user_function
+from densenet_debug.verdict.mathcheck import _user_function
 from densenet_debug.verdict.report import FAILING, Row, Status
 from densenet_debug.verdict.tolerance import UnitBounds, unit_bounds
 
@@ -83,12 +86,13 @@ class FunctionCall:
     cls: type
     module: str  # the module path it ran under ("" for the model's own forward)
     occurrence: int  # among this module's calls of this class, in forward order
-    template: tuple  # the positional arguments after ctx, each tensor replaced by SLOT
+    template: tuple  # the positional arguments, each tensor replaced by SLOT
     inputs: list[Tensor | Spilled]  # the oracle's: values; a side's: meta tensors (dtype and shape)
     input_layouts: list[Layout]
     needs: list[bool]  # per tensor input: its gradient is used (ctx.needs_input_grad)
     entered: int  # how many modules had started their forward before this call (for its order)
-    fingerprint: tuple = ()
+    kwargs: dict = field(default_factory=dict)  # keyword arguments, as given
+    fingerprint: tuple = ()  # a call made without grad: its inputs' shapes, dtypes and sums (to find its recompute)
     outputs: list[Tensor | Spilled] = field(default_factory=list)
     grad_outputs: list[Tensor | Spilled | None] | None = None
     grad_output_layouts: list[Layout | None] = field(default_factory=list)
@@ -137,8 +141,8 @@ class FunctionRecorder:
         self.entered: list[str] = []  # modules in the order their forward first started
         self._seen_modules: set[str] = set()
         self._counts: dict[tuple[str, str], int] = {}
-        self._pending: dict[int, FunctionCall] = {}  # id(frame) of a running old-style forward -> its call
         self._handles: list = []
+        self._original: object = None
         self.active = False
 
     # module stack
@@ -157,70 +161,69 @@ class FunctionRecorder:
         for m in self.model.modules():
             self._handles.append(m.register_forward_pre_hook(self._push))
             self._handles.append(m.register_forward_hook(self._pop, always_call=True))
-        self._profile = _profiled(self)
-        self._profile.__enter__()
+        original = Function.__dict__["apply"]  # a classmethod: its function takes the class first
+        recorder = self
+
+        def apply(cls: type, *args: object, **kwargs: object) -> object:
+            if not recorder.active or not _user_function(cls):
+                return original.__func__(cls, *args, **kwargs)
+            return recorder._apply(original.__func__, cls, args, kwargs)
+
+        self._original = original
+        Function.apply = classmethod(apply)  # only for this step's length (restored on exit, on error too)
         self.active = True
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.active = False
-        self._profile.__exit__(*exc)
+        if self._original is not None:
+            Function.apply = self._original
+            self._original = None
         for h in self._handles:
             h.remove()
         self._handles.clear()
-        self._pending.clear()
         if self.store is not None:
             self.store.seal()
 
-    # the profiler callback (mathcheck._profiled calls ``profile``)
-    def profile(self, frame: object, event: str, arg: object) -> None:
-        if event == "return":
-            call = self._pending.pop(id(frame), None) if self._pending else None
-            if call is not None:
-                with _disable_current_modes():
-                    self._outputs(call, arg)
-            return
-        if event != "call":
-            return
-        found = _call_args(frame)
-        if found is None:
-            return
-        ctx, args = found
-        cls = ctx._forward_cls
-        if not _user_function(cls):
-            return
+    def _apply(self, apply: Callable, cls: type, args: tuple, kwargs: dict) -> object:
         with _disable_current_modes():  # the copies are the tool's, no op of the step
-            call = self._call(ctx, cls, args)
-            if call is not None and frame.f_code.co_name == "setup_context":
-                names = frame.f_code.co_varnames
-                if frame.f_code.co_argcount > 2:
-                    self._outputs(call, frame.f_locals.get(names[2]))
-            elif call is not None:
-                self._pending[id(frame)] = call
+            call, recompute = self._call(cls, args, kwargs)
+        out = apply(cls, *args, **kwargs)
+        if call is None:
+            return out
+        with _disable_current_modes():
+            outs = flatten_tensors(out)
+            node = next((o.grad_fn for o in outs if getattr(o.grad_fn, "_forward_cls", None) is cls), None)
+            if recompute:  # a reentrant checkpoint's: this is the node backward runs, with the gradients wanted
+                call.needs = [t.requires_grad for t in args if isinstance(t, Tensor)]
+            else:
+                call.outputs = [self._keep(o) for o in outs] if self.values else [None] * len(outs)
+            if node is not None:
+                self._hook(node, call)
+        return out
 
-    def _call(self, ctx: object, cls: type, args: tuple) -> FunctionCall | None:
+    def _call(self, cls: type, args: tuple, kwargs: dict) -> tuple[FunctionCall | None, bool]:
+        """The call being made, and whether it is a checkpoint's recompute of one already named."""
         tensors = [a for a in args if isinstance(a, Tensor)]
-        needs_all = tuple(bool(n) for n in ctx.needs_input_grad)
-        needs = [bool(needs_all[i]) if i < len(needs_all) else False
-                 for i, a in enumerate(args) if isinstance(a, Tensor)]
-        fingerprint = tuple((tuple(t.shape), t.dtype, float(t.detach().double().sum()) if t.is_floating_point()
-                             else 0.0) for t in tensors)
+        grad = torch.is_grad_enabled()
         if in_backward():  # a checkpoint's recompute: the call it repeats is already named
-            for call in self.calls:
-                if call.cls is cls and call.grad_outputs is None and call.fingerprint == fingerprint:
-                    self._hook(ctx, call)  # reentrant: this node is the one backward runs; else never fires
-                    return None
-            return None
+            # non-reentrant: that call ran with grad and its node is the one backward runs; reentrant: it ran
+            # without grad (its fingerprint was taken) and this recompute's node is the one backward runs
+            candidates = [c for c in self.calls if c.cls is cls and c.fingerprint and c.grad_outputs is None]
+            if not candidates:
+                return None, True
+            fingerprint = _fingerprint(tensors)
+            return next((c for c in candidates if c.fingerprint == fingerprint), None), True
         module = self._stack[-1] if self._stack else ""
         k = self._counts.get((module, cls.__qualname__), 0)
         self._counts[(module, cls.__qualname__)] = k + 1
-        call = FunctionCall(cls=cls, module=module, occurrence=k,
-                            template=tuple(SLOT if isinstance(a, Tensor) else a for a in args),
+        template = tuple(SLOT if isinstance(a, Tensor) else a for a in args)
+        call = FunctionCall(cls=cls, module=module, occurrence=k, template=template, kwargs=dict(kwargs),
                             inputs=[self._keep(t) for t in tensors], input_layouts=[Layout.of(t) for t in tensors],
-                            needs=needs, entered=len(self.entered), fingerprint=fingerprint)
+                            needs=[grad and t.requires_grad for t in tensors], entered=len(self.entered),
+                            fingerprint=() if grad else _fingerprint(tensors))
         self.calls.append(call)
-        self._hook(ctx, call)
-        return call
+        return call, False
 
     def _keep(self, t: Tensor) -> Tensor | Spilled:
         if not self.values:
@@ -228,11 +231,7 @@ class FunctionRecorder:
         t = t.detach()
         return self.store.keep(t.to("cpu") if t.device.type != "cpu" else t, clone=True)
 
-    def _outputs(self, call: FunctionCall, output: object) -> None:
-        outs = flatten_tensors(output)
-        call.outputs = [self._keep(o) for o in outs] if self.values else [None] * len(outs)
-
-    def _hook(self, ctx: object, call: FunctionCall) -> None:
+    def _hook(self, node: object, call: FunctionCall) -> None:
         def pre(grad_outputs: tuple) -> None:
             if not self.active or call.grad_outputs is not None:
                 return
@@ -248,8 +247,13 @@ class FunctionRecorder:
                 call.grad_inputs = [self._keep(g) if isinstance(g, Tensor) and need and self.values else None
                                     for g, need in zip(grad_inputs, call.needs)]
 
-        self._handles.append(ctx.register_prehook(pre))
-        self._handles.append(ctx.register_hook(post))
+        self._handles.append(node.register_prehook(pre))
+        self._handles.append(node.register_hook(post))
+
+
+def _fingerprint(tensors: list[Tensor]) -> tuple:
+    return tuple((tuple(t.shape), t.dtype, float(t.detach().double().sum()) if t.is_floating_point() else 0.0)
+                 for t in tensors)
 
 
 @contextmanager
@@ -265,13 +269,13 @@ class Applied(nn.Module):
     """One call of a custom Function as a parameterless module: ``cls.apply`` on its tensors, the recorded
     non-tensor arguments in place."""
 
-    def __init__(self, cls: type, template: tuple) -> None:
+    def __init__(self, cls: type, template: tuple, kwargs: dict | None = None) -> None:
         super().__init__()
-        self.cls, self.template = cls, template
+        self.cls, self.template, self.kwargs = cls, template, kwargs or {}
 
     def forward(self, *tensors: Tensor) -> object:
-        it = iter(tensors)
-        return self.cls.apply(*[next(it) if isinstance(a, _Slot) else a for a in self.template])  # deep copies too
+        it = iter(tensors)  # (isinstance, not identity: a deep copy of this module copies the slots)
+        return self.cls.apply(*[next(it) if isinstance(a, _Slot) else a for a in self.template], **self.kwargs)
 
 
 def _orders(call: FunctionCall, entered: list[str], units: dict[str, tuple[int, int | None]]) -> tuple[int, int]:
@@ -332,7 +336,7 @@ def function_rows(step: int, o_trace: Trace, sides: list[tuple[Backend, Trace | 
         label = o_call.label
         orders = _orders(o_call, entered, units)
         o_rec = _record(o_call, label, orders, values=True)
-        module = Applied(o_call.cls, o_call.template)
+        module = Applied(o_call.cls, o_call.template, o_call.kwargs)
         try:
             bounds = _bounds(o_call, module, o_rec)
         except Exception as exc:  # noqa: BLE001 - the user's code on magnitudes: a note, not a finding
