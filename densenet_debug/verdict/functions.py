@@ -36,6 +36,16 @@ hand-written backward evaluated on the magnitudes of its operands, ``M = sum |te
 rounding (TF32, autocast) when the Function's own math runs a convolution or a matrix product. Non-finite values
 where the oracle is finite are status ``nonfinite``, never compared.
 
+**Kinks inside.** A piecewise op inside the Function (``F.relu(a - b)``) whose input lies within rounding of its
+boundary can take the other branch in the side's replay than in the oracle's float64 run (the cast of the inputs
+or rounding inside moves it across): the gradient then jumps by what the branch routes, which no rounding bound
+covers. Where a backward row fails, the forward is run once more on each side of the comparison under a dispatch
+mode that fingerprints every piecewise op's branch per element (:class:`_Branches`); if they differ, the
+failing backward rows are status ``kink`` (not a finding; ``--fail-on kink`` makes them one), named with the
+count. Forward rows are never excused (a kink moves a value by its margin, within rounding), nor are runs whose
+sequences of piecewise ops differ (a branch taken in Python, on the dtype too). A fault in a call that also has a
+kink is then left to the module that ran it, whose replay still fails.
+
 **Blame** (:func:`blame`). A module whose replay runs a failing Function (the Function ran in it or in one of its
 descendants) is explained by the Function (``explained_by``), as a composite by its failing child: its rows stay
 in the report, failing, and the first divergence names the Function. Rows have mode ``function``.
@@ -51,6 +61,7 @@ import torch
 from torch import Tensor, nn
 from torch.autograd import Function
 from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
+from torch.utils._pytree import tree_leaves
 
 from densenet_debug._autograd import in_backward
 from densenet_debug.backends import Backend
@@ -355,8 +366,94 @@ def function_rows(step: int, o_trace: Trace, sides: list[tuple[Backend, Trace | 
                 continue
             for r in found:
                 r.mode = MODE
+            if any(r.status == Status.MISMATCH and r.pass_ == "backward" for r in found):
+                _explain_inner_kinks(found, module, o_rec, s_rec, backend)
             rows += found
     return out
+
+
+_PIECEWISE = {"relu", "leaky_relu", "prelu", "rrelu", "abs", "sign", "sgn", "threshold", "relu6", "hardtanh", "clamp",
+              "clamp_min", "clamp_max", "hardshrink", "softshrink", "elu", "celu", "selu"}
+_CHOICE = {"maximum", "minimum", "fmax", "fmin"}
+_ROUNDING = {"round", "floor", "ceil", "trunc", "frac", "remainder", "fmod"}
+
+
+class _Branches(TorchDispatchMode):
+    """The branch every piecewise op of a forward takes, per element: for the ReLU family ``out == in`` and the
+    sign of ``in`` (at exactly 0 ``relu(0) == 0`` as for a positive input, but its gradient mask differs: an input
+    rounded to 0 is a kink), ``sign(a - b)`` for max/min, a rounding's result, and every integer or boolean output
+    of an op on floating inputs (comparisons, indices)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.prints: list[Tensor] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
+        raw = func.overloadpacket.__name__
+        name = raw.rstrip("_")
+        first = args[0] if args and isinstance(args[0], Tensor) else None
+        before = first.clone() if first is not None and raw.endswith("_") and name in _PIECEWISE | _CHOICE else first
+        out = func(*args, **(kwargs or {}))
+        outs = [t for t in tree_leaves(out) if isinstance(t, Tensor)]
+        if name in _PIECEWISE and before is not None and outs and outs[0].shape == before.shape:
+            self.prints.append((outs[0] == before).to(torch.int8) * 3 + torch.sign(before).to(torch.int8))
+        elif name in _CHOICE and before is not None and len(args) > 1 and isinstance(args[1], Tensor):
+            self.prints.append(torch.sign(before - args[1]).to(torch.int8))
+        elif name in _ROUNDING and outs:
+            self.prints.append(outs[0].to(torch.float64))
+        elif first is not None and first.is_floating_point():
+            self.prints += [o.clone() for o in outs if not o.is_floating_point() and not o.is_complex()]
+        return out
+
+
+def _same(a: Tensor, b: Tensor) -> Tensor:
+    """Elementwise: the same branch (a fingerprint of one run against the other's; values compared in float64)."""
+    if a.is_floating_point() or b.is_floating_point():
+        return a.to(torch.float64) == b.to(torch.float64)
+    return a == b
+
+
+def _other_branches(module: Applied, o_rec: UnitRecord, s_rec: UnitRecord | None, backend: Backend) -> int:
+    """How many elements of the piecewise ops inside the Function's forward (a ReLU, clamp, max, comparison,
+    rounding: :class:`_Branches`) take another branch in the side's replay than
+    in the oracle's float64 run on the same (unrounded) inputs: kinks within rounding of their boundary, from the
+    cast of its inputs or from rounding inside it. Two runs of different sequences of piecewise ops (a branch in
+    Python, on the dtype too) are not a kink: 0."""
+    xs = []
+    for i, t in enumerate(o_rec.inputs):
+        seen = s_rec.inputs[i] if s_rec is not None and i < len(s_rec.inputs) else None
+        dtype = (seen.dtype if seen is not None else backend.param_dtype) if t.is_floating_point() else t.dtype
+        xs.append(t.to(backend.device, dtype))
+    side, exact = _Branches(), _Branches()
+    with torch.no_grad():
+        with backend.active(), side:
+            module(*xs)
+        with exact:
+            module(*o_rec.inputs)
+    if len(side.prints) != len(exact.prints):
+        return 0  # another sequence of ops (a branch in Python, on the dtype too): no kink of ours excuses it
+    return sum(int((~_same(a.cpu(), b)).sum()) if a.shape == b.shape else a.numel() + 1
+               for a, b in zip(side.prints, exact.prints))
+
+
+def _explain_inner_kinks(rows: list[Row], module: Applied, o_rec: UnitRecord, s_rec: UnitRecord | None,
+                         backend: Backend) -> None:
+    """A failing backward row of a Function whose forward takes another branch of a piecewise op in the side's
+    replay than in float64 (a ReLU of a difference within rounding of zero): the gradient jumps there by the
+    size of what the branch routes, which no rounding bound covers. Status ``kink``, not a finding (``--fail-on
+    kink`` makes it one); forward rows keep theirs (a kink moves a value by its margin, within rounding)."""
+    try:
+        flips = _other_branches(module, o_rec, s_rec, backend)
+    except Exception:  # noqa: BLE001 - the user's forward again: nothing excused
+        return
+    if flips == 0:
+        return
+    what = f"{flips} element(s)"
+    for r in rows:
+        if r.status == Status.MISMATCH and r.pass_ == "backward":
+            r.status = Status.KINK
+            r.note = (f"kink inside the Function: its forward takes the other branch of a piecewise op than the "
+                      f"float64 oracle at {what} (within rounding of its boundary)")
 
 
 def _note_row(label: str, step: int, orders: tuple[int, int], note: str) -> Row:

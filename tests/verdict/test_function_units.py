@@ -407,3 +407,75 @@ def test_a_side_records_layouts_and_dtypes_only_and_unused_gradients_are_none() 
         F.cross_entropy(net(x), y).backward()
     (call,) = rec.calls
     assert call.grad_inputs[0] is not None and call.grad_inputs[1] is None  # x's gradient is not used
+
+
+# -- kinks inside a Function -------------------------------------------------------------------------------------
+class SubReluFn(torch.autograd.Function):
+    """relu(a - b) with a hand-written backward (the mask of ``a - b > 0``); ``wrong``: under oneDNN float32 the
+    gradient of ``a`` is doubled."""
+
+    wrong = False
+
+    @staticmethod
+    def forward(ctx, a: Tensor, b: Tensor) -> Tensor:
+        d = a - b
+        ctx.save_for_backward(d)
+        return F.relu(d)
+
+    @staticmethod
+    def backward(ctx, g: Tensor) -> tuple:
+        (d,) = ctx.saved_tensors
+        m = g * (d > 0)
+        return (2 * m if SubReluFn.wrong and _onednn_float32(g) else m), -m
+
+
+class KinkNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.one = nn.Parameter(torch.ones(()))
+        self.fc = nn.Linear(16, 10)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = x * self.one  # exact in every dtype: the Function sees the inputs as given
+        return self.fc(SubReluFn.apply(h[:, :1], h[:, 1:]).flatten(1))
+
+
+@pytest.fixture
+def wrong_sub_relu():
+    SubReluFn.wrong = True
+    yield
+    SubReluFn.wrong = False
+
+
+def _kink_batch(seed: int = 0, at_boundary: bool = True) -> tuple[Tensor, Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(4, 2, 4, 4, dtype=torch.float64, generator=g)
+    if at_boundary:  # a - b = 2^-30 > 0 in float64; both round to 1.0 in float32, where relu's mask is 0
+        x[0, 0, 0, 0], x[0, 1, 0, 0] = 1 + 2.0 ** -30, 1.0
+    return x, torch.randint(0, 10, (4,), generator=g)
+
+
+def test_a_relu_inside_a_function_that_takes_the_other_branch_is_a_kink_not_a_finding() -> None:
+    x, y = _kink_batch()
+    torch.manual_seed(0)
+    report = diff(KinkNet(), x, y, "mkldnn", "native")
+    assert report.verdict == "agree", report.summary
+    row = next(r for r in _fn_rows(report) if r.pass_ == "backward")
+    assert row.status == Status.KINK and row.worst_ratio > 1e3  # the gradient jumps by |g| there
+    assert "kink inside the Function" in row.note and "at 1 element(s)" in row.note
+    torch.manual_seed(0)
+    strict = diff(KinkNet(), x, y, "mkldnn", "native", fail_on="kink")
+    assert strict.verdict == "mismatch"
+
+
+@pytest.mark.parametrize("at_boundary", [False, True])
+def test_a_wrong_backward_of_a_function_with_a_relu_inside_is_still_caught(wrong_sub_relu, at_boundary: bool) -> None:
+    x, y = _kink_batch(at_boundary=at_boundary)
+    torch.manual_seed(0)
+    report = diff(KinkNet(), x, y, "mkldnn", "native")
+    first = report.first_divergence
+    if not at_boundary:
+        assert (first["layer"], first["pass"], first["mode"], first["side"]) == (
+            "(model) · SubReluFn", "backward", "function", "a"), report.summary
+    else:  # a kink in the same call excuses its backward rows; the fault still fails the diff downstream
+        assert report.verdict == "mismatch", report.summary
