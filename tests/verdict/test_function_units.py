@@ -10,7 +10,9 @@ is float32: right in float64, right on ``native``.
 
 from __future__ import annotations
 
+import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -20,6 +22,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import Tensor, nn
 
+from densenet_debug.cli import main
 from densenet_debug.verdict import functions
 from densenet_debug.verdict.engine import diff, local_check
 from densenet_debug.verdict.render import leading_rows
@@ -479,3 +482,24 @@ def test_a_wrong_backward_of_a_function_with_a_relu_inside_is_still_caught(wrong
             "(model) · SubReluFn", "backward", "function", "a"), report.summary
     else:  # a kink in the same call excuses its backward rows; the fault still fails the diff downstream
         assert report.verdict == "mismatch", report.summary
+
+
+# -- the command line --------------------------------------------------------------------------------------------
+def wrong_functional() -> nn.Module:
+    """Factory for the CLI test: the functional style with the cat wrong under oneDNN float32."""
+    return _net("functional", OneDNNWrongCatFn)
+
+
+def test_the_cli_names_the_function_in_its_verdict_table_and_json(capsys, tmp_path) -> None:
+    out_json = tmp_path / "diff.json"
+    argv = ["diff", "--model", f"{Path(__file__)}:wrong_functional", "--input-shape", "3,6,6", "--num-classes", "10",
+            "--batch", "4", "--a", "mkldnn", "--b", "native", "--json", str(out_json)]
+    assert main(argv) == 1
+    out = capsys.readouterr().out
+    assert "mkldnn wrong at custom autograd Function OneDNNWrongCatFn in (model) (backward grad_input" in out
+    assert "(model) · OneDNNWrongCatFn" in out and "function" in out  # the failing row leads the table
+    data = json.loads(out_json.read_text())
+    assert data["first_divergence"]["mode"] == "function"
+    rows = [r for r in data["rows"] if r["mode"] == "function"]
+    assert {r["layer"] for r in rows} == {"block.0 · OneDNNWrongCatFn", "block.1 · OneDNNWrongCatFn",
+                                          "(model) · OneDNNWrongCatFn"}
