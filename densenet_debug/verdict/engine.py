@@ -235,8 +235,6 @@ def judge_many(model: nn.Module, x: Tensor, y: Tensor, backends: list[str | Back
         shared.finite_oracle = oracle
     names = list(units) if units is not None and not callable(units) else oracle[0].forward_order
     sides = [_Side(parse_backend(b), model, x, y, names, eval_mode) for b in backends]
-    for side in sides:
-        side.record_functions = any(getattr(t, "functions", None) for t in oracle[:steps])
     ref = _Reference(model, eval_mode, oracle)
     if shared.lam is None:  # shapes suffice: a spilled oracle is not read back to count its elements
         shared.lam = confidence(element_count([trace.metas() for trace in oracle[:steps]]))
@@ -311,14 +309,11 @@ class _Side:
         self.previous: dict[str, dict[str, Tensor]] | None = None  # buffers each unit left, last step
         self.local: list[Row] = []
         self.functions: list[Row] = []  # the custom Functions' teacher-forced rows (verdict.functions)
-        self.record_functions = True  # judge_many: False when the oracle's steps applied none
         self.step_kinks: list[UnitKink] = []
 
     def run_step(self, names: list[str], loss_fn: LossFn) -> None:
-        # Only where the oracle's step applied a custom Function (a side's record costs its step a profiler). A
-        # compiled unit runs no Function's Python: its replay takes the side's dtype and dense layouts.
-        record = self.record_functions and not self.backend.compile_backend
-        calls = functions.recording(self.model, values=False) if record else nullcontext()
+        # A compiled unit runs no Function's Python: its replay takes the side's dtype and dense layouts.
+        calls = functions.recording(self.model, values=False) if not self.backend.compile_backend else nullcontext()
         with self.backend.active(), progress.step(f"{self.backend.name}: step traced"), calls as recorder:
             # torch.compile skips its frames while a dispatch mode is active: copies, not guarded aliases.
             self.trace = trace_step(self.model, self.x, self.y, units=names, loss_fn=loss_fn,

@@ -18,8 +18,9 @@ pre/post hooks on every module); ``(model)`` for the model's own forward. A call
 occurrence k among that module's calls of that class, in forward order): ``dense.1 · CatFn``, ``dense.1 ·
 CatFn#2`` for the second. The oracle's records hold float64 values (through a
 :class:`~densenet_debug.trace.TensorStore`, so past the memory budget they go to disk); a side's hold only what
-its replay needs: each input's dtype and layout and each grad_output's layout (a side records only where the
-oracle's step applied a Function). A checkpoint's recompute (autograd is running a backward) names no new call: a
+its replay needs: each input's dtype and layout and each grad_output's layout. A call one side made and the
+oracle did not (a branch on the dtype in the user's code) has nothing to be teacher-forced with: a note row says
+so, never dropped silently. A checkpoint's recompute (autograd is running a backward) names no new call: a
 non-reentrant one repeats a call whose node is already hooked, and a reentrant one, whose forward ran without
 grad, supplies the node of the call it repeats (found by class, shapes and a value fingerprint). Functions
 defined by torch or by this tool are skipped.
@@ -335,14 +336,17 @@ def _bounds(call: FunctionCall, module: Applied, o_rec: UnitRecord) -> UnitBound
 
 def function_rows(step: int, o_trace: Trace, sides: list[tuple[Backend, Trace | None]], lam: float) -> list[list[Row]]:
     """Teacher-forced rows of every custom Function call the oracle's step made (``o_trace.functions``), for
-    each side (its backend and traced step, whose ``functions`` give dtypes and layouts); mode ``function``."""
-    o_calls: list[FunctionCall] = getattr(o_trace, "functions", None) or []
-    out: list[list[Row]] = [[] for _ in sides]
+    each side (its backend and traced step, whose ``functions`` give dtypes and layouts); mode ``function``. An
+    oracle without ``functions`` (rebuilt from a fixture, which stores none) gives none."""
+    if not hasattr(o_trace, "functions"):  # an oracle rebuilt from a fixture: no Function was recorded
+        return [[] for _ in sides]
+    o_calls: list[FunctionCall] = o_trace.functions
+    by_side = [{c.key: c for c in (getattr(t, "functions", None) or [])} for _, t in sides]
+    out: list[list[Row]] = [_one_sided(calls, {c.key for c in o_calls}, step) for calls in by_side]
     if not o_calls:
         return out
     entered = getattr(o_trace, "entered", [])
     units = {n: (rec.forward_index, rec.backward_index) for n in o_trace.units if (rec := o_trace.meta(n))}
-    by_side = [{c.key: c for c in (getattr(t, "functions", None) or [])} for _, t in sides]
     for o_call in o_calls:
         label = o_call.label
         orders = _orders(o_call, entered, units)
@@ -368,8 +372,21 @@ def function_rows(step: int, o_trace: Trace, sides: list[tuple[Backend, Trace | 
                 r.mode = MODE
             if any(r.status == Status.MISMATCH and r.pass_ == "backward" for r in found):
                 _explain_inner_kinks(found, module, o_rec, s_rec, backend)
+            if s_call is None and calls:  # the side recorded its calls, and made no such one
+                for r in found:
+                    r.note = "; ".join(filter(None, [r.note, "not applied in this side's step (judged on the "
+                                                             "oracle's inputs all the same)"]))
             rows += found
     return out
+
+
+def _one_sided(calls: dict[tuple, FunctionCall], oracle_keys: set[tuple], step: int) -> list[Row]:
+    """A note row for each call a side made that the oracle's step did not (a branch on the dtype or backend in
+    the user's code): nothing to teacher-force it with, and never dropped silently; what it changed shows in the
+    between-units and propagated rows."""
+    return [_note_row(c.label, step, (0, 0), "applied on this side only, not in the float64 oracle's step: not "
+                                           "judged here (its effect shows in the between and propagated rows)")
+            for key, c in calls.items() if key not in oracle_keys]
 
 
 _PIECEWISE = {"relu", "leaky_relu", "prelu", "rrelu", "abs", "sign", "sgn", "threshold", "relu6", "hardtanh", "clamp",

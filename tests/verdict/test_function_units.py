@@ -355,6 +355,41 @@ def test_local_check_has_the_function_rows_too() -> None:
                                       "(model) · OneDNNWrongCatFn"}
 
 
+class IdentityFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: Tensor) -> Tensor:
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, g: Tensor) -> Tensor:
+        return g
+
+
+class Float32Only(nn.Module):
+    """Applies a Function only when the activations are float32: the float64 oracle never does."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.fc = nn.Conv2d(3, 4, 3, padding=1), nn.Linear(4, 10)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.conv(x)
+        if h.dtype == torch.float32:
+            h = IdentityFn.apply(h)
+        return self.fc(h.mean((2, 3)))
+
+
+def test_a_call_on_one_side_only_is_listed_never_dropped() -> None:
+    x, y = _batch()
+    torch.manual_seed(0)
+    report = diff(Float32Only(), x, y, "fp64", "mkldnn")
+    (row,) = _fn_rows(report)
+    assert row.layer == "(model) · IdentityFn" and row.status == Status.OK
+    assert row.ratio_a is None and row.ratio_b == 0  # side b (float32) only
+    assert "applied on this side only" in row.note
+    assert report.verdict == "agree"  # an identity: nothing changed (the between rows say so)
+
+
 # -- recording ---------------------------------------------------------------------------------------------------
 class ReentrantNet(nn.Module):
     """A Function inside a reentrant checkpoint: its forward runs without grad, its node comes from the recompute."""
