@@ -519,6 +519,57 @@ def test_a_wrong_backward_of_a_function_with_a_relu_inside_is_still_caught(wrong
         assert report.verdict == "mismatch", report.summary
 
 
+# -- a matrix product inside a Function: its operands take autocast's (and TF32's) rounding ------------------------
+class LinearFn(torch.autograd.Function):
+    """``x @ w.T`` with its backward written by hand."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, w: Tensor) -> Tensor:
+        ctx.save_for_backward(x, w)
+        return x @ w.t()
+
+    @staticmethod
+    def backward(ctx, g: Tensor) -> tuple:
+        x, w = ctx.saved_tensors
+        return g @ w, g.t() @ x
+
+
+class LinearHead(nn.Module):
+    """The Function gets float32 features (under bf16 autocast too) and multiplies them in autocast's dtype."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 16, 3, padding=1)
+        self.w = nn.Parameter(torch.randn(10, 16) / 4)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return LinearFn.apply(F.relu(self.conv(x)).mean((2, 3)).to(self.w.dtype), self.w)
+
+
+@given(seed=st.integers(0, 10**4))
+@settings(max_examples=3, deadline=None)
+def test_a_matmul_inside_a_function_is_bounded_with_autocasts_operand_rounding(seed: int) -> None:
+    torch.manual_seed(seed)
+    x, y = _batch(8, seed)
+    report = diff(LinearHead(), x, y, "bf16", "native")
+    assert report.verdict == "agree", report.summary  # with float32's u for the operands: ratio ~650
+    rows = [r for r in _fn_rows(report) if r.ratio_a is not None]
+    assert rows and all("u_op=2^-8" in r.origin for r in rows)  # bf16 operands, though the inputs are float32
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("a", ["cudnn", "tf32", "cudnn+channels_last", "bf16"])
+def test_functions_on_cuda_agree_with_their_own_precision(a: str) -> None:
+    for model, loss in ((_net("inplace-checkpointed"), F.cross_entropy), (_net("functional"), F.nll_loss)):
+        x, y = _batch()
+        report = diff(model, x, y, a, "no-cudnn", device="cuda", loss_fn=loss)
+        assert report.verdict == "agree", report.summary
+        assert _fn_rows(report)
+    torch.manual_seed(0)
+    x, y = _batch(8)
+    assert diff(LinearHead(), x, y, a, "no-cudnn", device="cuda").verdict == "agree"
+
+
 # -- the command line --------------------------------------------------------------------------------------------
 def wrong_functional() -> nn.Module:
     """Factory for the CLI test: the functional style with the cat wrong under oneDNN float32."""
