@@ -37,7 +37,9 @@ one (:func:`~densenet_debug.verdict.tolerance.unit_bounds` on the wrapper: every
 hand-written backward evaluated on the magnitudes of its operands, ``M = sum |terms|``, K = all input elements:
 ``(2 u_op + lam u_acc sqrt(K) + u_out) M + eta``, plus the float64 teacher's own), raised to a matmul's operand
 rounding (TF32, autocast) when the Function's own math runs a convolution or a matrix product. Non-finite values
-where the oracle is finite are status ``nonfinite``, never compared.
+where the oracle is finite are status ``nonfinite``, never compared. A Function that draws from torch's generator
+(its state moved during the oracle's call: a dropout written by hand) cannot be replayed with the oracle's draws;
+it is a note row, not judged (the math check reseeds its draws).
 
 **Kinks inside.** A piecewise op inside the Function (``F.relu(a - b)``) whose input lies within rounding of its
 boundary can take the other branch in the side's replay than in the oracle's float64 run (the cast of the inputs
@@ -106,6 +108,7 @@ class FunctionCall:
     needs: list[bool]  # per tensor input: its gradient is used (ctx.needs_input_grad)
     entered: int  # how many modules had started their forward before this call (for its order)
     kwargs: dict = field(default_factory=dict)  # keyword arguments, as given
+    random: bool = False  # it drew from torch's (CPU) generator: a replay cannot draw the same numbers
     fingerprint: tuple = ()  # a call made without grad: its inputs' shapes, dtypes and sums (to find its recompute)
     outputs: list[Tensor | Spilled] = field(default_factory=list)
     grad_outputs: list[Tensor | Spilled | None] | None = None
@@ -204,10 +207,13 @@ class FunctionRecorder:
     def _apply(self, apply: Callable, cls: type, args: tuple, kwargs: dict) -> object:
         with _disable_current_modes():  # the copies are the tool's, no op of the step
             call, recompute = self._call(cls, args, kwargs)
+            rng = torch.random.get_rng_state() if call is not None and not recompute else None
         out = apply(cls, *args, **kwargs)
         if call is None:
             return out
         with _disable_current_modes():
+            if rng is not None:
+                call.random = not torch.equal(rng, torch.random.get_rng_state())
             outs = flatten_tensors(out)
             node = next((o.grad_fn for o in outs if getattr(o.grad_fn, "_forward_cls", None) is cls), None)
             if recompute:  # a reentrant checkpoint's: this is the node backward runs, with the gradients wanted
@@ -354,6 +360,12 @@ def function_rows(step: int, o_trace: Trace, sides: list[tuple[Backend, Trace | 
     for o_call in o_calls:
         label = o_call.label
         orders = _orders(o_call, entered, units)
+        if o_call.random:
+            for rows in out:
+                rows.append(_note_row(label, step, orders, "not judged: it draws random numbers (torch's generator "
+                                                           "moved during the call), which a replay cannot draw as "
+                                                           "the oracle did; the math check reseeds them"))
+            continue
         o_rec = _record(o_call, label, orders, values=True)
         module = Applied(o_call.cls, o_call.template, o_call.kwargs)
         try:

@@ -390,6 +390,30 @@ def test_a_call_on_one_side_only_is_listed_never_dropped() -> None:
     assert report.verdict == "agree"  # an identity: nothing changed (the between rows say so)
 
 
+class DropFn(torch.autograd.Function):
+    """A dropout written by hand: its mask comes from torch's generator and is saved for backward."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor) -> Tensor:
+        mask = (torch.rand_like(x) > 0.5).to(x.dtype)
+        ctx.save_for_backward(mask)
+        return x * mask * 2
+
+    @staticmethod
+    def backward(ctx, g: Tensor) -> Tensor:
+        (mask,) = ctx.saved_tensors
+        return g * mask * 2
+
+
+def test_a_function_that_draws_random_numbers_is_a_note_not_a_false_alarm() -> None:
+    x, y = _batch()
+    torch.manual_seed(0)
+    report = diff(Scaled(fn=ScaleFn, shift=DropFn), x, y, "mkldnn", "fp64")
+    rows = [r for r in _fn_rows(report) if r.layer == "(model) · DropFn"]
+    assert len(rows) == 1 and rows[0].status == Status.OK and "draws random numbers" in rows[0].note
+    assert all(r.status not in FAILING for r in _fn_rows(report) if r.layer != "(model) · ScaleFn#2")
+
+
 # -- recording ---------------------------------------------------------------------------------------------------
 class ReentrantNet(nn.Module):
     """A Function inside a reentrant checkpoint: its forward runs without grad, its node comes from the recompute."""
