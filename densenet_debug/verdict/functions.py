@@ -105,7 +105,7 @@ class FunctionCall:
     template: tuple  # the positional arguments, each tensor replaced by SLOT
     inputs: list[Tensor | Spilled]  # the oracle's: values; a side's: meta tensors (dtype and shape)
     input_layouts: list[Layout]
-    needs: list[bool]  # per tensor input: its gradient is used (ctx.needs_input_grad)
+    needs: list[bool]  # per tensor input: it required grad, with grad enabled (its gradient is wanted)
     entered: int  # how many modules had started their forward before this call (for its order)
     kwargs: dict = field(default_factory=dict)  # keyword arguments, as given
     random: bool = False  # it drew from torch's (CPU) generator: a replay cannot draw the same numbers
@@ -378,8 +378,11 @@ def function_rows(step: int, o_trace: Trace, sides: list[tuple[Backend, Trace | 
         for (backend, _), calls, rows in zip(sides, by_side, out):
             s_call = calls.get(o_call.key)
             s_rec = _record(s_call, label, orders, values=False) if s_call is not None else None
+            # the side's own non-tensor arguments (a dtype, a flag the model derives from its inputs' dtype)
+            same = s_call is not None and len(s_call.inputs) == len(o_call.inputs)
+            replayed = Applied(o_call.cls, s_call.template, s_call.kwargs) if same else module
             try:
-                found = local_rows(label, step, module, o_rec, s_rec, bounds, backend, lam, [], None)
+                found = local_rows(label, step, replayed, o_rec, s_rec, bounds, backend, lam, [], None)
             except Exception as exc:  # noqa: BLE001 - raised on the oracle's inputs here: a note, not a finding
                 rows.append(_note_row(label, step, orders, f"not replayed: it raised on the oracle's inputs cast "
                                                            f"to this side ({type(exc).__name__}: {exc})"))
@@ -387,7 +390,7 @@ def function_rows(step: int, o_trace: Trace, sides: list[tuple[Backend, Trace | 
             for r in found:
                 r.mode = MODE
             if any(r.status == Status.MISMATCH and r.pass_ == "backward" for r in found):
-                _explain_inner_kinks(found, module, o_rec, s_rec, backend)
+                _explain_inner_kinks(found, replayed, o_rec, s_rec, backend)
             if s_call is None and calls:  # the side recorded its calls, and made no such one
                 for r in found:
                     r.note = "; ".join(filter(None, [r.note, "not applied in this side's step (judged on the "
