@@ -348,6 +348,7 @@ class _Side:
         between = between_rows(step, names, s_trace, ref.module(step), self.x, self.y, self.backend,
                                loss_fn) if propagated else []
         explain_by_local(prop_rows, local + between)  # before amplification: only what nothing upstream explains
+        functions.name_in_notes(prop_rows, local)
         if any(r.status == Status.MISMATCH and r.explained_by is None for r in prop_rows):
             self_consistent(prop_rows, s_trace, ref.at(step), self.backend, lam, composed)
             inner_kinks.explain_propagated(prop_rows, step, s_trace, self.modules, ref.at(step), self.backend,

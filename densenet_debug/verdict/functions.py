@@ -516,6 +516,16 @@ def blame(local: list[Row], functions: list[Row]) -> None:
             r.note = f"explained by failing {describe(first.layer)} ({first.pass_} {first.quantity})"
 
 
+def name_in_notes(rows: list[Row], local: list[Row]) -> None:
+    """A propagated row downstream of a module's failure that a Function explains says so in its note."""
+    by_unit = {(r.step, r.layer): r.explained_by for r in local
+               if r.status in FAILING and r.explained_by is not None and SEPARATOR in r.explained_by}
+    for r in rows:
+        label = by_unit.get((r.step, r.explained_by)) if r.explained_by is not None else None
+        if label is not None and r.note.startswith("downstream of"):
+            r.note += f", explained by failing {describe(label)}"
+
+
 def attach(trace: Trace, recorder: FunctionRecorder) -> Trace:
     """Hang what ``recorder`` saw on ``trace`` (``trace.functions``, ``trace.entered``) and return it."""
     trace.functions = recorder.calls

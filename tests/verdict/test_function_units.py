@@ -269,6 +269,9 @@ def test_the_failing_function_leads_the_table() -> None:
     report = _diff("module", OneDNNWrongCatFn)
     lead = leading_rows(report, 5)
     assert lead[0].mode == "function" and lead[0].status == Status.MISMATCH
+    moved = [r for r in report.rows if r.mode == "propagated" and r.status == Status.DOWNSTREAM]
+    assert moved and all(r.note.endswith("explained by failing custom autograd Function OneDNNWrongCatFn in "
+                                         "block.1.cat") for r in moved)  # the downstream rows name the Function
 
 
 # -- correct Functions agree ---------------------------------------------------------------------------------------
