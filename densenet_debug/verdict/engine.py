@@ -6,7 +6,8 @@
   and grad_outputs, in the dtype and memory layout the side saw (:mod:`densenet_debug.verdict.replay`), and each
   output, input grad, parameter grad and BN buffer is checked elementwise against a bound *derived* from the
   unit roundoffs and an error model of the op (:mod:`densenet_debug.verdict.tolerance`). A side is wrong at a unit
-  only when a local row fails.
+  only when a local row fails. Every call of a user's custom ``autograd.Function`` is such a unit too (mode
+  ``function``, :mod:`densenet_debug.verdict.functions`): the smaller unit, blamed before the module it ran in.
 * **Propagated** rows (:mod:`densenet_debug.verdict.propagated`): the side's end-to-end trace against the oracle.
   Errors accumulate, so a row is first screened against the first-order sum of the local tolerances
   upstream. Kinks (:mod:`densenet_debug.verdict.kinks`) cannot move forward values by more than their margin, but
