@@ -17,6 +17,7 @@ from torch import Tensor, nn
 from densenet_debug.backends import parse_backend
 from densenet_debug.errors import UsageError
 from densenet_debug.trace import UnitSelector
+from densenet_debug.verdict.report import TEACHER_FORCED
 
 if TYPE_CHECKING:
     from densenet_debug.verdict.engine import JudgeCache
@@ -76,7 +77,8 @@ def _trials(model: nn.Module, x: Tensor, y: Tensor, parts: list[str], result: Bi
             side = judge(model, x, y, backend, oracle, units=names, steps=steps, eval_mode=eval_mode,
                          loss_fn=loss_fn, _shared=shared)
             bad = side.failures
-            first = min(bad, key=lambda r: (r.mode != "local", r.step, r.pass_ != "forward", r.order)) if bad else None
+            first = min(bad, key=lambda r: (r.mode not in TEACHER_FORCED, r.step, r.pass_ != "forward", r.order)
+                        ) if bad else None
             result.trials.append({"backend": spec, "verdict": "mismatch" if bad else "agree",
                                   "first": None if first is None else [first.layer, first.pass_, first.quantity]})
             if bad:

@@ -6,7 +6,8 @@
   and grad_outputs, in the dtype and memory layout the side saw (:mod:`densenet_debug.verdict.replay`), and each
   output, input grad, parameter grad and BN buffer is checked elementwise against a bound *derived* from the
   unit roundoffs and an error model of the op (:mod:`densenet_debug.verdict.tolerance`). A side is wrong at a unit
-  only when a local row fails.
+  only when a local row fails. Every call of a user's custom ``autograd.Function`` is such a unit too (mode
+  ``function``, :mod:`densenet_debug.verdict.functions`): the smaller unit, blamed before the module it ran in.
 * **Propagated** rows (:mod:`densenet_debug.verdict.propagated`): the side's end-to-end trace against the oracle.
   Errors accumulate, so a row is first screened against the first-order sum of the local tolerances
   upstream. Kinks (:mod:`densenet_debug.verdict.kinks`) cannot move forward values by more than their margin, but
@@ -32,6 +33,7 @@ from __future__ import annotations
 import copy
 import weakref
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 import torch
@@ -43,7 +45,7 @@ from densenet_debug.backends import Backend, default_pair, environment, parse_ba
 from densenet_debug.errors import UsageError
 from densenet_debug.models.copies import fp64_copy, judging_mode
 from densenet_debug.trace import TensorStore, Trace, UnitRecord, UnitSelector, discover_units, trace_step
-from densenet_debug.verdict import counterfactual, inner_kinks
+from densenet_debug.verdict import counterfactual, functions, inner_kinks
 from densenet_debug.verdict import kinks as kinkmod
 from densenet_debug.verdict.between import between_rows
 from densenet_debug.verdict.counterfactual import traced_step_with_gates
@@ -177,9 +179,10 @@ def oracle_traces(model: nn.Module, x: Tensor, y: Tensor, *, steps: int = 1, eva
     traces = []
     for step in range(steps):
         store = TensorStore()
-        trace = traced_step_with_gates(ref, x64, y64, names, loss_fn, store) if keep_graph else trace_step(
-            ref, x64, y64, units=names, loss_fn=loss_fn, store=store)
-        traces.append(trace)
+        with functions.recording(ref, values=True) as calls:  # custom Functions are units too (.functions)
+            trace = traced_step_with_gates(ref, x64, y64, names, loss_fn, store) if keep_graph else trace_step(
+                ref, x64, y64, units=names, loss_fn=loss_fn, store=store)
+        traces.append(functions.attach(trace, calls))
         if step + 1 < steps:
             if getattr(trace, "retained", None) is not None:  # the graph saved these weights: update a copy
                 ref = _detached_copy(ref)
@@ -257,6 +260,9 @@ def judge_many(model: nn.Module, x: Tensor, y: Tensor, backends: list[str | Back
             for side in sides:
                 side.local_unit(name, step, o_trace[name], bounds, lam, scales)
             progress.advance()
+        for side, rows in zip(sides, functions.function_rows(step, o_trace, [(s.backend, s.trace) for s in sides],
+                                                             lam)):
+            side.functions = rows
         for side in sides:
             side.finish_step(step, names, o_trace, ref, x, y, loss_fn, lam, scales, propagated)
     return [side.result for side in sides]
@@ -303,15 +309,20 @@ class _Side:
         self.trace: Trace | None = None
         self.previous: dict[str, dict[str, Tensor]] | None = None  # buffers each unit left, last step
         self.local: list[Row] = []
+        self.functions: list[Row] = []  # the custom Functions' teacher-forced rows (verdict.functions)
         self.step_kinks: list[UnitKink] = []
 
     def run_step(self, names: list[str], loss_fn: LossFn) -> None:
-        with self.backend.active(), progress.step(f"{self.backend.name}: step traced"):
+        # A compiled unit runs no Function's Python: its replay takes the side's dtype and dense layouts.
+        calls = functions.recording(self.model, values=False) if not self.backend.compile_backend else nullcontext()
+        with self.backend.active(), progress.step(f"{self.backend.name}: step traced"), calls as recorder:
             # torch.compile skips its frames while a dispatch mode is active: copies, not guarded aliases.
             self.trace = trace_step(self.model, self.x, self.y, units=names, loss_fn=loss_fn,
                                     copy_on_write=not self.backend.compile_backend, store=TensorStore())
+        if recorder is not None:
+            functions.attach(self.trace, recorder)
         self.result.flags = self.backend.flags_in_force()
-        self.local, self.step_kinks = [], []
+        self.local, self.functions, self.step_kinks = [], [], []
 
     def local_unit(self, name: str, step: int, o_rec: UnitRecord, bounds: UnitBounds, lam: float, scales: dict) -> None:
         # the replay needs the side's layouts and dtypes only: a spilled record is not read back for them
@@ -327,6 +338,7 @@ class _Side:
             inner_kinks.explain(local, step, o_trace, s_trace, self.modules, ref.at(step), self.backend,
                                 self.step_kinks)
         blame_children(local, names)
+        functions.blame(local, self.functions)  # a failing Function is a smaller unit than the module it ran in
         sites = _kink_sites(names, step, o_trace, s_trace, self.modules)
         self.step_kinks += [UnitKink(s.layer, s.count, s.min_margin, s.relative_margin, "", step) for s in sites]
         prop_rows = propagated_rows(names, step, o_trace, s_trace, local, scales) if propagated else []
@@ -337,6 +349,7 @@ class _Side:
         between = between_rows(step, names, s_trace, ref.module(step), self.x, self.y, self.backend,
                                loss_fn) if propagated else []
         explain_by_local(prop_rows, local + between)  # before amplification: only what nothing upstream explains
+        functions.name_in_notes(prop_rows, local)
         if any(r.status == Status.MISMATCH and r.explained_by is None for r in prop_rows):
             self_consistent(prop_rows, s_trace, ref.at(step), self.backend, lam, composed)
             inner_kinks.explain_propagated(prop_rows, step, s_trace, self.modules, ref.at(step), self.backend,
@@ -349,7 +362,7 @@ class _Side:
             prop_rows += carried_state(names, step, self.previous, s_trace)
         self.previous = {rec.name: rec.buffers_after for rec in s_trace if rec.buffers_after}
         self.trace = None
-        self.result.rows += local + between + prop_rows
+        self.result.rows += local + self.functions + between + prop_rows
         self.result.kinks += self.step_kinks
         _sgd_step(self.model, o_trace)
 
@@ -485,7 +498,10 @@ def summarize(report: DiffReport, nonfinite: dict[str, list[dict]] | None = None
         return (f"mismatch: {who} non-finite (NaN/Inf) where the fp64 oracle is finite, first at {f.get('layer')} "
                 f"({f.get('pass')} {f.get('quantity')}, {f.get('mode')}, step {f.get('step')}); first NaN/Inf "
                 f"produced end to end: {'; '.join(firsts) or 'none'}{kink_text}")
-    return (f"mismatch: {who} wrong at {f.get('layer')} ({f.get('pass')} {f.get('quantity')}, {f.get('mode')}, "
+    where_, mode = f.get("layer"), f.get("mode")
+    if mode == functions.MODE:  # "wrong at custom autograd Function CatFn in dense.1 (backward grad_input, ..."
+        where_, mode = functions.describe(where_), "teacher-forced"
+    return (f"mismatch: {who} wrong at {where_} ({f.get('pass')} {f.get('quantity')}, {mode}, "
             f"step {f.get('step')}): error {fmt(f.get('error'))} > tolerance {fmt(f.get('tolerance'))}{kink_text}")
 
 

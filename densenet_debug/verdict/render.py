@@ -16,7 +16,7 @@ from rich.console import Console
 from rich.table import Table
 
 from densenet_debug.table import print_table
-from densenet_debug.verdict.report import FAILING, DiffReport, Row, Status, sortable
+from densenet_debug.verdict.report import FAILING, TEACHER_FORCED, DiffReport, Row, Status, sortable
 
 STYLE = {"ok": "green", "kink": "yellow", "mismatch": "bold red", "nonfinite": "bold magenta", "math": "bold red",
          "downstream": "red"}
@@ -53,9 +53,10 @@ def leading_rows(report: DiffReport, top: int = DEFAULT_TOP) -> list[Row]:
     closest to their tolerance, both sides represented (``ceil(top / 2)`` each, then the next worst).
     """
     failing = sorted((r for r in report.rows if _failing(report, r)),
-                     key=lambda r: (r.mode != "local", r.step, r.pass_ != "forward", r.order, -sortable(r.worst_ratio)))
+                     key=lambda r: (r.mode not in TEACHER_FORCED, r.step, r.pass_ != "forward", r.order,
+                                    -sortable(r.worst_ratio)))
     shown = failing[:top]
-    local = [r for r in report.rows if r.mode == "local" and not _failing(report, r)]
+    local = [r for r in report.rows if r.mode in TEACHER_FORCED and not _failing(report, r)]
     room = top - len(shown)
     if room <= 0:
         return shown

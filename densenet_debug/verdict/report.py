@@ -3,7 +3,9 @@
 diff/2 (from diff/1): rows gain ``ratio``, ``ratio_a``/``ratio_b`` and ``scale`` (errors and tolerances read on the
 scale of the terms); new row modes ``between`` (the code between units) and ``math`` (custom autograd Functions
 against finite differences); new statuses ``nonfinite``, ``math`` (findings) and ``downstream`` (explained by a
-failing check upstream); ``settings`` may hold ``math_check`` and ``ops``. Every diff/1 key is kept.
+failing check upstream); ``settings`` may hold ``math_check`` and ``ops``. Every diff/1 key is kept. Row mode
+``function``: a custom autograd Function's call replayed whole, teacher-forced like a unit (``layer`` is
+``module · Class``, :mod:`densenet_debug.verdict.functions`).
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ class Status(str, Enum):
 STATUS_ORDER = {Status.OK: 0, Status.KINK: 1, Status.DOWNSTREAM: 2, Status.MISMATCH: 3, Status.NONFINITE: 4,
                 Status.MATH: 5}
 FAILING = (Status.MISMATCH, Status.NONFINITE, Status.MATH)
+TEACHER_FORCED = ("local", "function")  # row modes that localise: a unit (module or custom Function) replayed
 
 
 @dataclass
@@ -219,7 +222,7 @@ def first_divergence(rows: list[Row], kinks_fail: bool = False) -> FirstDivergen
     """The earliest failing unit: local failures first (they localise), forward before backward; a failing
     composite whose failing descendant explains it (``explained_by``) is passed over while a culprit remains."""
     def rank(r: Row) -> tuple:
-        return (r.mode != "local", r.step, r.pass_ != "forward", r.order)
+        return (r.mode not in TEACHER_FORCED, r.step, r.pass_ != "forward", r.order)
 
     failing = [r for r in rows if r.status in FAILING or (kinks_fail and r.status == Status.KINK)]
     if not failing:

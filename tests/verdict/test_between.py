@@ -263,10 +263,11 @@ def test_fp32_only_fault_in_the_top_level_forward_is_a_mismatch_between_its_unit
     x, y = _batch()
     report = diff(_build(TopLevel), x, y, "mkldnn", "native")
     assert report.verdict == "mismatch"
-    first = report.first_divergence
+    first = report.first_divergence  # the Function is a unit of its own (verdict.functions), named first
     assert (first["layer"], first["pass"], first["quantity"], first["mode"], first["side"]) == (
-        "conv2", "backward", "grad_output", "between", "both")
+        "(model) · ScaleChannelGrad", "backward", "grad_input", "function", "both")
     row = next(r for r in _between(report) if r.layer == "conv2" and r.quantity == "grad_output")
+    assert row.status == Status.MISMATCH and row.side == "both"
     assert "between conv2 and bn2" in row.note and "model's own forward (TopLevel)" in row.note
     assert all(r.status == Status.OK for r in report.rows if r.mode == "local")  # every unit is right
 
@@ -275,10 +276,11 @@ def test_a_wrong_forward_between_units_is_named_at_the_consuming_unit(planted) -
     planted(shift=1e-3)
     x, y = _batch()
     report = diff(_build(TopLevel), x, y, "mkldnn", "native")
-    first = report.first_divergence
-    assert (first["layer"], first["pass"], first["quantity"], first["mode"]) == ("bn2", "forward", "input",
-                                                                                  "between")
+    first = report.first_divergence  # the Function is a unit of its own (verdict.functions), named first
+    assert (first["layer"], first["pass"], first["quantity"], first["mode"]) == ("(model) · ShiftChannel",
+                                                                                  "forward", "output", "function")
     row = next(r for r in _between(report) if r.layer == "bn2" and r.quantity == "input")
+    assert row.status == Status.MISMATCH
     assert "between bn1, conv2 and bn2" in row.note
 
 
@@ -295,7 +297,7 @@ def test_fp32_only_fault_inside_a_dense_layer_is_localized_in_every_style(plante
     assert bad and all(r.quantity == "grad_output" and r.layer.endswith(".conv2") for r in bad)
     layers = {r.layer.rpartition(".")[0] for r in bad}
     first = report.first_divergence
-    assert first["layer"] in layers | {r.layer for r in bad}, report.summary
+    assert first["layer"] in {f"{layer} · ScaleChannelGrad" for layer in layers}, report.summary  # its own unit
     for r in bad:
         layer = r.layer.rpartition(".")[0]
         assert r.note.startswith(f"between {r.layer} and ")
@@ -311,7 +313,7 @@ def test_propagated_rows_moved_by_a_between_fault_are_downstream_of_it(planted) 
     assert moved and all(r.note == "downstream of the between-units failure at conv2 (backward grad_output)"
                          and r.explained_by == "conv2" for r in moved)
     assert {r.layer for r in moved} >= {"conv2", "conv1"}
-    assert report.first_divergence["mode"] == "between"
+    assert report.first_divergence["mode"] == "function"  # the Function itself, a unit (verdict.functions)
 
 
 # -- against a recorded fixture: the fault in every dtype ---------------------------------------------------

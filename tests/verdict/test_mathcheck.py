@@ -242,11 +242,13 @@ def test_a_cat_backward_wrong_only_under_onednn_float32_is_a_backward_mismatch_a
     first = report.first_divergence
     prefix = "dense" if style == "functional" else "layers"
     assert report.verdict == "mismatch"
-    # every layer holds the Function; the last one's backward runs first
-    assert (first["layer"], first["pass"], first["side"], first["mode"]) == (f"{prefix}.2", "backward", "a",
-                                                                             "local"), first
+    # every layer holds the Function; the last one's backward runs first; the Function is the smaller unit
+    assert (first["layer"], first["pass"], first["side"], first["mode"]) == (
+        f"{prefix}.2 · OneDNNFloat32WrongCatFn", "backward", "a", "function"), first
     local = {(r.layer, r.pass_, r.quantity, r.side) for r in report.rows if r.status in FAILING and r.mode == "local"}
     assert local == {(f"{prefix}.{i}", "backward", "grad_input", "a") for i in range(3)}
+    assert {r.explained_by for r in report.rows if r.status in FAILING and r.mode == "local"} == {
+        f"{prefix}.{i} · OneDNNFloat32WrongCatFn" for i in range(3)}
     assert all(r.status == Status.OK for r in report.rows if r.mode == "math")  # right in float64
 
 

@@ -106,10 +106,11 @@ def test_a_wrong_bias_gradient_before_bn_is_still_caught_at_its_unit() -> None:
     report = _diff(BiasBeforeBN(WrongBiasConv))
     assert report.verdict == "mismatch"
     first = report.first_divergence
-    assert (first["layer"], first["quantity"], first["mode"], first["pass"]) == ("conv2", "grad_bias", "local",
-                                                                                   "backward")
+    # the hand-written Function is the smallest failing unit (verdict.functions); its conv's row fails too
+    assert (first["layer"], first["quantity"], first["mode"], first["pass"]) == (
+        "conv2 · _WrongBiasGrad", "grad_input", "function", "backward")
     row = _row(report, "conv2", "grad_bias", "local")
-    assert row.status == "mismatch" and row.side == "both"
+    assert row.status == "mismatch" and row.side == "both" and row.explained_by == "conv2 · _WrongBiasGrad"
     # read on sum |terms|, the error is the planted fraction itself, and well over its tolerance
     assert row.error_a == pytest.approx(PLANTED, rel=0.05) and row.tolerance < PLANTED / 10
     assert "error 1e-04 > tolerance" in report.summary or "error 0.0001" in report.summary

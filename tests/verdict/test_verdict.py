@@ -360,7 +360,8 @@ def test_judge_needs_only_the_oracle_traces_and_local_check_is_one_sided() -> No
     side = judge(model, x, y, parse_backend("mkldnn"), oracle, steps=2)
     assert {r.step for r in side.rows} == {0, 1} and not side.failures
     rows = local_check(_swap(_model(), "block1.layer01.conv2", NativeOnlyWrongConv), x, y, "native")
-    assert {r.mode for r in rows} == {"local"}
+    assert {r.mode for r in rows} == {"local", "function"}  # the fault's Function, applied on this side only:
+    assert all("applied on this side only" in r.note for r in rows if r.mode == "function")  # a note row
     assert [(r.layer, r.quantity) for r in rows if r.status == "mismatch"] == [("block1.layer01.conv2",
                                                                                 "grad_weight")]
 
