@@ -38,6 +38,7 @@ from __future__ import annotations
 import copy
 import operator
 import re
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -106,7 +107,9 @@ def export_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> OpGraph:
     """``cross_entropy(model(x), y)`` as a functional aten graph (model in its current train/eval mode)."""
     step = _Step(model)
     try:
-        ep = torch.export.export(step, (x, y), strict=False)
+        with warnings.catch_warnings():  # torch's own pytree deprecation notices, not the user's concern
+            warnings.simplefilter("ignore", FutureWarning)
+            ep = torch.export.export(step, (x, y), strict=False)
         table = torch.export.default_decompositions()
         for op in (torch.ops.aten.nll_loss_forward.default,):
             table.pop(op, None)
@@ -325,7 +328,8 @@ def _forward_row(comps: list, n: fx.Node, quantity: str, theirs: Any, ours: Any,
     theirs, ours = np.asarray(theirs), np.asarray(ours)
     if theirs.shape != ours.shape:
         ours = np.full(theirs.shape, np.nan) if ours.size != theirs.size else ours.reshape(theirs.shape)
-    comps.append(Comparison(module_path(n), str(n.target), "forward", quantity, theirs, ours.astype(np.float64),
+    op = str(n.target).removesuffix(".default")
+    comps.append(Comparison(module_path(n), op, "forward", quantity, theirs, ours.astype(np.float64),
                             np.broadcast_to(np.asarray(b, dtype=np.float64), theirs.shape), index))
 
 
