@@ -148,7 +148,7 @@ def compare_ops(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, train: bo
     rows_b = sorted((c for c in got.comparisons if c.pass_ == "backward"), key=lambda c: c.index)
     rows = []
     for c in rows_f + rows_b:
-        row = _row(c.layer, c.pass_, c.quantity, c.theirs, c.ours, c.bound)
+        row = _row(c.layer, c.pass_, c.quantity, c.theirs, c.ours, c.bound, c.scale)
         row.op = c.op
         rows.append(row)
     rel = abs(got.loss_numpy_own - got.loss_torch) / max(abs(got.loss_torch), np.finfo(float).tiny)
@@ -214,8 +214,10 @@ def _local_rows(spec: UnitSpec, rec, state: dict[str, np.ndarray], train: bool
     return forward, backward
 
 
-def _row(layer: str, pass_: str, quantity: str, theirs: np.ndarray, ours: np.ndarray, bound: np.ndarray
-         ) -> OracleRow:
+def _row(layer: str, pass_: str, quantity: str, theirs: np.ndarray, ours: np.ndarray, bound: np.ndarray,
+         scale: float | None = None) -> OracleRow:
+    """The worst element's error and tolerance, relative to ``scale`` (default max|NumPy|; op-level gradients
+    pass the size of their terms, Σ|terms|, so a gradient that cancels to ~0 reads like any other)."""
     theirs, ours, bound = (np.asarray(theirs, dtype=np.float64), np.asarray(ours, dtype=np.float64),
                            np.asarray(bound, dtype=np.float64))
     if not (np.isfinite(theirs).all() and np.isfinite(ours).all() and np.isfinite(bound).all()):
@@ -223,7 +225,7 @@ def _row(layer: str, pass_: str, quantity: str, theirs: np.ndarray, ours: np.nda
     diff = np.abs(theirs - ours)
     ratio = np.where(bound > 0, diff / np.where(bound > 0, bound, 1.0), np.where(diff > 0, np.inf, 0.0))
     i = int(np.argmax(ratio)) if ratio.size else 0
-    scale = float(np.abs(ours).max()) if ours.size else 0.0
+    scale = max(scale or 0.0, float(np.abs(ours).max()) if ours.size else 0.0)
     scale = scale if scale > 0 else 1.0
     worst = float(ratio.reshape(-1)[i]) if ratio.size else 0.0
     # Error and tolerance of the same element, the one closest to (or furthest past) its bound.

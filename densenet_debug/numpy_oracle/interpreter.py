@@ -15,14 +15,21 @@ backward that is wrong (in every dtype) shows as a disagreement.
   each side within ``γ_K·A`` of the exact result (``A = Σ|terms|``, ``K`` the op's rounding count, see
   :mod:`.vjp`), so the two within twice that; exact ops (``K = 0``) must agree bit for bit.
 * *Gradients, end to end.* PyTorch's real backward of the eager model (its own derivative formulas and any
-  custom Function's backward) against a NumPy reverse sweep of VJP rules on the same forward values. The
-  bound is carried through the sweep: with ``E_v`` a bound on ``|ĝ_v - g_v|`` for each side's gradient of
-  node ``v`` (``g`` exact on those forward values), an op with output gradient error ``E_out`` hands its
-  inputs ``|J|ᵀE_out`` (the error each side was given, through the exact linear map) plus its own
-  rounding ``γ_K·|J|ᵀ|ĝ_out|`` (BatchNorm and log-softmax: their derived bounds); a node used ``c`` times
-  adds ``γ_{c-1}·Σ|contributions|`` for the accumulation. Twice the one-sided bound is the tolerance
-  between the two sides (first order: products of two roundings, ~1e-32 relative, are dropped).
-  The forward values are PyTorch's, so both sides take the same branch at every ReLU and max-pool.
+  custom Function's backward) against a NumPy reverse sweep of VJP rules on the same forward values (both
+  sides take the same branch at every ReLU and max-pool). A worst-case bound carried through the sweep
+  (``|J|ᵀE`` per op) compounds with depth (each conv's ``|J|`` exceeds its ``J``'s effect on a cancelling
+  gradient by ~√K, each BatchNorm's by its projection), so the bound uses the random-rounding model of
+  Higham & Mary (SIAM J. Sci. Comput. 2019) that :mod:`densenet_debug.verdict.tolerance` uses: an op's
+  rounding errors are independent and mean zero, a length-``K`` sum of terms ``Σ|terms| = A`` errs by a
+  sub-Gaussian amount of variance proxy ``K·ε²·A²`` (Hoeffding). Errors reach a gradient through the exact
+  linear maps of the ops after them, so the sweep carries the variance proxy ``V_v`` of each node's
+  gradient error: an op hands its inputs ``(J∘J)ᵀV_out`` (:mod:`.vjp` ``backward_sq``) plus its own
+  ``K·ε²·A²`` (BatchNorm and log-softmax: the square of their derived deterministic bound, a bounded error
+  being sub-Gaussian with that proxy); a node used ``c`` times adds ``(c-1)·ε²·(Σ|contributions|)²``.
+  The two sides err independently, so their difference has proxy ``2V`` and the tolerance is ``λ·√(2V)``,
+  ``λ = √(2 ln(2N/10⁻⁶))`` over the ``N`` gradient elements compared (one false alarm in 10⁶ runs, the
+  union bound :func:`densenet_debug.verdict.tolerance.confidence` uses). First order: products of two
+  roundings (~1e-32 relative) are dropped.
 * BatchNorm's running statistics are the batch-norm op's buffer writes, compared per op like any output
   (not against the eager model's buffers: a checkpointed BatchNorm updates them again when its forward is
   recomputed in the backward, which is PyTorch's documented behaviour, not an error of the math).
@@ -36,6 +43,7 @@ An op without a rule, or with arguments its rule does not reproduce, is :class:`
 from __future__ import annotations
 
 import copy
+import math
 import operator
 import re
 import warnings
@@ -48,10 +56,15 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from densenet_debug.errors import UsageError
-from densenet_debug.numpy_oracle.vjp import RULES, Unsupported, gamma
+from densenet_debug.numpy_oracle.vjp import EPS, RULES, Unsupported, gamma
 
 Array = np.ndarray
 _PREFIX = "model."
+
+
+def confidence(elements: int, false_alarm: float = 1e-6) -> float:
+    """λ with ``elements · 2·exp(-λ²/2) <= false_alarm`` (Hoeffding and a union bound over the elements)."""
+    return math.sqrt(2.0 * math.log(2.0 * max(elements, 1) / false_alarm))
 
 
 class UnsupportedOp(UsageError):
@@ -110,10 +123,10 @@ def export_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> OpGraph:
         with warnings.catch_warnings():  # torch's own pytree deprecation notices, not the user's concern
             warnings.simplefilter("ignore", FutureWarning)
             ep = torch.export.export(step, (x, y), strict=False)
-        table = torch.export.default_decompositions()
-        for op in (torch.ops.aten.nll_loss_forward.default,):
-            table.pop(op, None)
-        ep = ep.run_decompositions(table)
+            table = torch.export.default_decompositions()
+            for op in (torch.ops.aten.nll_loss_forward.default,):
+                table.pop(op, None)
+            ep = ep.run_decompositions(table)
     except UsageError:
         raise
     except Exception as exc:  # a model torch.export cannot trace: say so in one line
@@ -233,8 +246,10 @@ def _rule(node: fx.Node):  # noqa: ANN202
 
 
 def _abs_args(args: list) -> list:
-    return [np.abs(a) if isinstance(a, np.ndarray) and a.dtype.kind == "f" else
-            ([np.abs(b) if isinstance(b, np.ndarray) else b for b in a] if isinstance(a, list) else a) for a in args]
+    """Float arrays (also inside lists, cat's inputs) by their absolute values, kept arrays even at 0-d."""
+    return [np.asarray(np.abs(a)) if isinstance(a, np.ndarray) and a.dtype.kind == "f" else
+            ([np.asarray(np.abs(b)) if isinstance(b, np.ndarray) else b for b in a] if isinstance(a, list) else a)
+            for a in args]
 
 
 def _is_float(v: Any) -> bool:
@@ -253,6 +268,7 @@ class Comparison:
     ours: Array
     bound: Array
     index: int  # order: forward rows by node, backward rows in backward order
+    scale: float | None = None  # what error and tolerance are read relative to (Σ|terms| of a gradient)
 
 
 @dataclass
@@ -305,8 +321,8 @@ def interpret(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, train: bool
         if str(n.target).startswith("aten.empty") or isinstance(ours[n.name], tuple):
             continue  # uninitialised memory / the elements are compared at their getitem
         _forward_row(comps, n, "output", teacher[n.name], ours[n.name], bound[n.name], i)
-    grads, errors = _backward(graph, nodes, teacher, ours, tvals)
-    comps += _eager_rows(graph, model64, x64, y, grads, errors, nodes)
+    grads, errors, terms = _backward(graph, nodes, teacher, ours, tvals)
+    comps += _eager_rows(graph, model64, x64, y, grads, errors, terms, nodes)
     paths = {module_path(n) for n in nodes}
     return Interpreted(comps, float(tvals[graph.loss]), float(own[graph.loss]), op_counts, len(paths))
 
@@ -333,28 +349,44 @@ def _forward_row(comps: list, n: fx.Node, quantity: str, theirs: Any, ours: Any,
                             np.broadcast_to(np.asarray(b, dtype=np.float64), theirs.shape), index))
 
 
+def _square_args(args: list) -> list:
+    return [np.asarray(a * a) if isinstance(a, np.ndarray) and a.dtype.kind == "f" else
+            a * a if isinstance(a, (int, float)) and not isinstance(a, bool) else a for a in args]
+
+
+def _backward_sq(rule, a: list, out: Any, v: Any) -> dict[int, Array]:  # noqa: ANN001
+    """(J∘J)ᵀV: how the variance of the output gradient's error reaches each input."""
+    if rule.backward_sq is not None:
+        return rule.backward_sq(a, out, v)
+    if rule.sq == "squares":
+        return rule.backward(_square_args(a), out, v, True)
+    return rule.backward(_abs_args(a), out, v, True)  # entries 0 or ±1: J∘J = |J|
+
+
 def _backward(graph: OpGraph, nodes: list[fx.Node], teacher: dict, ours: dict, tvals: dict
               ) -> tuple[dict[str, Array], dict[str, Array]]:
-    """Reverse sweep: NumPy gradients of the loss and their two-sided error bounds, per node."""
+    """Reverse sweep: NumPy gradients of the loss and the variance proxy of one side's error, per node."""
     grads: dict[str, Any] = {graph.loss: np.array(1.0)}
     errors: dict[str, Any] = {graph.loss: np.array(0.0)}
     mags: dict[str, Any] = {}  # Σ|contributions| and their count, for the accumulation's rounding
     counts: dict[str, int] = {}
+    terms: dict[str, Any] = {}  # Σ|terms| of each gradient's last products: the scale rows are read on
 
-    def add(name: str, g: Array, e: Array) -> None:
+    def add(name: str, g: Array, e: Array, t: Array) -> None:
         g, e = np.asarray(g, dtype=np.float64), np.asarray(e, dtype=np.float64)
         if name in grads:
             grads[name] = grads[name] + g
             errors[name] = errors[name] + e
             mags[name] = mags[name] + np.abs(g)
+            terms[name] = terms[name] + t
         else:
-            grads[name], errors[name], mags[name] = g, e, np.abs(g)
+            grads[name], errors[name], mags[name], terms[name] = g, e, np.abs(g), np.asarray(t, dtype=np.float64)
         counts[name] = counts.get(name, 0) + 1
 
     def finish(name: str) -> None:
         c = counts.get(name, 0)
         if c > 1:
-            errors[name] = errors[name] + 2 * gamma(c - 1) * mags[name]
+            errors[name] = errors[name] + (c - 1) * (EPS * mags[name]) ** 2
 
     for n in reversed(nodes):
         finish(n.name)
@@ -381,28 +413,30 @@ def _backward(graph: OpGraph, nodes: list[fx.Node], teacher: dict, ours: dict, t
         else:
             e_t = e
         gin = rule.backward(a, out, g, False)
+        ga = tuple(np.abs(x) if x is not None else None for x in g) if isinstance(g, tuple) else np.abs(g)
+        mag = rule.backward(_abs_args(a), out, ga, True)  # Σ|terms| of each input gradient
         if rule.exact_bwd:
             loc: dict[int, Array] = {}
         elif rule.bound_bwd is not None:
-            loc = rule.bound_bwd(a, out, g)
+            loc = {s: b ** 2 for s, b in rule.bound_bwd(a, out, g).items()}
         else:
-            ga = tuple(np.abs(x) if x is not None else None for x in g) if isinstance(g, tuple) else np.abs(g)
-            loc = {s: gamma(rule.k_bwd(a)) * v for s, v in rule.backward(_abs_args(a), out, ga, True).items()}
-        prop = rule.backward(_abs_args(a), out, e_t, True)
+            k = rule.k_bwd(a)
+            loc = {s: k * (EPS * v) ** 2 for s, v in mag.items()}
+        prop = _backward_sq(rule, a, out, e_t)
         slots = _tensor_slots(n)
         for s, gs in gin.items():
             src = slots[s]
             if not _is_float(teacher.get(src.name)):
                 continue
-            add(src.name, gs, prop[s] + 2 * loc.get(s, 0.0))
+            add(src.name, gs, prop[s] + loc.get(s, 0.0), mag[s])
     for n in graph.module.graph.nodes:
         if n.op == "placeholder":
             finish(n.name)
-    return grads, errors
+    return grads, errors, terms
 
 
 def _eager_rows(graph: OpGraph, model64: nn.Module, x64: torch.Tensor, y: torch.Tensor, grads: dict, errors: dict,
-                nodes: list[fx.Node]) -> list[Comparison]:
+                terms: dict, nodes: list[fx.Node]) -> list[Comparison]:
     """PyTorch's real step (its backward, custom Functions included) against the NumPy sweep."""
     x = x64.clone().requires_grad_(True)
     model64.zero_grad(set_to_none=True)
@@ -412,9 +446,10 @@ def _eager_rows(graph: OpGraph, model64: nn.Module, x64: torch.Tensor, y: torch.
     position = {n.name: i for i, n in enumerate(nodes)}
     rows = []
     base = len(nodes)
-    for node, (kind, name) in zip(placeholders, graph.inputs):
-        if kind not in ("param", "input"):
-            continue
+    compared = [(node, kind, name) for node, (kind, name) in zip(placeholders, graph.inputs)
+                if kind in ("param", "input")]
+    lam = confidence(sum((params[name] if kind == "param" else x).numel() for _, kind, name in compared))
+    for node, kind, name in compared:
         theirs = params[name].grad if kind == "param" else x.grad
         mine = grads.get(node.name)
         if theirs is None and mine is None:
@@ -423,9 +458,10 @@ def _eager_rows(graph: OpGraph, model64: nn.Module, x64: torch.Tensor, y: torch.
         ref = params[name] if kind == "param" else x
         theirs = np.zeros(tuple(ref.shape)) if theirs is None else theirs.detach().numpy()
         mine = np.zeros(theirs.shape) if mine is None else mine
-        err = errors.get(node.name, np.zeros(theirs.shape))
+        err = lam * np.sqrt(2 * errors.get(node.name, np.zeros(theirs.shape)))
         layer, q = (name.rsplit(".", 1) if "." in name else ("(model)", name)) if kind == "param" else ("(input)",
                                                                                                      "input")
+        scale = float(np.max(terms[node.name])) if node.name in terms and np.size(terms[node.name]) else None
         rows.append(Comparison(layer, "", "backward", f"grad_{q}", theirs, np.broadcast_to(mine, theirs.shape),
-                               np.broadcast_to(err, theirs.shape), base + (len(nodes) - first)))
+                               np.broadcast_to(err, theirs.shape), base + (len(nodes) - first), scale))
     return rows

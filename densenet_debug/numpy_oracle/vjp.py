@@ -52,6 +52,9 @@ class Rule:
     bound_fwd: Callable[..., Any] | None = None  # (a, out) -> one-sided bound of the output (array / tuple)
     bound_bwd: Callable[..., dict[int, Array]] | None = None  # (a, out, g) -> one-sided bounds per slot
     exact_bwd: bool = False  # the backward only moves or masks g (no rounding)
+    sq: str = "abs"  # how (J∘J)ᵀV is computed: "abs" (entries 0 or ±1), "squares" (the |.|-backward on squared
+    #                  operands: the op is a product of its operands), or backward_sq
+    backward_sq: Callable[..., dict[int, Array]] | None = None  # (a, out, V) -> (J∘J)ᵀV per slot
 
 
 RULES: dict[str, Rule] = {}
@@ -111,7 +114,7 @@ def _k_bcast(a: list) -> float:
     return max(_reduced(out, _shape(x)) for x in a[:2])
 
 
-@rule("aten.add.Tensor", "aten.add.Scalar", backward=lambda a, o, g, s: _bwd_add(a, o, g, s),
+@rule("aten.add.Tensor", "aten.add.Scalar", sq="squares", backward=lambda a, o, g, s: _bwd_add(a, o, g, s),
       k_fwd=lambda a: 1 + (len(a) > 2 and a[2] != 1), k_bwd=lambda a: _k_bcast(a) + 1)
 def _add(a: list, abs_: bool) -> Array:
     x, y = _abs(a[0]) if abs_ else a[0], _abs(a[1]) if abs_ else a[1]
@@ -120,7 +123,7 @@ def _add(a: list, abs_: bool) -> Array:
     return out.astype(np.result_type(a[0], a[1])) if isinstance(out, np.ndarray) and not abs_ else out
 
 
-@rule("aten.sub.Tensor", "aten.sub.Scalar", backward=lambda a, o, g, s: _bwd_add(a, o, g, s, -1.0),
+@rule("aten.sub.Tensor", "aten.sub.Scalar", sq="squares", backward=lambda a, o, g, s: _bwd_add(a, o, g, s, -1.0),
       k_fwd=lambda a: 1 + (len(a) > 2 and a[2] != 1), k_bwd=lambda a: _k_bcast(a) + 1)
 def _sub(a: list, abs_: bool) -> Array:
     alpha = a[2] if len(a) > 2 else 1
@@ -139,7 +142,7 @@ def _bwd_mul(a: list, out: Array, g: Array, abs_: bool) -> dict[int, Array]:
     return res
 
 
-@rule("aten.mul.Tensor", "aten.mul.Scalar", backward=_bwd_mul, k_fwd=lambda a: 1,
+@rule("aten.mul.Tensor", "aten.mul.Scalar", sq="squares", backward=_bwd_mul, k_fwd=lambda a: 1,
       k_bwd=lambda a: _k_bcast(a) + 1)
 def _mul(a: list, abs_: bool) -> Array:
     return np.asarray((_abs(a[0]) * _abs(a[1])) if abs_ else a[0] * a[1])
@@ -155,7 +158,7 @@ def _bwd_div(a: list, out: Array, g: Array, abs_: bool) -> dict[int, Array]:
     return res
 
 
-@rule("aten.div.Tensor", "aten.div.Scalar", backward=_bwd_div, k_fwd=lambda a: 1,
+@rule("aten.div.Tensor", "aten.div.Scalar", sq="squares", backward=_bwd_div, k_fwd=lambda a: 1,
       k_bwd=lambda a: _k_bcast(a) + 3)
 def _div(a: list, abs_: bool) -> Array:
     return np.asarray((_abs(a[0]) / _abs(a[1])) if abs_ else a[0] / a[1])
@@ -421,6 +424,7 @@ def _sum(a: list, abs_: bool) -> Array:
 
 
 @rule("aten.mean.dim", "aten.mean.default", backward=lambda a, o, g, s: _red_bwd(a, g, 1.0 / _red_count(a)),
+      backward_sq=lambda a, o, v: _red_bwd(a, v, 1.0 / _red_count(a) ** 2),
       k_fwd=lambda a: _red_count(a) + 1, k_bwd=lambda a: 1)
 def _mean(a: list, abs_: bool) -> Array:
     x = _abs(a[0]) if abs_ else a[0]
@@ -428,7 +432,7 @@ def _mean(a: list, abs_: bool) -> Array:
 
 
 # -- matrix products ----------------------------------------------------------------------------------------
-@rule("aten.mm.default", k_fwd=lambda a: a[0].shape[1],
+@rule("aten.mm.default", sq="squares", k_fwd=lambda a: a[0].shape[1],
       k_bwd=lambda a: max(a[1].shape[1], a[0].shape[0]),
       backward=lambda a, o, g, s: {0: g @ (_abs(a[1]) if s else a[1]).T, 1: (_abs(a[0]) if s else a[0]).T @ g})
 def _mm(a: list, abs_: bool) -> Array:
@@ -442,7 +446,7 @@ def _addmm_bwd(a: list, o: Array, g: Array, s: bool) -> dict[int, Array]:
     return {0: _unbroadcast(g * beta, _shape(a[0])), 1: alpha * (g @ m2.T), 2: alpha * (m1.T @ g)}
 
 
-@rule("aten.addmm.default", backward=_addmm_bwd, k_fwd=lambda a: a[1].shape[1] + 3,
+@rule("aten.addmm.default", backward=_addmm_bwd, sq="squares", k_fwd=lambda a: a[1].shape[1] + 3,
       k_bwd=lambda a: max(a[2].shape[1], a[1].shape[0]) + 1)
 def _addmm(a: list, abs_: bool) -> Array:
     beta, alpha = a[3] if len(a) > 3 else 1, a[4] if len(a) > 4 else 1
@@ -480,7 +484,7 @@ def _conv_bwd(a: list, o: Array, g: Array, s: bool) -> dict[int, Array]:
 
 
 RULES["aten.convolution.default"] = Rule(
-    forward=_conv, backward=_conv_bwd,
+    forward=_conv, backward=_conv_bwd, sq="squares",
     k_fwd=lambda a: a[1].shape[1] * a[1].shape[2] * a[1].shape[3] + (a[2] is not None),
     k_bwd=lambda a: max(a[1].shape[0] * a[1].shape[2] * a[1].shape[3], a[0].shape[0] * a[0].shape[2] * a[0].shape[3]))
 
@@ -533,6 +537,8 @@ def _avg_pool_bwd(a: list, o: Array, g: Array, s: bool) -> dict[int, Array]:
 
 
 RULES["aten.avg_pool2d.default"] = Rule(forward=_avg_pool, backward=_avg_pool_bwd,
+                                        backward_sq=lambda a, o, v: {0: _avg_pool_bwd(a, o, v, True)[0]
+                                                                     / (_pool_args(a, "")[0] * _pool_args(a, "")[1])},
                                         k_fwd=lambda a: _pool_args(a, "")[0] * _pool_args(a, "")[1] + 1,
                                         k_bwd=lambda a: _pool_args(a, "")[0] * _pool_args(a, "")[1] + 1)
 
@@ -606,7 +612,15 @@ def _adaptive_k(a: list) -> int:
 
 
 for _name in ("aten._adaptive_avg_pool2d.default", "aten.adaptive_avg_pool2d.default"):
-    RULES[_name] = Rule(forward=_adaptive, backward=_adaptive_bwd, k_fwd=_adaptive_k, k_bwd=lambda a: 2)
+    RULES[_name] = Rule(forward=_adaptive, backward=_adaptive_bwd, k_fwd=_adaptive_k, k_bwd=lambda a: 2,
+                        backward_sq=lambda a, o, v: {0: _adaptive_bwd(a, o, v, True)[0] / _adaptive_min(a)})
+
+
+def _adaptive_min(a: list) -> int:
+    """The smallest window: Σ v/size² <= (Σ v/size) / min size."""
+    oh, ow = (list(a[1]) * 2)[:2]
+    return min(h1 - h0 for h0, h1 in _adaptive_ranges(a[0].shape[-2], oh)) * \
+        min(w1 - w0 for w0, w1 in _adaptive_ranges(a[0].shape[-1], ow))
 
 
 # -- batch normalization ------------------------------------------------------------------------------------
@@ -652,8 +666,8 @@ def _bn_rule(name: str) -> Rule:
         mean, var = (_stats(x)[:2]) if train else (rm, rv)
         invstd = 1.0 / np.sqrt(var + eps)
         xhat = (x - mean.reshape(shape)) * invstd.reshape(shape)
-        if abs_:  # |x̂| bounded by (|x| + |μ|)/s, the scale its own rounding lives on
-            xhat = (np.abs(x) + np.abs(mean).reshape(shape)) * invstd.reshape(shape)
+        if abs_:  # |J|ᵀ: the exact Jacobian's magnitudes (x̂'s own rounding is in bound_bwd)
+            xhat = np.abs(xhat)
         gb = gy.sum(axis=axes)
         gw = (gy * xhat).sum(axis=axes)
         scale = ((np.abs(w1) if abs_ else w1) * invstd).reshape(shape)
@@ -722,7 +736,34 @@ def _bn_rule(name: str) -> Rule:
             out[slot] = got["grad_bias"][1] / 2
         return out
 
-    return Rule(forward=forward, backward=backward, bound_fwd=bound_fwd, bound_bwd=bound_bwd)
+    def backward_sq(a: list, o: tuple, v: tuple) -> dict[int, Array]:
+        """(J∘J)ᵀV with (p + q + r)² <= 3(p² + q² + r²) for the three terms of the train-mode Jacobian."""
+        x, w, b, rm, rv, train, mom, eps = _bn_args(name, a)
+        vy = v[0] if v[0] is not None else np.zeros(x.shape)
+        c = x.shape[1]
+        w1 = np.ones(c) if w is None else w
+        axes = (0,) + tuple(range(2, x.ndim))
+        shape = (1, -1) + (1,) * (x.ndim - 2)
+        mean, var = (_stats(x)[:2]) if train else (rm, rv)
+        invstd = 1.0 / np.sqrt(var + eps)
+        x2 = ((x - mean.reshape(shape)) * invstd.reshape(shape)) ** 2
+        s2 = ((w1 * invstd) ** 2).reshape(shape)
+        if train:
+            m = x.size // c
+            vx = 3 * s2 * (vy + (vy.sum(axis=axes) / m ** 2).reshape(shape) + x2 * ((x2 * vy).sum(axis=axes)
+                                                                                   / m ** 2).reshape(shape))
+        else:
+            vx = s2 * vy
+        out = {0: vx}
+        slot = 1
+        if w is not None:
+            out[slot] = (x2 * vy).sum(axis=axes)
+            slot += 1
+        if b is not None:
+            out[slot] = vy.sum(axis=axes)
+        return out
+
+    return Rule(forward=forward, backward=backward, bound_fwd=bound_fwd, bound_bwd=bound_bwd, backward_sq=backward_sq)
 
 
 def _running_bound(old: Array, new: Array, mom: float, d_new: Array) -> Array:
@@ -771,8 +812,14 @@ def _log_softmax_bwd_bound(a: list, o: Array, g: Array) -> dict[int, Array]:
     return {0: gamma(a[0].shape[dim] + 3) * (np.abs(g) + p * sg) + _log_softmax_bound(a, o) * p * sg}
 
 
+def _log_softmax_sq(a: list, o: Array, v: Array) -> dict[int, Array]:
+    """J_ij = δ_ij - p_i: (J∘J)ᵀV <= 2(V + p²·ΣV)."""
+    dim = a[1] % a[0].ndim
+    return {0: 2 * (v + np.exp(o) ** 2 * v.sum(axis=dim, keepdims=True))}
+
+
 RULES["aten._log_softmax.default"] = Rule(forward=_log_softmax, backward=_log_softmax_bwd, bound_fwd=_log_softmax_bound,
-                                          bound_bwd=_log_softmax_bwd_bound)
+                                          bound_bwd=_log_softmax_bwd_bound, backward_sq=_log_softmax_sq)
 
 
 def _nll_check(a: list) -> tuple[int, int]:
@@ -808,7 +855,13 @@ def _nll_bwd(a: list, o: tuple, g: tuple, s: bool) -> dict[int, Array]:
     return {0: gx}
 
 
-RULES["aten.nll_loss_forward.default"] = Rule(forward=_nll, backward=_nll_bwd,
+def _nll_sq(a: list, o: tuple, v: tuple) -> dict[int, Array]:
+    total = float((a[1] != a[4]).sum())
+    scale = 1.0 / total if a[3] == 1 else 1.0
+    return {0: _nll_bwd(a, o, v, True)[0] * scale}
+
+
+RULES["aten.nll_loss_forward.default"] = Rule(forward=_nll, backward=_nll_bwd, backward_sq=_nll_sq,
                                               k_fwd=lambda a: a[0].shape[0] + 1, k_bwd=lambda a: 2)
 
 
