@@ -282,6 +282,11 @@ class Interpreted:
 
 def interpret(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, train: bool = True) -> Interpreted:
     """Trace, run and differentiate one step of ``model`` in NumPy float64 and collect what to compare."""
+    with np.errstate(all="ignore"):  # a NaN/Inf is judged by its row (never a pass), not warned about
+        return _interpret(model, x, y, train)
+
+
+def _interpret(model: nn.Module, x: torch.Tensor, y: torch.Tensor, train: bool) -> Interpreted:
     model64 = copy.deepcopy(model).to(device="cpu", dtype=torch.float64).train(train)
     x64, y = x.detach().to(device="cpu", dtype=torch.float64), y.detach().cpu()
     graph = export_step(copy.deepcopy(model64), x64, y)
