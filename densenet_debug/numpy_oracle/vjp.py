@@ -737,7 +737,8 @@ def _bn_rule(name: str) -> Rule:
         return out
 
     def backward_sq(a: list, o: tuple, v: tuple) -> dict[int, Array]:
-        """(J∘J)ᵀV with (p + q + r)² <= 3(p² + q² + r²) for the three terms of the train-mode Jacobian."""
+        """(J∘J)ᵀV exactly. Train: J_ij = s·(δ_ij - (1 + x̂_i·x̂_j)/m) within a channel, so
+        Σ_i J_ij²·V_i = s²·(V_j·(1 - 2(1 + x̂_j²)/m) + (ΣV + 2x̂_j·ΣVx̂ + x̂_j²·ΣVx̂²)/m²)."""
         x, w, b, rm, rv, train, mom, eps = _bn_args(name, a)
         vy = v[0] if v[0] is not None else np.zeros(x.shape)
         c = x.shape[1]
@@ -746,12 +747,14 @@ def _bn_rule(name: str) -> Rule:
         shape = (1, -1) + (1,) * (x.ndim - 2)
         mean, var = (_stats(x)[:2]) if train else (rm, rv)
         invstd = 1.0 / np.sqrt(var + eps)
-        x2 = ((x - mean.reshape(shape)) * invstd.reshape(shape)) ** 2
+        xh = (x - mean.reshape(shape)) * invstd.reshape(shape)
+        x2 = xh ** 2
         s2 = ((w1 * invstd) ** 2).reshape(shape)
         if train:
             m = x.size // c
-            vx = 3 * s2 * (vy + (vy.sum(axis=axes) / m ** 2).reshape(shape) + x2 * ((x2 * vy).sum(axis=axes)
-                                                                                   / m ** 2).reshape(shape))
+            sv, svx, svx2 = (vy.sum(axis=axes).reshape(shape), (vy * xh).sum(axis=axes).reshape(shape),
+                             (vy * x2).sum(axis=axes).reshape(shape))
+            vx = s2 * np.maximum(vy * (1 - 2 * (1 + x2) / m) + (sv + 2 * xh * svx + x2 * svx2) / m ** 2, 0.0)
         else:
             vx = s2 * vy
         out = {0: vx}
