@@ -404,3 +404,57 @@ def test_view_rules_move_gradients_exactly() -> None:
     out = RULES["aten.cat.default"].forward([parts, 1], False)
     assert np.array_equal(out, x)
     assert math.isclose(float(RULES["aten.mean.dim"].forward([x, [1, 2]], False).sum()), x.mean((1, 2)).sum())
+
+
+# -- the variance sweep's (J∘J)ᵀV against brute-force Jacobians -------------------------------------------------
+def _jacobian_sq(fn, x: np.ndarray, v: np.ndarray) -> np.ndarray:  # noqa: ANN001
+    j = torch.autograd.functional.jacobian(fn, torch.tensor(x)).reshape(v.size, x.size).numpy()
+    return ((j ** 2).T @ v.reshape(-1)).reshape(x.shape)
+
+
+@settings(max_examples=8, deadline=None)
+@given(n=st.integers(2, 3), c=st.integers(1, 3), hw=st.integers(1, 3), train=st.booleans(), seed=st.integers(0, 2**16))
+def test_squared_jacobian_products(n: int, c: int, hw: int, train: bool, seed: int) -> None:
+    from densenet_debug.numpy_oracle.interpreter import _backward_sq
+
+    r = np.random.default_rng(seed)
+    x = r.standard_normal((n, c, hw + 1, hw + 1)) * 2 + 0.5
+    w, b, rv = r.standard_normal(c), r.standard_normal(c), r.uniform(0.5, 2, c)
+    bn = RULES["aten.native_batch_norm.default"]
+    args = [x, w, b, np.zeros(c), rv, train, 0.1, 1e-5]
+    v = r.uniform(0, 1, x.shape)
+    exact = _jacobian_sq(lambda t: torch.ops.aten.native_batch_norm.default(
+        t, torch.tensor(w), torch.tensor(b), torch.zeros(c, dtype=torch.float64), torch.tensor(rv), train, 0.1,
+        1e-5)[0], x, v)
+    mine = bn.backward_sq(args, bn.forward(args, False), (v, None, None))[0]
+    assert np.allclose(mine, exact, rtol=1e-12, atol=1e-14 * np.abs(exact).max())
+    wt = r.standard_normal((2, c, 3, 3))
+    conv = [x, wt, None, [1, 1], [1, 1], [1, 1], False, [0, 0], 1]
+    out = RULES["aten.convolution.default"].forward(conv, False)
+    vo = r.uniform(0, 1, out.shape)
+    exact = _jacobian_sq(lambda t: torch.ops.aten.convolution.default(t, torch.tensor(wt), None, [1, 1], [1, 1], [1, 1],
+                                                                      False, [0, 0], 1), x, vo)
+    assert np.allclose(_backward_sq(RULES["aten.convolution.default"], conv, out, vo)[0], exact, rtol=1e-12)
+    logits = r.standard_normal((n, c + 1))
+    ls = RULES["aten._log_softmax.default"]
+    lo = ls.forward([logits, 1, False], False)
+    vl = r.uniform(0, 1, lo.shape)
+    exact = _jacobian_sq(lambda t: torch.ops.aten._log_softmax.default(t, 1, False), logits, vl)
+    assert np.all(ls.backward_sq([logits, 1, False], lo, vl)[0] >= exact * (1 - 1e-12))  # an upper bound
+
+
+def test_a_model_export_cannot_trace_is_one_usage_error() -> None:
+    from densenet_debug.errors import UsageError
+
+    class ValueBranch(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(3 * 8 * 8, 5)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            h = self.fc(x.flatten(1))
+            return h if float(h.sum()) > 0 else -h  # a branch on a value: not one graph
+
+    with pytest.raises(UsageError, match="torch.export cannot trace") as info:
+        compare_ops(_model(ValueBranch), *_batch())
+    assert "\n" not in str(info.value)
