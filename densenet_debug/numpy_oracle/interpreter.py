@@ -131,7 +131,7 @@ def export_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> OpGraph:
         raise
     except Exception as exc:  # a model torch.export cannot trace: say so in one line
         msg = next((ln.strip() for ln in str(exc).splitlines() if ln.strip()), type(exc).__name__)
-        raise UsageError(f"oracle: torch.export cannot trace the model's step ({type(exc).__name__}: {msg})") from exc
+        raise UsageError(f"torch.export cannot trace the model's step ({type(exc).__name__}: {msg})") from exc
     sig = ep.graph_signature
     kinds = {"PARAMETER": "param", "BUFFER": "buffer", "CONSTANT_TENSOR": "constant"}
     inputs, constants = [], {}
@@ -241,7 +241,7 @@ def _where(node: fx.Node) -> str:
 def _rule(node: fx.Node):  # noqa: ANN202
     rule = RULES.get(str(node.target))
     if rule is None:
-        raise UnsupportedOp(f"oracle: no NumPy rule for {node.target} ({_where(node)})")
+        raise UnsupportedOp(f"no NumPy rule for {node.target} ({_where(node)})")
     return rule
 
 
@@ -322,7 +322,7 @@ def _interpret(model: nn.Module, x: torch.Tensor, y: torch.Tensor, train: bool) 
             own[n.name] = rule.forward(_args(n, own, tvals), False)
             bound[n.name] = _forward_bound(rule, a, ours[n.name])
         except Unsupported as exc:
-            raise UnsupportedOp(f"oracle: no NumPy rule for {exc} ({_where(n)})") from exc
+            raise UnsupportedOp(f"no NumPy rule for {exc} ({_where(n)})") from exc
         if str(n.target).startswith("aten.empty") or isinstance(ours[n.name], tuple):
             continue  # uninitialised memory / the elements are compared at their getitem
         _forward_row(comps, n, "output", teacher[n.name], ours[n.name], bound[n.name], i)
