@@ -881,3 +881,45 @@ RULES["aten.clamp_max.default"] = Rule(forward=lambda a, s: np.minimum(a[0], a[1
                                        backward=lambda a, o, g, s: {0: np.where(a[0] <= a[1], g, 0.0)}, exact_bwd=True)
 RULES["aten.clamp_min.default"] = Rule(forward=lambda a, s: np.maximum(a[0], a[1]),
                                        backward=lambda a, o, g, s: {0: np.where(a[0] >= a[1], g, 0.0)}, exact_bwd=True)
+
+
+# -- selection, comparisons, |x|, leaky ReLU: exact or one rounding -------------------------------------------
+def _cmp(fn: Callable[[Any, Any], Array]) -> Rule:
+    return Rule(forward=lambda a, s: np.asarray(fn(a[0], a[1])))  # a boolean mask: no gradient
+
+
+for _name, _fn in (("gt", np.greater), ("ge", np.greater_equal), ("lt", np.less), ("le", np.less_equal),
+                   ("eq", np.equal), ("ne", np.not_equal)):
+    RULES[f"aten.{_name}.Scalar"] = RULES[f"aten.{_name}.Tensor"] = _cmp(_fn)
+
+
+def _where_bwd(a: list, o: Array, g: Array, s: bool) -> dict[int, Array]:
+    """Slots count the condition (a tensor argument) too: the two values are slots 1 and 2."""
+    return {i: _unbroadcast(np.where(a[0] == keep, g, 0.0), _shape(a[i])) for i, keep in ((1, True), (2, False))}
+
+
+def _where(a: list, s: bool) -> Array:
+    return np.where(a[0], _abs(a[1]) if s else a[1], _abs(a[2]) if s else a[2])
+
+
+RULES["aten.where.self"] = Rule(forward=_where,
+                                backward=lambda a, o, g, s: _where_bwd(a, o, g, s),
+                                k_bwd=lambda a: max(_reduced(np.broadcast_shapes(*[_shape(x) for x in a]), _shape(x))
+                                                    for x in a[1:]) - 1)
+RULES["aten.abs.default"] = Rule(forward=lambda a, s: np.abs(a[0]),
+                                 backward=lambda a, o, g, s: {0: np.abs(g) if s else g * np.sign(a[0])},
+                                 exact_bwd=True)
+
+
+def _leaky_slope(a: list) -> float:
+    return a[1] if len(a) > 1 else 0.01
+
+
+RULES["aten.leaky_relu.default"] = Rule(
+    forward=lambda a, s: np.where(a[0] > 0, a[0], a[0] * _leaky_slope(a)) if not s else np.abs(a[0]),
+    backward=lambda a, o, g, s: {0: np.where(a[0] > 0, g, g * (abs(_leaky_slope(a)) if s else _leaky_slope(a)))},
+    backward_sq=lambda a, o, v: {0: np.where(a[0] > 0, v, v * _leaky_slope(a) ** 2)},
+    k_fwd=lambda a: 1, k_bwd=lambda a: 1)
+for _name, _value in (("zeros_like", 0.0), ("ones_like", 1.0)):
+    RULES[f"aten.{_name}.default"] = Rule(forward=lambda a, s, v=_value: np.full(np.shape(a[0]), v))
+RULES["aten.full_like.default"] = Rule(forward=lambda a, s: np.full(np.shape(a[0]), a[1], dtype=np.float64))

@@ -458,3 +458,16 @@ def test_a_model_export_cannot_trace_is_one_usage_error() -> None:
     with pytest.raises(UsageError, match="torch.export cannot trace") as info:
         compare_ops(_model(ValueBranch), *_batch())
     assert "\n" not in str(info.value)
+
+
+@settings(max_examples=8, deadline=None)
+@given(n=st.integers(1, 3), c=st.integers(1, 4), seed=st.integers(0, 2**16), slope=st.sampled_from([0.01, 0.2, -0.5]))
+def test_selection_and_piecewise_rules(n: int, c: int, seed: int, slope: float) -> None:
+    r = np.random.default_rng(seed)
+    x, y = r.standard_normal((n, c)), r.standard_normal((1, c))
+    _check_rule("aten.abs.default", torch.ops.aten.abs.default, [x], [0], seed)
+    _check_rule("aten.leaky_relu.default", torch.ops.aten.leaky_relu.default, [x, slope], [0], seed)
+    _check_rule("aten.where.self", torch.ops.aten.where.self, [x > 0, x, y], [1, 2], seed)
+    _check_rule("aten.hardtanh.default", torch.ops.aten.hardtanh.default, [x], [0], seed)
+    _check_rule("aten.clamp.default", torch.ops.aten.clamp.default, [x, -0.5, 0.5], [0], seed)
+    assert np.array_equal(RULES["aten.gt.Scalar"].forward([x, 0.0], False), x > 0)
