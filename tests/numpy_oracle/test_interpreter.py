@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 from densenet_debug import build_model
-from densenet_debug.numpy_oracle import UnsupportedOp, compare_ops, compare_with_torch
+from densenet_debug.numpy_oracle import OracleReport, UnsupportedOp, compare_ops, compare_with_torch
 from densenet_debug.numpy_oracle.vjp import RULES, gamma
 
 
@@ -119,7 +119,7 @@ def _model(cls: type, seed: int = 0, **kw: object) -> nn.Module:
     return cls(**kw)
 
 
-def _agrees(model: nn.Module, x: torch.Tensor, y: torch.Tensor, train: bool = True) -> None:
+def _agrees(model: nn.Module, x: torch.Tensor, y: torch.Tensor, train: bool = True) -> OracleReport:
     report = compare_ops(model, x, y, train=train)
     bad = [r for r in report.rows if r.status != "ok"]
     assert report.verdict == "agree" and not bad, bad[:5]
@@ -129,6 +129,7 @@ def _agrees(model: nn.Module, x: torch.Tensor, y: torch.Tensor, train: bool = Tr
     # the bounds are derived from float64 rounding, not a loose rtol
     assert all(0 <= r.tolerance < 1e-10 for r in report.rows)
     assert any(r.op.startswith("aten.convolution") for r in report.rows)
+    return report
 
 
 # -- agreement in every style -----------------------------------------------------------------------------------
@@ -138,9 +139,7 @@ def test_functional_seed_style_agrees(train: bool) -> None:
 
 
 def test_torchvision_style_with_checkpoint_and_inplace_relu_agrees() -> None:
-    model = _model(TorchvisionNet)
-    _agrees(model, *_batch())
-    report = compare_ops(model, *_batch())
+    report = _agrees(_model(TorchvisionNet), *_batch())
     assert report.environment["engine"] == "op-level interpreter"
     assert any(r.layer == "layers.1.norm1" and r.quantity == "running_var" for r in report.rows)
 
