@@ -91,6 +91,7 @@ class OpGraph:
     constants: dict[str, torch.Tensor]
     buffer_writes: dict[str, str]  # output node name -> buffer name
     loss: str  # the node holding the loss
+    no_grad: set[str] = field(default_factory=set)  # ops run under torch.no_grad(): no gradient flows through
 
     def nodes(self) -> list[fx.Node]:
         return [n for n in self.module.graph.nodes if n.op == "call_function"]
@@ -123,9 +124,11 @@ def export_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> OpGraph:
         with warnings.catch_warnings():  # torch's own pytree deprecation notices, not the user's concern
             warnings.simplefilter("ignore", FutureWarning)
             ep = torch.export.export(step, (x, y), strict=False)
+            regions = {n.name for n in ep.graph.nodes if n.target is torch.ops.higher_order.wrap_with_set_grad_enabled
+                       and not n.args[0]}  # `with torch.no_grad():` blocks in a forward
             table = torch.export.default_decompositions()
-            for op in (torch.ops.aten.nll_loss_forward.default,):
-                table.pop(op, None)
+            for op in (torch.ops.aten.nll_loss_forward.default, torch.ops.aten.detach.default):
+                table.pop(op, None)  # keep the loss whole, and detach (it stops the gradient; alias does not)
             ep = ep.run_decompositions(table)
     except UsageError:
         raise
@@ -151,7 +154,19 @@ def export_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> OpGraph:
             writes[spec.arg.name] = spec.target[len(_PREFIX):] if spec.target.startswith(_PREFIX) else spec.target
         elif spec.kind.name == "USER_OUTPUT":
             loss = spec.arg.name
-    return OpGraph(ep.graph_module, inputs, constants, writes, loss)
+    no_grad = {n.name for n in ep.graph.nodes if n.op == "call_function" and _from_region(n, regions)}
+    return OpGraph(ep.graph_module, inputs, constants, writes, loss, no_grad)
+
+
+def _from_region(node: fx.Node, regions: set[str]) -> bool:
+    """Whether the op came from a no-grad region of the exported graph (``from_node`` provenance)."""
+    todo = list(node.meta.get("from_node") or [])
+    while todo:
+        src = todo.pop()
+        if src.name in regions and str(src.target).endswith("wrap_with_set_grad_enabled"):
+            return True
+        todo += list(getattr(src, "from_node", None) or [])
+    return False
 
 
 def graph_inputs(graph: OpGraph, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> list[torch.Tensor]:
@@ -323,8 +338,8 @@ def _interpret(model: nn.Module, x: torch.Tensor, y: torch.Tensor, train: bool) 
             bound[n.name] = _forward_bound(rule, a, ours[n.name])
         except Unsupported as exc:
             raise UnsupportedOp(f"no NumPy rule for {exc} ({_where(n)})") from exc
-        if str(n.target).startswith("aten.empty") or isinstance(ours[n.name], tuple):
-            continue  # uninitialised memory / the elements are compared at their getitem
+        if str(n.target).startswith("aten.empty") or ours[n.name] is None or isinstance(ours[n.name], tuple):
+            continue  # uninitialised memory / a check without a value / the elements are compared at their getitem
         _forward_row(comps, n, "output", teacher[n.name], ours[n.name], bound[n.name], i)
     grads, errors, terms = _backward(graph, nodes, teacher, ours, tvals)
     comps += _eager_rows(graph, model64, x64, y, grads, errors, terms, nodes)
@@ -406,7 +421,7 @@ def _backward(graph: OpGraph, nodes: list[fx.Node], teacher: dict, ours: dict, t
             pg[k], pe[k] = g, errors[n.name]
             continue
         rule = RULES[str(n.target)]
-        if rule.backward is None:
+        if rule.backward is None or n.name in graph.no_grad:
             continue
         a = _args(n, teacher, tvals)
         out = ours[n.name]

@@ -219,9 +219,24 @@ def _identity(a: list, abs_: bool) -> Array:
     return _abs(a[0]) if abs_ else np.array(a[0], copy=True)
 
 
-for _name in ("aten.clone.default", "aten.alias.default", "aten.copy.default", "aten._to_copy.default",
-              "aten.contiguous.default", "aten.lift_fresh_copy.default"):
+for _name in ("aten.clone.default", "aten.alias.default", "aten.copy.default", "aten.contiguous.default",
+              "aten.lift_fresh_copy.default"):
     RULES[_name] = Rule(forward=_identity, backward=lambda a, o, g, s: {0: g}, exact_bwd=True)
+
+
+def _to_copy(a: list, abs_: bool) -> Array:
+    """A copy; a dtype change to anything but float64, an integer or bool type is not float64 math."""
+    dtype = a[1] if len(a) > 1 else None
+    name = str(dtype).removeprefix("torch.") if dtype is not None else None
+    if name is None or name == "float64":
+        return _identity(a, abs_)
+    if name in ("bool", "int8", "uint8", "int16", "int32", "int64"):
+        return np.asarray(a[0]).astype(name)
+    raise Unsupported(f"aten._to_copy.default to {name} (the oracle computes in float64)")
+
+
+RULES["aten._to_copy.default"] = Rule(forward=_to_copy, backward=lambda a, o, g, s: {0: g}, exact_bwd=True)
+RULES["aten._assert_tensor_metadata.default"] = Rule(forward=lambda a, s: None)  # a check, no value
 RULES["aten.copy.default"] = Rule(forward=lambda a, s: np.broadcast_to(_abs(a[1]) if s else a[1],
                                                                         _shape(a[0])).astype(np.float64),
                                   backward=lambda a, o, g, s: {1: _unbroadcast(g, _shape(a[1]))},
