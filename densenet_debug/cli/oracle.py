@@ -88,6 +88,8 @@ def _print(report: OracleReport, all_rows: bool, worst: int = 12) -> None:
         console.print(f"op level: {sum(p['ops'].values())} ops of {len(p['ops'])} kinds in {p['modules']} modules; "
                       f"NumPy's own end-to-end loss differs from PyTorch's by {p['max_relative_forward']:.1e} "
                       "(relative)" + (f"; modules with failing rows: {', '.join(failing)}" if failing else ""))
+        for note in p.get("notes", []):
+            console.print(f"note: {note}")
     else:
             console.print(f"end to end (NumPy run on its own): max relative difference {p['max_relative_forward']:.1e} "
                       f"forward ({p['worst_forward']}), {p['max_relative_backward']:.1e} backward "

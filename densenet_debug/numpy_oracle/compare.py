@@ -154,7 +154,7 @@ def compare_ops(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, train: bo
     rel = abs(got.loss_numpy_own - got.loss_torch) / max(abs(got.loss_torch), np.finfo(float).tiny)
     propagated = {"max_relative_forward": rel, "worst_forward": "(loss) NumPy's own end-to-end forward",
                   "max_relative_backward": None, "worst_backward": None, "kinks": [],
-                  "ops": dict(sorted(got.ops.items())), "modules": got.modules}
+                  "ops": dict(sorted(got.ops.items())), "modules": got.modules, "notes": got.notes}
     env = {"torch": torch.__version__, "numpy": np.__version__, "device": "cpu", "train": train,
            "batch": int(x.shape[0]), "engine": "op-level interpreter"}
     return OracleReport(rows, propagated, env, time.perf_counter() - start)

@@ -92,6 +92,7 @@ class OpGraph:
     buffer_writes: dict[str, str]  # output node name -> buffer name
     loss: str  # the node holding the loss
     no_grad: set[str] = field(default_factory=set)  # ops run under torch.no_grad(): no gradient flows through
+    notes: list[str] = field(default_factory=list)
 
     def nodes(self) -> list[fx.Node]:
         return [n for n in self.module.graph.nodes if n.op == "call_function"]
@@ -126,6 +127,14 @@ def export_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> OpGraph:
             ep = torch.export.export(step, (x, y), strict=False)
             regions = {n.name for n in ep.graph.nodes if n.target is torch.ops.higher_order.wrap_with_set_grad_enabled
                        and not n.args[0]}  # `with torch.no_grad():` blocks in a forward
+            notes = []
+            if any(_reentrant_checkpoint(ep.graph_module, n) for n in ep.graph.nodes if n.name in regions):
+                # A reentrant checkpoint runs its function under no_grad and recomputes it with grad in the
+                # backward; export keeps grad off from there on (measured on torch 2.13: the loss too), so its
+                # no-grad marks say nothing about the eager step.
+                regions = set()
+                notes.append("torch.no_grad() regions not honoured: a reentrant torch.utils.checkpoint makes "
+                             "torch.export's grad-mode marks meaningless (use_reentrant=False keeps them)")
             table = torch.export.default_decompositions()
             for op in (torch.ops.aten.nll_loss_forward.default, torch.ops.aten.detach.default):
                 table.pop(op, None)  # keep the loss whole, and detach (it stops the gradient; alias does not)
@@ -155,7 +164,15 @@ def export_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> OpGraph:
         elif spec.kind.name == "USER_OUTPUT":
             loss = spec.arg.name
     no_grad = {n.name for n in ep.graph.nodes if n.op == "call_function" and _from_region(n, regions)}
-    return OpGraph(ep.graph_module, inputs, constants, writes, loss, no_grad)
+    return OpGraph(ep.graph_module, inputs, constants, writes, loss, no_grad, notes)
+
+
+def _reentrant_checkpoint(gm: fx.GraphModule, node: fx.Node) -> bool:
+    """Whether a no-grad region of the exported graph holds ops run by torch.utils.checkpoint's reentrant Function."""
+    sub = getattr(gm, str(node.args[1].target), None) if isinstance(node.args[1], fx.Node) else None
+    return sub is not None and any("CheckpointFunction" in (n.meta.get("stack_trace") or "")
+                                   or "torch/utils/checkpoint.py" in (n.meta.get("stack_trace") or "")
+                                   for n in sub.graph.nodes)
 
 
 def _from_region(node: fx.Node, regions: set[str]) -> bool:
@@ -293,6 +310,7 @@ class Interpreted:
     loss_numpy_own: float
     ops: dict[str, int] = field(default_factory=dict)
     modules: int = 0
+    notes: list[str] = field(default_factory=list)
 
 
 def interpret(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, train: bool = True) -> Interpreted:
@@ -344,7 +362,7 @@ def _interpret(model: nn.Module, x: torch.Tensor, y: torch.Tensor, train: bool) 
     grads, errors, terms = _backward(graph, nodes, teacher, ours, tvals)
     comps += _eager_rows(graph, model64, x64, y, grads, errors, terms, nodes)
     paths = {module_path(n) for n in nodes}
-    return Interpreted(comps, float(tvals[graph.loss]), float(own[graph.loss]), op_counts, len(paths))
+    return Interpreted(comps, float(tvals[graph.loss]), float(own[graph.loss]), op_counts, len(paths), graph.notes)
 
 
 def _forward_bound(rule, a: list, out: Any) -> Any:  # noqa: ANN001

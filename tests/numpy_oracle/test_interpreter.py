@@ -487,3 +487,21 @@ def test_detach_and_no_grad_blocks_stop_the_gradient() -> None:
 
     report = _agrees(_model(Stops), *_batch())
     assert any(r.op == "aten.detach" for r in report.rows)
+
+
+class ReentrantLayer(TorchvisionLayer):
+    """The older torchvision memory-efficient layer: a reentrant checkpoint (its function runs under no_grad)."""
+
+    def forward(self, *prev: torch.Tensor) -> torch.Tensor:
+        out = cp.checkpoint(self._bottleneck, *prev, use_reentrant=True)
+        return self.conv2(self.relu2(self.norm2(out)))
+
+
+def test_reentrant_checkpoint_agrees_with_a_note() -> None:
+    model = _model(TorchvisionNet)
+    for i, layer in enumerate(model.layers):
+        reentrant = ReentrantLayer(layer.norm1.num_features, 3, True)
+        reentrant.load_state_dict(layer.state_dict())
+        model.layers[i] = reentrant
+    report = _agrees(model, *_batch())
+    assert any("reentrant" in note for note in report.propagated["notes"])
