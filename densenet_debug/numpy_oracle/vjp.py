@@ -10,9 +10,13 @@ No torch in here: a rule sees NumPy arrays and Python numbers (the graph's const
   and, on ``|g|``, the ``Σ|terms|`` of each gradient element;
 * ``k_fwd(a)`` / ``k_bwd(a)`` — how many roundings an element of the result goes through (its longest chain
   of float operations: the reduction length of a sum of products, plus the op's other operations).
+* ``backward_sq(a, out, V)`` (or ``sq``: how to get it from ``backward``) — ``(J∘J)ᵀV``, how the variances of
+  independent errors of the output gradient reach the inputs (the interpreter's gradient bound, derived in
+  :mod:`.interpreter`).
 
-The error model (Higham): a result computed in float64 with ``K`` roundings in sequence lies within
-``γ_K · Σ|terms|`` of the exact one, ``γ_K = Kε/(1 - Kε)``, ``ε = 2⁻⁵³``, in any summation order. Ops with
+The error model (Higham) of the forward rows: a result computed in float64 with ``K`` roundings in sequence
+lies within ``γ_K · Σ|terms|`` of the exact one, ``γ_K = Kε/(1 - Kε)``, ``ε = 2⁻⁵³``, in any summation order
+(the gradient sweep uses ``K`` and ``Σ|terms|`` under the random-rounding model instead). Ops with
 ``K = 0`` (views, cat, ReLU, max-pool, copies) are exact and must agree bit for bit. BatchNorm, log-softmax
 and the loss, whose error is not a plain ``γ_K·Σ|terms|``, give their bound through ``bound_fwd`` /
 ``bound_bwd`` (derived there). Where the rule cannot reproduce an argument combination (grouped or dilated
@@ -501,7 +505,14 @@ def _conv_bwd(a: list, o: Array, g: Array, s: bool) -> dict[int, Array]:
 RULES["aten.convolution.default"] = Rule(
     forward=_conv, backward=_conv_bwd, sq="squares",
     k_fwd=lambda a: a[1].shape[1] * a[1].shape[2] * a[1].shape[3] + (a[2] is not None),
-    k_bwd=lambda a: max(a[1].shape[0] * a[1].shape[2] * a[1].shape[3], a[0].shape[0] * a[0].shape[2] * a[0].shape[3]))
+    k_bwd=lambda a: max(a[1].shape[0] * a[1].shape[2] * a[1].shape[3], a[0].shape[0] * _conv_out(a)))
+
+
+def _conv_out(a: list) -> int:
+    """Ho·Wo: the length of the weight gradient's sum per sample."""
+    stride, padding = _conv_args(a)
+    (h, w), (kh, kw) = a[0].shape[2:], a[1].shape[2:]
+    return ((h + 2 * padding - kh) // stride + 1) * ((w + 2 * padding - kw) // stride + 1)
 
 
 # -- pooling --------------------------------------------------------------------------------------------------
