@@ -443,6 +443,7 @@ def test_squared_jacobian_products(n: int, c: int, hw: int, train: bool, seed: i
     assert np.all(ls.backward_sq([logits, 1, False], lo, vl)[0] >= exact * (1 - 1e-12))  # an upper bound
 
 
+@pytest.mark.filterwarnings("ignore:Converting a tensor with requires_grad")  # the model's own float(tensor)
 def test_a_model_export_cannot_trace_is_one_usage_error() -> None:
     from densenet_debug.errors import UsageError
 
