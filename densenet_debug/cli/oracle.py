@@ -98,4 +98,5 @@ def _print(report: OracleReport, all_rows: bool, worst: int = 12) -> None:
     verdict = "[green]agree[/]" if report.verdict == "agree" else "[red]mismatch[/]"
     op = f" · {first['op']}" if first and first.get("op") else ""
     where = f" — first divergence: {first['layer']}{op} {first['pass']} {first['quantity']}" if first else ""
+    where += f" ({first['note']})" if first and first.get("note") else ""
     console.print(f"{verdict}: {len(report.rows)} comparisons in {report.seconds:.1f} s{where}")

@@ -44,6 +44,7 @@ class OracleRow:
     status: str
     ratio: float = 0.0
     op: str = ""  # the aten op (op-level rows); "" for unit rows and gradients of leaves
+    note: str = ""  # op-level module-output gradients: the ops their gradient comes from
 
     def to_json(self) -> dict:
         out = asdict(self)
@@ -74,7 +75,8 @@ class OracleReport:
             if r.status in FAILING:
                 out = {"layer": r.layer, "pass": r.pass_, "quantity": r.quantity, "error": r.error,
                        "tolerance": r.tolerance}
-                return {**out, "op": r.op, "status": r.status} if r.op or r.status != "mismatch" else out
+                extra = {"op": r.op, "status": r.status} if r.op or r.status != "mismatch" else {}
+                return {**out, **extra, **({"note": r.note} if r.note else {})}
         return None
 
     @property
@@ -149,7 +151,7 @@ def compare_ops(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, train: bo
     rows = []
     for c in rows_f + rows_b:
         row = _row(c.layer, c.pass_, c.quantity, c.theirs, c.ours, c.bound, c.scale)
-        row.op = c.op
+        row.op, row.note = c.op, c.note
         rows.append(row)
     rel = abs(got.loss_numpy_own - got.loss_torch) / max(abs(got.loss_torch), np.finfo(float).tiny)
     propagated = {"max_relative_forward": rel, "worst_forward": "(loss) NumPy's own end-to-end forward",

@@ -301,6 +301,7 @@ class Comparison:
     bound: Array
     index: int  # order: forward rows by node, backward rows in backward order
     scale: float | None = None  # what error and tolerance are read relative to (Σ|terms| of a gradient)
+    note: str = ""  # where the gradient of a module's output comes from (the ops that consume it)
 
 
 @dataclass
@@ -360,7 +361,7 @@ def _interpret(model: nn.Module, x: torch.Tensor, y: torch.Tensor, train: bool) 
             continue  # uninitialised memory / a check without a value / the elements are compared at their getitem
         _forward_row(comps, n, "output", teacher[n.name], ours[n.name], bound[n.name], i)
     grads, errors, terms = _backward(graph, nodes, teacher, ours, tvals)
-    comps += _eager_rows(graph, model64, x64, y, grads, errors, terms, nodes)
+    comps += _eager_rows(graph, model64, x64, y, grads, errors, terms, nodes, teacher)
     paths = {module_path(n) for n in nodes}
     return Interpreted(comps, float(tvals[graph.loss]), float(own[graph.loss]), op_counts, len(paths), graph.notes)
 
@@ -473,33 +474,99 @@ def _backward(graph: OpGraph, nodes: list[fx.Node], teacher: dict, ours: dict, t
     return grads, errors, terms
 
 
-def _eager_rows(graph: OpGraph, model64: nn.Module, x64: torch.Tensor, y: torch.Tensor, grads: dict, errors: dict,
-                terms: dict, nodes: list[fx.Node]) -> list[Comparison]:
-    """PyTorch's real step (its backward, custom Functions included) against the NumPy sweep."""
+def _module_outputs(graph: OpGraph, nodes: list[fx.Node], teacher: dict) -> dict[tuple[str, int], fx.Node]:
+    """(module path, call index) -> the node holding that call's output: the one value made inside the call
+    that code outside it uses (calls with none or several are left out)."""
+    members: dict[str, set[str]] = {}
+    for n in nodes:
+        for key in list((n.meta.get("nn_module_stack") or {}).keys())[1:]:  # the first is the traced step
+            members.setdefault(key, set()).add(n.name)
+    by_name = {n.name: n for n in nodes}
+    out = {}
+    for key, names in members.items():
+        path, _, call = key.partition("@")
+        candidates = [by_name[m] for m in names if _is_float(teacher.get(m)) and any(
+            u.op == "call_function" and u.name not in names for u in by_name[m].users)]
+        if len(candidates) != 1:
+            continue
+        fqn = list(candidates[0].meta["nn_module_stack"][key])[0] if key in candidates[0].meta["nn_module_stack"] \
+            else path
+        fqn = str(fqn)
+        fqn = "(model)" if fqn == "model" else fqn[len(_PREFIX):] if fqn.startswith(_PREFIX) else fqn
+        out[(fqn, int(call or 0))] = candidates[0]
+    return out
+
+
+def _eager_step(model64: nn.Module, x64: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, dict]:
+    """PyTorch's real step; the gradient of every module call's output, by (path, call index), forward calls only
+    (a non-reentrant checkpoint's recomputation in the backward is not a call of the step)."""
     x = x64.clone().requires_grad_(True)
     model64.zero_grad(set_to_none=True)
-    F.cross_entropy(model64(x), y).backward()
+    grads: dict[tuple[str, int], torch.Tensor] = {}
+    calls: dict[str, int] = {}
+    capturing = [True]
+
+    def hook(path: str):  # noqa: ANN202
+        def record(_module: nn.Module, _args: Any, out: Any) -> None:
+            if not capturing[0] or not isinstance(out, torch.Tensor) or not out.requires_grad:
+                return
+            key = (path, calls.get(path, 0))
+            calls[path] = key[1] + 1
+
+            def keep(g: torch.Tensor) -> None:
+                grads[key] = g.detach().clone()
+            out.register_hook(keep)
+        return record
+
+    handles = [m.register_forward_hook(hook(name or "(model)")) for name, m in model64.named_modules()]
+    try:
+        out = model64(x)
+        capturing[0] = False
+        F.cross_entropy(out, y).backward()
+    finally:
+        for h in handles:
+            h.remove()
+    return x, grads
+
+
+def _eager_rows(graph: OpGraph, model64: nn.Module, x64: torch.Tensor, y: torch.Tensor, grads: dict, errors: dict,
+                terms: dict, nodes: list[fx.Node], teacher: dict) -> list[Comparison]:
+    """PyTorch's real step (its backward, custom Functions included) against the NumPy sweep: every parameter's
+    gradient, the input's, and the gradient of every module call's output (where a wrong one first appears)."""
+    x, outputs = _eager_step(model64, x64, y)
     params = dict(model64.named_parameters())
     placeholders = [n for n in graph.module.graph.nodes if n.op == "placeholder"]
     position = {n.name: i for i, n in enumerate(nodes)}
-    rows = []
     base = len(nodes)
-    compared = [(node, kind, name) for node, (kind, name) in zip(placeholders, graph.inputs)
-                if kind in ("param", "input")]
-    lam = confidence(sum((params[name] if kind == "param" else x).numel() for _, kind, name in compared))
-    for node, kind, name in compared:
+    todo = []  # (layer, quantity, PyTorch's gradient, node, backward-order index, note)
+    for node, (kind, name) in zip(placeholders, graph.inputs):
+        if kind not in ("param", "input"):
+            continue
         theirs = params[name].grad if kind == "param" else x.grad
-        mine = grads.get(node.name)
-        if theirs is None and mine is None:
+        if theirs is None and grads.get(node.name) is None:
             continue
         first = min((position[u.name] for u in node.users if u.name in position), default=0)
         ref = params[name] if kind == "param" else x
         theirs = np.zeros(tuple(ref.shape)) if theirs is None else theirs.detach().numpy()
-        mine = np.zeros(theirs.shape) if mine is None else mine
-        err = lam * np.sqrt(2 * errors.get(node.name, np.zeros(theirs.shape)))
         layer, q = (name.rsplit(".", 1) if "." in name else ("(model)", name)) if kind == "param" else ("(input)",
                                                                                                      "input")
+        todo.append((layer, f"grad_{q}", theirs, node, base + (len(nodes) - first), ""))
+    for (path, call), node in _module_outputs(graph, nodes, teacher).items():
+        theirs = outputs.get((path, call))
+        if theirs is None or grads.get(node.name) is None or tuple(theirs.shape) != np.shape(grads[node.name]):
+            continue  # no gradient reached it on one side (a detached output, a reentrant checkpoint)
+        users = sorted({f"{module_path(u)} · {str(u.target).removesuffix('.default')}" for u in node.users
+                        if u.op == "call_function"})
+        todo.append((path, "grad_output" + (f" (call {call + 1})" if call else ""), theirs.numpy(), node,
+                     base + (len(nodes) - position[node.name]) - 0.5,
+                     "its gradient comes from " + ", ".join(users)))
+    lam = confidence(sum(t[2].size for t in todo))
+    rows = []
+    for layer, q, theirs, node, index, note in todo:
+        mine = grads.get(node.name)
+        mine = np.zeros(theirs.shape) if mine is None else mine
+        err = lam * np.sqrt(2 * errors.get(node.name, np.zeros(theirs.shape)))
         scale = float(np.max(terms[node.name])) if node.name in terms and np.size(terms[node.name]) else None
-        rows.append(Comparison(layer, "", "backward", f"grad_{q}", theirs, np.broadcast_to(mine, theirs.shape),
-                               np.broadcast_to(err, theirs.shape), base + (len(nodes) - first), scale))
+        rows.append(Comparison(layer, "", "backward", q, theirs, np.broadcast_to(mine, theirs.shape),
+                               np.broadcast_to(err, theirs.shape), index, scale, note))
     return rows

@@ -123,9 +123,14 @@ def _agrees(model: nn.Module, x: torch.Tensor, y: torch.Tensor, train: bool = Tr
     report = compare_ops(model, x, y, train=train)
     bad = [r for r in report.rows if r.status != "ok"]
     assert report.verdict == "agree" and not bad, bad[:5]
-    grads = {(r.layer, r.quantity) for r in report.rows if r.pass_ == "backward"}
+    grads = {(r.layer, r.quantity) for r in report.rows if r.pass_ == "backward"
+              and not r.quantity.startswith("grad_output")}
     names = {(n.rsplit(".", 1)[0], "grad_" + n.rsplit(".", 1)[1]) for n, _ in model.named_parameters()}
     assert names | {("(input)", "grad_input")} == grads  # every parameter gradient and the input's
+    outputs = {r.layer for r in report.rows if r.quantity.startswith("grad_output")}
+    convs = {n for n, m in model.named_modules() if isinstance(m, nn.Conv2d)}
+    if not report.propagated["notes"]:  # (a reentrant checkpoint's function has no eager output gradients)
+        assert convs <= outputs  # module outputs' gradients too
     # the bounds are derived from float64 rounding, not a loose rtol
     assert all(0 <= r.tolerance < 1e-10 for r in report.rows)
     assert any(r.op == "aten.convolution" for r in report.rows) or not any(isinstance(m, nn.Conv2d)
@@ -194,8 +199,9 @@ def test_a_wrong_custom_cat_backward_is_a_mismatch_upstream_of_it() -> None:
     # the gradients downstream of the planted cat are right; those of everything before it are not
     assert {r.layer for r in failing} >= {"dense.0.conv2", "conv1"}
     assert not any(r.layer.startswith(("dense.1", "bn", "trans", "fc")) for r in failing)
-    first = report.first_divergence
-    assert first["layer"] == "dense.0.conv2" and first["pass"] == "backward", first
+    first = report.first_divergence  # the output whose gradient is wrong, and the code it came back through
+    assert (first["layer"], first["pass"], first["quantity"]) == ("dense.0", "backward", "grad_output"), first
+    assert "dense.1 · aten.cat" in first["note"]
 
 
 def test_nonfinite_never_passes() -> None:
