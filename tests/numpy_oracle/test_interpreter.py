@@ -275,8 +275,11 @@ def test_cli_runs_a_user_file_and_exits_0_or_1(tmp_path: Path, capsys: pytest.Ca
     from densenet_debug.cli import main
 
     src = Path(__file__).read_text()
-    (tmp_path / "mine.py").write_text(src.split("# -- agreement")[0].replace("from densenet_debug", "# ")
-                                      + "\n\ndef good():\n    torch.manual_seed(0)\n    return SeedNet()\n")
+    planted = src[src.index("class CatScalingOneChannel"):src.index("def test_a_wrong_custom_cat_backward")]
+    (tmp_path / "mine.py").write_text(src.split("# -- agreement")[0].replace("from densenet_debug", "# ") + planted
+                                      + "\n\ndef good():\n    torch.manual_seed(0)\n    return SeedNet()\n"
+                                      + "\n\ndef bad():\n    model = good()\n"
+                                      + "    model.dense[1].__class__ = PlantedLayer\n    return model\n")
     out = tmp_path / "r.json"
     assert main(["oracle", "--model", f"{tmp_path / 'mine.py'}:good", "--input-shape", "3,8,8", "--quiet",
                  "--threads", "1", "--json", str(out)]) == 0
@@ -284,6 +287,10 @@ def test_cli_runs_a_user_file_and_exits_0_or_1(tmp_path: Path, capsys: pytest.Ca
     assert data["verdict"] == "agree" and data["environment"]["engine"] == "op-level interpreter"
     assert "dense.0" in data["modules"] and any(r["op"] == "aten.cat" for r in data["rows"])
     assert "agree" in capsys.readouterr().out
+    assert main(["oracle", "--model", f"{tmp_path / 'mine.py'}:bad", "--input-shape", "3,8,8", "--quiet",
+                 "--threads", "1"]) == 1
+    assert "first divergence: dense.0 backward grad_output (its gradient comes from dense.1 · aten.cat" in \
+        capsys.readouterr().out.replace("\n", " ")
 
 
 # -- VJP rules against PyTorch's autograd, within their derived bounds -------------------------------------------
