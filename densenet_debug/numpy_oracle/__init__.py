@@ -1,4 +1,4 @@
-"""An independent NumPy float64 oracle for DenseNet: forward, loss and backward without torch's math.
+"""An independent NumPy float64 oracle: forward, loss and backward without torch's math, any model of its ops.
 
 A bug in a PyTorch op's backward (cat's, say) would hit every PyTorch backend alike, the fp64 one
 included; this oracle shares no code with PyTorch. ``numpy_forward_backward`` runs any DenseNet /
