@@ -403,8 +403,9 @@ def _backward_sq(rule, a: list, out: Any, v: Any) -> dict[int, Array]:  # noqa: 
 
 
 def _backward(graph: OpGraph, nodes: list[fx.Node], teacher: dict, ours: dict, tvals: dict
-              ) -> tuple[dict[str, Array], dict[str, Array]]:
-    """Reverse sweep: NumPy gradients of the loss and the variance proxy of one side's error, per node."""
+              ) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
+    """Reverse sweep: per node, NumPy's gradient of the loss, the variance proxy of one side's error in it, and
+    the Σ|terms| of its last products (the scale its row is read on)."""
     grads: dict[str, Any] = {graph.loss: np.array(1.0)}
     errors: dict[str, Any] = {graph.loss: np.array(0.0)}
     mags: dict[str, Any] = {}  # Σ|contributions| and their count, for the accumulation's rounding
