@@ -5,6 +5,11 @@ so a difference is charged to the unit that makes it, and the tolerance is that 
 bound (:mod:`densenet_debug.numpy_oracle.bounds`) — exact ops (ReLU, cat, flatten) must agree bit for bit.
 The *propagated* comparison (the NumPy network run end to end on its own) is reported as a summary:
 its differences accumulate along depth and can flip a ReLU near 0, so it informs but does not judge.
+
+Any other model goes through the op-level interpreter (:mod:`densenet_debug.numpy_oracle.interpreter`,
+``compare_ops``): every aten op's output teacher-forced, every parameter and input gradient end to end
+against a bound carried through the NumPy reverse sweep (derived there); rows name the module and the op.
+``op_level=True`` sends our DenseNets through it too. Non-finite numbers never pass (status ``nonfinite``).
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from densenet_debug.numpy_oracle.model import NumpyTrace, UnitSpec, build_specs,
 from densenet_debug.trace import trace_step
 
 SCHEMA = "densenet-debug/oracle/1"
+FAILING = ("mismatch", "nonfinite")
 
 
 @dataclass
@@ -37,12 +43,17 @@ class OracleRow:
     tolerance: float
     status: str
     ratio: float = 0.0
+    op: str = ""  # the aten op (op-level rows); "" for unit rows and gradients of leaves
+    note: str = ""  # op-level module-output gradients: the ops their gradient comes from
 
     def to_json(self) -> dict:
         out = asdict(self)
         out["pass"] = out.pop("pass_")
         if not np.isfinite(out["ratio"]):
             out["ratio"] = "inf"
+        for k in ("error", "tolerance"):
+            if not np.isfinite(out[k]):
+                out[k] = None  # a non-finite value has no finite error (status says nonfinite)
         return out
 
 
@@ -55,31 +66,49 @@ class OracleReport:
 
     @property
     def verdict(self) -> str:
-        return "mismatch" if any(r.status == "mismatch" for r in self.rows) else "agree"
+        return "mismatch" if any(r.status in FAILING for r in self.rows) else "agree"
 
     @property
     def first_divergence(self) -> dict | None:
         """The first failing row: forward rows in forward order come before backward rows in backward order."""
         for r in self.rows:
-            if r.status == "mismatch":
-                return {"layer": r.layer, "pass": r.pass_, "quantity": r.quantity, "error": r.error,
-                        "tolerance": r.tolerance}
+            if r.status in FAILING:
+                out = {"layer": r.layer, "pass": r.pass_, "quantity": r.quantity, "error": r.error,
+                       "tolerance": r.tolerance}
+                extra = {"op": r.op, "status": r.status} if r.op or r.status != "mismatch" else {}
+                return {**out, **extra, **({"note": r.note} if r.note else {})}
         return None
+
+    @property
+    def modules(self) -> dict[str, dict]:
+        """Rows rolled up by module path: how many, how many fail, and the worst error/tolerance."""
+        out: dict[str, dict] = {}
+        for r in self.rows:
+            m = out.setdefault(r.layer, {"rows": 0, "failing": 0, "worst_ratio": 0.0})
+            m["rows"] += 1
+            m["failing"] += r.status in FAILING
+            m["worst_ratio"] = max(m["worst_ratio"], r.ratio) if r.ratio == r.ratio else float("inf")
+        return out
 
     def to_json(self) -> dict:
         return {"schema": SCHEMA, "verdict": self.verdict, "first_divergence": self.first_divergence,
                 "rows": [r.to_json() for r in self.rows], "kinks": self.propagated.get("kinks", []),
                 "propagated": self.propagated, "environment": self.environment,
+                "modules": {k: {**v, "worst_ratio": v["worst_ratio"] if np.isfinite(v["worst_ratio"]) else "inf"}
+                            for k, v in self.modules.items()},
                 "seconds": round(self.seconds, 3)}
 
 
 @progress.stage("oracle: PyTorch float64 vs NumPy float64")
-def compare_with_torch(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, train: bool | None = None
-                       ) -> OracleReport:
-    """One float64 step of ``model`` in PyTorch and in NumPy, compared unit by unit.
+def compare_with_torch(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, train: bool | None = None,
+                       op_level: bool | None = None) -> OracleReport:
+    """One float64 step of ``model`` in PyTorch and in NumPy, compared unit by unit (our DenseNets) or op by op.
 
-    ``train`` defaults to the model's mode. Raises UsageError for models the oracle cannot run.
+    ``train`` defaults to the model's mode. ``op_level`` (default: any model but our DenseNets) runs the
+    op-level interpreter. Raises UsageError for models the oracle cannot run (an op without a NumPy rule).
     """
+    if op_level or (op_level is None and not _is_our_densenet(model)):
+        return compare_ops(model, x, y, train=train)
     config = _config_of(model)
     start = time.perf_counter()
     train = model.training if train is None else train
@@ -108,6 +137,35 @@ def compare_with_torch(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, tr
     env = {"torch": torch.__version__, "numpy": np.__version__, "device": str(device), "train": train,
            "batch": int(x.shape[0])}
     return OracleReport(rows, _propagated(specs, trace, ours), env, time.perf_counter() - start)
+
+
+def compare_ops(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, train: bool | None = None) -> OracleReport:
+    """PyTorch float64 (CPU) vs the NumPy op-level interpreter: every op's output, every gradient."""
+    from densenet_debug.numpy_oracle.interpreter import interpret
+
+    start = time.perf_counter()
+    train = model.training if train is None else train
+    got = interpret(model, x, y, train=train)
+    rows_f = sorted((c for c in got.comparisons if c.pass_ == "forward"), key=lambda c: c.index)
+    rows_b = sorted((c for c in got.comparisons if c.pass_ == "backward"), key=lambda c: c.index)
+    rows = []
+    for c in rows_f + rows_b:
+        row = _row(c.layer, c.pass_, c.quantity, c.theirs, c.ours, c.bound, c.scale)
+        row.op, row.note = c.op, c.note
+        rows.append(row)
+    rel = abs(got.loss_numpy_own - got.loss_torch) / max(abs(got.loss_torch), np.finfo(float).tiny)
+    propagated = {"max_relative_forward": rel, "worst_forward": "(loss) NumPy's own end-to-end forward",
+                  "max_relative_backward": None, "worst_backward": None, "kinks": [],
+                  "ops": dict(sorted(got.ops.items())), "modules": got.modules, "notes": got.notes}
+    env = {"torch": torch.__version__, "numpy": np.__version__, "device": "cpu", "train": train,
+           "batch": int(x.shape[0]), "engine": "op-level interpreter"}
+    return OracleReport(rows, propagated, env, time.perf_counter() - start)
+
+
+def _is_our_densenet(model: nn.Module) -> bool:
+    from densenet_debug.models import DenseNet
+
+    return isinstance(model, DenseNet) and isinstance(getattr(model, "config", None), dict)
 
 
 def _config_of(model: nn.Module) -> dict:
@@ -158,12 +216,18 @@ def _local_rows(spec: UnitSpec, rec, state: dict[str, np.ndarray], train: bool
     return forward, backward
 
 
-def _row(layer: str, pass_: str, quantity: str, theirs: np.ndarray, ours: np.ndarray, bound: np.ndarray
-         ) -> OracleRow:
-    diff = np.abs(np.asarray(theirs, dtype=np.float64) - ours)
+def _row(layer: str, pass_: str, quantity: str, theirs: np.ndarray, ours: np.ndarray, bound: np.ndarray,
+         scale: float | None = None) -> OracleRow:
+    """The worst element's error and tolerance, relative to ``scale`` (default max|NumPy|; op-level gradients
+    pass the size of their terms, Σ|terms|, so a gradient that cancels to ~0 reads like any other)."""
+    theirs, ours, bound = (np.asarray(theirs, dtype=np.float64), np.asarray(ours, dtype=np.float64),
+                           np.asarray(bound, dtype=np.float64))
+    if not (np.isfinite(theirs).all() and np.isfinite(ours).all() and np.isfinite(bound).all()):
+        return OracleRow(layer, pass_, quantity, float("nan"), float("nan"), "nonfinite", float("inf"))
+    diff = np.abs(theirs - ours)
     ratio = np.where(bound > 0, diff / np.where(bound > 0, bound, 1.0), np.where(diff > 0, np.inf, 0.0))
     i = int(np.argmax(ratio)) if ratio.size else 0
-    scale = float(np.abs(ours).max()) if ours.size else 0.0
+    scale = max(scale or 0.0, float(np.abs(ours).max()) if ours.size else 0.0)
     scale = scale if scale > 0 else 1.0
     worst = float(ratio.reshape(-1)[i]) if ratio.size else 0.0
     # Error and tolerance of the same element, the one closest to (or furthest past) its bound.
