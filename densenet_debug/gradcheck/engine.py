@@ -16,10 +16,11 @@ the culprit (the code in its own ``forward``).
 
 Every op a composite runs in its own ``forward`` (``F.relu``, ``torch.cat``, a ``torch.library`` custom op) is
 a unit of its own too, ``module · aten.op`` (:mod:`densenet_debug.gradcheck.ops`), and so is every call of a
-user-written custom ``autograd.Function``, smaller than the module it runs in: its backward against finite differences of its forward on the inputs of that call
-(:func:`densenet_debug.verdict.mathcheck.check_call`, the derivation there), a row named
-``module · Function``. A hand-written backward that is wrong is thus named at the Function; the module
-around it fails too and is explained by it (:func:`~densenet_debug.gradcheck.report.mark_culprits`).
+user-written custom ``autograd.Function``, smaller than the module it runs in: its backward against finite
+differences of its forward on the inputs of that call (:func:`densenet_debug.verdict.mathcheck.check_call`,
+the derivation there), a row named ``module · Function``. A hand-written backward that is wrong is thus named
+at the Function; the module around it fails too and is explained by it
+(:func:`~densenet_debug.gradcheck.report.mark_culprits`).
 """
 
 from __future__ import annotations
