@@ -19,6 +19,8 @@ it when freed, so the peak is of live memory, not of a heap holding freed blocks
 float64 step of BC-100 shows ~1.5x its live memory at batch 8); ``--default-malloc`` measures as a user runs
 it. Where the diff's records go past the trace budget (``DENSENET_DEBUG_TRACE_BUDGET_MB``, inherited by the
 child) they are written to an anonymous temporary file: ``memory.diff_spilled_gb`` reports how much.
+``memory.diff_warnings`` lists what the diff warned about (a between check left out where its graph would not
+fit in the memory available): the figures are of what ran.
 """
 
 from __future__ import annotations
@@ -100,6 +102,8 @@ def _measure(what: str, args: argparse.Namespace) -> dict:
         raise RuntimeError(f"{what} child failed:\n{stderr[-2000:]}")
     result = json.loads(stdout.strip().splitlines()[-1])
     result["peak_rss_mb"] = round(usage.ru_maxrss / 1024, 1)  # KiB on Linux
+    # what the diff warned about (a between check left out for memory, say): the figures are of what ran
+    result["warnings"] = [line.strip() for line in stderr.splitlines() if "Warning" in line or "warning:" in line]
     return result
 
 
@@ -114,6 +118,7 @@ def _measure_memory(args: argparse.Namespace) -> dict:
         "diff_spilled_gb": round(full["spilled_bytes"] / 2**30, 3),
         "diff_cold_seconds": round(full["seconds"], 3),
         "verdict": full["verdict"],
+        "diff_warnings": full["warnings"],
         "malloc": "default" if args.default_malloc else "MALLOC_MMAP_THRESHOLD_=65536",
     }
 
