@@ -476,9 +476,9 @@ def _run(model: nn.Module, modules: dict[str, nn.Module], cut: list[str], watche
         return hook
 
     def copies(name: str, args: tuple) -> list[Tensor]:
-        recorded = data.outputs[name]
-        sizes[name] = len(recorded)
-        with _disable_current_modes():  # the tool's own copy: exact (every side dtype embeds in float64)
+        with _disable_current_modes():  # the tool's own read and copy: exact (every side dtype embeds in float64)
+            recorded = data.outputs[name]
+            sizes[name] = len(recorded)
             outs = [mag(b.detach()).to("cpu", torch.float64, copy=True) if b.is_floating_point() else b.to("cpu")
                     for b in recorded]
         del recorded
@@ -494,7 +494,8 @@ def _run(model: nn.Module, modules: dict[str, nn.Module], cut: list[str], watche
     def seed(name: str, shapes: list[tuple[int, ...] | None]) -> list[Tensor | None]:
         """The side's grad_inputs of unit ``name`` in float64 (None where the shape differs), read when autograd
         reaches the unit, all at once (a spilled unit's record is read back whole)."""
-        recorded = data.grad_inputs[name]
+        with _disable_current_modes():  # the tool's own read: no op of the between code
+            recorded = data.grad_inputs[name]
         out: list[Tensor | None] = []
         for i, shape in enumerate(shapes):
             g = recorded[i] if i < len(recorded) else None

@@ -152,10 +152,15 @@ def _replay(name: str, args: tuple, kwargs: dict, d: Tensor) -> object:
     return m.flatten(start).gather(-1, d.flatten(start)).view_as(d), d
 
 
-def _decides(out: object) -> bool:
-    """An op whose output is a decision: booleans or integers only (comparisons, indices, argmax)."""
+# Ops whose whole output is a decision (booleans or indices): the magnitude run takes the values' output.
+DECIDING_OPS = {"gt", "ge", "lt", "le", "eq", "ne", "logical_and", "logical_or", "logical_xor", "logical_not",
+                "isnan", "isinf", "isfinite", "isposinf", "isneginf", "signbit", "argmax", "argmin", "nonzero"}
+
+
+def _decides(name: str, out: object) -> bool:
+    """A deciding op (:data:`DECIDING_OPS`) that returned booleans or integers only."""
     flat = [t for t in tree_flatten(out)[0] if isinstance(t, Tensor)]
-    return bool(flat) and all(not (t.is_floating_point() or t.is_complex()) for t in flat)
+    return name in DECIDING_OPS and bool(flat) and all(not (t.is_floating_point() or t.is_complex()) for t in flat)
 
 
 class Branches:
@@ -180,7 +185,7 @@ class Branches:
         with torch.no_grad():
             if name in BRANCH_OPS and not name.endswith("_"):
                 d = _decision(name, args, kwargs, out)
-            elif name not in BRANCH_OPS and _decides(out):  # a comparison's or an index's own output
+            elif name not in BRANCH_OPS and _decides(name, out):  # a comparison's or an index's own output
                 d = tree_map(lambda t: t.detach().clone() if isinstance(t, Tensor) else t, out)
         self.recorded.setdefault(name, []).append(d.detach().clone() if isinstance(d, Tensor) else d)
         return out
