@@ -308,6 +308,7 @@ class _Side:
         self.result = SideResult(backend.name, [], [], {}, names)
         self.trace: Trace | None = None
         self.previous: dict[str, dict[str, Tensor]] | None = None  # buffers each unit left, last step
+        self.previous_oracle: dict[str, dict[str, Tensor]] | None = None  # the same, the oracle's
         self.local: list[Row] = []
         self.functions: list[Row] = []  # the custom Functions' teacher-forced rows (verdict.functions)
         self.step_kinks: list[UnitKink] = []
@@ -359,8 +360,10 @@ class _Side:
             if found is not None:
                 self.result.nonfinite.append(found)
         if propagated and self.previous is not None:
-            prop_rows += carried_state(names, step, self.previous, s_trace)
+            prop_rows += carried_state(names, step, self.previous, s_trace, self.previous_oracle, o_trace,
+                                       self.result.rows)
         self.previous = {rec.name: rec.buffers_after for rec in s_trace if rec.buffers_after}
+        self.previous_oracle = {rec.name: rec.buffers_after for rec in o_trace if rec.buffers_after}
         self.trace = None
         self.result.rows += local + self.functions + between + prop_rows
         self.result.kinks += self.step_kinks
