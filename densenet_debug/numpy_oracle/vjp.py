@@ -682,16 +682,20 @@ def _bn_rule(name: str) -> Rule:
         y, _, _, _ = ops.batch_norm_forward(x, w1, b0, rm, rv, False, mom, eps)
         return (y, np.zeros(0), np.zeros(0))
 
-    def backward(a: list, o: tuple, g: tuple, abs_: bool) -> dict[int, Array]:
+    def _normalized(a: list) -> tuple:
+        """(x, weight, bias, training, channels, weight or ones, axes, shape, invstd, x̂) of one call."""
         x, w, b, rm, rv, train, mom, eps = _bn_args(name, a)
-        gy = g[0] if g[0] is not None else np.zeros(x.shape)
         c = x.shape[1]
-        w1 = np.ones(c) if w is None else w
         axes = (0,) + tuple(range(2, x.ndim))
         shape = (1, -1) + (1,) * (x.ndim - 2)
         mean, var = (_stats(x)[:2]) if train else (rm, rv)
         invstd = 1.0 / np.sqrt(var + eps)
         xhat = (x - mean.reshape(shape)) * invstd.reshape(shape)
+        return x, w, b, train, c, np.ones(c) if w is None else w, axes, shape, invstd, xhat
+
+    def backward(a: list, o: tuple, g: tuple, abs_: bool) -> dict[int, Array]:
+        x, w, b, train, c, w1, axes, shape, invstd, xhat = _normalized(a)
+        gy = g[0] if g[0] is not None else np.zeros(x.shape)
         if abs_:  # |J|ᵀ: the exact Jacobian's magnitudes (x̂'s own rounding is in bound_bwd)
             xhat = np.abs(xhat)
         gb = gy.sum(axis=axes)
@@ -765,15 +769,8 @@ def _bn_rule(name: str) -> Rule:
     def backward_sq(a: list, o: tuple, v: tuple) -> dict[int, Array]:
         """(J∘J)ᵀV exactly. Train: J_ij = s·(δ_ij - (1 + x̂_i·x̂_j)/m) within a channel, so
         Σ_i J_ij²·V_i = s²·(V_j·(1 - 2(1 + x̂_j²)/m) + (ΣV + 2x̂_j·ΣVx̂ + x̂_j²·ΣVx̂²)/m²)."""
-        x, w, b, rm, rv, train, mom, eps = _bn_args(name, a)
+        x, w, b, train, c, w1, axes, shape, invstd, xh = _normalized(a)
         vy = v[0] if v[0] is not None else np.zeros(x.shape)
-        c = x.shape[1]
-        w1 = np.ones(c) if w is None else w
-        axes = (0,) + tuple(range(2, x.ndim))
-        shape = (1, -1) + (1,) * (x.ndim - 2)
-        mean, var = (_stats(x)[:2]) if train else (rm, rv)
-        invstd = 1.0 / np.sqrt(var + eps)
-        xh = (x - mean.reshape(shape)) * invstd.reshape(shape)
         x2 = xh ** 2
         s2 = ((w1 * invstd) ** 2).reshape(shape)
         if train:
