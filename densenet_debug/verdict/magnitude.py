@@ -25,7 +25,8 @@ op: a comparison's or index's output, a ReLU's, threshold's, clamp's or leaky Re
 argmax) and ``MagnitudeMode(branches=...)`` replays them in the same order, so the magnitude run takes the
 values' branches: ``|x|`` where the op passes ``x``, ``|bound|`` where it clamps to a bound, ``|slope| |x|``
 on a leaky ReLU's negative side, the values' argmax. A call whose recorded shape does not match (the two runs
-drifted apart) falls back to the op on magnitudes and is counted in ``Branches.drift``.
+drifted apart) falls back to the op on magnitudes and is counted in ``Branches.drift``. Not replayed: max/min
+over a dimension, sort and topk (values and indices together), clamps with tensor bounds.
 """
 
 from __future__ import annotations
