@@ -21,20 +21,9 @@ from torch.utils.checkpoint import checkpoint
 
 from densenet_debug.verdict import inner_kinks
 from densenet_debug.verdict.engine import diff
+from tests.verdict.test_inner_kinks import WrongInFp32  # an identity whose backward is wrong in fp32 only
 
 BUMP = 2.0**-30  # 1 ± 2**-30 rounds to 1 in fp32: a coordinate 0 there, ±2**-30 in fp64
-
-
-class WrongInFp32(torch.autograd.Function):
-    """Identity whose backward is wrong in float32 only: a backend fault, not the model's math."""
-
-    @staticmethod
-    def forward(ctx, x: Tensor) -> Tensor:  # noqa: ANN001
-        return x.clone()
-
-    @staticmethod
-    def backward(ctx, g: Tensor) -> Tensor:  # noqa: ANN001
-        return g * 1.5 if g.dtype == torch.float32 else g
 
 
 def _pool(z: Tensor) -> Tensor:
