@@ -273,7 +273,8 @@ def carried_state(names: list[str], step: int, before: dict[str, dict[str, Tenso
     changed it (a BatchNorm inside a ``torch.utils.checkpoint`` region updates its running statistics again
     when backward recomputes it, on every backend): the side's carried value is then compared with the oracle's,
     allowing twice the widest tolerance the previous step's rows gave that buffer (two updates of the same kind
-    instead of one); without such a row there is no bound, and the row says so without failing.
+    instead of one; an integer counter must match exactly); without such a row there is no bound, and the row
+    says so without failing.
     """
     rows = []
     for name in names:
@@ -306,7 +307,9 @@ def _own_change(name: str, key: str, step: int, side: Tensor, oracle: Tensor, pr
     err = relative_error(side, oracle.detach().to("cpu", torch.float64))
     note = "changed between the steps in the float64 oracle too: the model's own code (e.g. a BatchNorm " \
            "recomputed by a checkpoint); compared with the oracle's"
-    if not bounds:
+    if not side.is_floating_point():  # a counter (num_batches_tracked): exact, as its local row is
+        bounds = [0.0]
+    elif not bounds:
         return Row(layer=name, pass_="forward", quantity=f"{key} (carried)", error_a=err, error_b=None,
                    tolerance=0.0, status=Status.OK, origin=CARRIED_ORIGIN, step=step, mode="propagated",
                    tolerance_a=0.0, ratio_a=0.0, order=order, note=note + " (no bound: not judged)")

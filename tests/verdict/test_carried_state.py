@@ -69,6 +69,8 @@ def test_a_checkpoint_recomputing_batch_norm_agrees_over_steps(seed: int) -> Non
     changed = [r for r in carried if r.error_a > 0]
     assert changed and all("oracle too" in r.note for r in changed)  # the recompute's second update, named
     assert all(0 < r.error_a <= r.tolerance for r in changed)  # judged against the oracle's, under a bound
+    counters = [r for r in carried if r.quantity.startswith("num_batches_tracked")]
+    assert counters and all(r.tolerance == 0 and r.error_a == 0 for r in counters)  # an integer: exact
 
 
 def test_a_side_that_touches_the_statistics_between_steps_is_still_caught() -> None:
