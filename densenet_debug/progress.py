@@ -150,6 +150,32 @@ def installed(reporter: Reporter | None) -> Iterator[None]:
         _REPORTER.reset(token)
 
 
+class Timings:
+    """A :class:`Reporter` that draws nothing and adds up each stage's wall seconds by label (``seconds``).
+
+    Stages nest, so the figures are inclusive (a side's traced step inside "judging units" counts in both);
+    a label opened more than once (a step per side, per training step) sums its openings. ``scripts/bench.py
+    diff`` reports them to say where a diff's time goes.
+    """
+
+    def __init__(self) -> None:
+        import time
+
+        self._clock = time.perf_counter
+        self.seconds: dict[str, float] = {}
+
+    def open(self, label: str, total: float | None) -> object:
+        return (label, self._clock())
+
+    def update(self, handle: object, *, advance: float = 0, completed: float | None = None,
+               total: float | None = None, detail: str | None = None) -> None:
+        pass
+
+    def close(self, handle: object) -> None:
+        label, start = handle  # type: ignore[misc]
+        self.seconds[label] = self.seconds.get(label, 0.0) + self._clock() - start
+
+
 class RichBar:
     """A :class:`Reporter` drawing every open stage as a row of one transient ``rich`` progress display.
 

@@ -239,7 +239,6 @@ def judge_many(model: nn.Module, x: Tensor, y: Tensor, backends: list[str | Back
     ref = _Reference(model, eval_mode, oracle)
     if shared.lam is None:  # shapes suffice: a spilled oracle is not read back to count its elements
         shared.lam = confidence(element_count([trace.metas() for trace in oracle[:steps]]))
-    progress.expect(steps * len(names))
     lam = shared.lam
     # max |oracle| is memoised by tensor identity, holding the tensor: a spilled oracle is read back afresh for
     # every unit, so its memo must not keep what it read (else it would hold the whole oracle again)
@@ -248,18 +247,19 @@ def judge_many(model: nn.Module, x: Tensor, y: Tensor, backends: list[str | Back
         o_trace = oracle[step]
         for side in sides:
             side.run_step(names, loss_fn)
-        for name in names:
-            if name not in o_trace:
-                continue
-            bounds = shared.bounds.get((step, name))
-            if bounds is None:
-                unit = ref.at(step)[name]
-                bounds = unit_bounds(unit, o_trace[name], _params64(unit))
-                if _shared is not None:
-                    shared.bounds[(step, name)] = bounds
-            for side in sides:
-                side.local_unit(name, step, o_trace[name], bounds, lam, scales)
-            progress.advance()
+        with progress.step("local: units teacher-forced", total=len(names)):
+            for name in names:
+                if name not in o_trace:
+                    continue
+                bounds = shared.bounds.get((step, name))
+                if bounds is None:
+                    unit = ref.at(step)[name]
+                    bounds = unit_bounds(unit, o_trace[name], _params64(unit))
+                    if _shared is not None:
+                        shared.bounds[(step, name)] = bounds
+                for side in sides:
+                    side.local_unit(name, step, o_trace[name], bounds, lam, scales)
+                progress.advance()
         for side, rows in zip(sides, functions.function_rows(step, o_trace, [(s.backend, s.trace) for s in sides],
                                                              lam)):
             side.functions = rows
@@ -342,13 +342,16 @@ class _Side:
         functions.blame(local, self.functions)  # a failing Function is a smaller unit than the module it ran in
         sites = _kink_sites(names, step, o_trace, s_trace, self.modules)
         self.step_kinks += [UnitKink(s.layer, s.count, s.min_margin, s.relative_margin, "", step) for s in sites]
-        prop_rows = propagated_rows(names, step, o_trace, s_trace, local, scales) if propagated else []
+        with progress.step("propagated: end to end compared"):
+            prop_rows = propagated_rows(names, step, o_trace, s_trace, local, scales) if propagated else []
         if sites and any(r.status == Status.MISMATCH and r.pass_ == "backward" for r in prop_rows):
-            cf = _counterfactual(ref, step, x, y, o_trace, sites, names, loss_fn)
+            with progress.step("kinks: counterfactual oracle"):
+                cf = _counterfactual(ref, step, x, y, o_trace, sites, names, loss_fn)
             self.result.counterfactual_steps.append(step)
             counterfactual.explain(prop_rows, s_trace, cf)
-        between = between_rows(step, names, s_trace, ref.module(step), self.x, self.y, self.backend,
-                               loss_fn) if propagated else []
+        with progress.step("between: code between units checked"):
+            between = between_rows(step, names, s_trace, ref.module(step), self.x, self.y, self.backend,
+                                   loss_fn) if propagated else []
         explain_by_local(prop_rows, local + between)  # before amplification: only what nothing upstream explains
         functions.name_in_notes(prop_rows, local)
         if any(r.status == Status.MISMATCH and r.explained_by is None for r in prop_rows):

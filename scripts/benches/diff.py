@@ -9,6 +9,9 @@ thread (issue 13). The minimum over ``--repeat`` runs is taken for both, after o
 ``--repeat 0`` times the one cold diff of the memory measurement instead (for large batches, where a diff
 takes minutes).
 
+``stages_seconds`` splits the timed diff by its progress stages (:class:`densenet_debug.progress.Timings`:
+inclusive seconds per stage label, summed over sides), to say where the time goes.
+
 Memory. Each in its own child process, started fresh, its peak resident set read by the parent from the
 child's own rusage (``os.wait4``, ``ru_maxrss``): one plain fp32 training step of the same model and batch
 (forward, cross-entropy, backward, default flags), and one full diff. Figure: ``memory.ratio`` = the diff's
@@ -165,13 +168,19 @@ def run(argv: list[str]) -> dict:
     anchor_total = sum(anchor.values())
     del prepared
 
-    report = None
+    report, stages = None, None
     if args.repeat:
+        from densenet_debug import progress
+
         diff_times = []
         for _ in range(args.repeat + 1):
+            timings = progress.Timings()
             start = time.perf_counter()
-            report = diff(model, x, y, args.a, args.b)
+            with progress.installed(timings):
+                report = diff(model, x, y, args.a, args.b)
             diff_times.append(time.perf_counter() - start)
+            if len(diff_times) > 1 and diff_times[-1] == min(diff_times[1:]):
+                stages = timings.seconds  # the stages of the run whose time is reported
         diff_time = min(diff_times[1:])
     else:
         diff_time = memory["diff_cold_seconds"]
@@ -182,6 +191,9 @@ def run(argv: list[str]) -> dict:
         "diff_timed": "warm, best of repeats" if args.repeat else "cold, one run (the memory child's)",
         "anchor_seconds": round(anchor_total, 3),
         "anchor_parts_seconds": {k: round(v, 3) for k, v in anchor.items()},
+        # where the timed diff's seconds went: progress stages, inclusive (the traced steps, local units,
+        # propagated, counterfactual and between stages all lie inside "judging units")
+        "stages_seconds": {k: round(v, 3) for k, v in (stages or {}).items()},
         "model": args.model, "batch": args.batch, "a": args.a, "b": args.b,
         "threads": torch.get_num_threads(),
         "verdict": report.verdict if report else memory["verdict"],

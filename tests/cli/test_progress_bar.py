@@ -12,6 +12,7 @@ import subprocess
 import sys
 import termios
 import threading
+import time
 
 import pytest
 
@@ -130,11 +131,32 @@ def test_diff_reports_its_stages(tiny_model, batch) -> None:
         report = diff(tiny_model(), x, y, "mkldnn", "native")
     labels = [label for event, label, _ in rec.events if event == "open"]
     assert labels[0] == "oracle: float64 step traced"
-    judging = [h for h, s in rec.state.items() if s["label"].startswith("judging units")]
-    assert len(judging) == 1
-    assert rec.state[judging[0]]["completed"] == rec.state[judging[0]]["total"] == report.settings["units"]
+    assert labels.count("judging units") == 1
+    local = [h for h, s in rec.state.items() if s["label"].startswith("local: units")]
+    assert len(local) == 1  # one step: both sides judged unit by unit in one stage
+    assert rec.state[local[0]]["completed"] == rec.state[local[0]]["total"] == report.settings["units"]
     assert any(label.startswith("mkldnn") for label in labels) and any(label.startswith("native") for label in labels)
+    assert labels.count("between: code between units checked") == 2  # once per side
     assert all(not s["open"] for s in rec.state.values())
+
+
+def test_timings_add_up_each_stage_by_label(tiny_model, batch) -> None:
+    from densenet_debug.verdict.engine import diff
+
+    timings = progress.Timings()
+    x, y = batch(2)
+    start = time.perf_counter()
+    with progress.installed(timings):
+        diff(tiny_model(), x, y, "mkldnn", "native")
+    total = time.perf_counter() - start
+    seconds = timings.seconds
+    assert {"oracle: float64 step traced", "judging units", "local: units teacher-forced", "mkldnn: step traced",
+            "native: step traced", "propagated: end to end compared"} <= set(seconds)
+    assert all(v >= 0 for v in seconds.values())
+    # inclusive and nested: the stages inside "judging units" fit in it, and the two top stages in the diff
+    inside = sum(v for k, v in seconds.items() if k not in ("judging units", "oracle: float64 step traced"))
+    assert inside <= seconds["judging units"]
+    assert seconds["judging units"] + seconds["oracle: float64 step traced"] <= total
 
 
 # -- the CLI: a terminal gets a bar, a pipe or --quiet none --------------------------------------------------
