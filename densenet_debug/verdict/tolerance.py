@@ -330,15 +330,14 @@ def repeated_addend_count(g: Tensor) -> Tensor:
     if rows.shape[1] == 0:
         return torch.zeros(c, dtype=torch.float64)
     s = rows.sort(dim=1).values
-    start = torch.ones_like(s, dtype=torch.bool)
-    start[:, 1:] = s[:, 1:] != s[:, :-1]
-    run = start.reshape(-1).cumsum(0) - 1  # run id of every element, row-major: rows never share a run
-    counts = torch.bincount(run).to(torch.float64)
-    first = start.reshape(-1).nonzero().squeeze(1)
+    start = torch.ones_like(s, dtype=torch.bool)  # each row's first element starts a run: rows never share one
+    torch.ne(s[:, 1:], s[:, :-1], out=start[:, 1:])
+    first = start.reshape(-1).nonzero().squeeze(1)  # where each run of equal values starts, row-major
+    counts = torch.diff(first, append=first.new_tensor([s.numel()])).to(torch.float64)  # its length m_v
     keep = s.reshape(-1)[first] != 0  # zeros add exactly
-    channel = torch.div(first, s.shape[1], rounding_mode="floor")
+    channel = torch.div(first[keep], s.shape[1], rounding_mode="floor")
     out = torch.zeros(c, dtype=torch.float64)
-    return out.index_add_(0, channel[keep], counts[keep] ** 2)
+    return out.index_add_(0, channel, counts[keep] ** 2)
 
 
 def sum_accumulation_factor(lam: float, k_eff: Tensor, length: int) -> Tensor:

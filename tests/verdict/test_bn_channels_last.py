@@ -59,6 +59,22 @@ def test_repeated_addend_count() -> None:
     assert sum_accumulation_factor(8.0, torch.tensor([4.0, 1e6]), 100).tolist() == [16.0, 99.0]  # capped at R-1
 
 
+@settings(max_examples=40, deadline=None)
+@given(n=st.integers(1, 3), c=st.integers(1, 5), hw=st.integers(1, 6), levels=st.integers(1, 6),
+       seed=st.integers(0, 2**31))
+def test_repeated_addend_count_is_the_sum_of_squared_group_sizes(n: int, c: int, hw: int, levels: int,
+                                                                 seed: int) -> None:
+    """Against a count by hand: per channel, group the nonzero values as float32, add each group's size squared
+    (few levels, so values repeat, zeros among them, and equal values meet across channel boundaries)."""
+    gen = torch.Generator().manual_seed(seed)
+    g = torch.randint(-levels, levels + 1, (n, c, hw, hw), generator=gen).double() / 3
+    expected = []
+    for ch in range(c):
+        values = [v for v in g[:, ch].float().reshape(-1).tolist() if v != 0]
+        expected.append(float(sum(values.count(v) ** 2 for v in set(values))))
+    assert repeated_addend_count(g).tolist() == expected
+
+
 @settings(max_examples=25, deadline=None)
 @given(n=st.integers(1, 6), c=st.integers(1, 12), hw=st.sampled_from([4, 7, 8, 16, 32]), seed=st.integers(0, 2**31))
 def test_channels_last_grad_bias_within_bound(n: int, c: int, hw: int, seed: int) -> None:
