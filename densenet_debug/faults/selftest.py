@@ -274,6 +274,7 @@ def run_fault_ops(net: nn.Module, spec: str, unit: str, x: Tensor, y: Tensor, *,
     failing = report.failures
     at_unit = [r for r in failing if _at(r, fault.units)]
     wanted = [r for r in at_unit if not sight.ops or _op_base(r) in sight.ops]
+    wanted.sort(key=lambda r: r.pass_ != fault.passes)  # name a row in the fault's own pass where there is one
     row = (wanted or failing or [None])[0]
     if fault.control:
         row = _closest(report.rows, fault.units)
