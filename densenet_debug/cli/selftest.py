@@ -18,7 +18,7 @@ from densenet_debug.table import make_console, print_table
 HELP = ("plant faithful copies of historical backend bugs (and precision controls) in a small DenseNet-BC; "
         "check diff detects and localises each and flags no control (with --ops: the op engine too)")
 EXIT_CODES = {0: "every fault caught and localised, no control flagged (by both engines with --ops)",
-              1: "a fault missed or a control flagged", 2: "bad input"}
+              1: "a fault missed or a control flagged (by either engine)"}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
