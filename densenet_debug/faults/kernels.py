@@ -15,7 +15,8 @@ autograd node that convolution created. A planted unit's forward runs the stock 
 :func:`~densenet_debug.backends.running_unit` (its qualified name); a replay names the unit it replays the
 same way. Inside dispatch, autograd has already numbered the node of the op it redispatches (the capture
 notes), so the node's sequence number is taken there and its backward is recognised by
-``torch._C._current_autograd_node()``. Everything else passes through unchanged.
+``torch._C._current_autograd_node()``. Everything else passes through unchanged. (Dynamo skips frames while
+a dispatch mode is active, so a ``compile`` backend with a control planted runs its step eagerly.)
 
 The two kernels:
 

@@ -134,7 +134,7 @@ def _accumulate_stale(cfg: FaultConfig, key: str, grad: Tensor | None) -> Tensor
 
 
 def conv_forward(self: nn.Conv2d, x: Tensor) -> Tensor:
-    """Forward of a Conv2d planted with a backward-side or precision fault."""
+    """Forward of a Conv2d planted with a backward-side fault."""
     return _ConvFn.apply(x, self.weight, self.bias, self._fault, _conv_args(self))
 
 

@@ -132,7 +132,8 @@ FAULTS: dict[str, FaultSpec] = {s.name: s for s in [
               "conv operands (and grad_output) rounded to TF32's 10-bit mantissa, to nearest: precision, not a bug",
               "Conv2d", ops.kernel_forward, _is_conv, "forward", control=True),
     FaultSpec("reordered_sum", "control: another reduction order",
-              "conv with its input channels split into MAG chunks summed last-to-first: must never be flagged",
+              "conv whose every sum (over input channels; output channels for grad_input; the batch for grad_weight "
+              "and grad_bias) is split into MAG chunks added last-to-first: must never be flagged",
               "Conv2d", ops.kernel_forward, _is_dense_conv, "forward", control=True, mag=3.0,
               mag_meaning="chunks"),
 ]}
