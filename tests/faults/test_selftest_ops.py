@@ -164,3 +164,21 @@ def test_cli_selftest_ops_bad_input_exit_two(argv, capsys):
     assert code == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("densenet-debug selftest: error:") and "\n" not in err
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", CONTROLS)
+def test_cuda_controls_below_the_capture_are_agreed_by_both_engines(name):
+    """On CUDA autograd runs backward on its device thread: the planted node is still recognised there (the
+    replay reproduces the side's own values, on deterministic cuDNN) and both engines agree with the control."""
+    net, unit, x, y = _planted(name)
+    be = parse_backend(f"cudnn-deterministic+fault:{name}@{unit}")
+    side = side_capture(net, x, y, be)
+    records = _conv_records(side, unit)
+    assert [r.op for r in records] == ["aten.convolution.default", "aten.convolution_backward.default"]
+    backward = records[1]
+    with be.active(), torch.no_grad(), running_unit(unit):
+        again = rebuild_call(backward, [v.clone() for v in backward.input_values]).run()
+    assert all(torch.equal(a, o) for a, o in zip(again, backward.output_values) if o is not None)
+    assert judge_ops(net, x, y, be).verdict == "agree"
+    assert diff(net, x, y, f"cudnn+fault:{name}@{unit}", "cudnn", device="cuda").verdict == "agree"
