@@ -25,6 +25,7 @@ import copy
 import warnings
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 
 import torch
@@ -185,6 +186,11 @@ class Backend:
             stack.enter_context(_matmul_tf32(self.tf32))
             if self.autocast is not None:
                 stack.enter_context(torch.autocast(self.device.type, dtype=self.autocast))
+            for fault in self.faults:  # a fault planted as a kernel (the precision controls): below any capture
+                kernel = getattr(fault, "kernel", None)
+                mode = kernel() if callable(kernel) else None
+                if mode is not None:
+                    stack.enter_context(mode)
             if self.compile_backend:
                 # Every unit is its own compiled frame; the default limit would silently fall back to eager.
                 stack.enter_context(_dynamo().config.patch(recompile_limit=100_000,
@@ -201,6 +207,25 @@ class Backend:
         if self.compile_backend:
             flags["compiled_graphs"] = int(_dynamo().utils.counters["stats"].get("unique_graphs", 0))
         return flags
+
+
+_UNIT: ContextVar[str | None] = ContextVar("densenet_debug_unit", default=None)
+
+
+@contextmanager
+def running_unit(name: str | None) -> Iterator[None]:
+    """Ops run in this block belong to unit ``name`` (a qualified module name): a planted unit's forward says
+    so, and so does a replay of one op of it, so a fault planted as a kernel computes the same in both."""
+    token = _UNIT.set(name)
+    try:
+        yield
+    finally:
+        _UNIT.reset(token)
+
+
+def current_unit() -> str | None:
+    """The unit named by the innermost :func:`running_unit`, or None."""
+    return _UNIT.get()
 
 
 @contextmanager

@@ -16,8 +16,9 @@ from densenet_debug.progress import step as progress_step
 from densenet_debug.table import make_console, print_table
 
 HELP = ("plant faithful copies of historical backend bugs (and precision controls) in a small DenseNet-BC; "
-        "check diff detects and localises each and flags no control")
-EXIT_CODES = {0: "every fault caught and localised, no control flagged", 1: "a fault missed or a control flagged"}
+        "check diff detects and localises each and flags no control (with --ops: the op engine too)")
+EXIT_CODES = {0: "every fault caught and localised, no control flagged (by both engines with --ops)",
+              1: "a fault missed or a control flagged (by either engine)"}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -33,6 +34,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "cudnn on CUDA)")
     parser.add_argument("--no-gradcheck", action="store_true",
                         help="skip the numerical gradient check of the faults that are in the math")
+    parser.add_argument("--ops", action="store_true",
+                        help="also judge every planting with the op engine (diff --ops): each fault must be a "
+                             "finding at the planted unit and the expected aten op, each control agreed; a fault "
+                             "it cannot see by design is listed as blind, with the reason")
     parser.add_argument("--seed", type=int, default=0,
                         help="seed for weights, inputs, labels and the unit each fault is planted at (default 0)")
     add_device_arg(parser)
@@ -63,7 +68,8 @@ def run(args: argparse.Namespace) -> int:
             task.update(completed=i, detail=name)
 
         report = run_selftest(names, model=model, seed=args.seed, batch=args.batch, backend=backend,
-                              device=str(device), gradcheck=not args.no_gradcheck, progress=progress)
+                              device=str(device), gradcheck=not args.no_gradcheck, ops=args.ops,
+                              progress=progress)
     print_table(_table(report), console)
     missed, flagged, loose = report.missed, report.flagged_controls, report.not_localized
     bugs = sum(1 for r in report.results if not r.control)
@@ -72,6 +78,8 @@ def run(args: argparse.Namespace) -> int:
     console.print(f"{caught}/{bugs} faults detected, {localized}/{bugs} localised to the planted unit and pass, "
                   f"{len(flagged)} of {len(report.results) - bugs} controls flagged ({report.seconds:.1f} s, "
                   f"{model}, batch {args.batch}, backend {backend}, seed {args.seed})")
+    if args.ops:
+        console.print(_ops_summary(report))
     if missed:
         console.print(f"[red]MISSED:[/red] {', '.join(missed)}")
     if flagged:
@@ -83,7 +91,9 @@ def run(args: argparse.Namespace) -> int:
 
 def _table(report: object) -> Table:
     table = Table(title=f"self-test: {report.model}, batch {report.batch}, backend {report.backend}")
-    for col in ("fault", "planted at", "mode", "diff", "localised", "error", "tolerance", "gradcheck", "s"):
+    with_ops = any(r.ops is not None for r in report.results)
+    cols = ("fault", "planted at", "mode", "diff", "localised", "error", "tolerance", "gradcheck")
+    for col in cols + (("op engine", "at op") if with_ops else ()) + ("s",):
         table.add_column(col, justify="right" if col in ("error", "tolerance", "s") else "left",
                          no_wrap=col in ("fault", "planted at", "error", "tolerance"))
     for r in report.results:
@@ -100,9 +110,37 @@ def _table(report: object) -> Table:
               "pass": "[red]pass[/red]" if not r.control else "pass"}[r.gradcheck]
         if r.gradcheck_layer and r.gradcheck_layer != r.layer:
             gc += f" at {r.gradcheck_layer}"
+        extra = _ops_cells(r.ops) if with_ops else ()
         table.add_row(f"{r.name}{' (control)' if r.control else ''}", r.layer, needs, verdict, where,
-                      _fmt(r.error), _fmt(r.tolerance), gc, f"{r.seconds:.1f}")
+                      _fmt(r.error), _fmt(r.tolerance), gc, *extra, f"{r.seconds:.1f}")
     return table
+
+
+def _ops_cells(o: object) -> tuple[str, str]:
+    """The op engine's verdict on one planting, and the op it rests on."""
+    if o is None:
+        return "-", "-"
+    if o.expected == "blind":
+        return "[yellow]blind[/yellow]" + (" (found)" if o.found else ""), o.note
+    if o.expected == "agree":
+        verdict = "[red]FLAGGED[/red]" if o.found else "[green]agree[/green]"
+    elif not o.found:
+        verdict = "[red]MISSED[/red]"
+    else:
+        verdict = "[green]found[/green]" if o.localized else "[yellow]found elsewhere[/yellow]"
+    at = "-" if o.op is None else f"{o.op} ({o.pass_}, {o.kind})"
+    if o.expected == "finding" and o.found and not o.localized:
+        at += f"; wanted {' or '.join(o.want_ops) or 'any op'} at the planted unit"
+    return verdict, at
+
+
+def _ops_summary(report: object) -> str:
+    ops = [r.ops for r in report.results if r.ops is not None]
+    wanted = [o for o in ops if o.expected == "finding"]
+    blind = sum(o.expected == "blind" for o in ops)
+    controls = [o for o in ops if o.expected == "agree"]
+    return (f"op engine: {sum(o.ok for o in wanted)}/{len(wanted)} faults found at the planted unit and expected op, "
+            f"{blind} blind by design, {sum(not o.ok for o in controls)} of {len(controls)} controls flagged")
 
 
 _MODE = {"steps": "2 steps", "eval": "eval", "min_batch": "N>=2", "pool_padding": "pad=1 pools",

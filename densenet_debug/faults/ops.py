@@ -1,5 +1,8 @@
 """The planted faults' arithmetic: custom autograd Functions and module forwards that misbehave on purpose.
 
+The precision controls are not here: they are kernels below the capture (:mod:`densenet_debug.faults.kernels`),
+and their units only say, in :func:`kernel_forward`, that their ops are theirs.
+
 Each one is a faithful small copy of a historical backend bug (the team's bug catalog, not in the repo); with its fault
 switched off, each computes exactly what the stock PyTorch op computes. ``densenet_debug.faults.registry`` decides
 where they go. A faulty module keeps its parameters, buffers and qualified name; its class becomes a
@@ -18,6 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from densenet_debug.backends import running_unit
+
 
 @dataclass
 class FaultConfig:
@@ -26,6 +31,7 @@ class FaultConfig:
     name: str
     mag: float
     state: dict[str, Tensor] = field(default_factory=dict)
+    unit: str = ""  # the module's qualified name in the model it was planted in
 
 
 # -- the faulty class --------------------------------------------------------------------------------------
@@ -96,8 +102,6 @@ class _ConvFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, w: Tensor, b: Tensor | None, cfg: FaultConfig, args: tuple) -> Tensor:
         stride, padding, dilation, groups = args
-        if cfg.name == "tf32_round":
-            x, w = round_mantissa(x), round_mantissa(w)
         ctx.save_for_backward(x, w)
         ctx.cfg, ctx.args, ctx.has_bias = cfg, args, b is not None
         return F.conv2d(x, w, b, stride, padding, dilation, groups)
@@ -109,8 +113,6 @@ class _ConvFn(torch.autograd.Function):
         stride, padding, dilation, groups = ctx.args
         if cfg.name == "strided_read_as_contiguous":
             go = read_as_contiguous(go)
-        elif cfg.name == "tf32_round":
-            go = round_mantissa(go)  # every GEMM operand is rounded, the backward ones included
         mask = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.has_bias and ctx.needs_input_grad[2]]
         gx, gw, gb = torch.ops.aten.convolution_backward(
             go, x, w, [w.shape[0]] if ctx.has_bias else None, list(stride), list(padding), list(dilation),
@@ -132,7 +134,7 @@ def _accumulate_stale(cfg: FaultConfig, key: str, grad: Tensor | None) -> Tensor
 
 
 def conv_forward(self: nn.Conv2d, x: Tensor) -> Tensor:
-    """Forward of a Conv2d planted with a backward-side or precision fault."""
+    """Forward of a Conv2d planted with a backward-side fault."""
     return _ConvFn.apply(x, self.weight, self.bias, self._fault, _conv_args(self))
 
 
@@ -143,16 +145,13 @@ def strided_read_forward(self: nn.Module, x: Tensor) -> Tensor:
     return conv_forward(self, x)
 
 
-def reordered_conv_forward(self: nn.Conv2d, x: Tensor) -> Tensor:
-    """Control: the same conv with its channel reduction split into chunks summed last-to-first."""
-    chunks = max(1, min(int(self._fault.mag), self.in_channels))
-    bounds = torch.linspace(0, self.in_channels, chunks + 1).round().long().tolist()
-    stride, padding, dilation, _ = _conv_args(self)
-    out = None
-    for lo, hi in reversed(list(zip(bounds[:-1], bounds[1:]))):
-        part = F.conv2d(x[:, lo:hi], self.weight[:, lo:hi], None, stride, padding, dilation)
-        out = part if out is None else out + part
-    return out if self.bias is None else out + self.bias.view(1, -1, 1, 1)
+def kernel_forward(self: nn.Module, *args: object, **kwargs: object) -> Tensor:
+    """A unit planted as a kernel (:mod:`densenet_debug.faults.kernels`): the stock forward, run as this unit.
+
+    Nothing changes here; the backend's kernel mode computes this unit's ops as the fault's while it runs.
+    """
+    with running_unit(self._fault.unit):
+        return type(self).forward(self, *args, **kwargs)
 
 
 # -- concatenation -------------------------------------------------------------------------------------

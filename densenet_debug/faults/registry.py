@@ -4,6 +4,9 @@ A fault is switched on as a backend modifier (``mkldnn+fault:cat_backward_slice_
 and planted in place on a prepared model copy: the unit keeps its parameters, buffers and qualified name;
 its instances' ``forward`` becomes one from :mod:`densenet_debug.faults.ops` (through a same-named subclass,
 so ``type(unit).forward`` is still the stock op). Nothing in torch is edited. A planted unit runs eagerly.
+The precision controls (``tf32_round``, ``reordered_sum``) are kernels instead: their units' forward only names
+the unit, and :meth:`Fault.kernel` gives the dispatch mode that ``Backend.active()`` enters below any capture
+(:mod:`densenet_debug.faults.kernels`), so a captured step and an op-by-op replay compute them alike.
 
 Spec grammar: ``NAME[@LAYER][=MAG]``. ``LAYER`` is a qualified module name or ``*`` (every unit where the
 fault is visible); without it, one such unit is drawn from ``seed``. ``MAG`` is the fault's magnitude knob
@@ -17,7 +20,8 @@ import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from torch import nn
+from torch import Tensor, nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from densenet_debug.backends import TF32_ROUNDOFF
 from densenet_debug.errors import UsageError
@@ -126,12 +130,77 @@ FAULTS: dict[str, FaultSpec] = {s.name: s for s in [
               _is_checkpointed_layer, "backward", needs={"memory_efficient": True}),
     FaultSpec("tf32_round", "control: TF32 tensor cores (cudnn.allow_tf32)",
               "conv operands (and grad_output) rounded to TF32's 10-bit mantissa, to nearest: precision, not a bug",
-              "Conv2d", ops.conv_forward, _is_conv, "forward", control=True),
+              "Conv2d", ops.kernel_forward, _is_conv, "forward", control=True),
     FaultSpec("reordered_sum", "control: another reduction order",
-              "conv with its input channels split into MAG chunks summed last-to-first: must never be flagged",
-              "Conv2d", ops.reordered_conv_forward, _is_dense_conv, "forward", control=True, mag=3.0,
+              "conv whose every sum (over input channels; output channels for grad_input; the batch for grad_weight "
+              "and grad_bias) is split into MAG chunks added last-to-first: must never be flagged",
+              "Conv2d", ops.kernel_forward, _is_dense_conv, "forward", control=True, mag=3.0,
               mag_meaning="chunks"),
 ]}
+
+
+
+# -- what the op engine sees of each fault -----------------------------------------------------------------
+@dataclass(frozen=True)
+class OpSight:
+    """What the op engine (:func:`~densenet_debug.verdict.ops.judge.judge_ops`) must find of a planted fault.
+
+    ``ops``: the aten ops (base names, ``"convolution_backward"``) a finding at the planted unit must be at; empty:
+    any op of the unit. ``how``: what the op engine sees there. ``blind``: why it cannot see the fault at all
+    (then ``ops`` is empty and no finding is required). ``steps``: the step it shows in (the fault's state after
+    the earlier steps carried into the judged one).
+    """
+
+    ops: tuple[str, ...] = ()
+    how: str = ""
+    blind: str = ""
+    steps: int = 1
+
+
+_HAND_WRITTEN = ("the planted Function computes in elementwise ops the oracle does not run (it runs the stock "
+                 "kernel): side-only ops that change values, findings by the op engine's rule. The same Function "
+                 "without the fault would be flagged alike; whether its arithmetic is right is the Function "
+                 "unit's question (diff's module engine, gradcheck)")
+OP_SIGHTS: dict[str, OpSight] = {
+    "strided_read_as_contiguous": OpSight(("convolution_backward",), "the side-only as_strided of the Function's "
+                                          "backward is replayed in front of convolution_backward, which then reads "
+                                          "outside the cat slice it was given (NaN there): the #708 read"),
+    "cat_backward_slice_offset": OpSight(("slice",), "the cat backward's slices start MAG channels off the oracle's"),
+    "cat_forward_permuted": OpSight(("slice",), "the forward cat computes right on the operands it is handed (their "
+                                    "order is wiring, the module unit's to see); its backward slices follow the "
+                                    "permuted sizes and offsets, not the oracle's"),
+    "stale_grad_accumulate": OpSight(("add",), "from the second backward on, the Function adds MAG x its stale "
+                                     "buffer: a side-only add that changes values", steps=2),
+    "bn_eval_backward_uses_batch_stats": OpSight((), _HAND_WRITTEN),
+    "bn_invstd_as_var": OpSight((), _HAND_WRITTEN),
+    "bn_layout_mislabel": OpSight((), _HAND_WRITTEN),
+    "partial_channel_tile": OpSight((), _HAND_WRITTEN),
+    "pool_pad_offset": OpSight((), _HAND_WRITTEN),
+    "bn_unbiased_normalisation": OpSight((), "the forward normalises in elementwise ops the oracle does not run "
+                                         "(it runs native_batch_norm): side-only ops that change values"),
+    "bn_double_stat_update": OpSight(("native_batch_norm",), "a second batch norm the oracle does not run writes the "
+                                     "running statistics: a side-only op that changes values"),
+    "checkpoint_detached_inputs": OpSight(("native_batch_norm_backward",), "no gradient enters the detached front: "
+                                          "the bottleneck's norm2 backward computes no grad_input (an output "
+                                          "missing where the oracle's has one)"),
+    "tf32_round": OpSight(how="one aten.convolution (and convolution_backward) with TF32 operands, replayed as "
+                          "such and bounded with TF32's unit roundoff"),
+    "reordered_sum": OpSight(how="one aten.convolution (and convolution_backward) summing in another order, within "
+                             "the conv error models"),
+}
+
+
+def op_sight(name: str, unit: nn.Module) -> OpSight:
+    """:data:`OP_SIGHTS` for fault ``name`` planted at ``unit`` (two faults show differently by unit kind)."""
+    sight = OP_SIGHTS[_spec(name).name]
+    if name == "strided_read_as_contiguous" and isinstance(unit, nn.BatchNorm2d):
+        return OpSight((), "the BN sibling: " + _HAND_WRITTEN)
+    if name == "checkpoint_detached_inputs" and not getattr(unit, "bottleneck", True):
+        return OpSight(blind="without a bottleneck the whole layer runs detached: its ops vanish from the side's "
+                             "backward (oracle-only ops are listed, not findings) and every op the side runs is "
+                             "right; a missing path between correct ops is the module units' to see")
+    return sight
+
 
 CONTROLS = [n for n, s in FAULTS.items() if s.control]
 BUGS = [n for n, s in FAULTS.items() if not s.control]
@@ -194,7 +263,8 @@ class Fault:
     eligible ones, or None until :meth:`apply` draws one), ``units`` (the units planted), ``needs`` (harness
     modes that make the fault visible: ``steps``, ``eval``, ``buffers``, ``min_batch``, ``pool_padding``,
     ``memory_efficient``), ``passes`` (the pass a detector must charge it to), ``mag``, and
-    ``unit_roundoff_override`` (the unit roundoff the planted units actually compute with, for tf32_round).
+    ``unit_roundoff_override`` (the unit roundoff the planted units actually compute with, for tf32_round) and
+    ``carried`` (unit -> the fault's state a planting starts from, as an earlier step left it).
     """
 
     def __init__(self, name: str, layer: str | None = None, mag: float | None = None, seed: int = 0) -> None:
@@ -209,6 +279,8 @@ class Fault:
         self.in_math = self.spec.in_math
         self.units: list[str] = []
         self.unit_roundoff_override = TF32_ROUNDOFF if name == "tf32_round" else None
+        self._nodes: set[int] = set()  # autograd nodes of the planted units' convolutions (kernel())
+        self.carried: dict[str, dict[str, Tensor]] = {}  # unit -> state a planting starts from (earlier steps)
 
     def __repr__(self) -> str:
         where = f"@{self.layer}" if self.layer else ""
@@ -218,6 +290,15 @@ class Fault:
     def unit_roundoff(self, unit: str) -> float | None:
         """The unit roundoff ``unit`` computes with under this fault, or None where it is unchanged."""
         return self.unit_roundoff_override if unit in self.units else None
+
+    def kernel(self) -> TorchDispatchMode | None:
+        """A precision control's kernel mode for one ``Backend.active()`` (None for a bug: those are planted in
+        the units' own forwards). Every mode of this fault shares the set of autograd nodes its units made."""
+        if not self.control:
+            return None
+        from densenet_debug.faults.kernels import ControlKernel
+
+        return ControlKernel(self.name, self.mag, self, self._nodes)
 
     def choose(self, model: nn.Module) -> list[str]:
         """The units :meth:`apply` would plant on, without touching the model.
@@ -250,7 +331,8 @@ class Fault:
                 raise UsageError(f"{unit} already has fault {modules[unit]._fault.name}; plant one per unit")
         for unit in units:
             module = modules[unit]
-            module._fault = ops.FaultConfig(self.name, self.mag)
+            state = {k: v.detach().clone() for k, v in self.carried.get(unit, {}).items()}
+            module._fault = ops.FaultConfig(self.name, self.mag, state, unit)
             module.__dict__.pop("forward", None)  # an instance forward (a compiled one) would shadow the fault
             module.__class__ = ops.faulty_class(type(module), self.spec.forward)
         self.units = units

@@ -6,6 +6,15 @@ backend clean (both against the fp64 oracle), in the harness mode the fault need
 ``memory_efficient``, pools with padding). A fault in the math (a backward inconsistent with its forward)
 is also given to :func:`densenet_debug.gradcheck.engine.gradcheck_model`, in fp64. A bug must be detected and
 should be localised to its unit and pass; a precision control must never be flagged.
+
+With ``ops=True`` each planted model is also judged by the op engine
+(:func:`densenet_debug.verdict.ops.judge.judge_ops`, ``diff --ops``), in the same harness mode. What it must
+find is :func:`densenet_debug.faults.registry.op_sight`: a failing row at the planted unit (or inside it) at
+one of the named aten ops (any op where none is named); a fault it cannot see by design is reported as
+``blind`` with the reason, never counted as caught. A fault that shows from the second step on is judged on
+that step: the side runs one step first, and the fault's state after it (``Fault.carried``) is where the
+judged step's planting starts. The controls run as kernels below the capture
+(:mod:`densenet_debug.faults.kernels`) and must be agreed.
 """
 
 from __future__ import annotations
@@ -19,7 +28,7 @@ import torch
 from torch import Tensor, nn
 
 from densenet_debug.errors import UsageError
-from densenet_debug.faults.registry import BUGS, CONTROLS, FAULTS, Fault, make_fault
+from densenet_debug.faults.registry import BUGS, CONTROLS, FAULTS, Fault, make_fault, op_sight
 from densenet_debug.models import BUILDERS, build_model
 from densenet_debug.verdict.report import FirstDivergence, to_json_or_none
 
@@ -46,10 +55,14 @@ class FaultResult:
     gradcheck: str | None = None  # "pass" | "fail" | "nonfinite" | None (not run)
     gradcheck_layer: str | None = None
     seconds: float = 0.0
+    ops: OpResult | None = None  # the op engine's verdict on the same planting (``ops=True``)
 
     @property
     def ok(self) -> bool:
-        """A bug: diff detects it (and gradcheck fails it where it ran). A control: diff stays quiet."""
+        """A bug: diff detects it (and gradcheck fails it where it ran). A control: diff stays quiet. With the op
+        engine run, its result must be as expected too (:attr:`OpResult.ok`)."""
+        if self.ops is not None and not self.ops.ok:
+            return False
         if self.control:
             return not self.detected
         return self.detected and self.gradcheck in (None, "fail", "nonfinite")
@@ -61,7 +74,50 @@ class FaultResult:
             "ok": self.ok, "pass": self.passes, "needs": self.needs, "verdict": self.verdict,
             "first_divergence": to_json_or_none(self.first_divergence), "gradcheck": self.gradcheck,
             "gradcheck_layer": self.gradcheck_layer, "seconds": round(self.seconds, 3),
+            "ops": self.ops.to_json() if self.ops is not None else None,
         }
+
+
+@dataclass
+class OpResult:
+    """What the op engine made of one planting.
+
+    ``expected``: ``"finding"`` (a bug it must find at ``want_ops``), ``"agree"`` (a control) or ``"blind"``
+    (a bug it cannot see by design; ``note`` says why). ``found``: its verdict is mismatch. ``localized``: a
+    failing row lies at the planted unit (or inside it) at one of ``want_ops`` (any op if empty). ``op``,
+    ``kind``, ``pass_``, ``error``, ``tolerance``: that row (the first failing row when none lies there; for a
+    control, its planted unit's row closest to its tolerance). ``kind``: ``value`` (the replay of an op both sides
+    run differs), ``shape`` (it has another shape), ``side-only`` (an op only the side runs changes values),
+    ``missing`` (an output the oracle's op has is absent) or ``nonfinite``.
+    """
+
+    expected: str
+    found: bool
+    localized: bool
+    want_ops: tuple[str, ...]
+    note: str
+    op: str | None = None
+    kind: str | None = None
+    pass_: str | None = None
+    error: float | None = None
+    tolerance: float | None = None
+    failing: int = 0
+    steps: int = 1
+    seconds: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        if self.expected == "agree":
+            return not self.found
+        if self.expected == "blind":
+            return True
+        return self.found and self.localized
+
+    def to_json(self) -> dict:
+        return {"expected": self.expected, "found": self.found, "localized": self.localized, "ok": self.ok,
+                "want_ops": list(self.want_ops), "op": self.op, "kind": self.kind, "pass": self.pass_,
+                "error": _num(self.error), "tolerance": _num(self.tolerance), "failing": self.failing,
+                "steps": self.steps, "note": self.note, "seconds": round(self.seconds, 3)}
 
 
 @dataclass
@@ -164,9 +220,10 @@ def _control_margin(report: object, units: list[str]) -> tuple[float | None, flo
 
 def run_fault(
     name: str, *, model: str = DEFAULT_MODEL, seed: int = 0, batch: int = 4, backend: str = "native",
-    device: str | None = None, layer: str | None = None, gradcheck: bool = True,
+    device: str | None = None, layer: str | None = None, gradcheck: bool = True, ops: bool = False,
 ) -> FaultResult:
-    """Plant one fault ``NAME[=MAG]`` (at ``layer``, or a unit drawn from ``seed``); run diff (and gradcheck)."""
+    """Plant one fault ``NAME[=MAG]`` (at ``layer``, or a unit drawn from ``seed``); run diff (and gradcheck,
+    and with ``ops`` the op engine)."""
     from densenet_debug.verdict.engine import diff
 
     start = time.perf_counter()
@@ -192,8 +249,90 @@ def run_fault(
     )
     if gradcheck and fault.in_math:
         result.gradcheck, result.gradcheck_layer = _gradcheck(net, spec, unit, x, y, seed, fault)
+    if ops:
+        result.ops = run_fault_ops(net, spec, unit, x, y, seed=seed, backend=backend, device=device)
     result.seconds = time.perf_counter() - start
     return result
+
+
+def run_fault_ops(net: nn.Module, spec: str, unit: str, x: Tensor, y: Tensor, *, seed: int = 0,
+                  backend: str = "native", device: str | None = None) -> OpResult:
+    """Judge ``net`` with fault ``spec`` (``NAME@UNIT[=MAG]``) planted, op by op; see the module docstring."""
+    from densenet_debug.backends import parse_backend
+    from densenet_debug.verdict.ops.judge import judge_ops
+
+    start = time.perf_counter()
+    be = parse_backend(f"{backend}+fault:{spec}", device)
+    fault = be.faults[-1]
+    sight = op_sight(fault.name, dict(net.named_modules())[unit])
+    eval_mode = bool(fault.needs.get("eval"))
+    steps = max(sight.steps, 1)
+    for _ in range(steps - 1):
+        _carry_one_step(net, x, y, be, eval_mode)
+    report = judge_ops(net, x, y, be, eval_mode=eval_mode)
+    expected = "agree" if fault.control else "blind" if sight.blind else "finding"
+    failing = report.failures
+    at_unit = [r for r in failing if _at(r, fault.units)]
+    wanted = [r for r in at_unit if not sight.ops or _op_base(r) in sight.ops]
+    wanted.sort(key=lambda r: r.pass_ != fault.passes)  # name a row in the fault's own pass where there is one
+    row = (wanted or failing or [None])[0]
+    if fault.control:
+        row = _closest(report.rows, fault.units)
+    result = OpResult(expected, report.verdict == "mismatch", bool(wanted), sight.ops, sight.blind or sight.how,
+                      failing=len(failing), steps=steps)
+    if row is not None:
+        result.op, result.kind, result.pass_ = row.layer, _kind(row), row.pass_
+        result.error, result.tolerance = _float(row.error_a), _float(row.tolerance_a)
+    result.seconds = time.perf_counter() - start
+    return result
+
+
+def _carry_one_step(net: nn.Module, x: Tensor, y: Tensor, be: object, eval_mode: bool) -> None:
+    """Run the faulty side one step and keep the fault's state: the judged step's planting starts from it."""
+    import torch.nn.functional as F
+
+    from densenet_debug.models.copies import judging_mode
+
+    fault = be.faults[-1]
+    side = judging_mode(be.prepare_model(net), eval_mode)
+    with be.active():
+        F.cross_entropy(side(be.prepare_input(x)), y.to(be.device)).backward()
+    modules = dict(side.named_modules())
+    fault.carried = {u: dict(modules[u]._fault.state) for u in fault.units}
+
+
+def _at(row: object, units: list[str]) -> bool:
+    """An op row of a planted unit, or of a module inside one."""
+    from densenet_debug.verdict.ops.judge import module_of
+
+    module = module_of(row)
+    return any(module == u or module.startswith(f"{u}.") for u in units)
+
+
+def _op_base(row: object) -> str:
+    """``"block1.cat · aten.slice.Tensor"`` -> ``"slice"``."""
+    op = row.layer.split(" · ", 1)[1] if " · " in row.layer else ""
+    return op.removeprefix("aten.").split(".")[0]
+
+
+def _kind(row: object) -> str:
+    if row.status == "nonfinite":
+        return "nonfinite"
+    if row.origin == "runs on this side only":
+        return "side-only"
+    if row.note.startswith("no output") or "; no output" in row.note:
+        return "missing"
+    return "shape" if "vs oracle (" in row.note else "value"
+
+
+def _closest(rows: list, units: list[str]) -> object | None:
+    """A control's op row at its planted units closest to its tolerance (a NaN ratio is the closest call)."""
+    best = None
+    for r in rows:
+        if r.ratio_a is not None and _at(r, units):
+            if best is None or not r.ratio_a <= best.ratio_a:
+                best = r
+    return best
 
 
 def _float(v: object) -> float | None:
@@ -226,10 +365,11 @@ ProgressFn = Callable[[int, int, str], None]
 
 def run_selftest(
     faults: Sequence[str] | None = None, model: str = DEFAULT_MODEL, seed: int = 0, *, batch: int = 4,
-    backend: str | None = None, device: str | None = None, gradcheck: bool = True,
+    backend: str | None = None, device: str | None = None, gradcheck: bool = True, ops: bool = False,
     progress: ProgressFn | None = None,
 ) -> SelftestReport:
-    """Plant each fault (default: all, controls included) and report detection and localisation."""
+    """Plant each fault (default: all, controls included) and report detection and localisation (by diff's module
+    engine; with ``ops`` by the op engine too)."""
     names = resolve_faults(faults)
     if batch < 1:
         raise UsageError(f"batch must be >= 1, got {batch}")
@@ -241,7 +381,7 @@ def run_selftest(
         if progress is not None:
             progress(i, len(names), name)
         report.results.append(run_fault(name, model=model, seed=seed, batch=batch, backend=backend,
-                                        device=str(dev), gradcheck=gradcheck))
+                                        device=str(dev), gradcheck=gradcheck, ops=ops))
     if progress is not None:
         progress(len(names), len(names), "")
     report.seconds = time.perf_counter() - start

@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils._pytree import tree_leaves
 
-from densenet_debug.backends import Backend, one_thread, parse_backend, unit_roundoff
+from densenet_debug.backends import Backend, one_thread, parse_backend, running_unit, unit_roundoff
 from densenet_debug.capture import Capture, OpRecord, align, capture
 from densenet_debug.capture.kinks import signed_coordinate
 from densenet_debug.capture.records import OUTSIDE, TensorLayout
@@ -347,7 +347,8 @@ class _Judge:
         return rows
 
     def _run(self, s: OpRecord, tensors: list[Tensor]) -> list[Tensor | None]:
-        with torch.no_grad(), torch.autocast(self.backend.device.type, enabled=False):
+        # running_unit: the op is the unit's, so a fault planted there as a kernel computes it (faults.kernels)
+        with torch.no_grad(), torch.autocast(self.backend.device.type, enabled=False), running_unit(s.module):
             return [t if isinstance(t, Tensor) else None for t in tree_leaves(rebuild_call(s, tensors).run())]
 
     def _unreplayable(self, s: OpRecord, why: str) -> Row:
