@@ -31,6 +31,7 @@ from densenet_debug.verdict.ops.judge import LossFn, OpReport, judge_ops, oracle
 from densenet_debug.verdict.ops.render import to_settings
 from densenet_debug.verdict.report import (
     OP,
+    ROOT,
     DiffReport,
     Row,
     SideResult,
@@ -112,13 +113,16 @@ def _summary(report: DiffReport, before: str, rows: list[Row], failing: list[Row
     first = report.first_divergence
     if before == "mismatch":
         op = first.get("op") if first is not None else None
-        inner = f" (inside {first['layer']}, op {op} fails first)" if op else ""
+        inner = f" (inside {first['layer'] or ROOT}, op {op} fails first)" if op else ""
         return report.summary + tail + inner
     if not failing:
         return report.summary + tail
     r = failing[0]
-    what = {Status.NONFINITE: "non-finite (NaN/Inf where the fp64 oracle is finite)",
-            Status.KINK: "on the other branch of a piecewise op"}.get(r.status, "wrong")
+    if r.status == Status.KINK:  # --fail-on kink: within tolerance once the elements across a boundary are out
+        return (f"mismatch: {_who(report, r.side)} took the other branch of a piecewise op at op {r.layer} "
+                f"({r.pass_} {r.quantity}, teacher-forced op, step {r.step}): {r.note or 'kink'}{tail}; unit level: "
+                f"{report.summary}")
+    what = "non-finite (NaN/Inf where the fp64 oracle is finite)" if r.status == Status.NONFINITE else "wrong"
     error = r.error_a if r.side in ("a", "both") else r.error_b
     return (f"mismatch: {_who(report, r.side)} {what} at op {r.layer} ({r.pass_} {r.quantity}, teacher-forced "
             f"op, step {r.step}): error {fmt(error)} > tolerance {fmt(r.tolerance)}{tail}; unit level: "
