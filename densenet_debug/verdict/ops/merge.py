@@ -62,9 +62,11 @@ def add_ops(report: DiffReport, model: nn.Module, x: Tensor, y: Tensor, a: str |
 
 def merge_ops(report: DiffReport, sides: Sequence[OpReport]) -> DiffReport:
     """``report`` with the op rows of ``sides`` (side a's, then side b's) as rows of its own; see the module
-    docstring. Changes ``report`` in place and returns it."""
+    docstring. Changes ``report`` in place and returns it; a report takes op rows once."""
     if len(sides) != 2:
         raise ValueError(f"merge_ops takes the op reports of sides a and b, got {len(sides)}")
+    if any(r.mode == OP for r in report.rows):
+        raise ValueError("this report has op rows already")
     a, b = sides
     rows = merge_sides(SideResult(a.backend, a.rows, [], {}, []), SideResult(b.backend, b.rows, [], {}, []))
     rows.sort(key=lambda r: r.order)
