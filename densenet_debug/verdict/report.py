@@ -22,6 +22,8 @@ import math
 from dataclasses import dataclass, field
 from enum import Enum
 
+from densenet_debug.capture.records import OUTSIDE
+
 SCHEMA = "densenet-debug/diff/3"
 
 
@@ -283,7 +285,10 @@ def region(layer: str, mode: str) -> str:
 
 
 def inside(module: str, unit: str) -> bool:
-    """``module`` is ``unit`` or a submodule of it; every module is inside the model's own forward."""
+    """``module`` is ``unit`` or a submodule of it; every module is inside the model's own forward, the ops that
+    ran outside the model (the loss, backward's seed: ``OUTSIDE``) are inside no unit."""
+    if module == OUTSIDE:
+        return unit == OUTSIDE
     return unit in (ROOT, "") or module == unit or module.startswith(unit + ".")
 
 

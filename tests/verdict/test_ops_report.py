@@ -267,7 +267,8 @@ def test_first_divergence_names_the_first_failing_op_at_or_below_its_unit() -> N
     assert first_divergence([_row("x · aten.relu", 1, Status.KINK)], kinks_fail=True).op == "aten.relu"
     root = FirstDivergence(layer="(model) · CatFn", pass_="backward", quantity="grad_input", error=1.0,
                            tolerance=0.1, side="a", step=0, mode="function", status="mismatch")
-    assert with_op(root, rows).op == "aten.mm"  # the model's own forward holds every op
+    outside = _row("<outside> · aten.nll_loss_backward", 0)  # the loss: outside the model
+    assert with_op(root, [outside, *rows]).op == "aten.mm"  # the model's own forward holds every op of the model
     assert with_op({"layer": "b.l2", "mode": "propagated"}, rows)["op"] == "aten.cat"  # a hand-built first
 
 
