@@ -135,7 +135,8 @@ def _run_ddp(args: argparse.Namespace) -> int:
     if args.device not in (None, "cpu"):
         raise UsageError("diff with ddp runs on CPU (gloo processes); drop --device")
     unsupported = [flag for flag, used in (("--steps", args.steps != 1), ("--bisect", args.bisect),
-                                           ("--units", bool(args.units)), ("--html", bool(args.html))) if used]
+                                           ("--units", bool(args.units)), ("--html", bool(args.html)),
+                                           ("--ops", args.ops)) if used]
     if unsupported:
         raise UsageError(f"{', '.join(unsupported)} not supported when a side is ddp")
     parse_backend(other, "cpu")

@@ -291,3 +291,9 @@ def test_diff_ops_exit_code_is_the_combined_verdict(tmp_path: Path, capsys: pyte
     else:
         assert doc["first_divergence"]["op"] == op and doc["first_divergence"]["layer"] == "dense.0.conv1"
         assert f"dense.0.conv1 · {op}" in text and "mismatch: mkldnn wrong at op" in text
+
+
+def test_diff_ops_with_a_ddp_side_is_refused_in_one_line(capsys: pytest.CaptureFixture) -> None:
+    assert main(["diff", "--a", "ddp:2", "--b", "mkldnn", "--ops", "--model", "densenet-bc-10"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "--ops not supported when a side is ddp" in err and len(err.splitlines()) == 1
