@@ -81,6 +81,7 @@ def _summary(check: str, result: Path, output: str | None, seconds: float) -> di
     detail = ""
     if first:
         detail = f"{first.get('mode')} {first.get('layer')} {first.get('pass')} {first.get('quantity')}"
+        detail += f" {first['op']}" if first.get("op") else ""  # diff/3: the aten op inside (diff --ops)
     repro = data.get("reproduction") or []
     kinks = sum(k.get("count", 0) for k in data.get("kinks", []))
     cell = {"check": check, "file": result.name, "verdict": data.get("verdict"), "detail": detail,

@@ -27,7 +27,8 @@ from densenet_debug.table import make_console
 
 HELP = "compare two backends layer by layer against a float64 oracle"
 EXIT_CODES = {0: "both sides agree with the fp64 oracle",
-              1: "a mismatch, a custom autograd Function whose backward is wrong (math), or a kink with --fail-on kink"}
+              1: "a mismatch (of a unit or, with --ops, of an op), a custom autograd Function whose backward is wrong "
+                 "(math), or a kink with --fail-on kink"}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -57,7 +58,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "and kink rows included) and the kinks by unit follow the leading table")
     parser.add_argument("--ops", action="store_true",
                         help="also replay every aten op of each side (first step) on the fp64 oracle's inputs to "
-                             "that op and print the worst op rows per side; a failing op is a finding")
+                             "that op: rows of mode 'op' (module · aten op · quantity) in the same report and "
+                             "tables; a failing op is a finding, first_divergence names the op")
     add_threads_arg(parser)
     add_quiet_arg(parser)
     parser.add_argument("--json", default=None, metavar="PATH", help="write the JSON report here")
@@ -88,12 +90,16 @@ def run(args: argparse.Namespace) -> int:
             raise UsageError(f"no module named {missing[0]!r} in {args.model}")
     report = diff(model, x, y, a, b, steps=args.steps, eval_mode=args.eval, units=units, fail_on=args.fail_on,
                   device=device, math_check=args.math_check)
+    if args.ops:
+        from densenet_debug.verdict.ops import add_ops
+
+        add_ops(report, model, x, y, a, b, device=device)
     console = make_console()
     print_report(report, console, args.top)
     if args.bisect and report.verdict == "mismatch":
         from densenet_debug.verdict.bisect import bisect_backend
 
-        sides = {r.side for r in report.rows if r.status in ("mismatch", "nonfinite")}
+        sides = {r.side for r in report.rows if r.status in ("mismatch", "nonfinite") and r.mode != "op"}
         bisected = []
         for side, spec in (("a", a), ("b", b)):
             if (side in sides or "both" in sides) and "+" in spec:
@@ -104,27 +110,11 @@ def run(args: argparse.Namespace) -> int:
         if not bisected:
             console.print("bisect: no failing side is a composed backend; nothing to narrow")
         report.settings["bisect"] = bisected
-    ops_agree = _run_ops(args, model, x, y, (a, b), device, console, report.settings) if args.ops else True
     if args.json:
         write_text(args.json, json.dumps(report.to_json(), indent=1) + "\n")
     if args.html:
         write_text(args.html, to_html(report))
-    return 0 if report.verdict == "agree" and ops_agree else 1
-
-
-def _run_ops(args: argparse.Namespace, model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor,
-             specs: tuple[str, str], device: torch.device | None, console: object, settings: dict) -> bool:
-    """``--ops``: each side's ops teacher-forced on one shared fp64 oracle capture; True when all agree."""
-    from densenet_debug.verdict.ops import judge_ops, oracle_capture
-    from densenet_debug.verdict.ops.render import print_ops, to_settings
-
-    oracle = oracle_capture(model, x, y, eval_mode=args.eval)
-    reports = [judge_ops(model, x, y, parse_backend(spec, device), oracle_capture=oracle, eval_mode=args.eval)
-               for spec in specs]
-    for rep in reports:
-        print_ops(rep, console, args.top or 15)
-    settings["ops"] = [to_settings(rep, args.top or 15) for rep in reports]
-    return all(rep.verdict == "agree" for rep in reports)
+    return 0 if report.verdict == "agree" else 1
 
 
 def _run_ddp(args: argparse.Namespace) -> int:
@@ -145,7 +135,8 @@ def _run_ddp(args: argparse.Namespace) -> int:
     if args.device not in (None, "cpu"):
         raise UsageError("diff with ddp runs on CPU (gloo processes); drop --device")
     unsupported = [flag for flag, used in (("--steps", args.steps != 1), ("--bisect", args.bisect),
-                                           ("--units", bool(args.units)), ("--html", bool(args.html))) if used]
+                                           ("--units", bool(args.units)), ("--html", bool(args.html)),
+                                           ("--ops", args.ops)) if used]
     if unsupported:
         raise UsageError(f"{', '.join(unsupported)} not supported when a side is ddp")
     parse_backend(other, "cpu")

@@ -31,6 +31,7 @@ from torch import Tensor, nn
 from densenet_debug.backends import Backend, one_thread, parse_backend, unit_roundoff
 from densenet_debug.distributed.runtime import COMM_HOOKS, batch_gradients, ddp_gradients, shards
 from densenet_debug.errors import UsageError
+from densenet_debug.verdict.report import SCHEMA
 
 ORIGIN = ("DDP vs the same backend in one process, shard by shard: all-reduce summation bound "
           "(gamma(N-1) + u) * sum|g_r| / N plus measured run-to-run spread")
@@ -76,14 +77,15 @@ class DdpDiffReport:
                 f"the all-reduce bound{bn}")
 
     def to_json(self) -> dict:
-        """The diff JSON contract (schema densenet-debug/diff/2), with side a = ddp and b = the backend."""
+        """The diff JSON contract (its schema, :data:`~densenet_debug.verdict.report.SCHEMA`), with side a = ddp and b =
+        the backend; no op rows (``op`` null)."""
         bad = [r for r in self.rows if r.status == "mismatch"]
         first = None
         if bad:
             first = {"layer": bad[0].layer, "pass": "backward", "quantity": bad[0].quantity,
-                     "error": bad[0].error, "tolerance": bad[0].tolerance}
+                     "error": bad[0].error, "tolerance": bad[0].tolerance, "op": None}
         return {
-            "schema": "densenet-debug/diff/2", "verdict": self.verdict, "first_divergence": first,
+            "schema": SCHEMA, "verdict": self.verdict, "first_divergence": first,
             "rows": [{"layer": r.layer, "pass": "backward", "quantity": r.quantity, "error_a": r.error,
                       "error_b": 0.0, "tolerance": r.tolerance, "status": r.status, "origin": ORIGIN,
                       "mode": "ddp", "full_batch_gap": r.full_batch_gap} for r in self.rows],

@@ -1,6 +1,6 @@
 """Showing a :class:`~densenet_debug.verdict.report.DiffReport`: a rich table led by what the verdict rests on
-(failing rows, then each side's worst local rows by error/tolerance), a line on propagated rows and one on
-kinks; and an HTML page.
+(failing rows, then each side's worst teacher-forced rows by error/tolerance: units, custom Functions and, with
+``--ops``, op calls), a line on propagated rows, one on kinks and one per side on the op check; and an HTML page.
 
 The HTML page is self-contained (inline SVG from matplotlib, inline CSS, no scripts or links): per-layer
 error over tolerance along depth, forward and backward, local and propagated, both sides.
@@ -16,7 +16,16 @@ from rich.console import Console
 from rich.table import Table
 
 from densenet_debug.table import print_table
-from densenet_debug.verdict.report import FAILING, TEACHER_FORCED, DiffReport, Row, Status, sortable
+from densenet_debug.verdict.report import (
+    FAILING,
+    OP,
+    STATUS_ORDER,
+    TEACHER_FORCED,
+    DiffReport,
+    Row,
+    Status,
+    sortable,
+)
 
 STYLE = {"ok": "green", "kink": "yellow", "mismatch": "bold red", "nonfinite": "bold magenta", "math": "bold red",
          "downstream": "red"}
@@ -46,15 +55,16 @@ def _failing(report: DiffReport, r: Row) -> bool:
 
 
 def leading_rows(report: DiffReport, top: int = DEFAULT_TOP) -> list[Row]:
-    """What the verdict rests on: the failing rows first (local before propagated, forward before backward,
-    in order), then the worst local rows of each side by error/tolerance, ``top`` in all.
+    """What the verdict rests on: the failing rows first (units' teacher-forced rows, then op rows, then
+    propagated ones; forward before backward, in order), then the worst teacher-forced rows (units, custom
+    Functions, op calls alike) of each side by error/tolerance, ``top`` in all.
 
     A side is wrong at a unit only when a local row fails, so an agreeing report leads with the local rows
     closest to their tolerance, both sides represented (``ceil(top / 2)`` each, then the next worst).
     """
     failing = sorted((r for r in report.rows if _failing(report, r)),
-                     key=lambda r: (r.mode not in TEACHER_FORCED, r.step, r.pass_ != "forward", r.order,
-                                    -sortable(r.worst_ratio)))
+                     key=lambda r: (r.mode not in TEACHER_FORCED, r.mode == OP, r.step, r.pass_ != "forward",
+                                    r.order, -sortable(r.worst_ratio)))
     shown = failing[:top]
     local = [r for r in report.rows if r.mode in TEACHER_FORCED and not _failing(report, r)]
     room = top - len(shown)
@@ -85,7 +95,7 @@ def kink_line(report: DiffReport) -> str:
     """One line: how many elements took the other branch, where, and how many propagated rows they explain."""
     sites = {s: [k for k in report.kinks if k.side == s and k.mode == "propagated"] for s in ("a", "b")}
     local = sum(k.count for k in report.kinks if k.mode == "local")
-    kink_rows = [r for r in report.rows if r.status == Status.KINK]
+    kink_rows = [r for r in report.rows if r.status == Status.KINK and r.mode != OP]  # op kinks: ops_lines
     if not any(sites.values()) and not local and not kink_rows:
         return "kinks: none (no ReLU/max-pool input within rounding of its boundary took the other branch)"
     names = {"a": report.a, "b": report.b}
@@ -121,6 +131,17 @@ def propagated_line(report: DiffReport) -> str:
     return f"propagated (end to end): {len(prop)} row(s), " + ", ".join(parts)
 
 
+def ops_lines(report: DiffReport) -> list[str]:
+    """``--ops``: one line per side (ops replayed, ops on one side only, own-run kinks, the first failing op)
+    and one on op rows whose difference only rounding across a branch boundary explains."""
+    lines = [str(side.get("summary", "")) for side in report.settings.get("ops") or []]
+    kinks = [r for r in report.rows if r.mode == OP and r.status == Status.KINK]
+    if kinks:
+        lines.append(f"op kinks: {len(kinks)} op output(s) within tolerance once the element(s) whose input rounds "
+                     f"across a branch boundary are left out (status kink), e.g. {kinks[0].layer}")
+    return [line for line in lines if line]
+
+
 def print_report(report: DiffReport, console: Console | None = None, top: int | None = None) -> None:
     """The rows the verdict rests on (failures first, then each side's worst local rows by error/tolerance),
     one line on the propagated rows, one on kinks, and the one-line verdict.
@@ -134,7 +155,7 @@ def print_report(report: DiffReport, console: Console | None = None, top: int | 
     lead = "failing rows first, then" if failing else "what the verdict rests on:"
     print_table(_table(f"diff {report.a} (a) vs {report.b} (b) against the fp64 oracle: {lead} the worst local "
                        f"rows per side by error/tolerance (ratio > 1 fails)", leading_rows(report, n)), console)
-    for line in (propagated_line(report), kink_line(report)):
+    for line in (propagated_line(report), kink_line(report), *ops_lines(report)):
         if line:
             console.print(line, markup=False, highlight=False)
     if top is not None:
@@ -210,6 +231,14 @@ def to_html(report: DiffReport, top: int = 40) -> str:
     head = "".join(f"<th>{h}</th>" for h in ("layer", "pass", "quantity", "mode", "step", "error a", "error b",
                                                "tolerance", "ratio", "status", "origin", "note"))
     rows = "".join(_row_html(r) for r in report.worst_rows(top))
+    op_rows = [r for r in report.rows if r.mode == OP]
+    ops = ""
+    if op_rows:
+        ranked = sorted(op_rows, key=lambda r: (-STATUS_ORDER[r.status], -sortable(r.worst_ratio)))[:top]
+        lines = "".join(f"<li>{html.escape(line)}</li>" for line in ops_lines(report))
+        ops = (f"<h2>Op rows (--ops): each aten op call on the oracle's inputs, worst {len(ranked)} of "
+               f"{len(op_rows)}</h2><ul>{lines}</ul><table><tr>{head}</tr>"
+               + "".join(_row_html(r) for r in ranked) + "</table>")
     return f"""<!DOCTYPE html>
 <html><head><meta charset="utf-8"><title>densenet-debug diff: {html.escape(report.a)} vs {html.escape(report.b)}</title>
 <style>
@@ -226,6 +255,7 @@ error model of each op. Propagated rows compare the end-to-end run; kinks are Re
 input lies within precision noise of the boundary.</p>
 {_plot_svg(report)}
 <h2>Worst rows</h2><table><tr>{head}</tr>{rows}</table>
+{ops}
 <h2>Kinks</h2><table><tr><th>side</th><th>layer</th><th>count</th><th>min margin</th><th>mode</th><th>step</th></tr>
 {kinks}</table>
 <h2>Settings</h2><pre>{html.escape(str(report.settings))}</pre>

@@ -1,20 +1,30 @@
-"""Rows, per-side results and the diff report, with the JSON contract ``densenet-debug/diff/2``.
+"""Rows, per-side results and the diff report, with the JSON contract ``densenet-debug/diff/3``.
+
+diff/3 (from diff/2): row mode ``op`` (``diff --ops``, :func:`densenet_debug.verdict.ops.add_ops`): one aten op
+call of the first step teacher-forced on the fp64 oracle's inputs to it, ``layer`` ``module · aten.op`` (`` #k``
+for the k-th call of that op in that module), with ``module`` and ``op`` (the overload, ``.default`` left out)
+as keys of their own; ``first_divergence`` gains ``op`` (the first failing op inside the unit it names, in the
+op stream's order, or null); a unit's row that holds a failing op names it in its ``note``; ``settings["ops"]``
+keeps per side what is no row (ops matched, ops run on one side only, kinks of the side's own run, one line).
 
 diff/2 (from diff/1): rows gain ``ratio``, ``ratio_a``/``ratio_b`` and ``scale`` (errors and tolerances read on the
 scale of the terms); new row modes ``between`` (the code between units) and ``math`` (custom autograd Functions
 against finite differences); new statuses ``nonfinite``, ``math`` (findings) and ``downstream`` (explained by a
-failing check upstream); ``settings`` may hold ``math_check`` and ``ops``. Every diff/1 key is kept. Row mode
+failing check upstream); ``settings`` may hold ``math_check``. Every diff/1 key is kept. Row mode
 ``function``: a custom autograd Function's call replayed whole, teacher-forced like a unit (``layer`` is
 ``module · Class``, :mod:`densenet_debug.verdict.functions`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 from enum import Enum
 
-SCHEMA = "densenet-debug/diff/2"
+from densenet_debug.capture.records import OUTSIDE
+
+SCHEMA = "densenet-debug/diff/3"
 
 
 class Status(str, Enum):
@@ -38,7 +48,9 @@ class Status(str, Enum):
 STATUS_ORDER = {Status.OK: 0, Status.KINK: 1, Status.DOWNSTREAM: 2, Status.MISMATCH: 3, Status.NONFINITE: 4,
                 Status.MATH: 5}
 FAILING = (Status.MISMATCH, Status.NONFINITE, Status.MATH)
-TEACHER_FORCED = ("local", "function")  # row modes that localise: a unit (module or custom Function) replayed
+OP = "op"  # row mode of one aten op call replayed on the oracle's inputs (verdict.ops)
+TEACHER_FORCED = ("local", "function", OP)  # row modes that localise: a unit (module, custom Function, op) replayed
+ROOT = "(model)"  # the unit of the model's own forward: every op is inside it
 
 
 @dataclass
@@ -74,6 +86,7 @@ class Row:
     note: str = ""
     explained_by: str | None = None  # a failing descendant unit that is the culprit instead (not in the JSON)
     scale: float | None = None  # what error and tolerance are relative to (the scale of the terms)
+    op: str | None = None  # an op row's aten op overload ("aten.convolution_backward", "aten.div.Tensor")
 
     def to_json(self) -> dict:
         out = {"layer": self.layer, "pass": self.pass_, "quantity": self.quantity, "error_a": _num(self.error_a),
@@ -84,6 +97,8 @@ class Row:
                "worst_a": list(self.worst_a) if self.worst_a else None,
                "worst_b": list(self.worst_b) if self.worst_b else None, "ratio": _num(self.worst_ratio),
                "scale": _num(self.scale)}
+        if self.op is not None:
+            out["module"], out["op"] = unit_of(self.layer), self.op
         if self.note:
             out["note"] = self.note
         return out
@@ -163,7 +178,7 @@ def merge_sides(a: SideResult, b: SideResult) -> list[Row]:
                             tolerance=r.tolerance, status=r.status, origin=r.origin, step=r.step, mode=r.mode,
                             side="a" if r.status != Status.OK else None, tolerance_a=r.tolerance, ratio_a=r.ratio_a,
                             worst_a=r.worst_a, order=r.order, note=r.note,
-                            explained_by=r.explained_by, scale=r.scale)
+                            explained_by=r.explained_by, scale=r.scale, op=r.op)
     for r in b.rows:
         row = by_key.get(r.key)
         if row is None:
@@ -171,7 +186,7 @@ def merge_sides(a: SideResult, b: SideResult) -> list[Row]:
                                 tolerance=r.tolerance, status=r.status, origin=r.origin, step=r.step, mode=r.mode,
                                 side="b" if r.status != Status.OK else None, tolerance_b=r.tolerance,
                                 ratio_b=r.ratio_a, worst_b=r.worst_a, order=r.order, note=r.note,
-                                explained_by=r.explained_by, scale=r.scale)
+                                explained_by=r.explained_by, scale=r.scale, op=r.op)
             continue
         row.scale = row.scale if row.scale is not None else r.scale
         row.error_b, row.tolerance_b, row.ratio_b, row.worst_b = r.error_a, r.tolerance, r.ratio_a, r.worst_a
@@ -193,7 +208,9 @@ def merge_sides(a: SideResult, b: SideResult) -> list[Row]:
 class FirstDivergence:
     """Where a report first fails; ``error``/``tolerance`` as written to JSON (``"inf"``/``"nan"`` as strings).
 
-    Read by key too (``report.first_divergence["layer"]``, ``.get("side")``): the keys of :meth:`to_json`.
+    ``op``: the first failing aten op inside that unit (:func:`with_op`); when only op rows fail, ``layer`` is
+    that op's module and ``mode`` is ``op``. Read by key too (``report.first_divergence["layer"]``,
+    ``.get("side")``): the keys of :meth:`to_json`.
     """
 
     layer: str
@@ -205,11 +222,12 @@ class FirstDivergence:
     step: int
     mode: str
     status: str
+    op: str | None = None
 
     def to_json(self) -> dict:
         return {"layer": self.layer, "pass": self.pass_, "quantity": self.quantity, "error": self.error,
                 "tolerance": self.tolerance, "side": self.side, "step": self.step, "mode": self.mode,
-                "status": self.status}
+                "status": self.status, "op": self.op}
 
     def __getitem__(self, key: str) -> object:
         return self.to_json()[key]
@@ -220,19 +238,70 @@ class FirstDivergence:
 
 def first_divergence(rows: list[Row], kinks_fail: bool = False) -> FirstDivergence | None:
     """The earliest failing unit: local failures first (they localise), forward before backward; a failing
-    composite whose failing descendant explains it (``explained_by``) is passed over while a culprit remains."""
+    composite whose failing descendant explains it (``explained_by``) is passed over while a culprit remains.
+    Op rows name the op inside it (:func:`with_op`), or are the first divergence when no unit's row fails."""
     def rank(r: Row) -> tuple:
         return (r.mode not in TEACHER_FORCED, r.step, r.pass_ != "forward", r.order)
 
-    failing = [r for r in rows if r.status in FAILING or (kinks_fail and r.status == Status.KINK)]
+    failing = [r for r in rows if r.mode != OP and _fails(r, kinks_fail)]
     if not failing:
-        return None
+        return with_op(None, rows, kinks_fail)
     culprits = [r for r in failing if r.explained_by is None]
-    r = min(culprits or failing, key=rank)
+    return with_op(_first_of(min(culprits or failing, key=rank)), rows, kinks_fail)
+
+
+def with_op(first: FirstDivergence | dict | None, rows: list[Row],
+            kinks_fail: bool = False) -> FirstDivergence | dict | None:
+    """``first`` with ``op``: the first failing op row (in the op stream's order, forward before backward) whose
+    module is ``first``'s unit or below it; None when none is. No ``first`` (no unit's row fails): the first
+    failing op row itself, its module as ``layer``; None when no op row fails either."""
+    ops = failing_ops(rows, kinks_fail)
+    if first is None:
+        return _first_of(ops[0]) if ops else None
+    unit = region(str(first["layer"]), str(first["mode"]))
+    op = next((r.op for r in ops if inside(unit_of(r.layer), unit)), None)
+    if isinstance(first, dict):  # an engine's hand-built first (a kink with --fail-on kink)
+        return {**first, "op": op}
+    return dataclasses.replace(first, op=op)
+
+
+def failing_ops(rows: list[Row], kinks_fail: bool = False) -> list[Row]:
+    """The failing op rows, in the order their ops ran (step, then the oracle's op stream)."""
+    return sorted((r for r in rows if r.mode == OP and _fails(r, kinks_fail)), key=lambda r: (r.step, r.order))
+
+
+def unit_of(layer: str) -> str:
+    """The module path a row's ``layer`` names (``"dense.1 · CatFn"``, ``"dense.1 · aten.cat #2"`` -> ``dense.1``)."""
+    return layer.split(" · ")[0]
+
+
+def region(layer: str, mode: str) -> str:
+    """The module whose ops a row's check covers: its unit; for a ``between`` row (the code between the unit
+    and what consumes it, which runs in the forward of the module around the unit) the unit's parent."""
+    unit = unit_of(layer)
+    if mode != "between":
+        return unit
+    return unit.rsplit(".", 1)[0] if "." in unit else ROOT
+
+
+def inside(module: str, unit: str) -> bool:
+    """``module`` is ``unit`` or a submodule of it; every module is inside the model's own forward, the ops that
+    ran outside the model (the loss, backward's seed: ``OUTSIDE``) are inside no unit."""
+    if module == OUTSIDE:
+        return unit == OUTSIDE
+    return unit in (ROOT, "") or module == unit or module.startswith(unit + ".")
+
+
+def _fails(r: Row, kinks_fail: bool) -> bool:
+    return r.status in FAILING or (kinks_fail and r.status == Status.KINK)
+
+
+def _first_of(r: Row) -> FirstDivergence:
     side = r.side if r.side in ("a", "b") else ("a" if (r.ratio_a or 0) >= (r.ratio_b or 0) else "b")
     error = r.error_a if side == "a" else r.error_b
-    return FirstDivergence(layer=r.layer, pass_=r.pass_, quantity=r.quantity, error=_num(error),
-                           tolerance=_num(r.tolerance), side=r.side, step=r.step, mode=r.mode, status=str(r.status))
+    return FirstDivergence(layer=unit_of(r.layer) if r.mode == OP else r.layer, pass_=r.pass_, quantity=r.quantity,
+                           error=_num(error), tolerance=_num(r.tolerance), side=r.side, step=r.step, mode=r.mode,
+                           status=str(r.status), op=r.op if r.mode == OP else None)
 
 
 def to_json_or_none(first: FirstDivergence | dict | None) -> dict | None:

@@ -60,7 +60,7 @@ def test_agreeing_backends_exit_0_and_write_the_json_contract_and_a_self_contain
     assert main(["diff", *SMALL, "--json", str(out_json), "--html", str(out_html)]) == 0
     assert "agree: mkldnn and native" in capsys.readouterr().out
     report = json.loads(out_json.read_text())
-    assert report["schema"] == "densenet-debug/diff/2" and report["verdict"] == "agree"
+    assert report["schema"] == "densenet-debug/diff/3" and report["verdict"] == "agree"
     assert report["first_divergence"] is None
     assert {"layer", "pass", "quantity", "error_a", "error_b", "tolerance", "status"} <= set(report["rows"][0])
     assert {"torch", "onednn", "flags_a", "flags_b"} <= set(report["environment"])

@@ -19,7 +19,7 @@ def test_ddp_equals_one_process_and_in_eval_mode_the_full_batch(tmp_path, capsys
                  "--batch", "8", "--eval", "--json", str(out)])
     assert code == 0
     report = json.loads(out.read_text())
-    assert report["schema"] == "densenet-debug/diff/2" and report["verdict"] == "agree"
+    assert report["schema"] == "densenet-debug/diff/3" and report["verdict"] == "agree"
     assert report["first_divergence"] is None and report["environment"]["a"] == "ddp:2"
     names = {n.rpartition(".")[0] for n, _ in build_model("densenet-bc-10").named_parameters()}
     assert {r["layer"] for r in report["rows"]} == names

@@ -151,7 +151,7 @@ def test_diff_side_overflow_is_a_nonfinite_finding(models: Path, tmp_path: Path,
             "--b", "fp64", "--json", str(out)]
     assert main(argv) == 1
     data = json.loads(out.read_text())
-    assert data["verdict"] == "mismatch" and data["schema"] == "densenet-debug/diff/2"
+    assert data["verdict"] == "mismatch" and data["schema"] == "densenet-debug/diff/3"
     first = data["first_divergence"]
     assert (first["status"], first["layer"], first["pass"], first["side"]) == ("nonfinite", "", "forward", "a")
     statuses = {r["status"] for r in data["rows"]}

@@ -4,9 +4,13 @@
 the op streams, replays each side op on the oracle's inputs in the side's dtype and exact layout under the
 side's flags, and compares with the oracle's output against the op's derived bound
 (:mod:`densenet_debug.verdict.ops.errors`). Rows are :class:`~densenet_debug.verdict.report.Row` records with
-``mode="op"`` and ``layer="<module> · <aten op>"``; :func:`rollup` gives one row per module.
+``mode="op"`` and ``layer="<module> · <aten op>"`` (`` #k`` for the k-th call of that op in that module);
+:func:`rollup` gives one row per module. :func:`add_ops` / :func:`merge_ops` make both sides' op rows rows of
+a diff report (one verdict, ``first_divergence`` naming the op; :mod:`densenet_debug.verdict.ops.merge`).
 """
 
 from densenet_debug.verdict.ops.judge import OpKink, OpReport, Unmatched, judge_ops, module_of, oracle_capture, rollup
+from densenet_debug.verdict.ops.merge import add_ops, merge_ops
 
-__all__ = ["OpKink", "OpReport", "Unmatched", "judge_ops", "module_of", "oracle_capture", "rollup"]
+__all__ = ["OpKink", "OpReport", "Unmatched", "add_ops", "judge_ops", "merge_ops", "module_of", "oracle_capture",
+           "rollup"]

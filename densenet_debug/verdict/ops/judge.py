@@ -25,6 +25,12 @@ input to the side's dtype moves it across the boundary (a ReLU result that under
 window): exactly those elements are left out of the comparison and counted. Where the side's *own* run took
 the other branch (its input and the oracle's straddle a boundary) is listed per op in ``OpReport.kinks`` for
 the propagated stage to explain; it is no error of the op.
+
+Rows. One per op output, ``mode="op"``, ``op`` the overload, ``layer`` ``module · op`` named after the oracle's
+call (`` #k`` for its k-th call of that op in that module, forward and backward counted together) so both
+sides' rows of one oracle op carry one label, ``order`` its place in the oracle's op stream (forward before
+backward); an op run on one side only is labelled `` (this side only)`` and placed after the matched op the side
+ran before it.
 """
 
 from __future__ import annotations
@@ -216,6 +222,25 @@ def _op_label(op: str) -> str:
 
 def _unit(r: OpRecord) -> str:
     return f"{r.module or '(model)'} · {_op_label(r.op)}"
+
+
+def _labels(records: list[OpRecord], suffix: str = "") -> dict[int, str]:
+    """Each record's row label: ``module · op``, then `` #2``, `` #3`` ... for the later calls of the same op in
+    the same module (forward and backward counted together), so that a row names one call and both sides'
+    rows of one oracle op share a label (how :func:`~densenet_debug.verdict.report.merge_sides` pairs them)."""
+    seen: dict[str, int] = {}
+    out = {}
+    for r in records:
+        base = _unit(r) + suffix
+        k = seen[base] = seen.get(base, 0) + 1
+        out[r.index] = base if k == 1 else f"{base} #{k}"
+    return out
+
+
+def _place(row: Row, label: str, order: int, op: str) -> Row:
+    """An op row as the report keeps it: its call's label, its place in the oracle's op stream, its op."""
+    row.layer, row.order, row.op = label, order, _op_label(op)
+    return row
 
 
 def _quantity(op: str, i: int, n: int) -> str:
@@ -543,21 +568,29 @@ def judge_ops(model: nn.Module, x: Tensor, y: Tensor, backend: str | Backend, *,
         if len(r.input_layouts) == 1 and len(r.output_layouts) >= 1 and r.output_layouts[0] is not None and \
                 tuple(r.output_layouts[0].size) == tuple(r.input_layouts[0].size):
             glue.setdefault(_group(r), []).append(r)
+    labels = _labels(list(oracle))
     rows: list[Row] = []
     with be.active():
         for o, s in pairs:
-            rows.extend(judge.pair(o, s, glue))
+            rows.extend(_place(row, labels[o.index], o.index, o.op) for row in judge.pair(o, s, glue))
     t3 = time.perf_counter()
     unmatched = [Unmatched(_unit(r), "oracle", r.phase, "not judged", "runs in the oracle only") for r in only_oracle]
+    side_labels = _labels(only_side, " (this side only)")
     for r in only_side:
         entry, row = judge.side_only(r)
         unmatched.append(entry)
         if row is not None:
-            rows.append(row)
+            rows.append(_place(row, side_labels[r.index], _oracle_place(r, pairs), r.op))
     rows.sort(key=lambda r: r.order)
     times.update(oracle_capture=t1 - t0, side_capture=t2 - t1, replay=t3 - t2, total=time.perf_counter() - t0)
     return OpReport(backend=be.name, rows=rows, unmatched=unmatched, kinks=_own_kinks(pairs), matched=len(pairs),
                     second_pass_matched=second, skipped=judge.skipped, seconds=times)
+
+
+def _oracle_place(r: OpRecord, pairs: list[tuple[OpRecord, OpRecord]]) -> int:
+    """Where a side-only op sits in the oracle's op stream: just after the matched op the side ran before it."""
+    before = [o.index for o, s in pairs if s.index < r.index]
+    return max(before, default=-1) + 1
 
 
 def _check_inputs(x: Tensor, y: Tensor) -> None:

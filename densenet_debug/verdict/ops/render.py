@@ -55,10 +55,12 @@ def _note(r: Row) -> str:
     return text if len(text) <= 80 else text[:77] + "..."
 
 
-def to_settings(report: OpReport, top: int = 15) -> dict:
-    """What ``diff --json`` keeps of an op report: verdict, counts, failing and worst rows, non-glue one-side ops."""
-    return {"schema": report.to_json()["schema"], "backend": report.backend, "verdict": report.verdict,
-            "matched": report.matched, "failures": [r.to_json() for r in report.failures],
-            "worst": [r.to_json() for r in report.worst(top)],
+def to_settings(report: OpReport) -> dict:
+    """What a diff report keeps of a side's op report besides its rows (they are rows of the report,
+    :func:`~densenet_debug.verdict.ops.merge_ops`): verdict, counts, the ops run on one side only that are no
+    glue, the elements the side's own run put on another branch, what was not judged, one summary line."""
+    return {"backend": report.backend, "verdict": report.verdict, "matched": report.matched,
+            "second_pass_matched": report.second_pass_matched,
             "unmatched": [u.to_json() for u in report.unmatched if u.verdict not in ("glue", "folded")],
-            "kinks": [k.to_json() for k in report.kinks], "summary": summary_line(report)}
+            "kinks": [k.to_json() for k in report.kinks], "skipped": dict(report.skipped),
+            "summary": summary_line(report)}

@@ -1,0 +1,134 @@
+"""The op engine's rows as rows of the one diff report: one verdict, one ``first_divergence`` naming the op.
+
+:func:`add_ops` teacher-forces every aten op of both sides' first step on one shared fp64 oracle capture
+(:func:`~densenet_debug.verdict.ops.judge_ops`) and hands both :class:`OpReport` s to :func:`merge_ops`, which
+
+* merges them into rows of mode ``op`` (one per op call and quantity, both sides' figures, the worse side's
+  status; the two sides' rows of one oracle op share its label, see
+  :func:`~densenet_debug.verdict.report.merge_sides`);
+* rolls them up: every unit's row (local, function, propagated, between, math) whose unit holds a failing op
+  row of the same step and pass (for a between row: the module around its unit,
+  :func:`~densenet_debug.verdict.report.region`) names the first such op in its note;
+* combines the verdicts: a failing op row (``mismatch``, ``nonfinite``) is a finding of the report, an op row
+  whose difference only rounding across a branch boundary explains is a ``kink`` (a finding with
+  ``--fail-on kink``);
+* gives ``first_divergence`` its ``op`` (:func:`~densenet_debug.verdict.report.with_op`) and extends the summary.
+
+What is no row stays in ``settings["ops"]``, per side: how many ops were matched, the ops that ran on one side
+only (never dropped silently), the elements where the side's own run took another branch, one summary line.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from densenet_debug.backends import Backend, parse_backend
+from densenet_debug.verdict.ops.judge import LossFn, OpReport, judge_ops, oracle_capture
+from densenet_debug.verdict.ops.render import to_settings
+from densenet_debug.verdict.report import (
+    OP,
+    ROOT,
+    DiffReport,
+    Row,
+    SideResult,
+    Status,
+    failing_ops,
+    fmt,
+    inside,
+    merge_sides,
+    region,
+    unit_of,
+    with_op,
+)
+
+
+def add_ops(report: DiffReport, model: nn.Module, x: Tensor, y: Tensor, a: str | Backend | None = None,
+            b: str | Backend | None = None, *, device: str | torch.device | None = None,
+            eval_mode: bool | None = None, loss_fn: LossFn = F.cross_entropy) -> DiffReport:
+    """Judge every op of sides ``a`` and ``b`` (default: the report's) on one fp64 oracle capture of ``x, y``
+    and merge the rows into ``report`` (:func:`merge_ops`); ``eval_mode`` defaults to the report's setting.
+    ``model`` is not changed."""
+    specs = (a if a is not None else report.a, b if b is not None else report.b)
+    mode = bool(report.settings.get("eval", False)) if eval_mode is None else eval_mode
+    oracle = oracle_capture(model, x, y, loss_fn=loss_fn, eval_mode=mode)
+    sides = [judge_ops(model, x, y, spec if isinstance(spec, Backend) else parse_backend(spec, device),
+                       oracle_capture=oracle, loss_fn=loss_fn, eval_mode=mode) for spec in specs]
+    return merge_ops(report, sides)
+
+
+def merge_ops(report: DiffReport, sides: Sequence[OpReport]) -> DiffReport:
+    """``report`` with the op rows of ``sides`` (side a's, then side b's) as rows of its own; see the module
+    docstring. Changes ``report`` in place and returns it; a report takes op rows once."""
+    if len(sides) != 2:
+        raise ValueError(f"merge_ops takes the op reports of sides a and b, got {len(sides)}")
+    if any(r.mode == OP for r in report.rows):
+        raise ValueError("this report has op rows already")
+    a, b = sides
+    rows = merge_sides(SideResult(a.backend, a.rows, [], {}, []), SideResult(b.backend, b.rows, [], {}, []))
+    rows.sort(key=lambda r: r.order)
+    kinks_fail = report.settings.get("fail_on") == "kink"
+    failing = failing_ops(rows, kinks_fail)
+    roll_up(report.rows, failing)
+    report.rows += rows
+    report.settings["ops"] = [to_settings(side) for side in sides]
+    before = report.verdict
+    report.first_divergence = with_op(report.first_divergence, report.rows, kinks_fail)
+    if failing:
+        report.verdict = "mismatch"
+    report.summary = _summary(report, before, rows, failing)
+    return report
+
+
+def roll_up(rows: list[Row], failing: list[Row]) -> None:
+    """Each unit row whose unit holds failing op rows of its step and pass names the first of them in its note."""
+    if not failing:
+        return
+    for r in rows:
+        if r.mode == OP:
+            continue
+        unit = region(r.layer, r.mode)
+        held = [o for o in failing if o.step == r.step and o.pass_ == r.pass_ and inside(unit_of(o.layer), unit)]
+        if not held:
+            continue
+        more = f" (+{len(held) - 1} more failing op output(s))" if len(held) > 1 else ""
+        text = f"failing op inside: {held[0].layer} · {held[0].quantity} ({held[0].status}){more}"
+        r.note = "; ".join(filter(None, [r.note, text]))
+
+
+def _who(report: DiffReport, side: str | None) -> str:
+    return {"a": report.a, "b": report.b, "both": f"{report.a} and {report.b}"}.get(side or "", "?")
+
+
+def _summary(report: DiffReport, before: str, rows: list[Row], failing: list[Row]) -> str:
+    """The report's line: as the unit-level check wrote it, with the op that fails inside its first divergence,
+    or led by the first failing op when only op rows fail."""
+    judged = {r.layer for r in rows if r.origin != "not replayed"}
+    tail = (f"; per-op check: {len(judged)} op call(s) compared on the oracle's inputs, "
+            f"{len({r.layer for r in failing})} failing")
+    kinks = sum(r.status == Status.KINK for r in rows)
+    if kinks and not failing:
+        tail += f", {kinks} op output(s) within tolerance once rounding across a branch boundary is left out (kink)"
+    first = report.first_divergence
+    if before == "mismatch":
+        op = first.get("op") if first is not None else None
+        inner = f" (inside {first['layer'] or ROOT}, op {op} fails first)" if op else ""
+        return report.summary + tail + inner
+    if not failing:
+        return report.summary + tail
+    r = failing[0]
+    if r.status == Status.KINK:  # --fail-on kink: within tolerance once the elements across a boundary are out
+        return (f"mismatch: {_who(report, r.side)} took the other branch of a piecewise op at op {r.layer} "
+                f"({r.pass_} {r.quantity}, teacher-forced op, step {r.step}): {r.note or 'kink'}{tail}; unit level: "
+                f"{report.summary}")
+    what = "non-finite (NaN/Inf where the fp64 oracle is finite)" if r.status == Status.NONFINITE else "wrong"
+    error = r.error_a if r.side in ("a", "both") else r.error_b
+    return (f"mismatch: {_who(report, r.side)} {what} at op {r.layer} ({r.pass_} {r.quantity}, teacher-forced "
+            f"op, step {r.step}): error {fmt(error)} > tolerance {fmt(r.tolerance)}{tail}; unit level: "
+            f"{report.summary}")
+
+
+__all__ = ["add_ops", "merge_ops", "roll_up"]
