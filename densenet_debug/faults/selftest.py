@@ -310,9 +310,10 @@ def _at(row: object, units: list[str]) -> bool:
 
 
 def _op_base(row: object) -> str:
-    """``"block1.cat · aten.slice.Tensor"`` -> ``"slice"``."""
-    op = row.layer.split(" · ", 1)[1] if " · " in row.layer else ""
-    return op.removeprefix("aten.").split(".")[0]
+    """``"block1.cat · aten.slice.Tensor"`` -> ``"slice"`` (from the row's ``op``: its label may carry `` #2`` or
+    `` (this side only)``)."""
+    op = getattr(row, "op", None) or (row.layer.split(" · ", 1)[1] if " · " in row.layer else "")
+    return op.removeprefix("aten.").split(".")[0].split(" ")[0]
 
 
 def _kind(row: object) -> str:
