@@ -153,7 +153,8 @@ def print_report(report: DiffReport, console: Console | None = None, top: int | 
     n = top or DEFAULT_TOP
     failing = any(_failing(report, r) for r in report.rows)
     lead = "failing rows first, then" if failing else "what the verdict rests on:"
-    print_table(_table(f"diff {report.a} (a) vs {report.b} (b) against the fp64 oracle: {lead} the worst local "
+    kinds = "local and op" if any(r.mode == "op" for r in report.rows) else "local"
+    print_table(_table(f"diff {report.a} (a) vs {report.b} (b) against the fp64 oracle: {lead} the worst {kinds} "
                        f"rows per side by error/tolerance (ratio > 1 fails)", leading_rows(report, n)), console)
     for line in (propagated_line(report), kink_line(report), *ops_lines(report)):
         if line:
