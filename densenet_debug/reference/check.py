@@ -117,7 +117,18 @@ class ReferenceResult:
 
     def message(self) -> str:
         """What a failing test prints: the first divergent layer, then the table."""
-        return f"{self.summary}\n{self.table()}"
+        return "\n".join([self.summary, self.table(), *self.explained()])
+
+    def explained(self, limit: int = 4) -> list[str]:
+        """One line per failing unit that a smaller failing unit explains (a module by the custom Function it
+        ran, a between-units row of the stored truth by a Function in that code): what the table cannot say."""
+        lines: list[str] = []
+        for r in self.reproduction + self.rows:
+            if r.status in FAILING and r.explained_by is not None and " · " in r.explained_by:
+                line = f"{r.layer or '(model)'} ({r.pass_}, {r.mode}): {r.note or 'explained by ' + r.explained_by}"
+                if line not in lines:
+                    lines.append(line)
+        return lines[:limit]
 
 
 def default_backend(device: str | torch.device | None = None) -> str:
