@@ -4,7 +4,10 @@
 rebuilds the exact model from its stored weights, rebuilds the float64 oracle (one
 :class:`~densenet_debug.trace.Trace` per step) from the stored arrays and hands it to
 :func:`densenet_debug.verdict.engine.judge` with the chosen backend: every unit local (teacher-forced) and
-propagated, the same rows, tolerances and statuses as ``diff``.
+propagated, the same rows, tolerances and statuses as ``diff``. Each custom autograd Function call a fixture
+stores (schema 3) is a unit too (:func:`bind_functions`; rows of mode ``function`` from
+:func:`densenet_debug.verdict.functions.function_rows`, blamed before the module it ran in and before a failing
+between-units row of the stored truth, :func:`explain_between_by_functions`).
 
 A fixture stored with the ``checkpoints`` policy holds the parameter gradients, buffers, logits, loss and the
 tensors between dense layers, not every intermediate tensor (see :mod:`densenet_debug.reference.record`). Its

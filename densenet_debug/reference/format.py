@@ -1,6 +1,7 @@
 """Reference fixtures on disk: ``reference_grads/<name>/``, written whole or not at all, read with every check.
 
-Schema ``densenet-debug/reference/2``; a fixture directory holds
+Schema ``densenet-debug/reference/3`` (written as ``/2``, byte for byte what schema 2 was, when the model applies
+no custom autograd Function); a fixture directory holds
 
 * ``meta.json``: what was recorded and how (model, data generation, step, storage policy, how the truth was
   computed), the size and SHA-256 of every other file, provenance. The only file not checksummed (it holds
@@ -14,6 +15,12 @@ Schema ``densenet-debug/reference/2``; a fixture directory holds
   the rebuilt model must have.
 * ``index.json``: per step and per unit, its kind, forward/backward order, mode, call count, the layouts
   its inputs and grad_outputs had, and for each stored quantity the references of its tensors.
+  Schema 3 adds, per step, ``functions``: each custom autograd Function call of the float64 step (module
+  path, class ``__qualname__``, occurrence, where it ran in the forward, which inputs wanted a gradient, input
+  and grad_output layouts, and the references of its inputs, outputs, grad_outputs and grad_inputs), and
+  ``entered`` (the modules in the order their forward started, to place each call among the units); meta.json's
+  ``functions`` lists the calls and says whether they are stored (policy ``full``) or recomputed. No class and
+  no argument that is not a tensor is stored: the check binds the model's own Function by name.
 * ``inputs.npz``: ``inputs`` and ``targets`` exactly as fed to the model.
 * ``state.npz``: the initial ``state_dict`` (parameters and buffers) in its own dtype (bfloat16 is stored
   widened to float32, which is exact, and narrowed back on load).
