@@ -267,9 +267,14 @@ def bind_functions(fixture: Fixture, model: nn.Module) -> None:
         return
     ref = _fp64(model, fixture.meta["step"]["bn_mode"] == "eval")
     x = fixture.inputs.to(torch.float64) if fixture.inputs.is_floating_point() else fixture.inputs
-    with one_thread(), functions.recording(ref, values=False) as recorder:
-        ref(x)
-    today = {c.key: c for c in recorder.calls}
+    try:
+        with one_thread(), functions.recording(ref, values=False) as recorder:
+            ref(x)
+        today = {c.key: c for c in recorder.calls}
+    except Exception as exc:  # noqa: BLE001 - the user's forward: its calls stay unbound, each a note row
+        today, raised = {}, f"the model's float64 forward raised ({type(exc).__name__}: {exc}) when binding it"
+    else:
+        raised = ""
     for call in stored:
         if not issubclass(call.cls, Unbound):
             continue
@@ -278,7 +283,7 @@ def bind_functions(fixture: Fixture, model: nn.Module) -> None:
             call.cls, call.template, call.kwargs = found.cls, found.template, dict(found.kwargs)
         else:
             why = ("with another number of tensor inputs" if found is not None else "under this name")
-            call.cls.why = f"the model's code today applies no such call {why} (module, class, occurrence)"
+            call.cls.why = raised or f"the model's code today applies no such call {why} (module, class, occurrence)"
 
 
 def explain_between_by_functions(repro: list[Row], rows: list[Row], oracle: list[Trace]) -> None:

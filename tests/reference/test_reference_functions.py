@@ -191,3 +191,20 @@ def test_functions_in_a_schema_2_meta_are_refused(recorded: tuple[Path, Net], tm
     (edited / "meta.json").write_text(json.dumps(meta))
     with pytest.raises(FixtureError, match="holds custom Function calls but meta.json says none are stored"):
         read_fixture(edited)
+
+
+def test_checkpoints_policy_recomputes_the_calls_and_reproduction_sees_a_changed_backward(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = Net()
+    x, y = _batch()
+    path = record_reference(model, x, y, tmp_path / "ckpt", policy="checkpoints")
+    meta = json.loads((path / "meta.json").read_text())
+    assert meta["schema"] == SCHEMA and meta["functions"]["stored"] is False
+    assert meta["functions"]["calls"] == [["(model) · _Scale", "gate · _Gate"]]
+    assert "functions" not in json.loads((path / "index.json").read_text())["steps"][0]
+    agree = check_reference(path, "native", model=model)
+    assert agree.verdict == "agree", agree.message()
+    assert {r.layer for r in agree.rows if r.mode == "function"} == {"(model) · _Scale", "gate · _Gate"}
+    FAULT["scale"] = 2.0  # the recomputed float64 step has it too: the stored checkpoints do not
+    changed = check_reference(path, "native", model=model)
+    assert changed.verdict == "mismatch" and changed.first_divergence.mode == "reproduction", changed.message()
