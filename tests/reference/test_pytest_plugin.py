@@ -146,7 +146,8 @@ def test_update_reference_says_where_it_wrote_what(pytester: pytest.Pytester) ->
     result.stdout.fnmatch_lines([
         "*densenet-debug --update-reference wrote 2 gradient reference(s)*",
         f"recorded {pytester.path}/reference_grads/net-a/ for test_a.py::test_net_gradients: Net, 1 step(s), "
-        "BN train, 5 units, policy full, * MB in index.json, inputs.npz, meta.json, state.npz, trace.npz",
+        "BN train, 5 units, 1 custom Function call(s), policy full, * MB in index.json, inputs.npz, meta.json, "
+        "state.npz, trace.npz",
         f"recorded {pytester.path}/reference_grads/net-b/ for test_b.py::test_net_gradients: *",
     ])
     plain = pytester.runpytest(*ARGS)
