@@ -14,6 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from torch import nn
 
 from densenet_debug.reference.check import check_reference
@@ -208,3 +210,49 @@ def test_checkpoints_policy_recomputes_the_calls_and_reproduction_sees_a_changed
     FAULT["scale"] = 2.0  # the recomputed float64 step has it too: the stored checkpoints do not
     changed = check_reference(path, "native", model=model)
     assert changed.verdict == "mismatch" and changed.first_divergence.mode == "reproduction", changed.message()
+
+
+class _Twice(torch.autograd.Function):
+    """cat((x, 2x), 1) with a hand-written backward: its grad_input is a sum of two narrowed slices."""
+
+    @staticmethod
+    def forward(ctx, x, k):  # noqa: ANN001, ANN205
+        ctx.c = x.shape[1]
+        return torch.cat((x, k * x), 1)
+
+    @staticmethod
+    def backward(ctx, g):  # noqa: ANN001, ANN205
+        return g[:, :ctx.c] + 2.0 * g[:, ctx.c:], None
+
+
+class TwiceNet(nn.Module):
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(2, c, 3, padding=1)
+        self.fc = nn.Linear(2 * c, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = _Twice.apply(self.conv(x), 2.0)
+        return self.fc(F.relu(h).mean((2, 3)))
+
+
+@settings(max_examples=4, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(c=st.integers(1, 4), side=st.integers(3, 6), batch=st.integers(1, 3), seed=st.integers(0, 2**16))
+def test_stored_calls_round_trip_bit_exact(tmp_path: Path, c: int, side: int, batch: int, seed: int) -> None:
+    from densenet_debug.reference.record import one_thread_oracle
+
+    torch.manual_seed(seed)
+    model = TwiceNet(c)
+    g = torch.Generator().manual_seed(seed)
+    x, y = torch.randn(batch, 2, side, side, generator=g), torch.randint(0, 3, (batch,), generator=g)
+    path = record_reference(model, x, y, tmp_path / f"twice-{c}-{side}-{batch}-{seed}", policy="full",
+                            check_oracle=False)
+    truth = one_thread_oracle(model, x, y, keep_graph=False)[0].functions
+    stored = read_fixture(path).traces[0].functions
+    assert [s.label for s in stored] == [t.label for t in truth] == ["(model) · _Twice"]
+    for s, t in zip(stored, truth):
+        assert s.input_layouts == t.input_layouts and s.grad_output_layouts == t.grad_output_layouts
+        for q in ("inputs", "outputs", "grad_outputs", "grad_inputs"):
+            mine, theirs = getattr(s, q), getattr(t, q)
+            assert len(mine) == len(theirs)
+            assert all((a is None and b is None) or torch.equal(a, b) for a, b in zip(mine, theirs)), q
