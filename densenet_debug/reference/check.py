@@ -268,7 +268,8 @@ def bind_functions(fixture: Fixture, model: nn.Module) -> None:
     ref = _fp64(model, fixture.meta["step"]["bn_mode"] == "eval")
     x = fixture.inputs.to(torch.float64) if fixture.inputs.is_floating_point() else fixture.inputs
     try:
-        with one_thread(), functions.recording(ref, values=False) as recorder:
+        # (fork_rng: a dropout in the forward draws nothing from the caller's generator)
+        with one_thread(), torch.random.fork_rng(devices=[]), functions.recording(ref, values=False) as recorder:
             ref(x)
         today = {c.key: c for c in recorder.calls}
     except Exception as exc:  # noqa: BLE001 - the user's forward: its calls stay unbound, each a note row
