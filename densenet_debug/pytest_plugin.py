@@ -115,9 +115,11 @@ class GradReference:
         meta = read_meta(target)
         files = sorted(p.name for p in target.iterdir())
         size = sum((target / f).stat().st_size for f in files)
+        calls = sum(len(step) for step in meta.get("functions", {}).get("calls", []))
+        functions = f", {calls} custom Function call(s)" if calls else ""
         self._written.append(
             f"{target}/ for {self.nodeid}: {_qualname(meta['model']['class'])}, {steps} step(s), BN "
-            f"{meta['step']['bn_mode']}, {meta.get('units')} units, policy {meta['storage']['policy']}, "
+            f"{meta['step']['bn_mode']}, {meta.get('units')} units{functions}, policy {meta['storage']['policy']}, "
             f"{size / 1e6:.2f} MB in {', '.join(files)}")
         return None
 

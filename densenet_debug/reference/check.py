@@ -4,7 +4,10 @@
 rebuilds the exact model from its stored weights, rebuilds the float64 oracle (one
 :class:`~densenet_debug.trace.Trace` per step) from the stored arrays and hands it to
 :func:`densenet_debug.verdict.engine.judge` with the chosen backend: every unit local (teacher-forced) and
-propagated, the same rows, tolerances and statuses as ``diff``.
+propagated, the same rows, tolerances and statuses as ``diff``. Each custom autograd Function call a fixture
+stores (schema 3) is a unit too (:func:`bind_functions`; rows of mode ``function`` from
+:func:`densenet_debug.verdict.functions.function_rows`, blamed before the module it ran in and before a failing
+between-units row of the stored truth, :func:`explain_between_by_functions`).
 
 A fixture stored with the ``checkpoints`` policy holds the parameter gradients, buffers, logits, loss and the
 tensors between dense layers, not every intermediate tensor (see :mod:`densenet_debug.reference.record`). Its
@@ -40,7 +43,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor, nn
 
-from densenet_debug.backends import default_pair, environment, parse_backend
+from densenet_debug.backends import default_pair, environment, one_thread, parse_backend
 from densenet_debug.errors import UsageError
 from densenet_debug.models import BUILDERS, build_model, resolve_model
 from densenet_debug.reference.format import Fixture, read_fixture
@@ -117,7 +120,18 @@ class ReferenceResult:
 
     def message(self) -> str:
         """What a failing test prints: the first divergent layer, then the table."""
-        return f"{self.summary}\n{self.table()}"
+        return "\n".join([self.summary, self.table(), *self.explained()])
+
+    def explained(self, limit: int = 4) -> list[str]:
+        """One line per failing unit that a smaller failing unit explains (a module by the custom Function it
+        ran, a between-units row of the stored truth by a Function in that code): what the table cannot say."""
+        lines: list[str] = []
+        for r in self.reproduction + self.rows:
+            if r.status in FAILING and r.explained_by is not None and " · " in r.explained_by:
+                line = f"{r.layer or '(model)'} ({r.pass_}, {r.mode}): {r.note or 'explained by ' + r.explained_by}"
+                if line not in lines:
+                    lines.append(line)
+        return lines[:limit]
 
 
 def default_backend(device: str | torch.device | None = None) -> str:
@@ -214,6 +228,7 @@ def reference_oracle(fixture: Fixture, model: nn.Module) -> tuple[list[Trace], l
     """
     if fixture.complete:
         check_oracle(fixture.traces, f"the stored truth of {fixture.path}")
+        bind_functions(fixture, model)
         return fixture.traces, [{} for _ in fixture.traces]
     step = fixture.meta.get("step", {})
     fresh = one_thread_oracle(model, fixture.inputs, fixture.targets, steps=int(step.get("steps", len(fixture.traces))),
@@ -230,6 +245,69 @@ def reference_oracle(fixture: Fixture, model: nn.Module) -> tuple[list[Trace], l
         _check_stored(fixture, values, len(stored_values))
         stored_values.append(values)
     return fresh, stored_values
+
+
+def bind_functions(fixture: Fixture, model: nn.Module) -> None:
+    """Bind the model's own custom Function classes to the calls the fixture stores (schema 3), by name.
+
+    A fixture names each call (module path, class ``__qualname__``, occurrence) and never imports a class. One
+    float64 forward of a copy of ``model`` on the stored inputs, with its Function calls recorded
+    (:func:`densenet_debug.verdict.functions.recording`, no values), gives the class and the non-tensor
+    arguments today's code applies under each name; the stored call then replays *that* Function on its
+    stored float64 inputs and is judged against its stored outputs and gradients (mode ``function``). A stored
+    call the model no longer makes under that name (or with another number of tensor inputs) stays unbound:
+    its replay raises, and its row is a note saying so, never dropped. Nothing runs when the fixture stores
+    no call (our DenseNets)."""
+    from densenet_debug.reference.format import Unbound, calls_of
+    from densenet_debug.verdict import functions
+    from densenet_debug.verdict.engine import _fp64
+
+    stored = [c for t in fixture.traces for c in calls_of(t)]
+    if not stored:
+        return
+    ref = _fp64(model, fixture.meta["step"]["bn_mode"] == "eval")
+    x = fixture.inputs.to(torch.float64) if fixture.inputs.is_floating_point() else fixture.inputs
+    try:
+        # (fork_rng: a dropout in the forward draws nothing from the caller's generator)
+        with one_thread(), torch.random.fork_rng(devices=[]), functions.recording(ref, values=False) as recorder:
+            ref(x)
+        today = {c.key: c for c in recorder.calls}
+    except Exception as exc:  # noqa: BLE001 - the user's forward: its calls stay unbound, each a note row
+        today, raised = {}, f"the model's float64 forward raised ({type(exc).__name__}: {exc}) when binding it"
+    else:
+        raised = ""
+    for call in stored:
+        if not issubclass(call.cls, Unbound):
+            continue
+        found = today.get(call.key)
+        if found is not None and len(found.inputs) == len(call.inputs):
+            call.cls, call.template, call.kwargs = found.cls, found.template, dict(found.kwargs)
+        else:
+            why = ("with another number of tensor inputs" if found is not None else "under this name")
+            call.cls.why = raised or f"the model's code today applies no such call {why} (module, class, occurrence)"
+
+
+def explain_between_by_functions(repro: list[Row], rows: list[Row], oracle: list[Trace]) -> None:
+    """A failing between-units row of the stored truth (the model's code between its units does not give the
+    stored tensors) is explained by a failing custom Function that ran in that code: applied in the model's
+    own forward or in a composite unit's (not inside a leaf unit, which the between check cuts out), in the
+    same step, forward explaining both passes, backward the backward. The Function, the smaller unit whose
+    replay on the stored inputs fails, is then the first divergence."""
+    from densenet_debug.verdict import functions
+
+    failing = [r for r in rows if r.mode == functions.MODE and r.status in FAILING]
+    for r in repro:
+        if r.mode != "between" or r.status not in FAILING or r.explained_by is not None:
+            continue
+        names = oracle[r.step].units if r.step < len(oracle) else {}
+        leaves = {n for n in names if not any(o != n and (not n or o.startswith(f"{n}.")) for o in names)}
+        culprits = [f for f in failing if f.step == r.step and (f.pass_ == "forward" or r.pass_ == "backward")
+                    and functions.module_of(f.layer) not in leaves]
+        if culprits:
+            first = min(culprits, key=lambda f: (f.pass_ != "forward", f.order))
+            r.explained_by = first.layer
+            r.note = "; ".join(filter(None, [r.note, f"explained by failing {functions.describe(first.layer)} "
+                                                     f"({first.pass_} {first.quantity})"]))
 
 
 def _check_stored(fixture: Fixture, values: dict, step: int) -> None:
@@ -405,9 +483,13 @@ def check_reference(
     rows, kinks = result.rows, result.kinks
     for k in kinks:
         k.side = "a"
+    repro = [copy.copy(r) for r in repro]  # (the cached rows are shared by every backend judged on this load)
+    explain_between_by_functions(repro, rows, oracle)
     failing_repro = [r for r in repro if r.status in FAILING]
     verdict = "mismatch" if failing_repro or result.failures else "agree"
-    if failing_repro:
+    unexplained = [r for r in failing_repro if r.explained_by is None]
+    if unexplained or (failing_repro and not result.failures):
+        failing_repro = unexplained or failing_repro
         r = min(failing_repro, key=lambda r: (r.step, r.pass_ != "forward", r.order))
         first = FirstDivergence(layer=r.layer, pass_=r.pass_, quantity=r.quantity, error=r.error_a,
                                 tolerance=r.tolerance, side="reference", step=r.step, mode=r.mode,
@@ -441,7 +523,12 @@ def _summarize(r: ReferenceResult) -> str:
         return (f"mismatch: {r.backend} non-finite (NaN/Inf) where reference {r.name} is finite, first at "
                 f"{f.get('layer')} ({f.get('pass')} {f.get('quantity')}, {f.get('mode')}, step {f.get('step')}); "
                 f"first NaN/Inf produced end to end: {firsts}{kink_text}")
-    return (f"mismatch: {what} first at {f.get('layer')} ({f.get('pass')} {f.get('quantity')}, {f.get('mode')}, "
+    layer = f.get("layer")
+    if f.get("mode") == "function":  # "custom autograd Function _Gate in gate"
+        from densenet_debug.verdict.functions import describe
+
+        layer = describe(str(layer))
+    return (f"mismatch: {what} first at {layer} ({f.get('pass')} {f.get('quantity')}, {f.get('mode')}, "
             f"step {f.get('step')}): error {fmt(f.get('error'))} > tolerance {fmt(f.get('tolerance'))}{kink_text}")
 
 

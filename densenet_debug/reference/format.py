@@ -1,6 +1,7 @@
 """Reference fixtures on disk: ``reference_grads/<name>/``, written whole or not at all, read with every check.
 
-Schema ``densenet-debug/reference/2``; a fixture directory holds
+Schema ``densenet-debug/reference/3`` (written as ``/2``, byte for byte what schema 2 was, when the model applies
+no custom autograd Function); a fixture directory holds
 
 * ``meta.json``: what was recorded and how (model, data generation, step, storage policy, how the truth was
   computed), the size and SHA-256 of every other file, provenance. The only file not checksummed (it holds
@@ -14,6 +15,12 @@ Schema ``densenet-debug/reference/2``; a fixture directory holds
   the rebuilt model must have.
 * ``index.json``: per step and per unit, its kind, forward/backward order, mode, call count, the layouts
   its inputs and grad_outputs had, and for each stored quantity the references of its tensors.
+  Schema 3 adds, per step, ``functions``: each custom autograd Function call of the float64 step (module
+  path, class ``__qualname__``, occurrence, where it ran in the forward, which inputs wanted a gradient, input
+  and grad_output layouts, and the references of its inputs, outputs, grad_outputs and grad_inputs), and
+  ``entered`` (the modules in the order their forward started, to place each call among the units); meta.json's
+  ``functions`` lists the calls and says whether they are stored (policy ``full``) or recomputed. No class and
+  no argument that is not a tensor is stored: the check binds the model's own Function by name.
 * ``inputs.npz``: ``inputs`` and ``targets`` exactly as fed to the model.
 * ``state.npz``: the initial ``state_dict`` (parameters and buffers) in its own dtype (bfloat16 is stored
   widened to float32, which is exact, and narrowed back on load).
@@ -37,7 +44,7 @@ import hashlib
 import io
 import json
 import zipfile
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -51,11 +58,12 @@ from densenet_debug.reference.meta import (
     SCHEMA,
     FixtureError,
     read_meta,
+    schema_for,
     shown,
     validate_meta,
     verify_files,
 )
-from densenet_debug.trace import Layout, Trace, UnitRecord
+from densenet_debug.trace import Layout, Trace, UnitRecord, materialize
 
 ARRAY_FILES = ("inputs.npz", "state.npz", "trace.npz")
 TENSOR_QUANTITIES = ("inputs", "outputs", "grad_outputs", "grad_inputs")
@@ -205,12 +213,40 @@ def encode_traces(
         for rec in trace:
             wanted = set(ALL_QUANTITIES) if keep is None else set(keep.get(rec.name, ()))
             units[rec.name] = _encode_unit(rec, wanted, store)
-        index.append({
+        step = {
             "units": units,
             "output": None if trace.output is None else store.key(trace.output),
             "loss": None if trace.loss is None else store.key(trace.loss),
-        })
+        }
+        calls = getattr(trace, "functions", None) or []
+        if keep is None and any(calls_of(t) for t in traces):  # (a checkpoints fixture recomputes them)
+            step["functions"] = [_encode_call(c, store) for c in calls]
+            step["entered"] = list(getattr(trace, "entered", []))
+        index.append(step)
     return index, store.arrays
+
+
+def calls_of(trace: Trace) -> list:
+    """The custom autograd Function calls the oracle's step recorded (``trace.functions``; none: ``[]``)."""
+    return list(getattr(trace, "functions", None) or [])
+
+
+def _encode_call(call: object, store: _Store) -> dict:
+    """One custom Function call (:class:`~densenet_debug.verdict.functions.FunctionCall`) as data: its name
+    (module path, class ``__qualname__``, occurrence), where it ran in the forward, the layouts and the float64
+    tensors. The class itself, its non-tensor arguments and its code are not stored (a fixture runs no code):
+    the check takes them from the model it is given (:func:`densenet_debug.reference.check.bind_functions`)."""
+    def refs(ts: list | None) -> list | None:
+        return None if ts is None else [_ref(materialize(t), store) for t in ts]
+
+    return {"module": call.module, "class": call.name, "occurrence": call.occurrence,  # type: ignore[attr-defined]
+            "defined_in": getattr(call.cls, "__module__", None), "entered": call.entered,  # type: ignore[attr-defined]
+            "needs": [bool(n) for n in call.needs], "random": bool(call.random),  # type: ignore[attr-defined]
+            "input_layouts": [_layout_json(lo) for lo in call.input_layouts],  # type: ignore[attr-defined]
+            "grad_output_layouts": [_layout_json(lo) for lo in call.grad_output_layouts],  # type: ignore[attr-defined]
+            "tensors": {"inputs": refs(call.inputs), "outputs": refs(call.outputs),  # type: ignore[attr-defined]
+                        "grad_outputs": refs(call.grad_outputs),  # type: ignore[attr-defined]
+                        "grad_inputs": refs(call.grad_inputs)}}  # type: ignore[attr-defined]
 
 
 def _encode_unit(rec: UnitRecord, wanted: set[str], store: _Store) -> dict:
@@ -323,6 +359,9 @@ def decode_traces(index: list[dict], arrays: Mapping[str, np.ndarray], where: Pa
                 units[name] = rec
                 kept[name] = set(entry["tensors"])
             trace = Trace(units, output=resolve(step["output"]), loss=resolve(step["loss"]))
+            if "functions" in step:  # schema 3: the custom Function calls (unbound: no class, see bind_functions)
+                trace.functions = [_decode_call(c, resolve, where, step_no) for c in step["functions"]]
+                trace.entered = [str(n) for n in step["entered"]]
             if trace.loss is not None and trace.loss.dim() != 0:
                 raise FixtureError(where, f"step {step_no}: the loss has shape {tuple(trace.loss.shape)}, not a scalar")
             traces.append(trace)
@@ -332,6 +371,49 @@ def decode_traces(index: list[dict], arrays: Mapping[str, np.ndarray], where: Pa
     except (KeyError, TypeError, ValueError, IndexError, RuntimeError, AttributeError) as exc:
         raise FixtureError(where, f"malformed index ({type(exc).__name__}: {_first_line(exc)})") from None
     return traces, stored
+
+
+class Unbound:
+    """Stands for the class of a stored custom Function call until the check binds the model's own class to it
+    (a fixture names a class; it never imports one). Its ``apply`` refuses: an unbound call is never replayed."""
+
+    @classmethod
+    def apply(cls, *args: object, **kwargs: object) -> object:
+        why = getattr(cls, "why", "it is not bound to the model's class")
+        raise RuntimeError(f"recorded in the fixture, but {why}: not replayed")
+
+
+def _decode_call(entry: dict, resolve: Callable, where: Path, step: int) -> object:
+    from densenet_debug.verdict.functions import FunctionCall
+
+    qualname = str(entry["class"])
+    if not all(part.isidentifier() for part in qualname.replace(".<locals>.", ".").split(".")):
+        raise FixtureError(where, f"step {step}: custom Function class name {qualname!r} is not a Python name")
+    cls = type(qualname.rpartition(".")[2], (Unbound,), {"__qualname__": qualname,
+                                                          "__module__": str(entry.get("defined_in") or "fixture")})
+    tensors = entry["tensors"]
+
+    def get(q: str) -> list | None:
+        refs = tensors[q]
+        return None if refs is None else [resolve(r) for r in refs]
+
+    call = FunctionCall(cls=cls, module=str(entry["module"]), occurrence=int(entry["occurrence"]), template=(),
+                        inputs=get("inputs") or [], input_layouts=[_layout(lo) for lo in entry["input_layouts"]],
+                        needs=[bool(n) for n in entry["needs"]], entered=int(entry["entered"]),
+                        random=bool(entry["random"]), outputs=get("outputs") or [], grad_outputs=get("grad_outputs"),
+                        grad_output_layouts=[_layout(lo) for lo in entry["grad_output_layouts"]],
+                        grad_inputs=get("grad_inputs"))
+    what = f"custom Function call {call.label}, step {step}"
+    if len(call.input_layouts) != len(call.inputs) or len(call.needs) != len(call.inputs):
+        raise FixtureError(where, f"{what}: {len(call.inputs)} input(s) but {len(call.input_layouts)} layout(s)")
+    pairs = [("input", call.inputs, call.input_layouts), ("grad_input", call.grad_inputs or [], call.input_layouts),
+             ("grad_output", call.grad_outputs or [], call.grad_output_layouts)]
+    for label, ts, layouts in pairs:
+        for i, (t, lo) in enumerate(zip(ts, layouts)):
+            if t is not None and lo is not None and tuple(t.shape) != tuple(lo.size):
+                raise FixtureError(where.parent / "trace.npz", f"{label} {i} of {what} has shape {tuple(t.shape)}, "
+                                                               f"{where.name} records {tuple(lo.size)}")
+    return call
 
 
 def _opt_int(value: object) -> int | None:
@@ -378,15 +460,18 @@ def write_fixture(
     """
     target = Path(path)
     index, arrays = encode_traces(traces, keep)
+    schema = schema_for(meta)
+    if any("functions" in step for step in index) and schema != SCHEMA:
+        raise ValueError("custom Function calls are stored but meta.json has no functions section")
     payload = {
         "inputs.npz": npz_bytes({"inputs": to_numpy(inputs), "targets": to_numpy(targets)}),
         "state.npz": npz_bytes({k: to_numpy(v) for k, v in state.items()}),
         "trace.npz": npz_bytes(arrays),
-        "index.json": (json.dumps({"schema": SCHEMA, "steps": index}, sort_keys=True, separators=(",", ":"))
+        "index.json": (json.dumps({"schema": schema, "steps": index}, sort_keys=True, separators=(",", ":"))
                        + "\n").encode(),
     }
     meta = dict(meta)
-    meta["schema"] = SCHEMA
+    meta["schema"] = schema
     meta["state_dtypes"] = {k: str(v.dtype).removeprefix("torch.") for k, v in state.items()
                             if v.dtype in _WIDENED}
     meta["storage"] = {**meta.get("storage", {}), "arrays": len(arrays),
@@ -422,6 +507,11 @@ def read_fixture(path: str | Path) -> Fixture:
     if not isinstance(steps, list) or len(steps) != meta["step"]["steps"]:
         raise FixtureError(root / "index.json", f"field steps must list {meta['step']['steps']} step(s) as "
                                                 f"meta.json records, got {shown(steps)}")
+    with_calls = any(isinstance(step, dict) and "functions" in step for step in steps)
+    stored_calls = bool(meta.get("functions", {}).get("stored"))
+    if with_calls != stored_calls:
+        raise FixtureError(root / "index.json", "holds custom Function calls but meta.json says none are stored"
+                           if with_calls else "holds no custom Function calls but meta.json says they are stored")
     shapes = {k: tuple(t.shape) for k, t in state.items()}
     traces, stored = decode_traces(steps, load_npz(root / "trace.npz"), root / "index.json", shapes)
     classes = meta["model"]["num_classes"]

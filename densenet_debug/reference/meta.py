@@ -18,9 +18,15 @@ import torch
 
 from densenet_debug.errors import UsageError
 
-SCHEMA = "densenet-debug/reference/2"  # 2: model.kind, factory_kwargs, structure hash of names and types
 SCHEMA_PREFIX = "densenet-debug/reference/"
-SCHEMA_VERSION = 2
+# 2: model.kind, factory_kwargs, structure hash of names and types. 3: 2 plus the model's custom autograd Function
+# calls (meta.json ``functions``, index.json ``steps[i].functions``). A fixture of a model that applies no custom
+# Function is written as 2, byte for byte what this toolkit wrote before 3 (older toolkits still read it); one
+# with Function calls as 3, which an older toolkit refuses rather than silently ignoring them.
+SCHEMA_VERSION = 3
+SCHEMA_OLDEST = 2  # the oldest schema this toolkit reads
+SCHEMA = f"{SCHEMA_PREFIX}{SCHEMA_VERSION}"
+SCHEMA_NO_FUNCTIONS = f"{SCHEMA_PREFIX}{SCHEMA_OLDEST}"
 FILE_NAMES = ("index.json", "inputs.npz", "state.npz", "trace.npz")  # every file meta.json checksums
 MODEL_KINDS = ("builder", "file", "module", "python")
 _SPEC_FORMS = {"builder": "a builder name of densenet_debug.models.BUILDERS", "file": "FILE.py:FACTORY (a file name, "
@@ -72,12 +78,20 @@ def read_meta(path: str | Path) -> dict:
     if int(version) > SCHEMA_VERSION:
         raise FixtureError(meta_path, f"schema {schema} is newer than this toolkit reads ({SCHEMA}); "
                                       "upgrade densenet-debug or re-record the fixture")
-    if int(version) < SCHEMA_VERSION:
-        raise FixtureError(meta_path, f"schema {schema} is older than {SCHEMA}; re-record it: scripts/regen_reference "
-                                      "for the committed fixtures, `densenet-debug record --force` (same options) for "
-                                      "your own")
+    if int(version) < SCHEMA_OLDEST:
+        raise FixtureError(meta_path, f"schema {schema} is older than {SCHEMA_NO_FUNCTIONS}; re-record it: "
+                                      "scripts/regen_reference for the committed fixtures, `densenet-debug record "
+                                      "--force` (same options) for your own")
     validate_meta(meta, meta_path)
+    if int(version) < 3 and "functions" in meta:
+        raise FixtureError(meta_path, f"field functions is not part of schema {schema} (custom Function calls "
+                                      f"are recorded from {SCHEMA} on); an edited meta.json")
     return meta
+
+
+def schema_for(meta: dict) -> str:
+    """The schema a fixture is written with: 3 when it says anything of custom Function calls, else 2."""
+    return SCHEMA if "functions" in meta else SCHEMA_NO_FUNCTIONS
 
 
 def stored_model_spec(spec: str) -> tuple[str, str]:
@@ -162,6 +176,15 @@ def validate_meta(meta: dict, where: Path) -> None:
     get("storage.policy", lambda v: v in ("full", "checkpoints"), "full or checkpoints")
     get("state_dtypes", lambda v: all(isinstance(k, str) and d in NARROWED_DTYPES for k, d in v.items()),  # type: ignore
         f"an object mapping state names to {', '.join(NARROWED_DTYPES)}")
+    if "functions" in meta:
+        get("functions", is_dict, "an object")
+        get("functions.calls", lambda v: isinstance(v, list) and all(
+            isinstance(step, list) and all(isinstance(c, str) for c in step) for step in v),
+            "a list (per step) of lists of Function call labels")
+        if len(meta["functions"]["calls"]) != meta["step"]["steps"]:
+            raise FixtureError(where, f"field functions.calls must list {meta['step']['steps']} step(s), got "
+                                      f"{len(meta['functions']['calls'])}")
+        get("functions.stored", lambda v: isinstance(v, bool), "true or false")
     files = meta["files"]
     if set(files) != set(FILE_NAMES):
         extra, missing = sorted(set(files) - set(FILE_NAMES)), sorted(set(FILE_NAMES) - set(files))

@@ -32,7 +32,7 @@ from torch import Tensor, nn
 from densenet_debug import __version__
 from densenet_debug.backends import one_thread
 from densenet_debug.errors import UsageError
-from densenet_debug.reference.format import ALL_QUANTITIES, DICT_QUANTITIES, write_fixture
+from densenet_debug.reference.format import ALL_QUANTITIES, DICT_QUANTITIES, calls_of, write_fixture
 from densenet_debug.reference.meta import stored_model_spec
 from densenet_debug.trace import Trace
 
@@ -297,4 +297,22 @@ def record_reference(
         "storage": storage,
         "provenance": provenance(),
     }
+    calls = [[c.label for c in calls_of(t)] for t in traces]
+    if any(calls):  # (a model that applies none: no section, schema 2, the same bytes as before schema 3)
+        meta["functions"] = function_section(calls, stored=keep is None)
     return write_fixture(path, meta, inputs, targets, state, traces, keep)
+
+
+def function_section(calls: list[list[str]], stored: bool) -> dict:
+    """meta.json's ``functions``: the custom autograd Function calls of each step, and what was kept of them."""
+    return {
+        "calls": calls,
+        "stored": stored,
+        "what": ("every call's float64 inputs, outputs, grad_outputs and grad_inputs, with its input and "
+                 "grad_output layouts, in trace.npz (index.json steps[i].functions); named by module path, class "
+                 "and occurrence; the class, its code and its non-tensor arguments are not stored: the check "
+                 "binds the model's own Function by that name and judges each call as a teacher-forced unit "
+                 "(mode function)") if stored else (
+                 "not stored (policy checkpoints): recomputed in float64 with the rest of the step at check time "
+                 "and judged against that recomputation; the stored checkpoints are what it must reproduce"),
+    }

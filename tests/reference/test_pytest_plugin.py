@@ -97,6 +97,7 @@ def test_record_pass_then_planted_fault_fails_at_its_layer(user_suite: pytest.Py
     meta = json.loads((fixture / "meta.json").read_text())
     assert meta["storage"]["policy"] == "full" and meta["model"]["class"].endswith("Net")
     assert meta["model"]["spec"] is None  # a user model: checked with the model the test passes
+    assert meta["functions"]["calls"] == [["gate · _Gate"]] and meta["functions"]["stored"]  # its custom Function
 
     user_suite.runpytest(*ARGS).assert_outcomes(passed=1)
 
@@ -104,9 +105,14 @@ def test_record_pass_then_planted_fault_fails_at_its_layer(user_suite: pytest.Py
     faulty = user_suite.runpytest(*ARGS)
     faulty.assert_outcomes(failed=1)
     out = faulty.stdout.str()
-    # the first divergent layer is the gate's backward (its input gradient), named in the summary and the table
-    assert "mismatch: native diverges from reference tiny-net first at gate (backward grad_input, local" in out
-    assert any(line.startswith("gate ") and line.rstrip().endswith("mismatch") for line in out.splitlines())
+    # the first divergent unit is the custom Function's backward inside gate (the smaller unit, judged against
+    # its stored float64 truth), named in the summary; the table shows it and its module failing
+    assert ("mismatch: native diverges from reference tiny-net first at custom autograd Function _Gate in gate "
+            "(backward grad_input, function") in out
+    lines = out.splitlines()
+    assert any(line.startswith("gate · _Gate ") and line.rstrip().endswith("mismatch") for line in lines)
+    assert any(line.startswith("gate ") and line.rstrip().endswith("mismatch") for line in lines)
+    assert "gate (backward, local): explained by failing custom autograd Function _Gate in gate (backward" in out
 
 
 def test_changed_weights_then_corruption_are_refused_in_one_line(user_suite: pytest.Pytester) -> None:
@@ -140,7 +146,8 @@ def test_update_reference_says_where_it_wrote_what(pytester: pytest.Pytester) ->
     result.stdout.fnmatch_lines([
         "*densenet-debug --update-reference wrote 2 gradient reference(s)*",
         f"recorded {pytester.path}/reference_grads/net-a/ for test_a.py::test_net_gradients: Net, 1 step(s), "
-        "BN train, 5 units, policy full, * MB in index.json, inputs.npz, meta.json, state.npz, trace.npz",
+        "BN train, 5 units, 1 custom Function call(s), policy full, * MB in index.json, inputs.npz, meta.json, "
+        "state.npz, trace.npz",
         f"recorded {pytester.path}/reference_grads/net-b/ for test_b.py::test_net_gradients: *",
     ])
     plain = pytester.runpytest(*ARGS)

@@ -327,9 +327,14 @@ def test_every_dtype_fault_against_a_fixture_is_a_mismatch_between_its_units(pla
         result = check_reference(path, "mkldnn", model=model)
         assert result.verdict == "mismatch", (scale, result.summary)
         first = result.first_divergence
-        assert (first["layer"], first["quantity"], first["mode"], first["side"]) == (
-            "conv2", "grad_output", "between", "reference"), result.summary
-        assert "does not reproduce the stored truth" in result.summary
+        # the fixture stores the Function's own truth (schema 3): the Function, the smaller unit, is named first,
+        # and the stored truth's between row at conv2 still fails, explained by it
+        assert (first["layer"], first["quantity"], first["mode"]) == (
+            "(model) · ScaleChannelGrad", "grad_input", "function"), result.summary
+        assert "custom autograd Function ScaleChannelGrad in the model's own forward" in result.summary
+        between = [r for r in result.reproduction if r.status == "mismatch"]
+        assert [(r.layer, r.quantity, r.mode) for r in between] == [("conv2", "grad_output", "between")]
+        assert between[0].explained_by == "(model) · ScaleChannelGrad"
     planted(scale=1.0, every_dtype=True)
     assert check_reference(path, "native", model=model).verdict == "agree"
 
@@ -424,8 +429,11 @@ def test_the_plugin_fails_a_fixture_whose_between_code_changed_in_every_dtype(py
         monkeypatch.setenv("BETWEEN_SCALE", scale)
         result = pytester.runpytest(*args)
         result.assert_outcomes(failed=1)
-        assert ("mismatch: the model's code between units does not reproduce the stored truth of between-net first "
-                "at conv2 (backward grad_output, between, step 0)") in result.stdout.str()
+        out = result.stdout.str()
+        assert ("mismatch: native diverges from reference between-net first at custom autograd Function "
+                "ScaleChannelGrad in the model's own forward (backward grad_input, function, step 0)") in out
+        assert ("conv2 (backward, between): stored truth vs the model's code" in out
+                and "explained by failing custom autograd Function ScaleChannelGrad" in out)
 
 
 def test_the_check_never_writes_into_the_records_it_reads() -> None:
