@@ -90,7 +90,7 @@ from densenet_debug.errors import is_allocation_failure
 from densenet_debug.trace import Trace
 from densenet_debug.verdict.compare import Comparison, compare
 from densenet_debug.verdict.magnitude import _PASS, Branches, MagnitudeMode
-from densenet_debug.verdict.report import Row, Status
+from densenet_debug.verdict.report import STATUS_ORDER, Row, Status
 from densenet_debug.verdict.tolerance import underflow
 
 MODE = "between"
@@ -193,13 +193,14 @@ class _Tracker(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
         kwargs = kwargs or {}
-        out = self.branches.run(func, args, kwargs)
         ins = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, Tensor)]
+        tags = [self.tag(t) for t in ins]
+        c_in = max((t.c for t in tags), default=0.0)
+        out = self.branches.run(func, args, kwargs, c_in)  # c_in > 0: its decision may be ambiguous (kinks)
         outs = [t for t in tree_flatten(out)[0] if isinstance(t, Tensor)]
         if not outs:
             return out
-        tags = [self.tag(t) for t in ins]
-        c = max((t.c for t in tags), default=0.0) + rounding(func, ins, outs)
+        c = c_in + rounding(func, ins, outs)
         src = frozenset().union(*(t.src for t in tags)) if tags else frozenset()
         tag = _Tag(c, src)
         name = getattr(getattr(func, "overloadpacket", None), "__name__", "")
@@ -230,6 +231,7 @@ class _Sample:
     tag: _Tag
     magnitude: Tensor | None = None
     comparison: Comparison | None = None
+    allowance: Tensor | None = None  # the kink allowance (module docstring, "Kinks"), where the code has any
 
 
 @dataclass
@@ -332,16 +334,23 @@ def between_rows(step: int, names: list[str], s_trace: Trace, model64: nn.Module
         _settle_equal(fwd, data.inputs)
         _settle_equal(bwd, data.grad_outputs)
         if _open(fwd) or _open(bwd):  # a check that rounds and differs: its bound needs sum|terms|
+            branches.roundoff, branches.eta = _side_roundoff(s_trace, cut, x, backend)
             mfwd, mbwd, _ = _run(model64, modules, cut, watched, data, x64, magnitude=True,
                                  needed=_open(fwd), needed_grads=_open(bwd), branches=branches)
             _attach(fwd, mfwd)
             _attach(bwd, mbwd)
+            if branches.injections and _open(bwd):  # a decision of the code may go either way: its allowance
+                branches.restart()
+                branches.allowance = True
+                _, abwd, _ = _run(model64, modules, cut, watched, data, x64, magnitude=True,
+                                  needed=set(), needed_grads=_open(bwd), branches=branches, allowance=True)
+                _attach(bwd, abwd, "allowance")
     except RuntimeError as exc:  # a model this run cannot re-enter: say so, never crash the verdict
         if is_allocation_failure(exc):  # no room is no pass: the caller reports it (exit 2)
             raise
         warnings.warn(f"between-units check skipped at step {step}: {str(exc).splitlines()[0]}", stacklevel=2)
         return []
-    return _rows(step, s_trace, modules, fwd, bwd, callers, backend, who)
+    return _rows(step, s_trace, modules, fwd, bwd, callers, backend, who, branches.ambiguous)
 
 
 @dataclass(frozen=True)
@@ -417,21 +426,35 @@ def _settle_equal(samples: _Samples, side: dict[str, list[Tensor | None]]) -> No
                 s.comparison, s.value = exact, None
 
 
-def _attach(values: dict[str, list[_Sample | None]], mags: dict[str, list[_Sample | None]]) -> None:
+def _attach(values: dict[str, list[_Sample | None]], mags: dict[str, list[_Sample | None]],
+            what: str = "magnitude") -> None:
     for name, group in values.items():
         other = mags.get(name, [])
         for i, s in enumerate(group):
             if s is not None and i < len(other) and other[i] is not None:
-                s.magnitude = other[i].value
+                setattr(s, what, other[i].value)
+
+
+def _side_roundoff(s_trace: Trace, cut: list[str], x: Tensor, backend: Backend | None) -> tuple[float, float]:
+    """``(u_side + 2^-53, eta)`` of the side's between code: the coarsest roundoff and underflow among the dtypes
+    it computes in (its unit outputs' and input's, and the backend's accumulation)."""
+    dtypes = {t.dtype for n in cut for t in s_trace.meta(n).outputs
+              if isinstance(t, Tensor) and t.is_floating_point()}
+    if x.is_floating_point():
+        dtypes.add(x.dtype)
+    u = max([unit_roundoff(d) for d in dtypes] + [backend.accumulate_roundoff if backend is not None else 0.0])
+    return u + U64, max((2 * underflow(d) for d in dtypes), default=0.0)
 
 
 def _run(model: nn.Module, modules: dict[str, nn.Module], cut: list[str], watched: list[str], data: _Data,
          x64: Tensor, magnitude: bool, needed: set | None = None, needed_grads: set | None = None,
-         branches: Branches | None = None) -> tuple[_Samples, _Samples, dict[str, str]]:
+         branches: Branches | None = None, allowance: bool = False) -> tuple[_Samples, _Samples, dict[str, str]]:
     """One float64 forward and VJP of the between code. Returns (inputs arriving at each watched unit,
     grad_outputs each watched unit should receive, as values or magnitudes; the module that called each).
     ``needed``/``needed_grads``: in the magnitude pass, the (unit, index) pairs whose magnitudes are wanted.
-    ``branches``: recorded by the values' pass, taken by the magnitude pass (:class:`Branches`)."""
+    ``branches``: recorded by the values' pass, taken by the magnitude pass (:class:`Branches`). ``allowance``:
+    the kink allowance run, a magnitude run whose seeds are zero and whose gradients are what the ambiguous
+    decisions inject (module docstring, "Kinks")."""
     stack: list[str] = []
     tracker = None if magnitude else _Tracker(branches)
     mag = (lambda t: t.abs()) if magnitude else (lambda t: t)
@@ -503,7 +526,7 @@ def _run(model: nn.Module, modules: dict[str, nn.Module], cut: list[str], watche
                 out.append(None)
                 continue
             with _disable_current_modes():
-                g64 = mag(_fp64(g))
+                g64 = torch.zeros(g.shape, dtype=torch.float64) if allowance else mag(_fp64(g))
             if tracker is not None:  # several consumers of t: autograd adds their seeds (counted as adds)
                 tracker.set(g64, _Tag(0.0, frozenset({name})))
             out.append(g64)
@@ -595,7 +618,7 @@ def _run(model: nn.Module, modules: dict[str, nn.Module], cut: list[str], watche
             outs = [o for o in tree_flatten(out)[0] if isinstance(o, Tensor)]
             if data.output_seed is not None and len(outs) == 1 and outs[0].requires_grad and \
                     outs[0].shape == data.output_seed.shape:
-                seed = mag(data.output_seed).clone()
+                seed = torch.zeros_like(data.output_seed) if allowance else mag(data.output_seed).clone()
                 if tracker is not None:
                     tracker.set(seed, _Tag(1.0, frozenset({"the loss"})))
                 roots.append(outs[0])
@@ -632,9 +655,16 @@ def _bound(sample: _Sample, u: float, eta: float) -> Tensor | None:
     return m * (c * (u + U64)) + c * eta
 
 
+def _kink_note(ambiguous: dict[str, int]) -> str:
+    what = ", ".join(f"{n} {op}" for op, n in sorted(ambiguous.items())) or "some"
+    return (f"; kink: {what} element(s) of the code's piecewise ops lie within its rounding bound of their "
+            "boundary, where the side may take either branch: within the kink allowance of flipping them")
+
+
 def _rows(step: int, s_trace: Trace, modules: dict[str, nn.Module], fwd: dict[str, list[_Sample | None]],
           bwd: dict[str, list[_Sample | None]], callers: dict[str, str], backend: Backend | None,
-          who: str) -> list[Row]:
+          who: str, ambiguous: dict[str, int] | None = None) -> list[Row]:
+    ambiguous = ambiguous or {}
     rows: list[Row] = []
     for name, samples in fwd.items():
         rec = s_trace[name]
@@ -664,25 +694,37 @@ def _rows(step: int, s_trace: Trace, modules: dict[str, nn.Module], fwd: dict[st
             ends = [callers[c] for c in consumers if c in callers]
             row.note = _where([name], consumers or ["nothing"], [callers.get(name, "")], ends[0] if ends else "",
                               modules, who, backward=True)
+            if row.status == Status.KINK:
+                row.note += _kink_note(ambiguous)
             rows.append(row)
     return rows
 
 
 def _row(step: int, name: str, pass_: str, quantity: str, order: int, pairs: list,
          backend: Backend | None) -> Row | None:
-    best = None
+    """The worst check of a unit's tensors: ``mismatch`` beyond its bound, ``kink`` within it only with the kink
+    allowance of ambiguous decisions upstream (the row shows the error against the rounding bound alone)."""
+    worst: tuple[int, float] | None = None
+    best: Comparison | None = None
+    status = Status.OK
     for s, side in pairs:
         if s is None:
             continue
         dtype = side.dtype if isinstance(side, Tensor) else torch.float64
         u = max(unit_roundoff(dtype), backend.accumulate_roundoff if backend is not None else 0.0)
         eta = 2 * underflow(dtype)
-        comp = s.comparison if s.comparison is not None else compare(side, s.value, _bound(s, u, eta))
-        if best is None or comp.ratio > best.ratio:
-            best = comp
+        bound = _bound(s, u, eta) if s.comparison is None else None
+        comp = s.comparison if s.comparison is not None else compare(side, s.value, bound)
+        verdict = Status.OK if comp.ok else Status.MISMATCH
+        if not comp.ok and s.comparison is None and s.allowance is not None:
+            widened = s.allowance if bound is None else bound + s.allowance
+            if compare(side, s.value, widened).ok:
+                verdict = Status.KINK
+        key = (STATUS_ORDER[verdict], comp.ratio)
+        if worst is None or key > worst:
+            worst, best, status = key, comp, verdict
     if best is None:
         return None
-    status = Status.OK if best.ok else Status.MISMATCH
     return Row(layer=name, pass_=pass_, quantity=quantity, error_a=best.error, error_b=None,
                tolerance=best.tolerance, status=status, origin=BETWEEN_ORIGIN, step=step, mode=MODE,
                tolerance_a=best.tolerance, ratio_a=best.ratio, worst_a=tuple(best.worst) or None, order=order)
