@@ -298,6 +298,7 @@ class Branches:
         self._links: dict[tuple, tuple[Tensor, str, Tensor, float | Tensor]] = {}
         self._injected: dict[str, int] = {}
         self._amb: Tensor | tuple[Tensor, Tensor] | None = None  # the ambiguity of the call being replayed
+        self._target: Tensor | None = None  # an in-place routing op's operand before it wrote
 
     def restart(self) -> None:
         """Before another magnitude run: replay from the first call again."""
@@ -382,6 +383,15 @@ class Branches:
             self.ambiguous[base] = self.ambiguous.get(base, 0) + int(first.sum())
         return amb
 
+    def before(self, func: object, args: tuple) -> None:
+        """Before an op of a magnitude run: an in-place op that routes by a decision (``masked_fill_``) writes
+        its operand, whose magnitude its jump needs."""
+        self._target = None
+        name = func.overloadpacket.__name__
+        if self._links and name.endswith("_") and name.rstrip("_") in _ROUTING and args and \
+                isinstance(args[0], Tensor):
+            self._target = args[0].detach().clone()
+
     def link(self, func: object, args: tuple, kwargs: dict, out: object) -> object:
         """After an op of a magnitude run: remember which elements of what it decided are ambiguous, and at an op
         that routes a gradient by such a decision, take both routes' magnitudes there and inject its jump
@@ -453,7 +463,8 @@ class Branches:
                 m = mask.expand(out.shape)
                 return torch.where(m, torch.maximum(a, b), zero), torch.where(m, a + b, zero)
             if base == "masked_fill":
-                t, v = args[0].abs(), abs(float(args[2]))
+                t = (self._target if self._target is not None else args[0]).abs()
+                v = abs(float(args[2]))
                 m = mask.expand(out.shape)
                 return torch.where(m, t.clamp_min(v), zero), torch.where(m, t + v, zero)
             if base == "mul":  # a gradient times a sign (abs's backward): the sign may be the other one
@@ -503,6 +514,7 @@ class MagnitudeMode(TorchDispatchMode):
                     self._decomposing -= 1
         linking = self.branches is not None and not self._decomposing
         if linking:
+            self.branches.before(func, args)
             hit, out = self.branches.replay(func, args, kwargs)
             if hit:
                 return self.branches.link(func, args, kwargs, out)
