@@ -27,6 +27,22 @@ values' branches: ``|x|`` where the op passes ``x``, ``|bound|`` where it clamps
 on a leaky ReLU's negative side, the values' argmax. A call whose recorded shape does not match (the two runs
 drifted apart) falls back to the op on magnitudes and is counted in ``Branches.drift``. Not replayed: max/min
 over a dimension, sort and topk (values and indices together), clamps with tensor bounds.
+
+**Kinks of rounded between code** (the between check, :mod:`densenet_debug.verdict.between`, derives the
+bounds). A run on the values may decide on an operand it rounded itself, where the side's own decision may
+have been the other one. ``Branches.run(..., c)`` keeps, for each deciding call whose operands carry a rounding
+count ``c > 0``, the signed coordinate of its decision (zero on the boundary) and ``c``. With ``roundoff``
+(``u_side + 2^-53``) and ``eta`` set, the magnitude run judges each such call as it replays it: its ambiguous
+elements are those with ``|z| <= c roundoff M_z + c eta`` (``M_z`` the operands' magnitudes there), and there it
+takes the larger magnitude of the branches. Whatever the call decided (its output, and the operand a backward
+reads: a ReLU's result, a threshold's input, a max-pool's indices) is remembered by storage and view (autograd
+hands a saved tensor back as another object), and an op that routes a value by it (the backward ops of
+relu/threshold, leaky ReLU and hardtanh, ``where`` and ``masked_fill`` on a comparison or a logical op of
+comparisons, a product with ``sgn``, a max-pool's backward) takes both routes' magnitudes at those elements
+and, in backward, records its *jump* there: how much its result can change if the decision flips. The
+*allowance run* (``allowance = True``, after :meth:`Branches.restart`) is the same magnitude run with zero seeds
+that adds each recorded jump to the same call's result, so that what reaches a unit is the sum of the jumps
+carried back through ``|J^T|``.
 """
 
 from __future__ import annotations
