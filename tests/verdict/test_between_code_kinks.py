@@ -27,8 +27,8 @@ from tests.verdict.test_between_branches import _ScaleInFloat32
 PAIRS = [("native", "fp64"), ("mkldnn", "native")]
 # The side of the boundary the exact sum must lie on for the side's op, at the boundary, to take the other
 # branch than the float64 re-run (clamp's backward passes at its bound; hardtanh's does not).
-KINDS = {"relu": 1, "leaky_relu": 1, "clamp": -1, "hardtanh": -1, "abs": 1, "maximum": 1, "max_pool": 1,
-         "where": 1}
+KINDS = {"relu": 1, "relu_inplace": 1, "threshold": 1, "leaky_relu": 1, "clamp": -1, "hardtanh": -1, "abs": 1,
+         "maximum": 1, "max_pool": 1, "where": 1}
 
 
 class ResidualKink(nn.Module):
@@ -51,6 +51,10 @@ class ResidualKink(nn.Module):
         u = (h + t) - self.offset
         if self.kind == "relu":
             z = F.relu(u)
+        elif self.kind == "relu_inplace":
+            z = F.relu(u, inplace=True)
+        elif self.kind == "threshold":
+            z = F.threshold(u, 0.0, 0.0)
         elif self.kind == "leaky_relu":
             z = F.leaky_relu(u, 0.1)
         elif self.kind == "clamp":
