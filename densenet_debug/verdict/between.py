@@ -380,12 +380,20 @@ def between_rows(step: int, names: list[str], s_trace: Trace, model64: nn.Module
                                  needed=_open(fwd), needed_grads=_open(bwd), branches=branches)
             _attach(fwd, mfwd)
             _attach(bwd, mbwd)
-            if branches.injections and _open(bwd):  # a decision of the code may go either way: its allowance
+            if branches.injections and (_open(bwd) or _open(fwd)):  # a decision may go either way: allowance
+                jumps = branches.forward_jumps
                 branches.restart()
                 branches.allowance = True
-                _, abwd, _ = _run(model64, modules, cut, watched, data, x64, magnitude=True,
-                                  needed=set(), needed_grads=_open(bwd), branches=branches, allowance=True)
+                afwd, abwd, _ = _run(model64, modules, cut, watched, data, x64, magnitude=True,
+                                     needed=_open(fwd) if jumps else set(), needed_grads=_open(bwd),
+                                     branches=branches, allowance=True)
                 _attach(bwd, abwd, "allowance")
+                if jumps:  # forward: magnitudes with the jumps added, less those without (module docstring)
+                    _attach(fwd, afwd, "allowance")
+                    for group in fwd.values():
+                        for s in group:
+                            if s is not None and s.allowance is not None and s.magnitude is not None:
+                                s.allowance = (s.allowance - s.magnitude).clamp_min_(0.0)
     except RuntimeError as exc:  # a model this run cannot re-enter: say so, never crash the verdict
         if is_allocation_failure(exc):  # no room is no pass: the caller reports it (exit 2)
             raise
@@ -716,6 +724,8 @@ def _rows(step: int, s_trace: Trace, modules: dict[str, nn.Module], fwd: dict[st
             src = sorted(set().union(*(s.tag.src for s, _ in pairs if s is not None)) - {name})
             starts = [callers[p] for p in src if p in callers]
             row.note = _where(src or ["the model input"], [name], starts, callers.get(name, ""), modules, who)
+            if row.status == Status.KINK:
+                row.note += _kink_note(ambiguous)
             rows.append(row)
     for name, samples in bwd.items():
         rec = s_trace[name]

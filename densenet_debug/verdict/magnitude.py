@@ -309,10 +309,11 @@ class Branches:
         self.roundoff: float | None = None  # u_side + 2^-53: set to judge ambiguity in the magnitude runs
         self.eta = 0.0  # the side's underflow
         self.allowance = False  # the allowance run: the injections are added where they were made
-        self.injections: dict[tuple[str, int], Tensor] = {}
+        self.injections: dict[tuple[str, int, bool], Tensor] = {}
         self.ambiguous: dict[str, int] = {}  # op -> ambiguous elements (forward decisions), counted once
         self._links: dict[tuple, tuple[Tensor, str, Tensor, float | Tensor]] = {}
         self._injected: dict[str, int] = {}
+        self._ambs: dict[tuple[str, int], object] = {}  # the magnitude run's ambiguous elements, per call
         self._amb: Tensor | tuple[Tensor, Tensor] | None = None  # the ambiguity of the call being replayed
         self._target: Tensor | None = None  # an in-place routing op's operand before it wrote
 
@@ -376,6 +377,8 @@ class Branches:
     def _ambiguity(self, name: str, k: int, args: tuple, kwargs: dict) -> Tensor | tuple[Tensor, Tensor] | None:
         """Where the values' decision at this call may go either way: ``|z| <= c (u_side + 2^-53) M_z + c eta``
         (a bool per element of ``z``; a max-pool's: per input element, a candidate of an ambiguous window)."""
+        if self.allowance:  # the magnitude run's judgement (this run's forward magnitudes carry its jumps)
+            return self._ambs.get((name, k))
         got = self.coordinates.get((name, k))
         if got is None or self.roundoff is None:
             return None
@@ -384,19 +387,24 @@ class Branches:
         try:
             with torch.no_grad():
                 if base.startswith("max_pool"):
-                    return _pool_candidates(z, args, kwargs, c * self.roundoff, c * self.eta)
-                a = args[0].detach().abs().to(torch.float64)
-                b = _arg(args, kwargs, 1, "other")
-                m = a + b.detach().abs().to(torch.float64) if isinstance(b, Tensor) and base in _TWO_OPERANDS else a
-                amb = z.abs() <= m * (c * self.roundoff) + c * self.eta
-                amb = amb.any(0) if base in _CLAMPS_BASE else amb
+                    amb = _pool_candidates(z, args, kwargs, c * self.roundoff, c * self.eta)
+                else:
+                    a = args[0].detach().abs().to(torch.float64)
+                    b = _arg(args, kwargs, 1, "other")
+                    two = isinstance(b, Tensor) and base in _TWO_OPERANDS
+                    m = a + b.detach().abs().to(torch.float64) if two else a
+                    amb = z.abs() <= m * (c * self.roundoff) + c * self.eta
+                    amb = amb.any(0) if base in _CLAMPS_BASE else amb
         except RuntimeError:  # shapes that do not meet (drift): no ambiguity, so nothing is excused
+            return None
+        if amb is None:
             return None
         first = amb[0] if isinstance(amb, tuple) else amb
         if not bool(first.any()):
             return None
-        if not self.allowance and not in_backward():
+        if not in_backward():
             self.ambiguous[base] = self.ambiguous.get(base, 0) + int(first.sum())
+        self._ambs[(name, k)] = amb
         return amb
 
     def before(self, func: object, args: tuple) -> None:
@@ -423,6 +431,12 @@ class Branches:
                 self._remember(out if isinstance(out, Tensor) else args[0], base, amb, width)
                 if isinstance(args[0], Tensor) and base in _MASKED_BASE | _CLAMPS_BASE:  # a backward may read x
                     self._remember(args[0], base, amb, width)
+            if base == "threshold" and isinstance(out, Tensor) and not in_backward():
+                value = float(_arg(args, kwargs, 2, "value"))
+                if value != float(_arg(args, kwargs, 1, "threshold")):  # x or value: a jump at the threshold
+                    with torch.no_grad():
+                        jump = torch.where(amb, out + abs(value), torch.zeros((), dtype=out.dtype))
+                    out = self._inject(base, name, out, jump)
             return out
         if base in _LOGICAL:
             masks = [self._lookup(a, frozenset(_COMPARED | _LOGICAL)) for a in args if isinstance(a, Tensor)]
@@ -447,16 +461,26 @@ class Branches:
         both, jump = jump
         with torch.no_grad():
             out = out.copy_(torch.maximum(out, both)) if name.endswith("_") else torch.maximum(out, both)
-            if in_backward():
-                key = (base, self._injected.get(base, 0))
-                self._injected[base] = key[1] + 1
-                if self.allowance:
-                    add = self.injections.get(key)
-                    if add is not None and add.shape == out.shape:
-                        out = out.add_(add) if name.endswith("_") else out + add
-                else:
-                    self.injections[key] = jump
+        return self._inject(base, name, out, jump)
+
+    def _inject(self, base: str, name: str, out: Tensor, jump: Tensor) -> Tensor:
+        """The magnitude run records a routing call's jump; the allowance run adds it to the same call's result
+        (calls counted per op, in both runs alike)."""
+        key = (base, self._injected.get(base, 0), in_backward())
+        self._injected[base] = key[1] + 1
+        with torch.no_grad():
+            if not self.allowance:
+                self.injections[key] = jump
+                return out
+            add = self.injections.get(key)
+            if add is not None and add.shape == out.shape:
+                out = out.add_(add) if name.endswith("_") else out + add
         return out
+
+    @property
+    def forward_jumps(self) -> bool:
+        """Whether a routing call of the forward jumped (its forward checks then need an allowance too)."""
+        return any(not backward for _, _, backward in self.injections)
 
     def _jump(self, base: str, args: tuple, kwargs: dict, out: Tensor, mask: Tensor, width: float | Tensor,
               j: int) -> tuple[Tensor, Tensor] | None:

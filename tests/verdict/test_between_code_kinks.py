@@ -25,10 +25,11 @@ from densenet_debug.verdict.report import Status
 from tests.verdict.test_between_branches import _ScaleInFloat32
 
 PAIRS = [("native", "fp64"), ("mkldnn", "native")]
+JUMPS = {"gate", "threshold_value"}  # the forward value jumps at the boundary too (bn's input)
 # The side of the boundary the exact sum must lie on for the side's op, at the boundary, to take the other
 # branch than the float64 re-run (clamp's backward passes at its bound; hardtanh's does not).
 KINDS = {"relu": 1, "relu_inplace": 1, "threshold": 1, "leaky_relu": 1, "clamp": -1, "hardtanh": -1, "abs": 1,
-         "maximum": 1, "max_pool": 1, "where": 1}
+         "maximum": 1, "max_pool": 1, "where": 1, "gate": 1, "threshold_value": 1}
 
 
 class ResidualKink(nn.Module):
@@ -55,6 +56,10 @@ class ResidualKink(nn.Module):
             z = F.relu(u, inplace=True)
         elif self.kind == "threshold":
             z = F.threshold(u, 0.0, 0.0)
+        elif self.kind == "threshold_value":  # a jump in forward: u above 0, -0.5 at and below
+            z = F.threshold(u, 0.0, -0.5)
+        elif self.kind == "gate":  # a jump in forward: h or t
+            z = torch.where(u > 0, h, t)
         elif self.kind == "leaky_relu":
             z = F.leaky_relu(u, 0.1)
         elif self.kind == "clamp":
@@ -113,8 +118,10 @@ def test_a_provoked_kink_of_the_between_code_is_a_kink_not_a_mismatch(kind: str)
         report = diff(*_model(kind, 0, pair[0]), *pair, math_check=False)
         assert report.verdict == "agree", (pair, _show(report))
         kinks = [r for r in _between(report) if r.status == Status.KINK]
-        assert {r.layer for r in kinks} == {"conv1", "conv2"}, (pair, _show(report))
-        assert all(r.quantity == "grad_output" and r.ratio_a > 1 for r in kinks)  # beyond rounding alone
+        expected = {("conv1", "grad_output"), ("conv2", "grad_output")}
+        expected |= {("bn", "input")} if kind in JUMPS else set()
+        assert {(r.layer, r.quantity) for r in kinks} == expected, (pair, _show(report))
+        assert all(r.ratio_a > 1 for r in kinks)  # beyond rounding alone
         assert all("kink" in r.note for r in kinks)
 
 
@@ -131,7 +138,7 @@ def test_fail_on_kink_fails_a_provoked_kink() -> None:
     assert report.verdict == "mismatch"
 
 
-@pytest.mark.parametrize("kind", ["relu", "max_pool", "maximum", "where"])
+@pytest.mark.parametrize("kind", ["relu", "max_pool", "maximum", "where", "gate"])
 def test_a_wrong_gradient_through_the_same_code_is_still_a_between_mismatch(kind: str) -> None:
     """A float32-only fault on conv1's output (channel 1 of its gradient scaled by 1.01) through the same
     kinked code: conv1's between grad_output stays a mismatch (the allowance covers the ambiguous elements
@@ -144,7 +151,7 @@ def test_a_wrong_gradient_through_the_same_code_is_still_a_between_mismatch(kind
         assert rows["conv2"].status == Status.KINK, (pair, _show(report))
 
 
-@pytest.mark.parametrize("kind", ["relu", "max_pool", "clamp"])
+@pytest.mark.parametrize("kind", ["relu", "max_pool", "clamp", "gate"])
 def test_far_from_the_boundary_nothing_is_a_kink(kind: str) -> None:
     """The same code with the offset 1e-4 (relative) away from the side's sum: no element is within rounding of a
     boundary, so no allowance: every between row passes on the rounding bound alone."""
