@@ -70,11 +70,11 @@ abs, the comparisons ``gt``/``ge``/``lt``/``le``/``eq``/``ne`` under ``where``/`
   ``|z| <= c (u_side + 2^-53) M_z + c eta``. A max-pool window is ambiguous when two of its elements differ by
   at most ``2 c (u_side + 2^-53) max M + 2 c eta`` (the sum of both elements' bounds); each such element is a
   candidate argmax.
-* *Forward.* Every covered forward op here is continuous at its boundary (relu, leaky ReLU, clamp,
-  maximum, abs are 1-Lipschitz; a tied max-pool picks values within the bound), so the side's output is
-  within the operand's bound of this run's. The magnitude run takes, at ambiguous elements, the larger
-  magnitude of either branch (``M`` where a ReLU blocks, ``max(M, |bound|)`` for a clamp, the window's
-  largest for a pool), so the bound downstream stays ``c (u_side + 2^-53) M``.
+* *Forward, continuous ops.* Relu, leaky ReLU, clamp, maximum and abs are 1-Lipschitz, and a tied max-pool
+  picks values within the bound, so the side's output is within the operand's bound of this run's. The
+  magnitude run takes, at ambiguous elements, the larger magnitude of either branch (``M`` where a ReLU
+  blocks, ``max(M, |bound|)`` for a clamp, the window's largest for a pool), so the bound downstream stays
+  ``c (u_side + 2^-53) M``.
 * *Backward: the kink allowance.* An op that routes a gradient by such a decision (``threshold_backward``,
   ``leaky_relu_backward``, ``hardtanh_backward``, a ``where``/``masked_fill`` on an ambiguous comparison, a
   gradient times ``sgn``, a max-pool's backward by its indices) may route it the other way at those
@@ -88,11 +88,16 @@ abs, the comparisons ``gt``/``ge``/``lt``/``le``/``eq``/``ne`` under ``where``/`
   row keeps its error against the rounding bound; not a finding, ``--fail-on kink`` makes it one); one that
   fails both is a mismatch. A wrong gradient elsewhere in the tensor, or larger than the jumps, still
   fails: only the ambiguous elements' routes are widened, by what flipping them can change.
-* *Not covered* (they excuse nothing, so such a row still fails): a forward *jump* at an ambiguous element
-  (a ``where`` choosing between different values, ``threshold`` with a value other than its threshold, a
-  comparison's boolean used as a number), a bool mask cast to a float and multiplied, clamps with tensor
-  bounds, max-pool with ``ceil_mode``, 1-d/3-d and adaptive max pools, ``max``/``min``/``sort``/``topk`` over
-  a dimension.
+* *Forward jumps.* A ``where`` choosing between different values on an ambiguous comparison (jump
+  ``<= M_a + M_b``), or ``threshold`` with a value other than its threshold (``<= M + |value|``), changes the
+  forward value itself. The allowance run also adds these jumps to its forward magnitudes; a forward check's
+  allowance is what then arrives at the unit less the magnitude run's arrival, ``F(M + J) - F(M) >= |dF| J``
+  for the nondecreasing evaluation on magnitudes (a product's cross terms only add; for ops not linear in
+  their operands the same heuristic as ``M`` itself). The backward of this run then runs at ``M + J``:
+  larger, never smaller, Jacobian magnitudes. The ambiguous elements are the magnitude run's, kept per call.
+* *Not covered* (they excuse nothing, so such a row still fails): a comparison's boolean cast to a number
+  and multiplied, clamps with tensor bounds, max-pool with ``ceil_mode``, 1-d/3-d and adaptive max pools,
+  ``max``/``min``/``sort``/``topk`` over a dimension.
 
 **Modules called twice.** The trace records a unit's first call only; that call is cut. Later calls run in
 float64 on what they are handed, as between code, and their ops are counted like any other (a conv called

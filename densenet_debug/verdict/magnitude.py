@@ -39,10 +39,11 @@ reads: a ReLU's result, a threshold's input, a max-pool's indices) is remembered
 hands a saved tensor back as another object), and an op that routes a value by it (the backward ops of
 relu/threshold, leaky ReLU and hardtanh, ``where`` and ``masked_fill`` on a comparison or a logical op of
 comparisons, a product with ``sgn``, a max-pool's backward) takes both routes' magnitudes at those elements
-and, in backward, records its *jump* there: how much its result can change if the decision flips. The
-*allowance run* (``allowance = True``, after :meth:`Branches.restart`) is the same magnitude run with zero seeds
-that adds each recorded jump to the same call's result, so that what reaches a unit is the sum of the jumps
-carried back through ``|J^T|``.
+and records its *jump* there: how much its result can change if the decision flips (so does a ``threshold``
+whose value is not its threshold). The *allowance run* (``allowance = True``, after :meth:`Branches.restart`)
+is the same magnitude run with zero seeds, the magnitude run's ambiguous elements, and each recorded jump added
+to the same call's result: what reaches a unit in backward is the sum of the jumps carried back through
+``|J^T|``; in forward, its magnitudes plus the jumps carried forward.
 """
 
 from __future__ import annotations
