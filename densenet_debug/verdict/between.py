@@ -78,22 +78,22 @@ abs, the comparisons ``gt``/``ge``/``lt``/``le``/``eq``/``ne`` under ``where``/`
 * *Backward: the kink allowance.* An op that routes a gradient by such a decision (``threshold_backward``,
   ``leaky_relu_backward``, ``hardtanh_backward``, a ``where``/``masked_fill`` on an ambiguous comparison, a
   gradient times ``sgn``, a max-pool's backward by its indices) may route it the other way at those
-  elements: its result changes there by at most its *jump*, ``J = M_g`` (``|1 - slope| M_g`` for leaky ReLU,
+  elements: its result changes there by at most its *jump*, ``D = M_g`` (``|1 - slope| M_g`` for leaky ReLU,
   ``2 M_g`` through ``sgn``, ``M_a + M_b`` for ``where``, a window's ``M_g`` at each candidate of a pool).
-  To first order the flips add linearly, and a change ``J`` entering the rest of the backward leaves at most
-  ``|J^T| J`` at each unit. That is one more magnitude run, the *allowance run*: the same forward, every seed
-  zero, and each routing op's jump (recorded by the magnitude run) added to its result; what reaches a unit
-  is its allowance ``A`` (0 wherever no ambiguous element reaches it). A grad_output check that fails
-  ``c (u_side + 2^-53) M + c eta`` but passes ``c (u_side + 2^-53) M + c eta + A`` is status ``kink`` (the
+  To first order the flips add linearly, and a change ``D`` entering the rest of the backward (Jacobian
+  ``J``) leaves at most ``|J^T| D`` at each unit. That is one more magnitude run, the *allowance run*: the
+  same forward, every seed zero, and each routing op's jump (recorded by the magnitude run) added to its
+  result; what reaches a unit is its allowance ``A`` (0 wherever no ambiguous element reaches it). A check
+  that fails ``c (u_side + 2^-53) M + c eta`` but passes ``c (u_side + 2^-53) M + c eta + A`` is status ``kink`` (the
   row keeps its error against the rounding bound; not a finding, ``--fail-on kink`` makes it one); one that
   fails both is a mismatch. A wrong gradient elsewhere in the tensor, or larger than the jumps, still
   fails: only the ambiguous elements' routes are widened, by what flipping them can change.
 * *Forward jumps.* A ``where`` choosing between different values on an ambiguous comparison (jump
   ``<= M_a + M_b``), or ``threshold`` with a value other than its threshold (``<= M + |value|``), changes the
   forward value itself. The allowance run also adds these jumps to its forward magnitudes; a forward check's
-  allowance is what then arrives at the unit less the magnitude run's arrival, ``F(M + J) - F(M) >= |dF| J``
+  allowance is what then arrives at the unit less the magnitude run's arrival, ``F(M + D) - F(M) >= |dF| D``
   for the nondecreasing evaluation on magnitudes (a product's cross terms only add; for ops not linear in
-  their operands the same heuristic as ``M`` itself). The backward of this run then runs at ``M + J``:
+  their operands the same heuristic as ``M`` itself). The backward of this run then runs at ``M + D``:
   larger, never smaller, Jacobian magnitudes. The ambiguous elements are the magnitude run's, kept per call.
 * *Not covered* (they excuse nothing, so such a row still fails): a comparison's boolean cast to a number
   and multiplied, clamps with tensor bounds, max-pool with ``ceil_mode``, 1-d/3-d and adaptive max pools,
