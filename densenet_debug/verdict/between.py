@@ -659,6 +659,10 @@ def _run(model: nn.Module, modules: dict[str, nn.Module], cut: list[str], watche
             patched[n] = module.__dict__.get("forward")
             module.forward = replacement(n, module.forward)
         roots: list[Tensor] = []
+        # the tool's own |x| before the modes: an abs under them would be a call the values' run never made
+        x_in = mag(x64)
+        seed_in = None if data.output_seed is None else (
+            torch.zeros_like(data.output_seed) if allowance else mag(data.output_seed))
         seeds: list[Tensor] = []
         with ExitStack() as ctx:
             if tracker is not None:
@@ -667,12 +671,12 @@ def _run(model: nn.Module, modules: dict[str, nn.Module], cut: list[str], watche
                 ctx.enter_context(MagnitudeMode(decompose_fused=True, branches=branches))
             ctx.enter_context(torch.enable_grad())
             stack.append("")
-            out = model(mag(x64))
+            out = model(x_in)
             stack.clear()
             outs = [o for o in tree_flatten(out)[0] if isinstance(o, Tensor)]
             if data.output_seed is not None and len(outs) == 1 and outs[0].requires_grad and \
                     outs[0].shape == data.output_seed.shape:
-                seed = torch.zeros_like(data.output_seed) if allowance else mag(data.output_seed).clone()
+                seed = seed_in.clone()
                 if tracker is not None:
                     tracker.set(seed, _Tag(1.0, frozenset({"the loss"})))
                 roots.append(outs[0])

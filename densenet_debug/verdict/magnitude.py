@@ -98,7 +98,7 @@ _CLAMPS_BASE = {"clamp", "clamp_min", "clamp_max", "hardtanh"}
 _COMPARED = {"gt", "ge", "lt", "le", "eq", "ne"}
 _TWO_OPERANDS = _COMPARED | {"maximum", "minimum"}
 # Ops that decide on their own operands: with rounded operands (c > 0) their decision may be ambiguous.
-_DIRECT = _MASKED_BASE | _CLAMPS_BASE | _TWO_OPERANDS | {"sgn", "sign", "max_pool2d_with_indices"}
+_DIRECT = _MASKED_BASE | _CLAMPS_BASE | _TWO_OPERANDS | {"abs", "sgn", "sign", "max_pool2d_with_indices"}
 _LOGICAL = {"logical_and", "logical_or", "logical_xor", "logical_not"}
 # Ops that route a value or a gradient by an earlier decision, and the operands that carry it.
 _ROUTING: dict[str, tuple[tuple[int, ...], frozenset]] = {
