@@ -408,6 +408,10 @@ class Branches:
         self._ambs[(name, k)] = amb
         return amb
 
+    def ambiguity(self, op: str, call: int) -> object:
+        """The ambiguous elements the magnitude run found at the ``call``-th call of ``op`` (None: none)."""
+        return self._ambs.get((op, call))
+
     def before(self, func: object, args: tuple) -> None:
         """Before an op of a magnitude run: an in-place op that routes by a decision (``masked_fill_``) writes
         its operand, whose magnitude its jump needs."""

@@ -19,9 +19,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import Tensor, nn
 
-from densenet_debug.backends import parse_backend
+from densenet_debug.backends import U64, parse_backend, unit_roundoff
+from densenet_debug.verdict.between import _Tracker
 from densenet_debug.verdict.engine import diff
+from densenet_debug.verdict.magnitude import Branches, MagnitudeMode
 from densenet_debug.verdict.report import Status
+from densenet_debug.verdict.tolerance import underflow
 from tests.verdict.test_between_branches import _ScaleInFloat32
 
 PAIRS = [("native", "fp64"), ("mkldnn", "native")]
@@ -159,3 +162,42 @@ def test_far_from_the_boundary_nothing_is_a_kink(kind: str) -> None:
         report = diff(*_model(kind, 0, pair[0], away=1e-4 * KINDS[kind]), *pair, math_check=False)
         assert report.verdict == "agree", _show(report)
         assert all(r.status == Status.OK for r in _between(report)), _show(report)
+
+
+def _code(h: Tensor, t: Tensor, c: float, floor: Tensor) -> tuple[Tensor, Tensor]:
+    """Between code: a residual sum, an offset, a ReLU; and a maximum of the sum against a floor."""
+    return F.relu((h + t) - c), torch.maximum(h + t, floor)
+
+
+@settings(max_examples=30, deadline=None)
+@given(seed=st.integers(0, 2**16), n=st.integers(1, 64), scale=st.sampled_from([1e-3, 1.0, 1e3]))
+def test_every_element_float32_decides_otherwise_is_ambiguous(seed: int, n: int, scale: float) -> None:
+    """The derived criterion is sound elementwise: wherever float32 evaluation of the code (the side) puts
+    ``(h + t) - c`` or ``h + t - floor`` on another side of 0 than float64 does on the same float32 operands,
+    the magnitude run marks the element ambiguous; and it marks only elements within the bound."""
+    g = torch.Generator().manual_seed(seed)
+    h = torch.randn(n, generator=g) * scale
+    t = torch.randn(n, generator=g) * scale
+    s32 = h + t
+    above = ((h.double() + t.double()) > s32.double()).nonzero().flatten()  # exact sums above their float32 ones
+    i = int(above[0]) if above.numel() else int(torch.randint(0, n, (1,), generator=g))
+    c = float(s32[i])  # element i on the boundary in float32 (relu blocks), above it in float64 (passes)
+    floor = s32[torch.randperm(n, generator=g)]
+    h64, t64, floor64 = h.double(), t.double(), floor.double()
+    branches = Branches()
+    with _Tracker(branches):
+        _code(h64, t64, c, floor64)
+    branches.roundoff, branches.eta = unit_roundoff(torch.float32) + U64, 2 * underflow(torch.float32)
+    with MagnitudeMode(branches=branches):
+        _code(h64.abs(), t64.abs(), c, floor64.abs())
+    u32, u64 = (h + t) - c, (h64 + t64) - c
+    v32, v64 = s32 - floor, (h64 + t64) - floor64
+    for op, side, exact, terms, rounds in (("relu", u32, u64, h64.abs() + t64.abs() + abs(c), 2),
+                                           ("maximum", v32, v64, h64.abs() + t64.abs() + floor64.abs(), 1)):
+        amb = branches.ambiguity(op, 0)
+        flipped = (side > 0) != (exact > 0)
+        flagged = torch.zeros(n, dtype=torch.bool) if amb is None else amb
+        assert bool((flipped <= flagged).all()), (op, int(flipped.sum()), int(flagged.sum()))
+        assert op != "relu" or not above.numel() or bool(flipped[i])  # the property is not vacuous
+        bound = rounds * (branches.roundoff * terms + branches.eta)
+        assert bool((exact.abs()[flagged] <= bound[flagged]).all())
