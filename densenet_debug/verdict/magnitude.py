@@ -27,6 +27,23 @@ values' branches: ``|x|`` where the op passes ``x``, ``|bound|`` where it clamps
 on a leaky ReLU's negative side, the values' argmax. A call whose recorded shape does not match (the two runs
 drifted apart) falls back to the op on magnitudes and is counted in ``Branches.drift``. Not replayed: max/min
 over a dimension, sort and topk (values and indices together), clamps with tensor bounds.
+
+**Kinks of rounded between code** (the between check, :mod:`densenet_debug.verdict.between`, derives the
+bounds). A run on the values may decide on an operand it rounded itself, where the side's own decision may
+have been the other one. ``Branches.run(..., c)`` keeps, for each deciding call whose operands carry a rounding
+count ``c > 0``, the signed coordinate of its decision (zero on the boundary) and ``c``. With ``roundoff``
+(``u_side + 2^-53``) and ``eta`` set, the magnitude run judges each such call as it replays it: its ambiguous
+elements are those with ``|z| <= c roundoff M_z + c eta`` (``M_z`` the operands' magnitudes there), and there it
+takes the larger magnitude of the branches. Whatever the call decided (its output, and the operand a backward
+reads: a ReLU's result, a threshold's input, a max-pool's indices) is remembered by storage and view (autograd
+hands a saved tensor back as another object), and an op that routes a value by it (the backward ops of
+relu/threshold, leaky ReLU and hardtanh, ``where`` and ``masked_fill`` on a comparison or a logical op of
+comparisons, a product with ``sgn``, a max-pool's backward) takes both routes' magnitudes at those elements
+and records its *jump* there: how much its result can change if the decision flips (so does a ``threshold``
+whose value is not its threshold). The *allowance run* (``allowance = True``, after :meth:`Branches.restart`)
+is the same magnitude run with zero seeds, the magnitude run's ambiguous elements, and each recorded jump added
+to the same call's result: what reaches a unit in backward is the sum of the jumps carried back through
+``|J^T|``; in forward, its magnitudes plus the jumps carried forward.
 """
 
 from __future__ import annotations
@@ -38,6 +55,8 @@ import torch
 from torch import Tensor, nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten, tree_map
+
+from densenet_debug._autograd import in_backward
 
 # Ops that only move or create values: magnitudes pass through them unchanged.
 _PASS = {
@@ -74,6 +93,108 @@ _CLAMPS = {"clamp", "clamp_", "clamp_min", "clamp_min_", "clamp_max", "clamp_max
 _CHOICES = {"maximum", "minimum", "max_pool2d_with_indices", "max_pool1d_with_indices",
             "max_pool3d_with_indices"}
 BRANCH_OPS = _MASKED | _CLAMPS | _CHOICES
+_MASKED_BASE = {"relu", "threshold", "leaky_relu"}
+_CLAMPS_BASE = {"clamp", "clamp_min", "clamp_max", "hardtanh"}
+_COMPARED = {"gt", "ge", "lt", "le", "eq", "ne"}
+_TWO_OPERANDS = _COMPARED | {"maximum", "minimum"}
+# Ops that decide on their own operands: with rounded operands (c > 0) their decision may be ambiguous.
+_DIRECT = _MASKED_BASE | _CLAMPS_BASE | _TWO_OPERANDS | {"abs", "sgn", "sign", "max_pool2d_with_indices"}
+_LOGICAL = {"logical_and", "logical_or", "logical_xor", "logical_not"}
+# Ops that route a value or a gradient by an earlier decision, and the operands that carry it.
+_ROUTING: dict[str, tuple[tuple[int, ...], frozenset]] = {
+    "threshold_backward": ((1,), frozenset({"relu", "threshold"})),
+    "leaky_relu_backward": ((1,), frozenset({"leaky_relu"})),
+    "hardtanh_backward": ((1,), frozenset({"hardtanh"})),
+    "where": ((0,), frozenset(_COMPARED | _LOGICAL)),
+    "masked_fill": ((1,), frozenset(_COMPARED | _LOGICAL)),
+    "mul": ((0, 1), frozenset({"sgn", "sign"})),
+    "max_pool2d_with_indices_backward": ((7,), frozenset({"max_pool2d_with_indices"})),
+}
+
+
+def _view_key(t: Tensor) -> tuple:
+    """A tensor as autograd hands it back (a saved tensor is another object on the same storage)."""
+    try:
+        ptr = t.untyped_storage().data_ptr()
+    except (RuntimeError, NotImplementedError):
+        ptr = id(t)
+    return ptr, t.storage_offset(), tuple(t.shape), tuple(t.stride()), t.dtype
+
+
+def _signed(base: str, func: object, args: tuple, kwargs: dict) -> Tensor | None:
+    """A float64 copy of the signed coordinate of a deciding op's operands (zero on its boundary:
+    :func:`densenet_debug.capture.kinks.signed_coordinate`, through the coverage of
+    :mod:`densenet_debug.verdict.inner_kinks`); a max-pool's: its input."""
+    if base.startswith("max_pool"):
+        x = args[0] if args else None
+        return x.detach().to("cpu", torch.float64, copy=True) if isinstance(x, Tensor) and x.dim() == 4 else None
+    from densenet_debug.verdict import inner_kinks  # late: it imports the replay machinery
+
+    rule = inner_kinks._RULES.get(base)
+    if rule is None or rule.reads_result_of or rule.argmax:
+        return None
+    tensors = rule.operands(func, args, kwargs)
+    if tensors is None:
+        return None
+    z = inner_kinks._coordinate(rule.as_op, rule.shift, rule.band, func, args, kwargs, tensors)
+    return None if z is None else z.to("cpu", torch.float64, copy=True)
+
+
+def _pool_geometry(args: tuple, kwargs: dict, first: int) -> tuple | None:
+    """(kernel, stride, padding, dilation) pairs of a 2-d max pool's arguments from ``args[first]``; None with
+    ``ceil_mode`` (not covered: excuses nothing)."""
+    def pair(v: object, default: tuple[int, int]) -> tuple[int, int]:
+        if v is None or (isinstance(v, (list, tuple)) and not v):
+            return default
+        if isinstance(v, int):
+            return (v, v)
+        return (int(v[0]), int(v[-1]))  # type: ignore[index]
+    names = ("kernel_size", "stride", "padding", "dilation", "ceil_mode")
+    got = [_arg(args, kwargs, first + i, n) for i, n in enumerate(names)]
+    if got[4]:
+        return None
+    k = pair(got[0], (1, 1))
+    return k, pair(got[1], k), pair(got[2], (0, 0)), pair(got[3], (1, 1))
+
+
+def _pool_candidates(z: Tensor, args: tuple, kwargs: dict, rel: float, eta: float
+                     ) -> tuple[Tensor, Tensor] | None:
+    """A max-pool over rounded values: (windows whose maximum may be another element, per output; input
+    elements that may be a window's maximum there, per input). A pair of window elements is ambiguous when
+    their values differ by at most ``rel (M_i + M_j) + 2 eta`` (bounded by ``2 rel max M + 2 eta``)."""
+    geometry = _pool_geometry(args, kwargs, 1)
+    if geometry is None or z.dim() != 4:
+        return None
+    (kh, kw), stride, (ph, pw), dil = geometry
+    n, c, h, w = z.shape
+    m = args[0].detach().abs().to(torch.float64).reshape(n * c, 1, h, w)
+    vals = torch.nn.functional.pad(z.reshape(n * c, 1, h, w), (pw, pw, ph, ph), value=-math.inf)
+    mags = torch.nn.functional.pad(m, (pw, pw, ph, ph))
+    cols = torch.nn.functional.unfold(vals, (kh, kw), dilation=dil, stride=stride)  # (n c, K, L)
+    mcols = torch.nn.functional.unfold(mags, (kh, kw), dilation=dil, stride=stride)
+    top = cols.amax(1, keepdim=True)
+    near = (top - cols) <= 2 * rel * mcols.amax(1, keepdim=True) + 2 * eta
+    windows = near.sum(1) >= 2  # (n c, L)
+    chosen = (near & windows.unsqueeze(1)).to(torch.float64)
+    hp, wp = h + 2 * ph, w + 2 * pw
+    cand = torch.nn.functional.fold(chosen, (hp, wp), (kh, kw), dilation=dil, stride=stride)
+    cand = cand[..., ph:ph + h, pw:pw + w].reshape(n, c, h, w) > 0
+    ho = (hp - dil[0] * (kh - 1) - 1) // stride[0] + 1
+    wo = (wp - dil[1] * (kw - 1) - 1) // stride[1] + 1
+    return windows.reshape(n, c, ho, wo), cand
+
+
+def _pool_spread(g: Tensor, windows: Tensor, cand: Tensor, args: tuple, shape: torch.Size) -> Tensor:
+    """Each ambiguous window's gradient magnitude at every candidate it may route to (summed over windows)."""
+    geometry = _pool_geometry(args, {}, 2)
+    if geometry is None:
+        raise RuntimeError("ceil_mode")
+    (kh, kw), stride, (ph, pw), dil = geometry
+    n, c, h, w = shape
+    cols = (g.to(torch.float64) * windows).reshape(n * c, 1, -1).expand(n * c, kh * kw, -1)
+    hp, wp = h + 2 * ph, w + 2 * pw
+    spread = torch.nn.functional.fold(cols, (hp, wp), (kh, kw), dilation=dil, stride=stride)
+    return spread[..., ph:ph + h, pw:pw + w].reshape(n, c, h, w) * cand
 
 
 def _number(v: object, default: float) -> float | None:
@@ -126,18 +247,21 @@ def _bounds(name: str, args: tuple, kwargs: dict) -> tuple[float | None, float |
     return _number(_arg(args, kwargs, 1, "min"), -math.inf), _number(_arg(args, kwargs, 2, "max"), math.inf)
 
 
-def _replay(name: str, args: tuple, kwargs: dict, d: Tensor) -> object:
-    """The op on magnitudes, taking the recorded decision ``d`` (module docstring)."""
+def _replay(name: str, args: tuple, kwargs: dict, d: Tensor, amb: object = None) -> object:
+    """The op on magnitudes, taking the recorded decision ``d`` (module docstring); where ``amb`` (ambiguous
+    elements of rounded between code), the larger magnitude of the branches either way."""
     m = args[0].abs()
-    if name in ("relu", "threshold"):
-        fill = 0.0 if name == "relu" else abs(float(_arg(args, kwargs, 2, "value")))
-        return torch.where(d, m, torch.full_like(m, fill))
-    if name in ("relu_", "threshold_"):
-        fill = 0.0 if name == "relu_" else abs(float(_arg(args, kwargs, 2, "value")))
-        return args[0].abs_().masked_fill_(~d, fill)
+    if name in ("relu", "threshold", "relu_", "threshold_"):
+        fill = 0.0 if name.startswith("relu") else abs(float(_arg(args, kwargs, 2, "value")))
+        out = torch.where(d, m, torch.full_like(m, fill))
+        if isinstance(amb, Tensor):
+            out = torch.where(amb, m.clamp_min(fill), out)
+        return args[0].copy_(out) if name.endswith("_") else out
     if name in ("leaky_relu", "leaky_relu_", "leaky_relu_backward"):
         slope = abs(float(_arg(args, kwargs, 1 if name != "leaky_relu_backward" else 2, "negative_slope", 0.01)))
         out = torch.where(d, m, m * slope)
+        if isinstance(amb, Tensor):
+            out = torch.where(amb, m * max(1.0, slope), out)
         return args[0].copy_(out) if name.endswith("_") else out
     if name in ("threshold_backward", "hardtanh_backward"):
         return torch.where(d, m, torch.zeros_like(m))
@@ -145,12 +269,19 @@ def _replay(name: str, args: tuple, kwargs: dict, d: Tensor) -> object:
         lo, hi = _bounds(name, args, kwargs)
         out = torch.where(d == 0, m, torch.full_like(m, abs(hi)) if math.isfinite(hi) else m)
         out = torch.where(d < 0, torch.full_like(m, abs(lo)) if math.isfinite(lo) else m, out)
+        if isinstance(amb, Tensor):
+            either = m.clamp_min(max([abs(v) for v in (lo, hi) if math.isfinite(v)], default=0.0))
+            out = torch.where(amb, either, out)
         return args[0].copy_(out) if name.endswith("_") else out
     if name in ("maximum", "minimum"):
-        return torch.where(d, m, args[1].abs())
+        out = torch.where(d, m, args[1].abs())
+        return torch.where(amb, torch.maximum(m, args[1].abs()), out) if isinstance(amb, Tensor) else out
     # max-pool: the values' argmax, read out of |x| (indices count within each (sample, channel) plane)
     start = m.dim() - int(name[len("max_pool")])
-    return m.flatten(start).gather(-1, d.flatten(start)).view_as(d), d
+    out = m.flatten(start).gather(-1, d.flatten(start)).view_as(d)
+    if isinstance(amb, tuple):  # an ambiguous window: the largest magnitude in it
+        out = torch.where(amb[0], torch.ops.aten.max_pool2d_with_indices.default(m, *args[1:], **kwargs)[0], out)
+    return out, d
 
 
 # Ops whose whole output is a decision (booleans or indices): the magnitude run takes the values' output.
@@ -174,11 +305,33 @@ class Branches:
         self.recorded: dict[str, list[object]] = {}
         self.used: dict[str, int] = {}
         self.drift = 0
+        # kinks of the code between units (module docstring, "Kinks of rounded between code")
+        self.coordinates: dict[tuple[str, int], tuple[Tensor, float]] = {}  # (op, call) -> (z, c) on the values
+        self.roundoff: float | None = None  # u_side + 2^-53: set to judge ambiguity in the magnitude runs
+        self.eta = 0.0  # the side's underflow
+        self.allowance = False  # the allowance run: the injections are added where they were made
+        self.injections: dict[tuple[str, int, bool], Tensor] = {}
+        self.ambiguous: dict[str, int] = {}  # op -> ambiguous elements (forward decisions), counted once
+        self._links: dict[tuple, tuple[Tensor, str, Tensor, float | Tensor]] = {}
+        self._injected: dict[str, int] = {}
+        self._ambs: dict[tuple[str, int], object] = {}  # the magnitude run's ambiguous elements, per call
+        self._amb: Tensor | tuple[Tensor, Tensor] | None = None  # the ambiguity of the call being replayed
+        self._target: Tensor | None = None  # an in-place routing op's operand before it wrote
 
-    def run(self, func: object, args: tuple, kwargs: dict) -> object:
-        """Run one op of the values' run and record its decision (an in-place op's read before it writes)."""
+    def restart(self) -> None:
+        """Before another magnitude run: replay from the first call again."""
+        self.used, self._links, self._injected, self._amb = {}, {}, {}, None
+
+    def run(self, func: object, args: tuple, kwargs: dict, c: float = 0.0) -> object:
+        """Run one op of the values' run and record its decision (an in-place op's read before it writes);
+        ``c``: the rounding count of its operands (> 0: its signed coordinate is kept, to judge ambiguity)."""
         name = func.overloadpacket.__name__
         d: object = None
+        if c > 0 and name.rstrip("_") in _DIRECT:
+            with torch.no_grad():
+                z = _signed(name.rstrip("_"), func, args, kwargs)
+            if z is not None:
+                self.coordinates[(name, len(self.recorded.get(name, [])))] = (z, c)
         if name in BRANCH_OPS and name.endswith("_"):
             with torch.no_grad():
                 d = _decision(name, args, kwargs, None)
@@ -194,6 +347,7 @@ class Branches:
     def replay(self, func: object, args: tuple, kwargs: dict) -> tuple[bool, object]:
         """(True, result) when the values' run decided at this call, else (False, None)."""
         name = func.overloadpacket.__name__
+        self._amb = None
         k = self.used.get(name, 0)
         self.used[name] = k + 1
         seen = self.recorded.get(name, [])
@@ -201,19 +355,182 @@ class Branches:
             self.drift += bool(seen) or name in BRANCH_OPS
             return False, None
         d = seen[k]
+        self._amb = self._ambiguity(name, k, args, kwargs)
         if d is None:
             return False, None
         if name not in BRANCH_OPS:
-            return True, tree_map(lambda t: t.clone() if isinstance(t, Tensor) else t, d)
+            out = tree_map(lambda t: t.clone() if isinstance(t, Tensor) else t, d)
+            if name.endswith("_") and isinstance(out, Tensor) and isinstance(args[0], Tensor):
+                out = args[0].copy_(out)  # in place (``cond.logical_and_(...)``): later ops read the target
+            return True, out
         if not name.startswith("max_pool") and not isinstance(args[0], Tensor):
             return False, None
         try:
             if not name.startswith("max_pool") and d.shape != args[0].shape and name not in ("maximum", "minimum"):
                 raise RuntimeError("shape")
-            return True, _replay(name, args, kwargs, d)
+            return True, _replay(name, args, kwargs, d, self._amb)
         except RuntimeError:  # the two runs drifted apart: the op on magnitudes, counted
             self.drift += 1
+            self._amb = None
             return False, None
+
+    # -- kinks of rounded between code (module docstring) ----------------------------------------------------
+    def _ambiguity(self, name: str, k: int, args: tuple, kwargs: dict) -> Tensor | tuple[Tensor, Tensor] | None:
+        """Where the values' decision at this call may go either way: ``|z| <= c (u_side + 2^-53) M_z + c eta``
+        (a bool per element of ``z``; a max-pool's: per input element, a candidate of an ambiguous window)."""
+        if self.allowance:  # the magnitude run's judgement (this run's forward magnitudes carry its jumps)
+            return self._ambs.get((name, k))
+        got = self.coordinates.get((name, k))
+        if got is None or self.roundoff is None:
+            return None
+        z, c = got
+        base = name.rstrip("_")
+        try:
+            with torch.no_grad():
+                if base.startswith("max_pool"):
+                    amb = _pool_candidates(z, args, kwargs, c * self.roundoff, c * self.eta)
+                else:
+                    a = args[0].detach().abs().to(torch.float64)
+                    b = _arg(args, kwargs, 1, "other")
+                    two = isinstance(b, Tensor) and base in _TWO_OPERANDS
+                    m = a + b.detach().abs().to(torch.float64) if two else a
+                    amb = z.abs() <= m * (c * self.roundoff) + c * self.eta
+                    amb = amb.any(0) if base in _CLAMPS_BASE else amb
+        except RuntimeError:  # shapes that do not meet (drift): no ambiguity, so nothing is excused
+            return None
+        if amb is None:
+            return None
+        first = amb[0] if isinstance(amb, tuple) else amb
+        if not bool(first.any()):
+            return None
+        if not in_backward():
+            self.ambiguous[base] = self.ambiguous.get(base, 0) + int(first.sum())
+        self._ambs[(name, k)] = amb
+        return amb
+
+    def ambiguity(self, op: str, call: int) -> object:
+        """The ambiguous elements the magnitude run found at the ``call``-th call of ``op`` (None: none)."""
+        return self._ambs.get((op, call))
+
+    def before(self, func: object, args: tuple) -> None:
+        """Before an op of a magnitude run: an in-place op that routes by a decision (``masked_fill_``) writes
+        its operand, whose magnitude its jump needs."""
+        self._target = None
+        name = func.overloadpacket.__name__
+        if self._links and name.endswith("_") and name.rstrip("_") in _ROUTING and args and \
+                isinstance(args[0], Tensor):
+            self._target = args[0].detach().clone()
+
+    def link(self, func: object, args: tuple, kwargs: dict, out: object) -> object:
+        """After an op of a magnitude run: remember which elements of what it decided are ambiguous, and at an op
+        that routes a gradient by such a decision, take both routes' magnitudes there and inject its jump
+        (recorded by the magnitude run, added by the allowance run)."""
+        name = func.overloadpacket.__name__
+        base = name.rstrip("_")
+        amb, self._amb = self._amb, None
+        if amb is not None and base in _DIRECT:
+            width = 2.0 if base in ("sgn", "sign") else 1.0
+            if base.startswith("max_pool"):
+                self._remember(out[1], base, *amb)  # its backward reads the indices: (windows, candidates)
+            else:
+                self._remember(out if isinstance(out, Tensor) else args[0], base, amb, width)
+                if isinstance(args[0], Tensor) and base in _MASKED_BASE | _CLAMPS_BASE:  # a backward may read x
+                    self._remember(args[0], base, amb, width)
+            if base == "threshold" and isinstance(out, Tensor) and not in_backward():
+                value = float(_arg(args, kwargs, 2, "value"))
+                if value != float(_arg(args, kwargs, 1, "threshold")):  # x or value: a jump at the threshold
+                    with torch.no_grad():
+                        jump = torch.where(amb, out + abs(value), torch.zeros((), dtype=out.dtype))
+                    out = self._inject(base, name, out, jump)
+            return out
+        if base in _LOGICAL:
+            masks = [self._lookup(a, frozenset(_COMPARED | _LOGICAL)) for a in args if isinstance(a, Tensor)]
+            masks = [m for m in masks if m is not None]
+            if masks and isinstance(out, Tensor):
+                either = masks[0][0]
+                for m in masks[1:]:
+                    either = either | m[0]
+                self._remember(out, base, either.expand(out.shape), 1.0)
+            return out
+        if base not in _ROUTING or not isinstance(out, Tensor) or not self._links:
+            return out
+        where, kinds = _ROUTING[base]
+        found = [(j, self._lookup(args[j], kinds)) for j in where if j < len(args) and isinstance(args[j], Tensor)]
+        found = [(j, got) for j, got in found if got is not None]
+        if not found:
+            return out
+        j, (mask, width) = found[0]
+        jump = self._jump(base, args, kwargs, out, mask, width, j)
+        if jump is None:
+            return out
+        both, jump = jump
+        with torch.no_grad():
+            out = out.copy_(torch.maximum(out, both)) if name.endswith("_") else torch.maximum(out, both)
+        return self._inject(base, name, out, jump)
+
+    def _inject(self, base: str, name: str, out: Tensor, jump: Tensor) -> Tensor:
+        """The magnitude run records a routing call's jump; the allowance run adds it to the same call's result
+        (calls counted per op, in both runs alike)."""
+        key = (base, self._injected.get(base, 0), in_backward())
+        self._injected[base] = key[1] + 1
+        with torch.no_grad():
+            if not self.allowance:
+                self.injections[key] = jump
+                return out
+            add = self.injections.get(key)
+            if add is not None and add.shape == out.shape:
+                out = out.add_(add) if name.endswith("_") else out + add
+        return out
+
+    @property
+    def forward_jumps(self) -> bool:
+        """Whether a routing call of the forward jumped (its forward checks then need an allowance too)."""
+        return any(not backward for _, _, backward in self.injections)
+
+    def _jump(self, base: str, args: tuple, kwargs: dict, out: Tensor, mask: Tensor, width: float | Tensor,
+              j: int) -> tuple[Tensor, Tensor] | None:
+        """(both routes' magnitudes, the largest change of the result if the decision flips), at ``mask``."""
+        try:
+            zero = torch.zeros((), dtype=out.dtype)
+            if base == "max_pool2d_with_indices_backward":
+                spread = _pool_spread(args[0].abs(), mask, width, args, out.shape).to(out.dtype)  # type: ignore[arg-type]
+                return spread, spread
+            if base in ("threshold_backward", "hardtanh_backward", "leaky_relu_backward"):
+                g = args[0].abs()
+                slope = abs(float(_arg(args, kwargs, 2, "negative_slope", 0.0))) if base == "leaky_relu_backward" \
+                    else 0.0
+                m = mask.expand(out.shape)
+                return torch.where(m, g, zero), torch.where(m, g * abs(1.0 - slope) if slope else g, zero)
+            if base == "where":
+                a, b = (_abs(v) for v in (args[1], args[2]))
+                a = a if isinstance(a, Tensor) else torch.tensor(a, dtype=out.dtype)
+                b = b if isinstance(b, Tensor) else torch.tensor(b, dtype=out.dtype)
+                m = mask.expand(out.shape)
+                return torch.where(m, torch.maximum(a, b), zero), torch.where(m, a + b, zero)
+            if base == "masked_fill":
+                t = (self._target if self._target is not None else args[0]).abs()
+                v = abs(float(args[2]))
+                m = mask.expand(out.shape)
+                return torch.where(m, t.clamp_min(v), zero), torch.where(m, t + v, zero)
+            if base == "mul":  # a gradient times a sign (abs's backward): the sign may be the other one
+                other = args[1 - j]
+                if not isinstance(other, Tensor) or not isinstance(width, float):
+                    return None
+                m = mask.expand(out.shape)
+                return torch.where(m, other.abs(), zero), torch.where(m, other.abs() * width, zero)
+        except RuntimeError:  # shapes that do not meet: nothing injected, so nothing is excused
+            return None
+        return None
+
+    def _remember(self, t: Tensor, kind: str, mask: Tensor, extra: float | Tensor) -> None:
+        """``t`` carries ``kind``'s ambiguous decisions at ``mask`` (``extra``: a sign's jump width, or a
+        max-pool's candidate elements)."""
+        if isinstance(t, Tensor) and mask.shape == t.shape:
+            self._links[_view_key(t)] = (t, kind, mask, extra)  # a strong reference: the storage stays ours
+
+    def _lookup(self, t: Tensor, kinds: frozenset) -> tuple[Tensor, float | Tensor] | None:
+        got = self._links.get(_view_key(t))
+        return None if got is None or got[1] not in kinds else (got[2], got[3])
 
 
 class MagnitudeMode(TorchDispatchMode):
@@ -240,10 +557,16 @@ class MagnitudeMode(TorchDispatchMode):
                         return tree_map(_abs, decomposition(*tree_map(_abs, tuple(args)), **kwargs))
                 finally:
                     self._decomposing -= 1
-        if self.branches is not None and not self._decomposing:
+        linking = self.branches is not None and not self._decomposing
+        if linking:
+            self.branches.before(func, args)
             hit, out = self.branches.replay(func, args, kwargs)
             if hit:
-                return out
+                return self.branches.link(func, args, kwargs, out)
+        out = self._evaluate(func, name, args, kwargs)
+        return self.branches.link(func, args, kwargs, out) if linking else out
+
+    def _evaluate(self, func: object, name: str, args: tuple, kwargs: dict) -> object:
         if name in _PASS or name.startswith("_foreach") and name.endswith("_"):
             return func(*args, **kwargs)
         if "alpha" in kwargs:
