@@ -487,13 +487,17 @@ def _report(side_a: SideResult, side_b: SideResult, oracle: list[Trace], ba: Bac
 
 def summarize(report: DiffReport, nonfinite: dict[str, list[dict]] | None = None) -> str:
     """The one-line verdict; ``nonfinite``: per side, where each step's first NaN/Inf was produced."""
-    kink_rows = sum(1 for r in report.rows if r.status == Status.KINK)
+    kink_rows = sum(1 for r in report.rows if r.status == Status.KINK and r.mode != "between")
+    between_kinks = sum(1 for r in report.rows if r.status == Status.KINK and r.mode == "between")
     sites = {s: [k for k in report.kinks if k.side == s and k.mode == "propagated"] for s in ("a", "b")}
     flips = {s: sum(k.count for k in ks) for s, ks in sites.items()}
     kink_text = (f"; kinks (the other branch of a piecewise op within rounding of its boundary): "
                  f"{report.a} at {flips['a']} "
                  f"element(s) in {len(sites['a'])} unit(s), {report.b} at {flips['b']} in {len(sites['b'])}; they "
                  f"explain {kink_rows} propagated row(s)") if any(flips.values()) else ""
+    if between_kinks:  # a decision the code between units took on values it rounded itself (verdict.between)
+        kink_text += (f"; {between_kinks} between row(s) explained by a branch the code between units took within "
+                      f"rounding of its boundary")
     if report.verdict == "agree":
         return f"agree: {report.a} and {report.b} match the fp64 oracle within derived tolerances{kink_text}"
     f = report.first_divergence or {}

@@ -95,8 +95,9 @@ def kink_line(report: DiffReport) -> str:
     """One line: how many elements took the other branch, where, and how many propagated rows they explain."""
     sites = {s: [k for k in report.kinks if k.side == s and k.mode == "propagated"] for s in ("a", "b")}
     local = sum(k.count for k in report.kinks if k.mode == "local")
-    kink_rows = [r for r in report.rows if r.status == Status.KINK and r.mode != OP]  # op kinks: ops_lines
-    if not any(sites.values()) and not local and not kink_rows:
+    kink_rows = [r for r in report.rows if r.status == Status.KINK and r.mode not in (OP, "between")]
+    between = [r for r in report.rows if r.status == Status.KINK and r.mode == "between"]  # op kinks: ops_lines
+    if not any(sites.values()) and not local and not kink_rows and not between:
         return "kinks: none (no ReLU/max-pool input within rounding of its boundary took the other branch)"
     names = {"a": report.a, "b": report.b}
     per_side = ", ".join(f"{names[s]} {sum(k.count for k in ks)} element(s) in {len({k.layer for k in ks})} unit(s)"
@@ -105,8 +106,11 @@ def kink_line(report: DiffReport) -> str:
     explained = (f"; the counterfactual oracle (taking that branch) explains {len(kink_rows)} propagated row(s), "
                  f"up to {_ratio(worst)}x their first-order tolerance (status kink)") if kink_rows else ""
     excluded = f"; {local} element(s) left out of local rows" if local else ""
+    worst_between = max((sortable(r.worst_ratio) for r in between), default=0.0)
+    in_between = (f"; {len(between)} between row(s) explained by a branch the code between units took within "
+                  f"rounding of its boundary, up to {_ratio(worst_between)}x their rounding bound") if between else ""
     return (f"kinks (the other branch of a ReLU/max-pool within rounding of its boundary): {per_side}{explained}"
-            f"{excluded}; --top N lists them, --json has every row")
+            f"{excluded}{in_between}; --top N lists them, --json has every row")
 
 
 def propagated_line(report: DiffReport) -> str:

@@ -136,6 +136,20 @@ def test_correct_backends_agree_on_every_provoked_seed(seed: int, kind: str, pai
     assert any(r.status == Status.KINK and r.ratio_a > 1 for r in _between(report)), _show(report)
 
 
+def test_the_verdict_line_and_the_kink_line_count_the_between_kinks() -> None:
+    """A reader of the one-line verdict and of the kink line learns that between rows are kinks, not that
+    "0 element(s) in 0 unit(s)" explain them."""
+    from densenet_debug.verdict.render import kink_line
+
+    report = diff(*_model("relu", 0, "native"), "native", "fp64", math_check=False)
+    n = sum(1 for r in _between(report) if r.status == Status.KINK)
+    assert report.verdict == "agree" and n >= 2
+    phrase = f"{n} between row(s) explained by a branch the code between units took within rounding of its boundary"
+    assert phrase in report.summary
+    line = kink_line(report)
+    assert phrase in line and not line.startswith("kinks: none")
+
+
 def test_fail_on_kink_fails_a_provoked_kink() -> None:
     report = diff(*_model("relu", 0, "native"), "native", "fp64", math_check=False, fail_on="kink")
     assert report.verdict == "mismatch"
