@@ -128,6 +128,7 @@ def test_cli_selftest_exits_one_on_a_miss(tmp_path):
     ["--faults", "nope"], ["--faults", "partial_channel_tile=-1"], ["--faults", "bn_invstd_as_var@head.norm"],
     ["--full", "--model", "densenet-bc-10"], ["--model", "resnet"], ["--backend", "native+fault:tf32_round"],
     ["--backend", "bogus"], ["--batch", "0"], ["--json", "."],
+    ["--ops", "--faults", "nope"], ["--ops", "--batch", "0"], ["--ops", "--backend", "native+fault:tf32_round"],
 ])
 def test_cli_selftest_bad_input_is_one_line_and_exit_two(argv, capsys):
     try:

@@ -154,18 +154,6 @@ def test_cli_selftest_ops_exit_one_when_the_op_engine_finds_a_fault_elsewhere(tm
     assert entry["detected"] and entry["ops"]["found"] and not entry["ops"]["localized"] and not entry["ok"]
 
 
-@pytest.mark.parametrize("argv", [["--ops", "--faults", "nope"], ["--ops", "--batch", "0"],
-                                  ["--ops", "--backend", "native+fault:tf32_round"]])
-def test_cli_selftest_ops_bad_input_exit_two(argv, capsys):
-    try:
-        code = main(["selftest", *argv])
-    except SystemExit as exc:  # argparse's own errors
-        code = exc.code
-    assert code == 2
-    err = capsys.readouterr().err.strip()
-    assert err.startswith("densenet-debug selftest: error:") and "\n" not in err
-
-
 @pytest.mark.gpu
 @pytest.mark.parametrize("name", CONTROLS)
 def test_cuda_controls_below_the_capture_are_agreed_by_both_engines(name):
