@@ -91,6 +91,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                             "cudnn[+channels_last][+bf16] on CUDA)")
     audit.add_argument("--audit-layers", type=positive_int, default=None, metavar="K",
                        help="check a random sample of K layers per audit instead of all")
+    audit.add_argument("--audit-ops", action="store_true",
+                       help="each audit also replays every aten op of the audited backend's step on the float64 "
+                            "oracle's inputs to that op (the op engine of diff --ops); a failing op stops training")
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
@@ -103,8 +106,8 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         nesterov=args.nesterov, seed=args.seed, device=device, memory_efficient=args.memory_efficient,
         amp=args.amp, channels_last=args.channels_last, compile=args.compile, sync_bn=args.sync_bn,
         resume=args.resume, limit_batches=args.limit_batches, audit_every=args.audit_every,
-        audit_backend=args.audit_backend, audit_layers=args.audit_layers, plot=not args.no_plot,
-        progress=not args.quiet,
+        audit_backend=args.audit_backend, audit_layers=args.audit_layers, audit_ops=args.audit_ops,
+        plot=not args.no_plot, progress=not args.quiet,
     )
 
 

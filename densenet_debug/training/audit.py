@@ -5,6 +5,12 @@ teacher-forced (:func:`densenet_debug.verdict.engine.local_check`), on all layer
 worst row of each layer group (``stem``, ``block1``, ``trans1`` ... ``head``, by error/tolerance) goes to
 ``audit.csv``; a mismatch stops training with :class:`AuditFailure` naming the layer, the pass and the
 quantity, at the step where it first shows instead of after hundreds of epochs of slow divergence.
+
+With ``ops`` (``--audit-ops``) each audit also judges every aten op of the audited backend's step on the
+float64 oracle's inputs to that op (:func:`densenet_debug.verdict.ops.judge_ops`, the engine of ``diff
+--ops``): an op that only the audited backend runs and that changes values, or one kernel outside its derived
+bound, stops training too, even where every layer's own check passes. Its worst op row per group is logged
+under the group ``GROUP ops`` (the layer column names the module and the op).
 """
 
 from __future__ import annotations
@@ -52,8 +58,9 @@ class GradientAudit:
     """Decides when to audit, runs the local check on rank 0, logs worst rows per group, stops on a mismatch."""
 
     def __init__(self, every: int, backend: str, device: torch.device, *, layers: int | None = None, seed: int = 0,
-                 log: CsvLog | None = None, info: ddp.DistInfo | None = None) -> None:
+                 log: CsvLog | None = None, info: ddp.DistInfo | None = None, ops: bool = False) -> None:
         self.every = every
+        self.ops = ops
         self.backend = backend
         self.device = device
         self.layers = layers
@@ -69,7 +76,7 @@ class GradientAudit:
 
         parse_backend(backend, device)  # an unknown name fails now, in one line, not at the first audit
         return cls(config.audit_every, backend, device, layers=config.audit_layers, seed=config.seed, log=log,
-                   info=info)
+                   info=info, ops=getattr(config, "audit_ops", False))
 
     def due(self, step: int) -> bool:
         return step % self.every == 0
@@ -101,24 +108,40 @@ class GradientAudit:
         model = ddp.revert_sync_batchnorm(ddp.unwrap(net))
         was = model.training
         rows = local_check(model.train(was), x.contiguous(), y, self.backend, units=self.units(model, step))
+        if self.ops:
+            from densenet_debug.verdict.ops import judge_ops
+
+            rows += judge_ops(model, x.contiguous(), y, self.backend).rows
         groups: dict[str, Any] = {}
         for row in rows:
-            g = layer_group(row.layer)
+            g = _group(row)
             if g not in groups or _severity(row) > _severity(groups[g]):
                 groups[g] = row
         worst = list(groups.values())
         if self.log is not None:
             for row in worst:
-                self.log.append([epoch, step, self.backend, layer_group(row.layer), row.layer, row.pass_, row.quantity,
-                                 float(row.error_a), float(row.tolerance), row.status])
+                self.log.append([epoch, step, self.backend, _group(row), row.layer, row.pass_, row.quantity,
+                                 _float(row.error_a), float(row.tolerance), row.status])
         bad = [r for r in rows if r.status in ("mismatch", "nonfinite")]  # NaN/Inf never passes
         if not bad:
             return worst, ""
         r = bad[0]
         where = f"; rows in {self.log.path}" if self.log is not None else ""
-        return worst, (f"step {step} (epoch {epoch}): {r.layer} {r.pass_} {r.quantity} error {float(r.error_a):.3g} "
+        return worst, (f"step {step} (epoch {epoch}): {r.layer} {r.pass_} {r.quantity} error {_float(r.error_a):.3g} "
                        f"> tolerance {float(r.tolerance):.3g} under {self.backend} vs float64"
                        f"{f' (and {len(bad) - 1} more rows)' if len(bad) > 1 else ''}{where}")
+
+
+def _group(row: Any) -> str:
+    """A unit row's layer group; an op row's is its module's, marked ``ops`` (``block2 ops``)."""
+    if getattr(row, "mode", None) == "op":
+        return f"{layer_group(row.layer.split(' · ')[0])} ops"
+    return layer_group(row.layer)
+
+
+def _float(value: Any) -> float:
+    """An error figure for the log: an op row that was not replayed has none (NaN in the CSV)."""
+    return float("nan") if value is None else float(value)
 
 
 def _severity(row: Any) -> float:
@@ -126,5 +149,7 @@ def _severity(row: Any) -> float:
     ratio = getattr(row, "ratio_a", None)
     if ratio is not None:
         return float(ratio)
-    tol = float(row.tolerance)
-    return float(row.error_a) / tol if tol > 0 else float("inf") if float(row.error_a) > 0 else 0.0
+    tol, error = float(row.tolerance), _float(row.error_a)
+    if error != error:  # no figure (an op that was not replayed): nothing to rank it by
+        return 0.0
+    return error / tol if tol > 0 else float("inf") if error > 0 else 0.0

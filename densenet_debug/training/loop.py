@@ -88,6 +88,7 @@ class TrainConfig:
     audit_every: int = 0
     audit_backend: str | None = None
     audit_layers: int | None = None
+    audit_ops: bool = False
     plot: bool = True
     progress: bool = True
 

@@ -122,3 +122,57 @@ def test_groups_sampling_and_default_backend():
     assert all(len(p) == len(set(p)) == 5 and p == sorted(p, key=names.index) for p in picks)
     assert GradientAudit(10, "mkldnn", cpu).units(model, 10) is None  # all layers
     assert audit.due(20) and not audit.due(21)
+
+
+# A user's conv that, under oneDNN in float32 only, multiplies its output by 1 + 2**-22: an op neither the
+# oracle nor another backend runs, changing values by far less than the conv's own tolerance. Every layer's
+# teacher-forced check passes; only the op engine sees it.
+NUDGED_MODEL = '''
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class NudgedConv(nn.Conv2d):
+    def forward(self, x):
+        out = super().forward(x)
+        if torch.backends.mkldnn.enabled and out.dtype == torch.float32:
+            return out * (1 + 2**-22)
+        return out
+
+
+class Net(nn.Module):
+    def __init__(self, num_classes=10):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 6, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(6)
+        self.conv1 = NudgedConv(6, 3, 3, padding=1, bias=False)
+        self.bn = nn.BatchNorm2d(9)
+        self.fc = nn.Linear(9, num_classes)
+
+    def forward(self, x):
+        x = self.stem(x)
+        out = torch.cat((x, self.conv1(F.relu(self.bn1(x)))), 1)
+        return self.fc(torch.flatten(F.adaptive_avg_pool2d(F.relu(self.bn(out)), 1), 1))
+
+
+def nudged(num_classes=10):
+    return Net(num_classes)
+'''
+
+
+def test_audit_ops_stops_on_an_op_only_the_trained_backend_runs(tmp_path, capsys):
+    (tmp_path / "nudged.py").write_text(textwrap.dedent(NUDGED_MODEL))
+    run = ["train", "--model", f"{tmp_path / 'nudged.py'}:nudged", *ARGS, "--limit-batches", "2",
+           "--audit-backend", "mkldnn"]
+    assert main([*run, "--save", str(tmp_path / "units")]) == 0  # every layer's own check passes
+    assert all(r["status"] in ("ok", "kink") for r in _audit_rows(tmp_path / "units" / "audit.csv"))
+
+    code = main([*run, "--audit-ops", "--save", str(tmp_path / "ops")])
+    err = capsys.readouterr().err
+    assert code == 1
+    assert "gradient audit failed: step 2 (epoch 1): conv1 · aten.mul.Tensor (this side only) forward output" in err
+    rows = _audit_rows(tmp_path / "ops" / "audit.csv")
+    bad = [r for r in rows if r["status"] == "mismatch"]
+    assert [(r["group"], r["layer"]) for r in bad] == [("conv1 ops", "conv1 · aten.mul.Tensor (this side only)")]
+    assert {r["group"] for r in rows} >= {"stem", "conv1", "stem ops"}  # units and ops, worst row per group
