@@ -93,6 +93,9 @@ def read_meta(path: str | Path) -> dict:
     if int(version) < 4 and "ops" in meta:
         raise FixtureError(meta_path, f"field ops is not part of schema {schema} (op captures are recorded from "
                                       f"{SCHEMA_OPS} on); an edited meta.json")
+    if int(version) == 4 and "ops" not in meta:
+        raise FixtureError(meta_path, f"schema {schema} without field ops (the op capture it is written for); an "
+                                      "edited meta.json")
     return meta
 
 

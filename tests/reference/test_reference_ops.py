@@ -347,6 +347,13 @@ def test_without_ops_the_fixture_is_schema_2_and_asking_for_ops_is_one_line(reco
     index = json.loads((path / "index.json").read_text())
     assert meta["schema"] == SCHEMA_NO_FUNCTIONS and "ops" not in meta and set(index) == {"schema", "steps"}
     assert check_reference(path, "native", model=model).verdict == "agree"
+    relabelled = json.loads((path / "meta.json").read_text())
+    (tmp_path / "relabelled").mkdir()
+    for f in path.iterdir():
+        shutil.copy(f, tmp_path / "relabelled" / f.name)
+    (tmp_path / "relabelled" / "meta.json").write_text(json.dumps({**relabelled, "schema": SCHEMA_OPS}))
+    with pytest.raises(FixtureError, match="without field ops"):
+        read_fixture(tmp_path / "relabelled")
     with pytest.raises(FixtureError, match="recorded without an op capture"):
         check_reference(path, "native", model=model, ops=True)
     code = main(["check-reference", str(path), "--ops", "--model", _spec(recorded["models"], "functional")])
