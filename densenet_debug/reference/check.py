@@ -9,6 +9,10 @@ stores (schema 3) is a unit too (:func:`bind_functions`; rows of mode ``function
 :func:`densenet_debug.verdict.functions.function_rows`, blamed before the module it ran in and before a failing
 between-units row of the stored truth, :func:`explain_between_by_functions`).
 
+With ``ops=True`` (a fixture recorded with ``record --ops``, schema 4) every aten op of the backend's first step is
+judged too, teacher-forced on the fixture's stored float64 op capture (:func:`add_op_rows`, the op engine of
+``diff --ops`` with the stored capture as its oracle).
+
 A fixture stored with the ``checkpoints`` policy holds the parameter gradients, buffers, logits, loss and the
 tensors between dense layers, not every intermediate tensor (see :mod:`densenet_debug.reference.record`). Its
 oracle is the float64 step recomputed by this PyTorch from the stored inputs and weights, kept whole, so every
