@@ -68,8 +68,12 @@ class GradReference:
 
     def check(self, model: nn.Module, inputs: Tensor, targets: Tensor | None = None, *, name: str | None = None,
               backend: str | list[str] | None = None, steps: int = 1, eval_mode: bool = False,
-              max_mb: float | None = None) -> list:
+              max_mb: float | None = None, ops: bool = False) -> list:
         """Judge ``model`` on ``inputs`` against the stored reference; fail the test at a divergence.
+
+        ``ops``: the reference also stores the float64 oracle's op capture (``--update-reference`` records it)
+        and every aten op of each backend's first step is judged against it too; a reference recorded without
+        one fails the test in one line (re-record it with ``--update-reference``).
 
         ``targets`` default to labels drawn from ``torch.Generator().manual_seed(0)`` over the model's output
         width. ``max_mb``: above it, only checkpoints are stored (see :mod:`densenet_debug.reference.record`).
@@ -83,14 +87,17 @@ class GradReference:
         if targets is None:
             targets = default_targets(model, inputs)
         if self.update:
-            _fail_if(self._record(model, inputs, targets, target, name, steps, eval_mode, max_mb))
+            _fail_if(self._record(model, inputs, targets, target, name, steps, eval_mode, max_mb, ops))
         elif not target.exists():
             _fail_if(f"no gradient reference at {target}; run pytest --update-reference to record it")
         loaded, problem = _load(target, model, inputs, targets, steps, eval_mode)
         _fail_if(problem)
         chosen = backend if backend is not None else (self.backends or [None])
         names = [chosen] if isinstance(chosen, str) else list(chosen)
-        return self._judge(loaded, names, name, target, _device(model))
+        if ops and loaded[0].ops is None:
+            _fail_if(f"{target}: recorded without an op capture, asked to check with ops=True; re-record with "
+                     f"pytest --update-reference")
+        return self._judge(loaded, names, name, target, _device(model), ops)
 
     # -- steps of check ------------------------------------------------------------------------------------------
     def _claim(self, target: Path, name: str) -> None:
@@ -101,7 +108,7 @@ class GradReference:
             f"{target} (the later silently replacing the earlier): give each check its own name="))
 
     def _record(self, model: nn.Module, inputs: Tensor, targets: Tensor, target: Path, name: str, steps: int,
-                eval_mode: bool, max_mb: float | None) -> str | None:
+                eval_mode: bool, max_mb: float | None, ops: bool = False) -> str | None:
         from densenet_debug.errors import UsageError
         from densenet_debug.reference.meta import read_meta
         from densenet_debug.reference.record import DEFAULT_MAX_MB, OracleDisagreement, record_reference
@@ -109,7 +116,7 @@ class GradReference:
         try:
             record_reference(model, inputs, targets, target, name=name, steps=steps, eval_mode=eval_mode,
                              data={"how": f"given by the test {self.test_name}; stored in inputs.npz"},
-                             max_mb=DEFAULT_MAX_MB if max_mb is None else max_mb)
+                             max_mb=DEFAULT_MAX_MB if max_mb is None else max_mb, ops=ops)
         except (UsageError, OracleDisagreement) as exc:
             return f"grad_reference: recording {target} failed: {exc}"
         meta = read_meta(target)
@@ -117,13 +124,15 @@ class GradReference:
         size = sum((target / f).stat().st_size for f in files)
         calls = sum(len(step) for step in meta.get("functions", {}).get("calls", []))
         functions = f", {calls} custom Function call(s)" if calls else ""
+        functions += f", {meta['ops']['records']} ops captured" if "ops" in meta else ""
         self._written.append(
             f"{target}/ for {self.nodeid}: {_qualname(meta['model']['class'])}, {steps} step(s), BN "
             f"{meta['step']['bn_mode']}, {meta.get('units')} units{functions}, policy {meta['storage']['policy']}, "
             f"{size / 1e6:.2f} MB in {', '.join(files)}")
         return None
 
-    def _judge(self, loaded: tuple, names: list[str | None], name: str, target: Path, device: torch.device) -> list:
+    def _judge(self, loaded: tuple, names: list[str | None], name: str, target: Path, device: torch.device,
+               ops: bool = False) -> list:
         import torch
 
         from densenet_debug.errors import UsageError
@@ -150,7 +159,7 @@ class GradReference:
                 on = torch.device("cuda")
             try:
                 result = check_reference(target, b, device=on, loaded=(fixture, model, oracle, recomputed),
-                                         shared=shared)
+                                         shared=shared, ops=ops)
             except UsageError as exc:
                 failures.append(f"backend {b}: {exc}")
                 continue

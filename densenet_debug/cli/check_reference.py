@@ -29,6 +29,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "package.module:factory, called as recorded (with or without num_classes) and "
                              "refused unless its structure matches the fixture's. Required for a fixture of a "
                              "user's model (a fixture never runs code); default: the builder it records")
+    parser.add_argument("--ops", action="store_true",
+                        help="also judge every aten op of each backend's first step, teacher-forced on the fixture's "
+                             "float64 op capture (a fixture recorded with record --ops; one without: exit 2)")
     parser.add_argument("--json", default=None, metavar="P", help="also write the result(s) as JSON to P")
     parser.add_argument("--rows", type=int, default=12, help="table rows to print per backend (default 12)")
     add_threads_arg(parser)
@@ -36,15 +39,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from densenet_debug.reference.check import load_reference, reference_oracle
+    from densenet_debug.reference.check import load_reference, reference_oracle, require_ops
     from densenet_debug.verdict.engine import JudgeCache
 
     check_outputs(args, json=None)
     device = resolve_device(args.device) if args.device else None
     fixture, model = load_reference(args.fixture, spec=args.model)
+    if args.ops:
+        require_ops(fixture)  # before any judging: one line, exit 2
     loaded = (fixture, model, *reference_oracle(fixture, model))
     shared = JudgeCache()
-    results = [check_reference(fixture, b, device=device, loaded=loaded, shared=shared)
+    results = [check_reference(fixture, b, device=device, loaded=loaded, shared=shared, ops=args.ops)
                for b in (args.backend or [None])]
     console = make_console()
     for r in results:

@@ -44,6 +44,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "auto: full when it fits in --max-mb (default auto)")
     parser.add_argument("--max-mb", type=float, default=DEFAULT_MAX_MB,
                         help=f"size limit for --policy auto to store everything (default {DEFAULT_MAX_MB:g})")
+    parser.add_argument("--ops", action="store_true",
+                        help="also store the float64 oracle's op capture of the first step (every aten op forward and "
+                             "backward, its layouts, arguments and values; schema 4), so that check-reference --ops "
+                             "judges a backend op by op")
     parser.add_argument("--force", action="store_true", help="replace an existing fixture of that name")
     add_threads_arg(parser)
     add_quiet_arg(parser)
@@ -74,7 +78,7 @@ def _record(args: argparse.Namespace, target: Path) -> int:
         called = {} if args.num_classes is None else {"num_classes": args.num_classes}
         path = record_reference(model, x, y, target, name=args.name, spec=args.model, factory_kwargs=called,
                                 data=how, steps=args.steps, eval_mode=args.eval, policy=args.policy,
-                                max_mb=args.max_mb)
+                                max_mb=args.max_mb, ops=args.ops)
     except OracleDisagreement as exc:
         print(f"densenet-debug record: refused: {exc}")
         return 1
@@ -84,7 +88,8 @@ def _record(args: argparse.Namespace, target: Path) -> int:
     meta = read_meta(path)
     rebuild = "" if meta["model"]["kind"] == "builder" else (
         f"; check it with --model {args.model} (the fixture stores {meta['model']['spec']} and never imports it)")
+    ops = f", {meta['ops']['records']} ops captured" if "ops" in meta else ""
     print(f"recorded {path}: {args.model}, batch {args.batch}, seed {args.seed}, {args.steps} step(s), "
-          f"BN {'eval' if args.eval else 'train'}, policy {meta['storage']['policy']}, "
+          f"BN {'eval' if args.eval else 'train'}, policy {meta['storage']['policy']}{ops}, "
           f"{size / 1e6:.2f} MB, cross-check {meta['truth']['cross_check']['status']}{rebuild}")
     return 0

@@ -9,6 +9,10 @@ stores (schema 3) is a unit too (:func:`bind_functions`; rows of mode ``function
 :func:`densenet_debug.verdict.functions.function_rows`, blamed before the module it ran in and before a failing
 between-units row of the stored truth, :func:`explain_between_by_functions`).
 
+With ``ops=True`` (a fixture recorded with ``record --ops``, schema 4) every aten op of the backend's first step is
+judged too, teacher-forced on the fixture's stored float64 op capture (:func:`add_op_rows`, the op engine of
+``diff --ops`` with the stored capture as its oracle).
+
 A fixture stored with the ``checkpoints`` policy holds the parameter gradients, buffers, logits, loss and the
 tensors between dense layers, not every intermediate tensor (see :mod:`densenet_debug.reference.record`). Its
 oracle is the float64 step recomputed by this PyTorch from the stored inputs and weights, kept whole, so every
@@ -43,7 +47,8 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor, nn
 
-from densenet_debug.backends import default_pair, environment, one_thread, parse_backend
+from densenet_debug.backends import Backend, default_pair, environment, one_thread, parse_backend
+from densenet_debug.capture.records import Capture
 from densenet_debug.errors import UsageError
 from densenet_debug.models import BUILDERS, build_model, resolve_model
 from densenet_debug.reference.format import Fixture, read_fixture
@@ -61,10 +66,12 @@ from densenet_debug.verdict.report import (
     Row,
     Status,
     UnitKink,
+    failing_ops,
     first_divergence,
     fmt,
     sortable,
     to_json_or_none,
+    with_op,
 )
 from densenet_debug.verdict.tolerance import U64, Precision, fp64_precision
 
@@ -449,9 +456,13 @@ def _accumulated_fp64(trace: Trace, step: int, shared: JudgeCache, prec: Precisi
 def check_reference(
     path: str | Path | Fixture, backend: str | None = None, *, device: str | torch.device | None = None,
     model: nn.Module | None = None, spec: str | None = None, loaded: tuple | None = None,
-    shared: JudgeCache | None = None,
+    shared: JudgeCache | None = None, ops: bool = False,
 ) -> ReferenceResult:
     """Judge ``backend`` (default: PyTorch's default on the device) against the fixture at ``path``.
+
+    ``ops``: also teacher-force every aten op of the backend's first step on the fixture's float64 op capture
+    (schema 4, recorded with ``ops=True``; :func:`add_op_rows`). A fixture without one raises
+    :class:`FixtureError` (one line, exit 2).
 
     ``model``: a user's model to check instead of the recorded spec (same structure required; the stored
     weights are loaded into a copy). ``loaded``: ``(fixture, model, *reference_oracle(...))``, to judge
@@ -464,6 +475,8 @@ def check_reference(
         oracle, recomputed = reference_oracle(fixture, model)
     else:
         fixture, model, oracle, recomputed = loaded
+    if ops:
+        require_ops(fixture)
     name = backend or default_backend(device)
     side = parse_backend(name, device)
     step = fixture.meta.get("step", {})
@@ -503,7 +516,61 @@ def check_reference(
                            "units": len(result.units), "recorded_with": fixture.meta.get("provenance", {})})
     out.nonfinite = result.nonfinite
     out.summary = _summarize(out)
+    if ops:
+        add_op_rows(out, fixture, model, side, eval_mode)
     return out
+
+
+def require_ops(fixture: Fixture) -> Capture:
+    """The fixture's op capture, or :class:`FixtureError` saying it was recorded without one."""
+    if fixture.ops is None:
+        raise FixtureError(fixture.path / "meta.json", "recorded without an op capture (schema "
+                                                       f"{fixture.meta.get('schema')}), nothing to judge op by op "
+                                                       "against; re-record it with `densenet-debug record --ops` "
+                                                       "(Python: ops=True), or check without --ops")
+    return fixture.ops
+
+
+def add_op_rows(result: ReferenceResult, fixture: Fixture, model: nn.Module, side: Backend,
+                eval_mode: bool) -> ReferenceResult:
+    """``result`` with the op rows of ``side``'s first step judged against the fixture's op capture.
+
+    :func:`densenet_debug.verdict.ops.judge_ops` with the stored capture as its oracle: every aten op the side
+    runs is replayed on the stored float64 inputs of the op it aligns with (by key: module path, op, occurrence,
+    the forward op that created its autograd node; nothing process-specific), under the op's derived bound at the
+    side's precision plus the teacher's own float64 one (two float64s that round differently agree), and an op
+    the oracle never ran that changes values is a finding. As ``diff --ops`` merges them
+    (:mod:`densenet_debug.verdict.ops.merge`): the rows join the result's (mode ``op``, labelled
+    ``module · aten.op``), a failing one makes the verdict ``mismatch``, each unit row holding a failing op names
+    it, ``first_divergence`` gains ``op``, ``settings["ops"]`` keeps the rest (matched, one-side-only ops).
+    """
+    from densenet_debug.verdict.ops import judge_ops
+    from densenet_debug.verdict.ops.merge import roll_up
+    from densenet_debug.verdict.ops.render import to_settings
+
+    report = judge_ops(model, fixture.inputs, fixture.targets, side, oracle_capture=require_ops(fixture),
+                       eval_mode=eval_mode)
+    rows = sorted(report.rows, key=lambda r: r.order)
+    failing = failing_ops(rows)
+    roll_up(result.rows, failing)
+    result.rows += rows
+    result.settings["ops"] = to_settings(report)
+    before = result.verdict
+    result.first_divergence = with_op(result.first_divergence, result.rows)
+    judged = {r.layer for r in rows if r.origin != "not replayed"}
+    tail = (f"; per-op check against the fixture's op capture: {len(judged)} op call(s) compared, "
+            f"{len({r.layer for r in failing})} failing")
+    if failing:
+        result.verdict = "mismatch"
+    if before == "mismatch" or not failing:
+        result.summary += tail
+    else:
+        r = failing[0]
+        what = "non-finite (NaN/Inf where the stored float64 is finite)" if r.status == Status.NONFINITE else "wrong"
+        result.summary = (f"mismatch: {result.backend} {what} at op {r.layer} ({r.pass_} {r.quantity}, teacher-forced "
+                          f"op, step {r.step}): error {fmt(r.error_a)} > tolerance {fmt(r.tolerance)}"
+                          f"{'; ' + r.note if r.note else ''}{tail}; unit level: {before}")
+    return result
 
 
 def _summarize(r: ReferenceResult) -> str:

@@ -1,7 +1,8 @@
 """Reference fixtures on disk: ``reference_grads/<name>/``, written whole or not at all, read with every check.
 
-Schema ``densenet-debug/reference/3`` (written as ``/2``, byte for byte what schema 2 was, when the model applies
-no custom autograd Function); a fixture directory holds
+Schema ``densenet-debug/reference/4`` (written as ``/3``, byte for byte what schema 3 was, without an op capture,
+and as ``/2``, byte for byte what schema 2 was, when the model applies no custom autograd Function either); a
+fixture directory holds
 
 * ``meta.json``: what was recorded and how (model, data generation, step, storage policy, how the truth was
   computed), the size and SHA-256 of every other file, provenance. The only file not checksummed (it holds
@@ -21,6 +22,14 @@ no custom autograd Function); a fixture directory holds
   ``entered`` (the modules in the order their forward started, to place each call among the units); meta.json's
   ``functions`` lists the calls and says whether they are stored (policy ``full``) or recomputed. No class and
   no argument that is not a tensor is stored: the check binds the model's own Function by name.
+  Schema 4 (written only for ``record --ops``) adds a top-level ``ops``: the float64 oracle's op capture of the
+  first step (:func:`densenet_debug.verdict.ops.oracle_capture`), every aten op forward and backward with its
+  index, key, phase, op overload, module, input and output layouts, non-tensor arguments as typed JSON (scalars
+  as themselves; tuples, lists, non-finite floats, dtypes, devices, layouts and memory formats as one-tag
+  objects, decoded from a fixed set of tags and nothing else), written inputs, autograd node (its sequence
+  number as a rank within the capture: the absolute number depends on the process), creator, custom Function
+  and checkpoint repeat, and the references of its input and output values in ``trace.npz``; meta.json's
+  ``ops`` says what was recorded. ``check-reference --ops`` judges a backend op by op against it.
 * ``inputs.npz``: ``inputs`` and ``targets`` exactly as fed to the model.
 * ``state.npz``: the initial ``state_dict`` (parameters and buffers) in its own dtype (bfloat16 is stored
   widened to float32, which is exact, and narrowed back on load).
@@ -53,9 +62,11 @@ import torch
 from torch import Tensor
 
 from densenet_debug.atomic import writing_dir
+from densenet_debug.capture.records import ArgumentError, Capture, capture_from_json, capture_to_json
 from densenet_debug.reference.meta import (
     NARROWED_DTYPES,
     SCHEMA,
+    SCHEMA_OPS,
     FixtureError,
     read_meta,
     schema_for,
@@ -87,6 +98,7 @@ class Fixture:
     state: dict[str, Tensor]
     traces: list[Trace]
     stored: list[dict[str, set[str]]] = field(default_factory=list)
+    ops: Capture | None = None  # schema 4: the float64 oracle's op capture of the first step (record --ops)
 
     @property
     def name(self) -> str:
@@ -203,10 +215,11 @@ def _cat_recipe(rec: UnitRecord) -> int | None:
 
 
 def encode_traces(
-    traces: list[Trace], keep: Mapping[str, Iterable[str]] | None = None,
+    traces: list[Trace], keep: Mapping[str, Iterable[str]] | None = None, store: _Store | None = None,
 ) -> tuple[list[dict], dict[str, np.ndarray]]:
-    """``(index, arrays)`` for ``traces``. ``keep``: unit -> quantities to store; None stores everything."""
-    store = _Store()
+    """``(index, arrays)`` for ``traces``. ``keep``: unit -> quantities to store; None stores everything.
+    ``store``: the arrays to add to (shared with an op capture, :func:`encode_ops`)."""
+    store = store if store is not None else _Store()
     index = []
     for trace in traces:
         units = {}
@@ -224,6 +237,64 @@ def encode_traces(
             step["entered"] = list(getattr(trace, "entered", []))
         index.append(step)
     return index, store.arrays
+
+
+def encode_ops(capture: Capture, store: _Store) -> dict:
+    """index.json's ``ops`` (schema 4): every record of the oracle's op capture as JSON
+    (:func:`densenet_debug.capture.records.capture_to_json`: arguments as typed JSON, autograd node numbers as
+    ranks within the capture), every input and output value a key of ``trace.npz`` in its own dtype (float64 for
+    the oracle's floating-point tensors), each distinct tensor once, shared with the unit tensors."""
+    return capture_to_json(capture, lambda t: _ref(t, store))
+
+
+def decode_ops(data: object, arrays: Mapping[str, np.ndarray], where: Path) -> Capture:
+    """The capture :func:`encode_ops` wrote. Every value must have the size and dtype its layout records (a
+    bfloat16 value comes back from its float32 widening); an argument that is not typed JSON, a reference to
+    no array, any other malformed field: :class:`FixtureError`, one line."""
+    tensors: dict[str, Tensor] = {}
+
+    def resolve(ref: object) -> Tensor | None:
+        if ref is None:
+            return None
+        if not isinstance(ref, str):
+            raise FixtureError(where, f"op capture: malformed tensor reference {shown(ref)}")
+        if ref not in arrays:
+            raise FixtureError(where, f"op capture refers to array {ref!r}, which trace.npz lacks")
+        if ref not in tensors:
+            tensors[ref] = torch.from_numpy(arrays[ref])
+        return tensors[ref]
+
+    try:
+        capture = capture_from_json(data, resolve)
+    except FixtureError:
+        raise
+    except ArgumentError as exc:
+        raise FixtureError(where, f"op capture: {exc}; a fixture holds data only") from None
+    except (KeyError, TypeError, ValueError, IndexError, AttributeError) as exc:
+        raise FixtureError(where, f"malformed op capture ({type(exc).__name__}: {_first_line(exc)})") from None
+    for r in capture.records:
+        for what, values, layouts in (("input", r.input_values, r.input_layouts),
+                                      ("output", r.output_values, r.output_layouts)):
+            values = values or []
+            if len(values) != len(layouts):
+                raise FixtureError(where, f"op {r.index} ({r.op}): {len(values)} {what} value(s) for "
+                                          f"{len(layouts)} layout(s)")
+            for i, (t, lo) in enumerate(zip(values, layouts)):
+                if t is None:
+                    continue
+                if lo is None or tuple(t.shape) != tuple(lo.size):
+                    raise FixtureError(where.parent / "trace.npz", f"{what} {i} of op {r.index} ({r.op}) has shape "
+                                                                   f"{tuple(t.shape)}, {where.name} records "
+                                                                   f"{None if lo is None else tuple(lo.size)}")
+                dtype = str(t.dtype).removeprefix("torch.")
+                if dtype != lo.dtype:
+                    if lo.dtype in NARROWED_DTYPES and t.dtype == torch.float32:
+                        values[i] = t.to(NARROWED_DTYPES[lo.dtype])
+                    else:
+                        raise FixtureError(where.parent / "trace.npz", f"{what} {i} of op {r.index} ({r.op}) "
+                                                                       f"has dtype {dtype}, {where.name} records "
+                                                                       f"{lo.dtype}")
+    return capture
 
 
 def calls_of(trace: Trace) -> list:
@@ -452,30 +523,37 @@ def _check_shapes(rec: UnitRecord, state_shapes: Mapping[str, tuple[int, ...]], 
 # -- write / read -------------------------------------------------------------------------------------------
 def write_fixture(
     path: str | Path, meta: dict, inputs: Tensor, targets: Tensor, state: Mapping[str, Tensor],
-    traces: list[Trace], keep: Mapping[str, Iterable[str]] | None = None,
+    traces: list[Trace], keep: Mapping[str, Iterable[str]] | None = None, ops: Capture | None = None,
 ) -> Path:
     """Write a fixture directory atomically; ``meta`` gains ``schema``, ``files`` and storage figures.
 
-    ``meta`` must hold every field :func:`validate_meta` asks for (``record_reference`` writes them all).
+    ``meta`` must hold every field :func:`validate_meta` asks for (``record_reference`` writes them all), and an
+    ``ops`` section exactly when ``ops`` (the oracle's op capture of the first step, schema 4) is given.
     """
     target = Path(path)
-    index, arrays = encode_traces(traces, keep)
+    store = _Store()
+    index, _ = encode_traces(traces, keep, store)
     schema = schema_for(meta)
-    if any("functions" in step for step in index) and schema != SCHEMA:
+    if any("functions" in step for step in index) and schema not in (SCHEMA, SCHEMA_OPS):
         raise ValueError("custom Function calls are stored but meta.json has no functions section")
+    if (ops is not None) != (schema == SCHEMA_OPS):
+        raise ValueError("an op capture is stored exactly when meta.json has an ops section")
+    document: dict = {"schema": schema, "steps": index}
+    if ops is not None:
+        document["ops"] = encode_ops(ops, store)
     payload = {
         "inputs.npz": npz_bytes({"inputs": to_numpy(inputs), "targets": to_numpy(targets)}),
         "state.npz": npz_bytes({k: to_numpy(v) for k, v in state.items()}),
-        "trace.npz": npz_bytes(arrays),
-        "index.json": (json.dumps({"schema": schema, "steps": index}, sort_keys=True, separators=(",", ":"))
+        "trace.npz": npz_bytes(store.arrays),
+        "index.json": (json.dumps(document, sort_keys=True, separators=(",", ":"), allow_nan=False)
                        + "\n").encode(),
     }
     meta = dict(meta)
     meta["schema"] = schema
     meta["state_dtypes"] = {k: str(v.dtype).removeprefix("torch.") for k, v in state.items()
                             if v.dtype in _WIDENED}
-    meta["storage"] = {**meta.get("storage", {}), "arrays": len(arrays),
-                       "tensor_bytes": int(sum(a.nbytes for a in arrays.values()))}
+    meta["storage"] = {**meta.get("storage", {}), "arrays": len(store.arrays),
+                       "tensor_bytes": int(sum(a.nbytes for a in store.arrays.values()))}
     meta["files"] = {name: {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
                      for name, data in sorted(payload.items())}
     validate_meta(meta, target / "meta.json")  # never write what a reader would refuse
@@ -512,15 +590,24 @@ def read_fixture(path: str | Path) -> Fixture:
     if with_calls != stored_calls:
         raise FixtureError(root / "index.json", "holds custom Function calls but meta.json says none are stored"
                            if with_calls else "holds no custom Function calls but meta.json says they are stored")
+    has_ops, recorded_ops = isinstance(index, dict) and "ops" in index, "ops" in meta
+    if has_ops != recorded_ops:
+        raise FixtureError(root / "index.json", "holds an op capture but meta.json has no ops section"
+                           if has_ops else "holds no op capture but meta.json says one is recorded")
     shapes = {k: tuple(t.shape) for k, t in state.items()}
-    traces, stored = decode_traces(steps, load_npz(root / "trace.npz"), root / "index.json", shapes)
+    arrays = load_npz(root / "trace.npz")
+    traces, stored = decode_traces(steps, arrays, root / "index.json", shapes)
+    ops = decode_ops(index["ops"], arrays, root / "index.json") if has_ops else None
+    if ops is not None and len(ops) != meta["ops"]["records"]:
+        raise FixtureError(root / "index.json", f"op capture holds {len(ops)} op(s), meta.json records "
+                                                f"{meta['ops']['records']}")
     classes = meta["model"]["num_classes"]
     for i, trace in enumerate(traces):
         if trace.output is not None and (trace.output.dim() != 2 or trace.output.shape[0] != inputs.shape[0]
                                          or (classes is not None and trace.output.shape[1] != classes)):
             raise FixtureError(root / "trace.npz", f"step {i}: logits of shape {tuple(trace.output.shape)}, expected "
                                                    f"({inputs.shape[0]}, {classes}) (a wrongly shaped trace array)")
-    return Fixture(root, meta, inputs, targets, state, traces, stored)
+    return Fixture(root, meta, inputs, targets, state, traces, stored, ops)
 
 
 def _read_batch(path: Path, meta: dict) -> tuple[Tensor, Tensor]:

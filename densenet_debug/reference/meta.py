@@ -22,10 +22,14 @@ SCHEMA_PREFIX = "densenet-debug/reference/"
 # 2: model.kind, factory_kwargs, structure hash of names and types. 3: 2 plus the model's custom autograd Function
 # calls (meta.json ``functions``, index.json ``steps[i].functions``). A fixture of a model that applies no custom
 # Function is written as 2, byte for byte what this toolkit wrote before 3 (older toolkits still read it); one
-# with Function calls as 3, which an older toolkit refuses rather than silently ignoring them.
-SCHEMA_VERSION = 3
+# with Function calls as 3, which an older toolkit refuses rather than silently ignoring them. 4: 3 plus the float64
+# oracle's op capture of the first step (meta.json ``ops``, index.json ``ops``), written only when asked for
+# (``record --ops``); a fixture without it keeps schema 2 or 3, byte for byte, and a toolkit that reads only up to 3
+# refuses a 4 in one line ("newer than this toolkit reads").
+SCHEMA_VERSION = 4
 SCHEMA_OLDEST = 2  # the oldest schema this toolkit reads
-SCHEMA = f"{SCHEMA_PREFIX}{SCHEMA_VERSION}"
+SCHEMA = f"{SCHEMA_PREFIX}3"  # with custom Function calls
+SCHEMA_OPS = f"{SCHEMA_PREFIX}{SCHEMA_VERSION}"  # with the oracle's op capture
 SCHEMA_NO_FUNCTIONS = f"{SCHEMA_PREFIX}{SCHEMA_OLDEST}"
 FILE_NAMES = ("index.json", "inputs.npz", "state.npz", "trace.npz")  # every file meta.json checksums
 MODEL_KINDS = ("builder", "file", "module", "python")
@@ -76,7 +80,7 @@ def read_meta(path: str | Path) -> dict:
     if not version.isdigit():
         raise FixtureError(meta_path, f"unreadable schema version {version!r}")
     if int(version) > SCHEMA_VERSION:
-        raise FixtureError(meta_path, f"schema {schema} is newer than this toolkit reads ({SCHEMA}); "
+        raise FixtureError(meta_path, f"schema {schema} is newer than this toolkit reads ({SCHEMA_OPS}); "
                                       "upgrade densenet-debug or re-record the fixture")
     if int(version) < SCHEMA_OLDEST:
         raise FixtureError(meta_path, f"schema {schema} is older than {SCHEMA_NO_FUNCTIONS}; re-record it: "
@@ -86,11 +90,20 @@ def read_meta(path: str | Path) -> dict:
     if int(version) < 3 and "functions" in meta:
         raise FixtureError(meta_path, f"field functions is not part of schema {schema} (custom Function calls "
                                       f"are recorded from {SCHEMA} on); an edited meta.json")
+    if int(version) < 4 and "ops" in meta:
+        raise FixtureError(meta_path, f"field ops is not part of schema {schema} (op captures are recorded from "
+                                      f"{SCHEMA_OPS} on); an edited meta.json")
+    if int(version) == 4 and "ops" not in meta:
+        raise FixtureError(meta_path, f"schema {schema} without field ops (the op capture it is written for); an "
+                                      "edited meta.json")
     return meta
 
 
 def schema_for(meta: dict) -> str:
-    """The schema a fixture is written with: 3 when it says anything of custom Function calls, else 2."""
+    """The schema a fixture is written with: 4 with an op capture, else 3 when it says anything of custom Function
+    calls, else 2."""
+    if "ops" in meta:
+        return SCHEMA_OPS
     return SCHEMA if "functions" in meta else SCHEMA_NO_FUNCTIONS
 
 
@@ -185,6 +198,12 @@ def validate_meta(meta: dict, where: Path) -> None:
             raise FixtureError(where, f"field functions.calls must list {meta['step']['steps']} step(s), got "
                                       f"{len(meta['functions']['calls'])}")
         get("functions.stored", lambda v: isinstance(v, bool), "true or false")
+    if "ops" in meta:
+        get("ops", is_dict, "an object")
+        get("ops.step", lambda v: v == 0, "0 (the op capture is of the first step)")
+        get("ops.records", lambda v: _is_int(v), "a non-negative integer")
+        get("ops.phases", lambda v: is_dict(v) and all(_is_int(n) for n in v.values()),  # type: ignore[union-attr]
+            "an object mapping phases to op counts")
     files = meta["files"]
     if set(files) != set(FILE_NAMES):
         extra, missing = sorted(set(files) - set(FILE_NAMES)), sorted(set(FILE_NAMES) - set(files))

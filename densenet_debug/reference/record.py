@@ -31,6 +31,7 @@ from torch import Tensor, nn
 
 from densenet_debug import __version__
 from densenet_debug.backends import one_thread
+from densenet_debug.capture.records import Capture
 from densenet_debug.errors import UsageError
 from densenet_debug.reference.format import ALL_QUANTITIES, DICT_QUANTITIES, calls_of, write_fixture
 from densenet_debug.reference.meta import stored_model_spec
@@ -245,6 +246,7 @@ def record_reference(
     model: nn.Module, inputs: Tensor, targets: Tensor, path: str | Path, *, name: str | None = None,
     spec: str | None = None, factory_kwargs: dict | None = None, data: dict | None = None, steps: int = 1,
     eval_mode: bool = False, policy: str = "auto", max_mb: float = DEFAULT_MAX_MB, check_oracle: bool = True,
+    ops: bool = False,
 ) -> Path:
     """Record the float64 truth of ``steps`` training steps of ``model`` on ``(inputs, targets)`` at ``path``.
 
@@ -253,6 +255,9 @@ def record_reference(
     ``{"num_classes": n}``), stored so that ``check-reference`` rebuilds it the same way (see
     :func:`model_description`); ``data``: how the inputs were generated. The weights are stored too, so the
     fixture rebuilds the exact model. Raises :class:`OracleDisagreement` if the NumPy cross-check fails.
+    ``ops``: also store the float64 oracle's op capture of the first step (schema 4; every aten op forward and
+    backward with its layouts, arguments and float64 values, see :mod:`densenet_debug.reference.format`), so that
+    ``check_reference(..., ops=True)`` judges a backend op by op against it. Not limited by ``max_mb``.
     """
     if policy not in POLICIES:
         raise UsageError(f"unknown storage policy {policy!r}; choose from {', '.join(POLICIES)}")
@@ -262,6 +267,7 @@ def record_reference(
     inputs, targets = inputs.detach().cpu(), targets.detach().cpu()
     state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     traces = one_thread_oracle(model, inputs, targets, steps=steps, eval_mode=eval_mode, keep_graph=False)
+    captured = op_capture(model, inputs, targets, eval_mode) if ops else None
     checked = cross_check(model, inputs, targets, steps, eval_mode) if check_oracle else {"status": "skipped"}
     full_bytes = max(distinct_bytes(t) for t in traces)
     chosen = policy if policy != "auto" else ("full" if full_bytes <= max_mb * 1e6 else "checkpoints")
@@ -300,7 +306,28 @@ def record_reference(
     calls = [[c.label for c in calls_of(t)] for t in traces]
     if any(calls):  # (a model that applies none: no section, schema 2, the same bytes as before schema 3)
         meta["functions"] = function_section(calls, stored=keep is None)
-    return write_fixture(path, meta, inputs, targets, state, traces, keep)
+    if captured is not None:  # (not asked: no section, the same bytes as before schema 4)
+        meta["ops"] = ops_section(captured)
+    return write_fixture(path, meta, inputs, targets, state, traces, keep, ops=captured)
+
+
+def op_capture(model: nn.Module, inputs: Tensor, targets: Tensor, eval_mode: bool) -> Capture:
+    """The float64 oracle's op capture of the first step, as the op judge makes it live
+    (:func:`densenet_debug.verdict.ops.oracle_capture`: a float64 CPU copy, one thread, cross-entropy)."""
+    from densenet_debug.verdict.ops import oracle_capture
+
+    return oracle_capture(model, inputs, targets, eval_mode=eval_mode)
+
+
+def ops_section(captured: Capture) -> dict:
+    """meta.json's ``ops``: what the op capture holds."""
+    return {
+        "step": 0, "records": len(captured), "phases": captured.counts(),
+        "what": ("the float64 oracle's op capture of the first step (densenet_debug.verdict.ops.oracle_capture): "
+                 "every aten op forward and backward with its key, module, layouts, typed non-tensor arguments and "
+                 "float64 input and output values (index.json ops, trace.npz); node numbers as ranks within the "
+                 "capture. check-reference --ops teacher-forces every op of a backend on these values"),
+    }
 
 
 def function_section(calls: list[list[str]], stored: bool) -> dict:

@@ -172,7 +172,7 @@ def test_not_a_directory(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("schema, cause", [
-    ("densenet-debug/reference/4", "newer than this toolkit"),
+    ("densenet-debug/reference/5", "newer than this toolkit"),
     ("densenet-debug/reference/1", "older than .*re-record it: scripts/regen_reference"),
     ("densenet-debug/reference/0", "older than"),
     ("someone-else/1", "not a densenet-debug reference schema"),
