@@ -171,6 +171,16 @@ def distinct_bytes(trace: Trace) -> int:
     return sum(seen.values())
 
 
+def capture_bytes(captured: Capture) -> int:
+    """An upper bound of the bytes an op capture's values take in a fixture (distinct storages)."""
+    seen: dict[int, int] = {}
+    for rec in captured:
+        for t in (rec.input_values or []) + (rec.output_values or []):
+            if isinstance(t, Tensor):
+                seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+    return sum(seen.values())
+
+
 def one_thread_oracle(model: nn.Module, inputs: Tensor, targets: Tensor, steps: int = 1, eval_mode: bool = False,
                       units: list[str] | None = None, keep_graph: bool = True) -> list[Trace]:
     """:func:`densenet_debug.verdict.engine.oracle_traces` (the float64 CPU oracle, ``model`` untouched) run
@@ -257,7 +267,8 @@ def record_reference(
     fixture rebuilds the exact model. Raises :class:`OracleDisagreement` if the NumPy cross-check fails.
     ``ops``: also store the float64 oracle's op capture of the first step (schema 4; every aten op forward and
     backward with its layouts, arguments and float64 values, see :mod:`densenet_debug.reference.format`), so that
-    ``check_reference(..., ops=True)`` judges a backend op by op against it. Not limited by ``max_mb``.
+    ``check_reference(..., ops=True)`` judges a backend op by op against it. It is stored whole, so it must fit
+    in ``max_mb`` itself (else :class:`UsageError`: no storage policy shrinks it).
     """
     if policy not in POLICIES:
         raise UsageError(f"unknown storage policy {policy!r}; choose from {', '.join(POLICIES)}")
@@ -268,6 +279,10 @@ def record_reference(
     state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     traces = one_thread_oracle(model, inputs, targets, steps=steps, eval_mode=eval_mode, keep_graph=False)
     captured = op_capture(model, inputs, targets, eval_mode) if ops else None
+    if captured is not None and (held := capture_bytes(captured)) > max_mb * 1e6:
+        # the op capture is stored whole (every op's float64 inputs and outputs): no policy can shrink it
+        raise UsageError(f"the op capture holds {held / 1e6:.0f} MB of float64 values, over --max-mb {max_mb:g}: "
+                         f"record --ops at a smaller batch, or raise --max-mb")
     checked = cross_check(model, inputs, targets, steps, eval_mode) if check_oracle else {"status": "skipped"}
     full_bytes = max(distinct_bytes(t) for t in traces)
     chosen = policy if policy != "auto" else ("full" if full_bytes <= max_mb * 1e6 else "checkpoints")

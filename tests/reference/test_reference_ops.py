@@ -375,6 +375,17 @@ def test_the_cli_records_and_checks_ops(recorded: dict, tmp_path: Path, capsys: 
     assert [r["verdict"] for r in results] == ["agree", "mismatch"]
 
 
+def test_an_op_capture_over_max_mb_is_refused_in_one_line(recorded: dict, tmp_path: Path,
+                                                          capsys: pytest.CaptureFixture) -> None:
+    """The op capture is stored whole (no policy shrinks it): past --max-mb, say so before writing anything."""
+    spec = _spec(recorded["models"], "functional")
+    code = main(["record", "--name", "big", "--model", spec, "--input-shape", "3,6,6", "--ops", "--max-mb", "0.01",
+                 "--out-dir", str(tmp_path)])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "op capture holds" in err and "--max-mb 0.01" in err and len(err.splitlines()) == 1, err
+    assert not (tmp_path / "big").exists()
+
+
 def test_an_older_toolkit_refuses_schema_4_in_one_line(recorded: dict, monkeypatch: pytest.MonkeyPatch) -> None:
     import densenet_debug.reference.meta as meta
 
