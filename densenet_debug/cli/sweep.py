@@ -32,6 +32,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--b", default=None, metavar="BACKEND", help="second backend (default no-cudnn / native)")
     add_device_arg(parser)
     add_seed_arg(parser)
+    parser.add_argument("--ops", action="store_true",
+                        help="also judge every aten op of each case on the fp64 oracle's inputs to it (as diff "
+                             "--ops); a failing case names its first failing op")
     parser.add_argument("--json", default=None, metavar="PATH", help="write every case's result here")
     add_threads_arg(parser)
     add_quiet_arg(parser)
@@ -52,7 +55,7 @@ def run(args: argparse.Namespace) -> int:
     da, db = default_pair(device)
     a, b = args.a or da, args.b or db
     parse_backend(a, device), parse_backend(b, device)
-    results = run_sweep(a, b, str(device), seed=args.seed)
+    results = run_sweep(a, b, str(device), seed=args.seed, ops=args.ops)
     by_key = {(r.case.layout, r.case.grad, r.case.kernel, r.case.stride, r.case.norm): r for r in results}
     table = Table(title=f"cat -> conv sweep: a = {a}, b = {b}, each case against fp64 "
                         f"(cell: ok, or x and the failing side; nB = batch)")
@@ -70,7 +73,8 @@ def run(args: argparse.Namespace) -> int:
     bad = [r for r in results if r.verdict != "agree"]
     for r in bad:
         f = r.first or {}
-        console.print(f"[red]mismatch[/] {r.case.id}: side {f.get('side')} at {f.get('layer')} "
+        op = f" · {f['op']}" if f.get("op") else ""
+        console.print(f"[red]mismatch[/] {r.case.id}: side {f.get('side')} at {f.get('layer')}{op} "
                       f"({f.get('pass')} {f.get('quantity')}, {f.get('mode')})")
     console.print(f"{len(results) - len(bad)}/{len(results)} cases agree"
                   + ("" if not bad else f"; {len(bad)} mismatch"))

@@ -150,13 +150,19 @@ class CaseResult:
                 "failing_sides": self.failing_sides}
 
 
-def run_case(case: CatConvCase, a: str | Backend, b: str | Backend, seed: int = 0) -> CaseResult:
-    """One case through :func:`densenet_debug.verdict.engine.diff` with a dot-product loss."""
+def run_case(case: CatConvCase, a: str | Backend, b: str | Backend, seed: int = 0, ops: bool = False) -> CaseResult:
+    """One case through :func:`densenet_debug.verdict.engine.diff` with a dot-product loss; ``ops``: every aten
+    op of both sides judged too, as rows of the same report (:func:`densenet_debug.verdict.ops.merge.add_ops`),
+    so a failing case's first divergence names the op (``aten.convolution_backward`` for #708)."""
     from densenet_debug.verdict.engine import diff
     from densenet_debug.verdict.report import FAILING
 
     net, x, target = case_inputs(case, seed)
     report = diff(net, x, target, a, b, eval_mode=case.norm == "eval", loss_fn=dot_loss)
+    if ops:
+        from densenet_debug.verdict.ops.merge import add_ops
+
+        add_ops(report, net, x, target, a, b, loss_fn=dot_loss)
     sides = sorted({r.side for r in report.rows if r.status in FAILING and r.side})
     return CaseResult(case, report.verdict, report.first_divergence,
                       max((r.ratio_a or 0.0) for r in report.rows if r.mode == "local"),
@@ -164,12 +170,12 @@ def run_case(case: CatConvCase, a: str | Backend, b: str | Backend, seed: int = 
 
 
 def run_sweep(a: str, b: str, device: str | None = None, cases: Iterable[CatConvCase] | None = None,
-              seed: int = 0) -> list[CaseResult]:
+              seed: int = 0, ops: bool = False) -> list[CaseResult]:
     ba, bb = parse_backend(a, device), parse_backend(b, device)
     cases = list(cases if cases is not None else sweep_cases())
     results = []
     with progress.step("sweep: cases run", total=len(cases)) as task:
         for c in cases:
-            results.append(run_case(c, ba, bb, seed))
+            results.append(run_case(c, ba, bb, seed, ops))
             task.advance()
     return results

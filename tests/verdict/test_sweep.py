@@ -73,3 +73,12 @@ def test_cudnn_against_native_cuda(case) -> None:
 @pytest.mark.parametrize("case", CASES[::6], ids=lambda c: c.id)
 def test_cudnn_channels_last_and_benchmark(case) -> None:
     assert run_case(case, "cudnn+channels_last", "cudnn-benchmark").verdict == "agree"
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if c.grad == "sliced" and c.batch > 1][::9], ids=lambda c: c.id)
+def test_with_ops_a_708_case_names_the_backward_conv_and_a_correct_pair_agrees(case) -> None:
+    bad = run_case(case, "native", "native+fault:strided_read_as_contiguous@conv", ops=True)
+    assert bad.verdict == "mismatch"
+    first = bad.first if isinstance(bad.first, dict) else bad.first.to_json()
+    assert first["layer"] == "conv" and first["op"] == "aten.convolution_backward", first
+    assert run_case(case, "mkldnn", "native", ops=True).verdict == "agree"
