@@ -11,6 +11,7 @@ import torch
 from densenet_debug import build_model
 from densenet_debug.cli import main
 from densenet_debug.training.audit import GradientAudit, default_backend, layer_group, leaf_names
+from tests.reference.test_reference_ops import MODELS as NUDGED_MODEL
 
 # A conv whose float32 backward goes wrong after `AFTER` training forwards (a kernel that regresses mid-run,
 # e.g. once a cache or an algorithm choice changes). float64 (the oracle) is never affected, as with a real
@@ -124,41 +125,9 @@ def test_groups_sampling_and_default_backend():
     assert audit.due(20) and not audit.due(21)
 
 
-# A user's conv that, under oneDNN in float32 only, multiplies its output by 1 + 2**-22: an op neither the
-# oracle nor another backend runs, changing values by far less than the conv's own tolerance. Every layer's
-# teacher-forced check passes; only the op engine sees it.
-NUDGED_MODEL = '''
-import torch
-import torch.nn.functional as F
-from torch import nn
-
-
-class NudgedConv(nn.Conv2d):
-    def forward(self, x):
-        out = super().forward(x)
-        if torch.backends.mkldnn.enabled and out.dtype == torch.float32:
-            return out * (1 + 2**-22)
-        return out
-
-
-class Net(nn.Module):
-    def __init__(self, num_classes=10):
-        super().__init__()
-        self.stem = nn.Conv2d(3, 6, 3, padding=1, bias=False)
-        self.bn1 = nn.BatchNorm2d(6)
-        self.conv1 = NudgedConv(6, 3, 3, padding=1, bias=False)
-        self.bn = nn.BatchNorm2d(9)
-        self.fc = nn.Linear(9, num_classes)
-
-    def forward(self, x):
-        x = self.stem(x)
-        out = torch.cat((x, self.conv1(F.relu(self.bn1(x)))), 1)
-        return self.fc(torch.flatten(F.adaptive_avg_pool2d(F.relu(self.bn(out)), 1), 1))
-
-
-def nudged(num_classes=10):
-    return Net(num_classes)
-'''
+# The user's model of the op-fixture tests: a conv that, under oneDNN in float32 only, multiplies its output by
+# 1 + 2**-22 (``nudged``), an op neither the oracle nor another backend runs, changing values by far less than
+# the conv's own tolerance. Every layer's teacher-forced check passes; only the op engine sees it.
 
 
 def test_audit_ops_stops_on_an_op_only_the_trained_backend_runs(tmp_path, capsys):
