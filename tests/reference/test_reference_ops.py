@@ -226,6 +226,16 @@ def test_a_correct_backend_agrees_op_by_op(recorded: dict, case: str, backend: s
     assert json.loads(json.dumps(result.to_json()))["verdict"] == "agree"
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["cudnn", "no-cudnn", "cudnn+channels_last"])
+def test_a_cuda_backend_agrees_op_by_op_with_a_capture_recorded_on_the_cpu(recorded: dict, backend: str) -> None:
+    """The stored float64 values are the teacher's inputs wherever the side runs: each op is replayed on CUDA
+    in the side's dtype and layout, and compared on the CPU."""
+    result = _check(recorded, "functional", backend)
+    assert result.verdict == "agree", result.message()
+    assert result.settings["ops"]["matched"] > 0
+
+
 def test_a_planted_side_only_op_is_a_mismatch_at_that_op_only_with_ops(recorded: dict) -> None:
     """The nudge (2**-22, far below the conv's tolerance) passes every unit; op by op it is an op the fixture's
     oracle never ran that changes values, named ``conv1 · aten.mul``."""

@@ -161,6 +161,19 @@ def test_a_planted_708_names_the_convolution_backward_inside_the_failing_unit() 
     assert json.loads(json.dumps(report.to_json()))["first_divergence"]["op"] == "aten.convolution_backward"
 
 
+@pytest.mark.gpu
+def test_cuda_sides_merge_op_rows_and_a_planted_708_names_the_backward_conv() -> None:
+    """The same report with both sides on CUDA (the oracle stays float64 on the CPU): cuDNN against no-cuDNN
+    agree op by op, and the #708 read planted under cuDNN is named at dense.1.conv1's convolution_backward."""
+    report, before = _with_ops(agreeing(), "cudnn", "no-cudnn")
+    assert before == "agree" and report.verdict == "agree", [r.layer for r in _failing(report)]
+    assert any(r.mode == OP for r in report.rows)
+    report, _ = _with_ops(agreeing(), "no-cudnn", "cudnn+fault:strided_read_as_contiguous@dense.1.conv1")
+    assert report.verdict == "mismatch"
+    assert (report.first_divergence["layer"], report.first_divergence["op"]) == ("dense.1.conv1",
+                                                                                  "aten.convolution_backward")
+
+
 def test_a_side_only_op_no_unit_sees_is_the_first_divergence() -> None:
     report, before = _with_ops(nudged(), "mkldnn", "native")
     assert before == "agree", "the unit-level check sees nothing: the rescale is far inside the conv's tolerance"
