@@ -113,7 +113,11 @@ def unit_names(model: nn.Module, x: Tensor, units: UnitSelector) -> list[str] | 
     probe = copy.deepcopy(model)  # the probing forward must not touch the user's model (or its modules' state)
     param = next(probe.parameters(), None)
     like = x.detach().to(param.device, param.dtype) if param is not None and param.is_floating_point() else x
-    found = discover_units(probe, like)
+    try:
+        found = discover_units(probe, like)
+    except RuntimeError:  # parameters of mixed dtypes (a float64 scale beside float32 layers): every side and
+        # the oracle run the model in one dtype, so probe it in one too, float64 (the oracle's)
+        found = discover_units(probe.double(), x.detach().to(torch.float64))
     if units is None:
         return found
     chosen = list(dict.fromkeys(units))

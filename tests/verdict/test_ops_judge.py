@@ -297,6 +297,18 @@ class TinyReLU(nn.Module):
         return self.fc(torch.cat([h1.flatten(1), h2.flatten(1)], 1))
 
 
+def test_diff_takes_a_model_with_parameters_of_mixed_dtypes() -> None:
+    """TinyReLU keeps a float64 scale beside float32 layers: it runs only cast to one dtype, as every side and
+    the oracle run it. The unit probe must cast it too (it crashed in discover_units, a traceback)."""
+    from densenet_debug.verdict.engine import diff
+
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(3, 4, 2, 2, generator=g).round(), torch.tensor([0, 1, 2])
+    report = diff(TinyReLU(), x, y, "mkldnn", "native")
+    assert report.verdict == "agree", report.summary
+    assert {r.layer for r in report.rows if r.mode == "local"} == {"", "fc"}  # its own forward's ops, and fc
+
+
 def test_rounding_across_a_branch_is_a_kink_not_an_error() -> None:
     torch.manual_seed(0)
     g = torch.Generator().manual_seed(0)
