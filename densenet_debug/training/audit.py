@@ -135,7 +135,9 @@ class GradientAudit:
 def _group(row: Any) -> str:
     """A unit row's layer group; an op row's is its module's, marked ``ops`` (``block2 ops``)."""
     if getattr(row, "mode", None) == "op":
-        return f"{layer_group(row.layer.split(' · ')[0])} ops"
+        from densenet_debug.verdict.report import unit_of
+
+        return f"{layer_group(unit_of(row.layer))} ops"
     return layer_group(row.layer)
 
 

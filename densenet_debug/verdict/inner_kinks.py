@@ -310,6 +310,19 @@ _RULES: dict[str, _Rule] = {
 }
 
 
+def decision_coordinate(op: str, func: object, args: tuple, kwargs: dict) -> Tensor | None:
+    """The signed coordinate of piecewise op ``op``'s decision on its operands (zero on the boundary, the sign
+    its branch), as this module reads it for every op it covers; None where it covers none (backward ops that
+    read a forward result, a max-pool's argmax, an op without a rule)."""
+    rule = _RULES.get(op)
+    if rule is None or rule.reads_result_of or rule.argmax:
+        return None
+    tensors = rule.operands(func, args, kwargs)
+    if tensors is None:
+        return None
+    return _coordinate(rule.as_op, rule.shift, rule.band, func, args, kwargs, tensors)
+
+
 def _in_backward() -> bool:
     """Inside an autograd backward pass (a checkpoint's recompute included)."""
     return torch._C._current_graph_task_id() != -1

@@ -130,13 +130,7 @@ def _signed(base: str, func: object, args: tuple, kwargs: dict) -> Tensor | None
         return x.detach().to("cpu", torch.float64, copy=True) if isinstance(x, Tensor) and x.dim() == 4 else None
     from densenet_debug.verdict import inner_kinks  # late: it imports the replay machinery
 
-    rule = inner_kinks._RULES.get(base)
-    if rule is None or rule.reads_result_of or rule.argmax:
-        return None
-    tensors = rule.operands(func, args, kwargs)
-    if tensors is None:
-        return None
-    z = inner_kinks._coordinate(rule.as_op, rule.shift, rule.band, func, args, kwargs, tensors)
+    z = inner_kinks.decision_coordinate(base, func, args, kwargs)
     return None if z is None else z.to("cpu", torch.float64, copy=True)
 
 

@@ -55,7 +55,7 @@ from densenet_debug.verdict.compare import Comparison, compare
 from densenet_debug.verdict.local import precision
 from densenet_debug.verdict.ops.errors import EXACT, OpModel, base_name, op_model
 from densenet_debug.verdict.ops.replay import Unreplayable, in_layout, rebuild_call, storage_numel
-from densenet_debug.verdict.report import FAILING, STATUS_ORDER, Row, Status, sortable
+from densenet_debug.verdict.report import FAILING, STATUS_ORDER, Row, Status, sortable, unit_of
 from densenet_debug.verdict.tolerance import UnitBounds, confidence, fp64_precision, underflow
 
 SCHEMA = "densenet-debug/ops/1"
@@ -135,7 +135,7 @@ class OpReport:
 
 def module_of(row: Row) -> str:
     """The module path of an op row (``"block1.layer01.conv2 · aten.convolution · output"`` -> its first part)."""
-    return row.layer.split(" · ")[0]
+    return unit_of(row.layer)
 
 
 def rollup(rows: list[Row]) -> list[Row]:
