@@ -87,6 +87,30 @@ def test_bad_budget_is_one_line(monkeypatch: pytest.MonkeyPatch) -> None:
         TensorStore()
 
 
+@settings(max_examples=25, deadline=None)
+@given(total_mb=st.floats(64, 2**20, allow_nan=False))
+def test_default_budget_is_4_gib_or_a_fifth_of_memory(total_mb: float) -> None:
+    """The default keeps BC-100's batch 8 in memory on a 24 GB machine; a small machine spills earlier."""
+    from densenet_debug import trace
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.delenv(BUDGET_ENV, raising=False)
+        mp.setattr(trace, "_memory_total_mb", lambda: total_mb)
+        budget = trace.default_budget()
+        assert budget == int(min(4096.0, total_mb / 5) * 2**20)
+        mp.setenv(BUDGET_ENV, "100")  # the variable wins over the machine's size
+        assert trace.default_budget() == 100 * 2**20
+
+
+@pytest.mark.skipif(not Path("/proc/meminfo").exists(), reason="reads Linux's /proc/meminfo")
+def test_memory_total_is_this_machines() -> None:
+    from densenet_debug.trace import _memory_total_mb
+
+    with open("/proc/meminfo") as f:
+        total = next(int(line.split()[1]) / 1024 for line in f if line.startswith("MemTotal:"))
+    assert 0 < _memory_total_mb() <= total
+
+
 def test_spilled_trace_equals_the_in_memory_one_and_stores_aliases_once() -> None:
     model, (x, y) = _model(), _batch(3)
     plain = trace_step(model, x, y)
