@@ -329,12 +329,15 @@ def repeated_addend_count(g: Tensor) -> Tensor:
     rows = g.detach().movedim(1, 0).reshape(c, -1).to(torch.float32)
     if rows.shape[1] == 0:
         return torch.zeros(c, dtype=torch.float64)
-    s = rows.sort(dim=1).values
+    # Grouped by bit pattern: equal patterns are equal float32 values, and the order within a row does not
+    # matter, only that equal values end up adjacent; an int32 sort is ~1/4 faster than a float32 one. The
+    # two zeros (+0, -0: patterns 0 and 0x80000000) differ as patterns and are both left out below.
+    s = rows.view(torch.int32).sort(dim=1).values
     start = torch.ones_like(s, dtype=torch.bool)  # each row's first element starts a run: rows never share one
     torch.ne(s[:, 1:], s[:, :-1], out=start[:, 1:])
     first = start.reshape(-1).nonzero().squeeze(1)  # where each run of equal values starts, row-major
     counts = torch.diff(first, append=first.new_tensor([s.numel()])).to(torch.float64)  # its length m_v
-    keep = s.reshape(-1)[first] != 0  # zeros add exactly
+    keep = s.reshape(-1)[first].view(torch.float32) != 0  # zeros (either sign) add exactly
     channel = torch.div(first[keep], s.shape[1], rounding_mode="floor")
     out = torch.zeros(c, dtype=torch.float64)
     return out.index_add_(0, channel, counts[keep] ** 2)

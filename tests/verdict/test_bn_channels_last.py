@@ -54,6 +54,8 @@ def _grad_bias_bound(g32: Tensor, factor: Tensor) -> Tensor:
 def test_repeated_addend_count() -> None:
     g = torch.tensor([1.0, 1.0, 1.0, 2.0, 0.0, 0.0, 3.0, 3.0]).view(1, 1, 2, 4)
     assert repeated_addend_count(g).tolist() == [3**2 + 1 + 2**2]  # zeros add exactly: not counted
+    signed = torch.tensor([-0.0, 0.0, -0.0, 5.0, 5.0, -5.0]).view(1, 1, 1, 6)  # -0 is a zero too; -5 is not 5
+    assert repeated_addend_count(signed).tolist() == [2**2 + 1]
     distinct = torch.randn(2, 3, 4, 4, dtype=torch.float64)
     assert repeated_addend_count(distinct).tolist() == [32.0] * 3  # no repeats: K_eff = R, the usual model
     assert sum_accumulation_factor(8.0, torch.tensor([4.0, 1e6]), 100).tolist() == [16.0, 99.0]  # capped at R-1
