@@ -217,6 +217,27 @@ def test_leading_table_ranks_op_rows_by_ratio_and_the_html_shows_them() -> None:
     assert "Op rows (--ops)" in page and "aten.convolution_backward" in page
 
 
+class DroppedNet(Net):
+    """A dropout in the user's forward: its random op cannot be replayed on the oracle's inputs."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = F.dropout(self.dense(self.stem(x)), 0.3, training=self.training)
+        out = torch.squeeze(F.avg_pool2d(F.relu(self.bn(out)), out.shape[-1]))
+        return F.log_softmax(self.fc(out), dim=-1)
+
+
+def test_op_calls_left_unjudged_are_counted_in_the_summary_line() -> None:
+    torch.manual_seed(0)
+    report, _ = _with_ops(DroppedNet(), "mkldnn", "native")
+    skipped = [s["skipped"] for s in report.settings["ops"]]
+    assert all(any("random" in why for why in s) for s in skipped), skipped
+    assert "not judged: mkldnn " in report.summary and "native " in report.summary.split("not judged:")[1]
+    n = next(n for why, n in skipped[0].items() if "random" in why)
+    assert f"{n} random op" in report.summary
+    plain, _ = _with_ops(agreeing(), "mkldnn", "native")  # nothing left out: nothing said
+    assert "not judged" not in plain.summary
+
+
 def test_without_ops_the_report_and_its_table_have_no_op_rows() -> None:
     x, y = _data()
     report = diff(agreeing(), x, y, "mkldnn", "native")

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from densenet_debug.backends import Backend, parse_backend
-from densenet_debug.verdict.ops.judge import LossFn, OpReport, judge_ops, oracle_capture
+from densenet_debug.verdict.ops.judge import EMPTY, LossFn, OpReport, judge_ops, oracle_capture
 from densenet_debug.verdict.ops.render import to_settings
 from densenet_debug.verdict.report import (
     OP,
@@ -103,12 +103,26 @@ def _who(report: DiffReport, side: str | None) -> str:
     return {"a": report.a, "b": report.b, "both": f"{report.a} and {report.b}"}.get(side or "", "?")
 
 
+def _not_judged(report: DiffReport) -> str:
+    """The op calls each side left unjudged, by reason (``settings["ops"][i]["skipped"]``), or "": allocations
+    (uninitialised outputs) hold nothing to judge and are not counted."""
+    parts = []
+    for side in report.settings.get("ops", []):
+        why = {reason: n for reason, n in (side.get("skipped") or {}).items() if reason != EMPTY}
+        if why:
+            parts.append(f"{side['backend']} " + ", ".join(f"{n} {reason}" for reason, n in sorted(why.items())))
+    return "; ".join(parts)
+
+
 def _summary(report: DiffReport, before: str, rows: list[Row], failing: list[Row]) -> str:
     """The report's line: as the unit-level check wrote it, with the op that fails inside its first divergence,
     or led by the first failing op when only op rows fail."""
     judged = {r.layer for r in rows if r.origin != "not replayed"}
     tail = (f"; per-op check: {len(judged)} op call(s) compared on the oracle's inputs, "
             f"{len({r.layer for r in failing})} failing")
+    skipped = _not_judged(report)
+    if skipped:  # an op call no row judges is said, never dropped silently (random ops, replays that raised)
+        tail += f"; not judged: {skipped}"
     kinks = sum(r.status == Status.KINK for r in rows)
     if kinks and not failing:
         tail += f", {kinks} op output(s) within tolerance once rounding across a branch boundary is left out (kink)"
