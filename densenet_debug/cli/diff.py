@@ -59,7 +59,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ops", action="store_true",
                         help="also replay every aten op of each side (first step) on the fp64 oracle's inputs to "
                              "that op: rows of mode 'op' (module · aten op · quantity) in the same report and "
-                             "tables; a failing op is a finding, first_divergence names the op")
+                             "tables; a failing op is a finding, first_divergence names the op; with --units, "
+                             "only the ops inside those units")
     add_threads_arg(parser)
     add_quiet_arg(parser)
     parser.add_argument("--json", default=None, metavar="PATH", help="write the JSON report here")
@@ -93,7 +94,7 @@ def run(args: argparse.Namespace) -> int:
     if args.ops:
         from densenet_debug.verdict.ops import add_ops
 
-        add_ops(report, model, x, y, a, b, device=device)
+        add_ops(report, model, x, y, a, b, device=device, units=units)
     console = make_console()
     print_report(report, console, args.top)
     if args.bisect and report.verdict == "mismatch":

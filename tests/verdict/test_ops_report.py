@@ -28,6 +28,7 @@ from densenet_debug.verdict.report import (
     Row,
     Status,
     first_divergence,
+    unit_of,
     with_op,
 )
 
@@ -236,6 +237,20 @@ def test_op_calls_left_unjudged_are_counted_in_the_summary_line() -> None:
     assert f"{n} random op" in report.summary
     plain, _ = _with_ops(agreeing(), "mkldnn", "native")  # nothing left out: nothing said
     assert "not judged" not in plain.summary
+
+
+def test_with_units_only_the_ops_inside_them_are_rows_and_findings() -> None:
+    """A failing op outside the units asked for is not reported; inside them it still is."""
+    x, y = _data()
+    outside = diff(nudged(), x, y, "mkldnn", "native", units=["dense.1"])
+    add_ops(outside, nudged(), x, y, "mkldnn", "native", units=["dense.1"])
+    ops = [r for r in outside.rows if r.mode == OP]
+    assert ops and all(unit_of(r.layer) == "dense.1" or unit_of(r.layer).startswith("dense.1.") for r in ops)
+    assert outside.verdict == "agree", [r.layer for r in _failing(outside)]  # the nudge is in dense.0
+    within = diff(nudged(), x, y, "mkldnn", "native", units=["dense.0"])
+    add_ops(within, nudged(), x, y, "mkldnn", "native", units=["dense.0"])
+    assert within.verdict == "mismatch"
+    assert any(r.mode == OP and unit_of(r.layer).startswith("dense.0") for r in _failing(within))
 
 
 def test_without_ops_the_report_and_its_table_have_no_op_rows() -> None:

@@ -21,6 +21,7 @@ only (never dropped silently), the elements where the side's own run took anothe
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import replace
 
 import torch
 import torch.nn.functional as F
@@ -48,16 +49,30 @@ from densenet_debug.verdict.report import (
 
 def add_ops(report: DiffReport, model: nn.Module, x: Tensor, y: Tensor, a: str | Backend | None = None,
             b: str | Backend | None = None, *, device: str | torch.device | None = None,
-            eval_mode: bool | None = None, loss_fn: LossFn = F.cross_entropy) -> DiffReport:
+            eval_mode: bool | None = None, loss_fn: LossFn = F.cross_entropy,
+            units: Sequence[str] | None = None) -> DiffReport:
     """Judge every op of sides ``a`` and ``b`` (default: the report's) on one fp64 oracle capture of ``x, y``
     and merge the rows into ``report`` (:func:`merge_ops`); ``eval_mode`` defaults to the report's setting.
-    ``model`` is not changed."""
+    ``units`` (module names, as ``diff``'s): only the ops that ran inside one of them are kept, so an op outside
+    what was asked for is neither a row nor a finding. ``model`` is not changed."""
     specs = (a if a is not None else report.a, b if b is not None else report.b)
     mode = bool(report.settings.get("eval", False)) if eval_mode is None else eval_mode
     oracle = oracle_capture(model, x, y, loss_fn=loss_fn, eval_mode=mode)
     sides = [judge_ops(model, x, y, spec if isinstance(spec, Backend) else parse_backend(spec, device),
                        oracle_capture=oracle, loss_fn=loss_fn, eval_mode=mode) for spec in specs]
+    if units:
+        sides = [_within(side, units) for side in sides]
     return merge_ops(report, sides)
+
+
+def _within(side: OpReport, units: Sequence[str]) -> OpReport:
+    """``side`` less the op rows, one-side ops and kinks that ran outside every one of ``units``."""
+    def kept(module: str) -> bool:
+        return any(inside(module, u) for u in units)
+
+    return replace(side, rows=[r for r in side.rows if kept(unit_of(r.layer))],
+                   unmatched=[u for u in side.unmatched if kept(u.unit)],
+                   kinks=[k for k in side.kinks if kept(k.unit)])
 
 
 def merge_ops(report: DiffReport, sides: Sequence[OpReport]) -> DiffReport:
