@@ -12,6 +12,9 @@ A correct backend must agree on every seed. Styles (each DenseNet-BC-100, k = 12
   ``torch.utils.checkpoint`` (non-reentrant).
 * ``twice``: ``torchvision`` whose final batch norm is applied a second time after the last block's norm
   (a module called twice in one forward).
+* ``branch``: ``torchvision`` with Python branches in ``forward``: a layer concatenates only when it is handed
+  more than one tensor (each block's first layer takes its input as it is), and the head pools by the
+  feature map's size when the input is CIFAR-sized, adaptively otherwise (``if`` on a shape, as user code does).
 * ``channels_last``: our BC-100 with both sides in channels_last (``--a``/``--b`` get ``+channels_last``).
 
 Figures: per style, the verdict of every seed and the wall time of each diff; ``agree`` = all seeds agree.
@@ -27,11 +30,11 @@ import time
 from collections import OrderedDict
 from pathlib import Path
 
-STYLES = ("seed", "torchvision", "torchvision-checkpointed", "twice", "channels_last")
+STYLES = ("seed", "torchvision", "torchvision-checkpointed", "twice", "branch", "channels_last")
 SEED_STYLE = Path(__file__).resolve().parents[2] / "tests" / "models" / "user_models" / "seed_style.py"
 
 
-def _torchvision_style(checkpointed: bool, twice: bool):  # noqa: ANN202 - torch is imported lazily
+def _torchvision_style(checkpointed: bool, twice: bool, branch: bool = False):  # noqa: ANN202 - torch lazily
     import torch
     import torch.nn.functional as F
     import torch.utils.checkpoint as cp
@@ -47,7 +50,8 @@ def _torchvision_style(checkpointed: bool, twice: bool):  # noqa: ANN202 - torch
 
         def forward(self, *prev):  # noqa: ANN002, ANN201
             def bottleneck(*inputs):  # noqa: ANN002, ANN202
-                return self.conv1(self.relu1(self.norm1(torch.cat(inputs, 1))))
+                x = inputs[0] if branch and len(inputs) == 1 else torch.cat(inputs, 1)
+                return self.conv1(self.relu1(self.norm1(x)))
 
             if checkpointed and any(t.requires_grad for t in prev):
                 out = cp.checkpoint(bottleneck, *prev, use_reentrant=False)
@@ -90,6 +94,8 @@ def _torchvision_style(checkpointed: bool, twice: bool):  # noqa: ANN202 - torch
             if twice:  # the final norm once more: a module called twice, BN statistics updated twice
                 out = self.features.norm5(out)
             out = F.relu(out, inplace=True)
+            if branch and x.shape[-1] >= 32:  # CIFAR-sized: pool by the map's size (the seed's avg_pool2d(., 8))
+                return self.classifier(torch.flatten(F.avg_pool2d(out, out.shape[-1]), 1))
             return self.classifier(torch.flatten(F.adaptive_avg_pool2d(out, (1, 1)), 1))
 
     return DenseNet()
@@ -109,7 +115,7 @@ def _model(style: str, seed: int):  # noqa: ANN202
         from densenet_debug.models import build_model
 
         return build_model("densenet-bc-100")
-    return _torchvision_style(style == "torchvision-checkpointed", style == "twice")
+    return _torchvision_style(style == "torchvision-checkpointed", style == "twice", style == "branch")
 
 
 def _anchor(model, x, y, names: list[str]) -> float:  # noqa: ANN001
