@@ -53,6 +53,7 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -326,21 +327,35 @@ def repeated_addend_count(g: Tensor) -> Tensor:
     does not depend on the side's precision and bounds stay linear in it (:meth:`Precision.plus`).
     """
     c = g.shape[1]
-    rows = g.detach().movedim(1, 0).reshape(c, -1).to(torch.float32)
-    if rows.shape[1] == 0:
+    g = g.detach().cpu()
+    if g.dtype not in (torch.float64, torch.float32, torch.float16):  # NumPy has no bfloat16: exact to float32
+        g = g.to(torch.float32)
+    if g.numel() == 0:
         return torch.zeros(c, dtype=torch.float64)
+    # channels first, as float32, in one copy (NumPy's strided cast: a third of torch's movedim + reshape + to)
+    rows = np.ascontiguousarray(g.numpy().transpose(1, 0, *range(2, g.dim())), dtype=np.float32).reshape(c, -1)
     # Grouped by bit pattern: equal patterns are equal float32 values, and the order within a row does not
-    # matter, only that equal values end up adjacent; an int32 sort is ~1/4 faster than a float32 one. The
-    # two zeros (+0, -0: patterns 0 and 0x80000000) differ as patterns and are both left out below.
-    s = rows.view(torch.int32).sort(dim=1).values
-    start = torch.ones_like(s, dtype=torch.bool)  # each row's first element starts a run: rows never share one
-    torch.ne(s[:, 1:], s[:, :-1], out=start[:, 1:])
-    first = start.reshape(-1).nonzero().squeeze(1)  # where each run of equal values starts, row-major
-    counts = torch.diff(first, append=first.new_tensor([s.numel()])).to(torch.float64)  # its length m_v
-    keep = s.reshape(-1)[first].view(torch.float32) != 0  # zeros (either sign) add exactly
-    channel = torch.div(first[keep], s.shape[1], rounding_mode="floor")
-    out = torch.zeros(c, dtype=torch.float64)
-    return out.index_add_(0, channel, counts[keep] ** 2)
+    # matter, only that equal values end up adjacent. The two zeros (+0, -0: patterns 0 and 0x80000000) differ
+    # as patterns and are both left out. NumPy throughout (its SIMD sort: 6 ms against torch's 75-110 ms for a
+    # 216 x 8192 block-1 grad_output, one thread; the run bookkeeping then costs a few passes, not a dozen).
+    s = np.sort(rows.view(np.int32), axis=1)
+    nonzero = (s & 0x7FFFFFFF) != 0
+    k = np.count_nonzero(nonzero, axis=1).astype(np.float64)  # every nonzero addend once: sum_v m_v if none repeat
+    repeats = np.flatnonzero(((s[:, 1:] == s[:, :-1]) & nonzero[:, 1:]).any(axis=1))
+    if repeats.size:  # rows where a nonzero value repeats: add m_v^2 - m_v for each run of equal values
+        sub = s[repeats]
+        n = sub.shape[1]
+        bounds = np.ones((len(repeats), n + 1), dtype=bool)  # a run starts at column 0 and ends at column n
+        np.not_equal(sub[:, 1:], sub[:, :-1], out=bounds[:, 1:n])
+        edges = np.flatnonzero(bounds)  # run boundaries, row-major over (rows, n + 1)
+        starts, lengths = edges[:-1], np.diff(edges)
+        runs = (starts % (n + 1)) != n  # a row's end sentinel starts no run (its pair spans two rows)
+        starts, lengths = starts[runs], lengths[runs].astype(np.float64)
+        row, col = np.divmod(starts, n + 1)
+        counted = (sub[row, col] & 0x7FFFFFFF) != 0  # zeros add exactly
+        k[repeats] += np.bincount(row[counted], weights=lengths[counted] ** 2 - lengths[counted],
+                                  minlength=len(repeats))
+    return torch.from_numpy(k)
 
 
 def sum_accumulation_factor(lam: float, k_eff: Tensor, length: int) -> Tensor:

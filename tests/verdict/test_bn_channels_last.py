@@ -63,13 +63,19 @@ def test_repeated_addend_count() -> None:
 
 @settings(max_examples=40, deadline=None)
 @given(n=st.integers(1, 3), c=st.integers(1, 5), hw=st.integers(1, 6), levels=st.integers(1, 6),
-       seed=st.integers(0, 2**31))
+       seed=st.integers(0, 2**31), form=st.sampled_from(["nchw", "channels_last", "nc", "ncl", "float32", "bf16"]))
 def test_repeated_addend_count_is_the_sum_of_squared_group_sizes(n: int, c: int, hw: int, levels: int,
-                                                                 seed: int) -> None:
+                                                                 seed: int, form: str) -> None:
     """Against a count by hand: per channel, group the nonzero values as float32, add each group's size squared
-    (few levels, so values repeat, zeros among them, and equal values meet across channel boundaries)."""
+    (few levels, so values repeat, zeros among them, and equal values meet across channel boundaries), for a
+    BN's 2-d, 3-d and 4-d inputs, channels_last strides and the dtypes a grad_output comes in."""
     gen = torch.Generator().manual_seed(seed)
-    g = torch.randint(-levels, levels + 1, (n, c, hw, hw), generator=gen).double() / 3
+    shape = {"nc": (n, c), "ncl": (n, c, hw)}.get(form, (n, c, hw, hw))
+    g = torch.randint(-levels, levels + 1, shape, generator=gen).double() / 3
+    if form == "channels_last":
+        g = g.contiguous(memory_format=torch.channels_last)
+    elif form in ("float32", "bf16"):
+        g = g.to(torch.float32 if form == "float32" else torch.bfloat16)
     expected = []
     for ch in range(c):
         values = [v for v in g[:, ch].float().reshape(-1).tolist() if v != 0]
