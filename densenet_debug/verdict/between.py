@@ -181,9 +181,43 @@ RATIO_REDUCTIONS = {"sum", "mean", "avg_pool1d", "avg_pool2d", "avg_pool3d", "av
                     "var_mean", "std_mean", "logsumexp", "nansum", "sum_to_size", "expand_backward"}
 
 
-def rounding(func: object, tensors: list[Tensor], outputs: list[Tensor]) -> float:
+def inexact_scalars(func: object, args: tuple, kwargs: dict) -> int:
+    """How many of an op's floating scalar arguments (given, or left at their schema default: leaky ReLU's
+    slope) a narrow dtype cannot hold exactly: the side's kernel casts each to its dtype, one rounding more
+    (``x * 0.1`` in float32 is ``fl(x * fl(0.1))``: two roundings, not one). Held exactly means in both
+    bfloat16 and float16, so the count does not depend on which dtype the side computes in."""
+    schema = getattr(func, "_schema", None)
+    if schema is None:
+        return 0
+    n = 0
+    for i, arg in enumerate(schema.arguments):
+        # a Scalar ("number"), a float, or a Python number where a Tensor goes (``x * 0.1``: a wrapped number)
+        if i < len(args):
+            value = args[i]
+        elif arg.name in kwargs:
+            value = kwargs[arg.name]
+        elif arg.has_default_value() and str(arg.type) in ("number", "float"):
+            value = arg.default_value
+        else:
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            continue
+        if any(float(torch.tensor(value, dtype=d)) != value for d in (torch.bfloat16, torch.float16)):
+            n += 1
+    return n
+
+
+def rounding(func: object, tensors: list[Tensor], outputs: list[Tensor], scalars: int = 0) -> float:
     """``k`` of one aten op (see the module docstring): 0 exact, 1 elementwise, K for a reduction of K terms,
-    and the generic ``K = all input elements`` of :mod:`densenet_debug.verdict.tolerance` for anything else."""
+    and the generic ``K = all input elements`` of :mod:`densenet_debug.verdict.tolerance` for anything else;
+    plus ``scalars`` (:func:`inexact_scalars`) where the op's result is floating (a clamp to 0.1 returns the
+    side's ``fl(0.1)``; a product by 0.1 rounds the scalar, then the product)."""
+    if scalars and any(o.is_floating_point() for o in outputs):
+        return _rounding(func, tensors, outputs) + scalars
+    return _rounding(func, tensors, outputs)
+
+
+def _rounding(func: object, tensors: list[Tensor], outputs: list[Tensor]) -> float:
     name = func.overloadpacket.__name__ if hasattr(func, "overloadpacket") else str(func)
     name = name.rstrip("_") if name not in EXACT_OPS else name
     if name in EXACT_OPS:
@@ -246,7 +280,7 @@ class _Tracker(TorchDispatchMode):
         outs = [t for t in tree_flatten(out)[0] if isinstance(t, Tensor)]
         if not outs:
             return out
-        c = c_in + rounding(func, ins, outs)
+        c = c_in + rounding(func, ins, outs, inexact_scalars(func, args, kwargs))
         src = frozenset().union(*(t.src for t in tags)) if tags else frozenset()
         tag = _Tag(c, src)
         name = getattr(getattr(func, "overloadpacket", None), "__name__", "")

@@ -29,7 +29,7 @@ from densenet_debug.verdict.compare import compare
 from densenet_debug.verdict.nonfinite import finite
 from densenet_debug.verdict.replay import exact_expectation, oracle_values, replay_unit
 from densenet_debug.verdict.report import FAILING, Row, Status, UnitKink
-from densenet_debug.verdict.tolerance import TEACHER_ORIGIN, Precision, UnitBounds, fp64_precision, underflow
+from densenet_debug.verdict.tolerance import TEACHER_ORIGIN, U64, Precision, UnitBounds, fp64_precision, underflow
 
 QUANTITY_PASS = {"output": "forward", "buffer": "forward"}
 NONFINITE_NOTE = "NaN/Inf where the fp64 oracle is finite"
@@ -125,7 +125,7 @@ def local_rows(name: str, step: int, module: nn.Module, o_rec: UnitRecord, s_rec
         if oracle_t is None and side_t is None:
             continue
         if bounds.exact:
-            bound = exact_bound(side_t, operands)
+            bound = exact_bound(side_t, operands, bounds.roundings)
             meta[quantity] = (pass_, bounds.origin)
         elif key in bounds:
             prec = precision(backend, name, bounds, side_t, operands, lam)
@@ -168,14 +168,22 @@ def with_teacher(bounds: UnitBounds, key: str, prec: Precision) -> Tensor | None
     return bounds.bound(key, prec.plus(fp64_precision(prec.lam)))
 
 
-def exact_bound(side_t: Tensor | None, operands: list[Tensor]) -> Tensor | None:
-    """Zero, unless the op stores its result in a narrower dtype than its operands (then one rounding)."""
+def exact_bound(side_t: Tensor | None, operands: list[Tensor], roundings: int = 0) -> Tensor | None:
+    """Zero (None: must be bit-exact), unless the op stores its result in a narrower dtype than its operands
+    (one rounding) or rounds ``roundings`` times per element in the side's dtype (leaky ReLU's slope and
+    product): then ``(n u_side + 2^-53) |side| + n eta``, n the roundings (the fp64 expectation rounds once more),
+    plus one ``u_side |side|`` for reading the bound on the side's value rather than the exact one."""
     if side_t is None or not side_t.is_floating_point():
         return None
     u_out = unit_roundoff(side_t.dtype)
-    if all(unit_roundoff(t.dtype) >= u_out for t in operands if t.is_floating_point()):
+    narrower = not all(unit_roundoff(t.dtype) >= u_out for t in operands if t.is_floating_point())
+    n = roundings + (1 if narrower else 0)
+    if n == 0:
         return None
-    return None if side_t is None else side_t.detach().to("cpu", torch.float64).abs() * u_out
+    magnitude = side_t.detach().to("cpu", torch.float64).abs()
+    if roundings == 0:  # the cast to a narrower dtype alone (as before)
+        return magnitude * u_out
+    return magnitude * ((n + 1) * u_out + U64) + n * underflow(side_t.dtype)
 
 
 def _multi(values: dict, quantity: str) -> bool:

@@ -139,6 +139,7 @@ class UnitBounds:
     matmul: bool = False  # conv/linear class: operands take TF32/autocast rounding
     kinky: bool = False  # piecewise op: branch flips are kinks, not errors
     exact: bool = False  # data movement or a ReLU-like op: must equal itself evaluated on the side's inputs
+    roundings: int = 0  # an exact op's roundings per element in the side's dtype (leaky ReLU's slope product: 2)
     terms: dict[str, float] = field(default_factory=dict)  # key -> max sum |terms|: the scale errors live on
     _memo: dict = field(default_factory=dict, repr=False)
 
@@ -163,6 +164,7 @@ CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 CONV_T = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 NORM = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
 PIECEWISE = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.Hardtanh, nn.Threshold)
+SLOPED = (nn.LeakyReLU,)  # piecewise with a product on one branch: it rounds
 MAXPOOL = (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d)
 EXACT = (Concat, nn.Flatten, nn.Unflatten, nn.Identity, nn.Dropout, nn.Dropout2d)
 AVGPOOL = (nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d,
@@ -178,6 +180,13 @@ def unit_bounds(module: nn.Module, rec: UnitRecord, params: dict[str, Tensor]) -
     """
     if isinstance(module, NORM):
         return _batchnorm(module, rec, params)
+    if isinstance(module, SLOPED):
+        # x * slope (forward) and g * slope (backward) on the negative side: the kernel casts the slope to the
+        # side's dtype (one rounding) and rounds the product (one more); fp64 rounds the product once
+        return UnitBounds(origin=f"{type(module).__name__}: selection with a product by the slope; equals itself "
+                                 "evaluated in fp64 on the side's own (rounded) inputs and grad_output to 2 roundings "
+                                 "of the side's dtype (slope cast, product) and one of fp64, per element",
+                          exact=True, roundings=2)
     if isinstance(module, EXACT + PIECEWISE):
         return UnitBounds(origin=f"{type(module).__name__}: exact op; must equal itself evaluated in fp64 on the "
                                  "side's own (rounded) inputs and grad_output", exact=True)
