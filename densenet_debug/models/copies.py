@@ -3,12 +3,16 @@ mode every judged copy runs in."""
 
 from __future__ import annotations
 
+import contextlib
 import copy
+from collections.abc import Iterator
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.overrides import TorchFunctionMode
 
-__all__ = ["fp64_copy", "judging_mode"]
+__all__ = ["dropout_off", "fp64_copy", "judging_mode"]
 
 
 def fp64_copy(model: nn.Module, device: str | torch.device | None = None) -> nn.Module:
@@ -48,10 +52,39 @@ def fp64_copy(model: nn.Module, device: str | torch.device | None = None) -> nn.
 
 
 def judging_mode(model: nn.Module, eval_mode: bool) -> nn.Module:
-    """``model`` in train (or eval) mode with every dropout off: dropout draws differ between dtypes, and its
-    randomness is no backend property."""
+    """``model`` in train (or eval) mode with every dropout module off: dropout draws differ between dtypes, and
+    its randomness is no backend property (a dropout written as a call in ``forward``: :func:`dropout_off`)."""
     model.train(not eval_mode)
     for m in model.modules():
         if isinstance(m, nn.modules.dropout._DropoutNd):
             m.eval()
     return model
+
+
+# Every dropout a forward can call, functional or not (``nn.Dropout*`` modules call the functional ones).
+_DROPOUTS = frozenset(f for f in (
+    F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout, F.feature_alpha_dropout,
+    torch.dropout, getattr(torch, "dropout_", None), torch.alpha_dropout, getattr(torch, "alpha_dropout_", None),
+    torch.feature_dropout, getattr(torch, "feature_dropout_", None), torch.feature_alpha_dropout,
+    getattr(torch, "feature_alpha_dropout_", None)) if f is not None)
+
+
+class _DropoutOff(TorchFunctionMode):
+    """Each dropout call returns its input, as in eval mode (``F.dropout(x, p, training=False)`` is ``x``)."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
+        kwargs = kwargs or {}
+        if func in _DROPOUTS:
+            return args[0] if args else kwargs["input"]
+        return func(*args, **kwargs)
+
+
+@contextlib.contextmanager
+def dropout_off() -> Iterator[None]:
+    """Every dropout off while judging, also one written as a call in a ``forward``
+    (``F.dropout(x, p, self.training)``, torchvision's ``_DenseLayer`` with ``drop_rate > 0``), which
+    :func:`judging_mode` cannot reach through the module's mode: its draws differ between dtypes, and a
+    replay of the unit that calls it would draw anew (a false alarm of that unit on every correct backend).
+    Usable as a decorator; the training verbs never enter it."""
+    with _DropoutOff():
+        yield

@@ -51,6 +51,7 @@ from densenet_debug.backends import Backend, default_pair, environment, one_thre
 from densenet_debug.capture.records import Capture
 from densenet_debug.errors import UsageError
 from densenet_debug.models import BUILDERS, build_model, resolve_model
+from densenet_debug.models.copies import dropout_off
 from densenet_debug.reference.format import Fixture, read_fixture
 from densenet_debug.reference.meta import FixtureError
 from densenet_debug.reference.record import model_identity, one_thread_oracle
@@ -453,6 +454,7 @@ def _accumulated_fp64(trace: Trace, step: int, shared: JudgeCache, prec: Precisi
 
 
 # -- checking ------------------------------------------------------------------------------------------------
+@dropout_off()  # as the recording oracle ran (verdict.oracle_traces): every dropout off, functional ones too
 def check_reference(
     path: str | Path | Fixture, backend: str | None = None, *, device: str | torch.device | None = None,
     model: nn.Module | None = None, spec: str | None = None, loaded: tuple | None = None,
