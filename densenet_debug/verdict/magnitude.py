@@ -81,9 +81,11 @@ def _abs(v: object) -> object:
 # Fused kernels that subtract inside (x - mean): with ``decompose_fused``, run as their aten decomposition
 # under the mode, so that each subtraction inside adds magnitudes too. The between check needs it (a batch
 # norm called a second time is between code, and its kernel on |values| cancels: measured 150x under the
-# error of a correct float32 backward); local rows bound a batch norm by its own error model instead.
+# error of a correct float32 backward); local rows bound a batch norm by its own error model instead, and an
+# unknown unit (group, layer and instance norm among them) by the generic rule on these magnitudes.
 _DECOMPOSED = {"native_batch_norm", "native_batch_norm_backward", "_native_batch_norm_legit",
-               "_native_batch_norm_legit_functional", "_native_batch_norm_legit_no_training"}
+               "_native_batch_norm_legit_functional", "_native_batch_norm_legit_no_training",
+               "native_group_norm", "native_group_norm_backward", "native_layer_norm", "native_layer_norm_backward"}
 
 
 # -- branches of piecewise ops ---------------------------------------------------------------------------
@@ -572,6 +574,8 @@ class MagnitudeMode(TorchDispatchMode):
                 _abs(b), abs(a))
         if name == "neg":
             return args[0].abs()
+        if name in ("_prelu_kernel", "_prelu_kernel_backward"):
+            return _prelu_terms(name, *tree_map(_abs, tuple(args)))
         if name == "_log_softmax":
             return _log_softmax_terms(args[0].abs(), int(args[1]))
         if name == "_log_softmax_backward_data":
@@ -584,6 +588,18 @@ class MagnitudeMode(TorchDispatchMode):
             return out.abs_() if isinstance(out, Tensor) and out.is_floating_point() else out
         out = func(*tree_map(_abs, tuple(args)), **kwargs)
         return tree_map(_abs, out)
+
+
+def _prelu_terms(name: str, *args: Tensor) -> Tensor | tuple[Tensor, Tensor]:
+    """PReLU at magnitudes, either branch: on |x| its kernel would take the positive branch everywhere, and
+    the weight's gradient (``sum g x`` over the negative inputs) would come out 0. ``|x| max(1, |w|)`` forward;
+    backward ``|g| max(1, |w|)`` for the input and ``|g| |x|`` per element for the weight (every element as if
+    negative; autograd then sums it to the weight's shape)."""
+    if name == "_prelu_kernel":
+        x, w = args
+        return x * w.clamp_min(1.0)
+    g, x, w = args
+    return g * w.clamp_min(1.0), g * x
 
 
 def _log_softmax_terms(m: Tensor, dim: int) -> Tensor:

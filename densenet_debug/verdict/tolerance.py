@@ -49,6 +49,7 @@ propagated rule's) then adds numbers of one kind, u-sized, instead of letting on
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -249,8 +250,14 @@ def _multilinear(module: nn.Module, rec: UnitRecord, params: dict[str, Tensor]) 
           for i, t in enumerate(rec.inputs)]
     named = dict(clone.named_parameters(recurse=False))
     # Known ops (conv, linear, pooling) never subtract, so |operands| alone give sum |terms|; the aten-level
-    # mode is for unknown units (and its first use costs an import of torch._dynamo).
-    mode = contextlib.nullcontext if isinstance(module, CONV + CONV_T + AVGPOOL + (nn.Linear,)) else MagnitudeMode
+    # mode is for unknown units (and its first use costs an import of torch._dynamo), with fused kernels that
+    # subtract inside run as their decomposition: a group, layer or instance norm's kernel on |values|
+    # normalises them again, so its "magnitudes" came out below the terms (a correct float32 group norm
+    # failed its output at 7.6x the bound, an instance norm's grad_input, whose truth cancels to ~0, at 1e15x).
+    if isinstance(module, CONV + CONV_T + AVGPOOL + (nn.Linear,)):
+        mode = contextlib.nullcontext
+    else:
+        mode = functools.partial(MagnitudeMode, decompose_fused=True)
     with torch.enable_grad(), mode():
         out = clone(*xs)
     outs = [out] if isinstance(out, Tensor) else [o for o in out if isinstance(o, Tensor)]
