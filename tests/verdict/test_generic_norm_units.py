@@ -2,9 +2,10 @@
 magnitudes evaluated at |values|. Two ways those magnitudes came out below the terms, each a false alarm on
 every correct backend: a fused normalisation kernel run on |x| normalises again (group norm's output failed at
 7.6x its bound; instance norm's grad_input, whose truth cancels to ~0 under a global pool, at 1e15x), and PReLU
-on |x| takes its positive branch everywhere, so its weight's gradient had magnitude 0 (tolerance 7.6e-45).
-Fused kernels now run as their decomposition under the magnitude mode, and PReLU takes either branch; a
-float32-only fault of 2^-10 in such a unit is still found there."""
+on |x| takes its positive branch everywhere, so its weight's gradient had magnitude 0 (tolerance 7.6e-45);
+weight norm's fused backward subtracts inside (7.8x). Fused kernels now run as their decomposition under the
+magnitude mode, weight norm's backward by its formula with the subtraction as an addition, and PReLU takes
+either branch; a float32-only fault of 2^-10 in such a unit is still found there."""
 
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ UNITS = {
     "layer": lambda: nn.LayerNorm([6, 8, 8]),
     "instance": lambda: nn.InstanceNorm2d(6, affine=True),
     "prelu": lambda: nn.PReLU(6),
+    "weight_norm": lambda: torch.nn.utils.parametrizations.weight_norm(nn.Conv2d(6, 6, 3, padding=1)),
 }
 
 
