@@ -12,6 +12,7 @@ Distance to the boundary per op (``x`` the op's input as it was before any in-pl
   ReLU's backward is ``threshold_backward(grad, result, 0)``: the result is 0 on the whole negative side, so
   its distance is taken from the forward op that created its node (the pre-activation) when captured.
 - clamp / clamp_min / clamp_max / hardtanh (and backward), with scalar bounds: distance to the nearer bound
+- hardsigmoid / hardswish (and backward): ``relu6(x + 3)`` inside, distance to the nearer of -3 and 3
 - max_pool2d_with_indices (and backward): per window, the gap between its largest and second largest value
 - comparisons (gt/lt/ge/le/eq/ne, the condition of a ``where``): ``|a - b|``
 """
@@ -79,6 +80,14 @@ def _bounds(i: int, lo: str, hi: str) -> Callable[[OpRecord], Tensor | None]:
     return distance
 
 
+def _fixed(i: int, *bounds: float) -> Callable[[OpRecord], Tensor | None]:
+    """Distance to the nearer of fixed boundaries (hardsigmoid and hardswish: ``relu6(x + 3)``, kinks at -3, 3)."""
+    def distance(r: OpRecord) -> Tensor | None:
+        x = _input(r, i)
+        return None if x is None else torch.stack([(x - b).abs() for b in bounds]).amin(0)
+    return distance
+
+
 def _comparison(r: OpRecord) -> Tensor | None:
     a = _input(r, 0)
     if a is None:
@@ -115,6 +124,8 @@ _DISTANCE: dict[str, Callable[[OpRecord], Tensor | None]] = {
     "clamp": _bounds(0, "min", "max"), "clamp_min": _bounds(0, "min", "min"), "clamp_max": _bounds(0, "max", "max"),
     "hardtanh": _bounds(0, "min_val", "max_val"), "hardtanh_backward": _bounds(1, "min_val", "max_val"),
     "max_pool2d_with_indices": _max_pool_gap(0), "max_pool2d_with_indices_backward": _max_pool_gap(1),
+    "hardsigmoid": _fixed(0, -3.0, 3.0), "hardsigmoid_backward": _fixed(1, -3.0, 3.0),
+    "hardswish": _fixed(0, -3.0, 3.0), "hardswish_backward": _fixed(1, -3.0, 3.0),
     **{cmp: _comparison for cmp in ("gt", "lt", "ge", "le", "eq", "ne")},
 }
 
@@ -166,6 +177,13 @@ def _signed_bounds(lo: str, hi: str) -> Callable[[OpRecord], Tensor | None]:
     return coordinate
 
 
+def _signed_fixed(*bounds: float) -> Callable[[OpRecord], Tensor | None]:
+    def coordinate(r: OpRecord) -> Tensor | None:
+        x = _input(r, 0)
+        return None if x is None else torch.stack([x - b for b in bounds])
+    return coordinate
+
+
 def _signed_comparison(r: OpRecord) -> Tensor | None:
     a, b = _input(r, 0), _input(r, 1)
     other = b if b is not None else r.argument("other")
@@ -176,6 +194,7 @@ _SIGNED: dict[str, Callable[[OpRecord], Tensor | None]] = {
     "relu": _signed_relu, "abs": _signed_relu, "leaky_relu": _signed_relu, "threshold": _signed_threshold,
     "clamp": _signed_bounds("min", "max"), "clamp_min": _signed_bounds("min", "min"),
     "clamp_max": _signed_bounds("max", "max"), "hardtanh": _signed_bounds("min_val", "max_val"),
+    "hardsigmoid": _signed_fixed(-3.0, 3.0), "hardswish": _signed_fixed(-3.0, 3.0),
     **{cmp: _signed_comparison for cmp in ("gt", "lt", "ge", "le", "eq", "ne")},
 }
 

@@ -207,3 +207,35 @@ def test_unavoidable_op_level_kink_is_named_and_not_failed() -> None:
     rows = gradcheck_unit(_ClampTwice(), [x], seed=0)
     assert rows and all(r.status != "fail" for r in rows), [(r.status, r.note) for r in rows]
     assert any("· aten.clamp" in r.note and r.kinks >= 4 for r in rows), [(r.status, r.kinks, r.note) for r in rows]
+
+
+class _HardswishTwice(nn.Module):
+    """hardswish in a forward: ``x relu6(x + 3) / 6``, its slope jumps at -3 and at 3."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.hardswish(x) * 2
+
+
+def test_hardswish_inputs_on_its_boundaries_are_kinks_not_failures() -> None:
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(4, 6, generator=g, dtype=torch.float64)
+    x[:, 0], x[:, 1] = 3.0, -3.0  # on both boundaries: every step moves them across
+    rows = gradcheck_unit(_HardswishTwice(), [x], seed=0)
+    assert rows and all(r.status != "fail" for r in rows), [(r.status, r.error, r.tolerance) for r in rows]
+    assert any("· aten.hardswish" in r.note and r.kinks >= 8 for r in rows), [(r.status, r.kinks, r.note)
+                                                                              for r in rows]
+
+
+def test_hardsigmoid_float64_backward_is_judged_against_its_derivative() -> None:
+    """torch 2.13's CPU ``hardsigmoid_backward`` multiplies by 1/6 *as float32* in float64 too (0.16666667163...):
+    the analytic gradient is 3e-8 off its derivative, far above float64 rounding, in every backend. gradcheck
+    judges the math, so it must name that unit; a torch whose slope is 1/6 to float64 must pass."""
+    probe = torch.tensor([0.5], dtype=torch.float64, requires_grad=True)
+    F.hardsigmoid(probe).sum().backward()
+    exact = float(probe.grad) == 1 / 6
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(6, 8, generator=g, dtype=torch.float64)  # |x| < 3 almost surely: no kink in the way
+    x = x.clamp(-2.5, 2.5)
+    rows = gradcheck_unit(nn.Hardsigmoid(), [x], seed=0)
+    statuses = {r.status for r in rows}
+    assert statuses == {"pass"} if exact else "fail" in statuses, [(r.status, r.error, r.tolerance) for r in rows]
