@@ -23,11 +23,12 @@ import torch
 from torch import Tensor, nn
 
 from densenet_debug.backends import Backend, unit_roundoff
+from densenet_debug.models.densenet import Concat
 from densenet_debug.trace import Trace, UnitRecord
 from densenet_debug.verdict import kinks as kinkmod
 from densenet_debug.verdict.compare import compare
 from densenet_debug.verdict.nonfinite import finite
-from densenet_debug.verdict.replay import exact_expectation, oracle_values, replay_unit
+from densenet_debug.verdict.replay import Replay, exact_expectation, oracle_values, replay_unit
 from densenet_debug.verdict.report import FAILING, Row, Status, UnitKink
 from densenet_debug.verdict.tolerance import TEACHER_ORIGIN, U64, Precision, UnitBounds, fp64_precision, underflow
 
@@ -109,7 +110,9 @@ def local_rows(name: str, step: int, module: nn.Module, o_rec: UnitRecord, s_rec
     replay = replay_unit(module, o_rec, s_rec, backend)
     operands = [t for t in replay.inputs if t is not None]
     truth = oracle_values(o_rec, first_call=True)
-    expected = exact_expectation(module, replay) if bounds.exact else truth
+    expected = _selected_bit_for_bit(module, replay) if bounds.exact else None
+    if expected is None:
+        expected = exact_expectation(module, replay) if bounds.exact else truth
     exclude = None
     if bounds.kinky and kinkmod.is_kinky(module) and o_rec.inputs and operands:
         site = kinkmod.find(name, step, module, o_rec.inputs[0], replay.inputs[0])
@@ -156,6 +159,29 @@ def local_rows(name: str, step: int, module: nn.Module, o_rec: UnitRecord, s_rec
                         tolerance_a=comp.tolerance, ratio_a=comp.ratio, worst_a=worst or None, order=order,
                         note=note, scale=comp.scale))
     return rows
+
+
+# Units that only select and move values (no arithmetic): their exact expectation in the side's own dtype is
+# the fp64 one (tolerance.EXACT and the piecewise ops without a slope).
+_SELECTIONS = (Concat, nn.Flatten, nn.Unflatten, nn.Identity, nn.Dropout, nn.Dropout2d, nn.ReLU, nn.ReLU6,
+               nn.Hardtanh, nn.Threshold)
+
+
+def _selected_bit_for_bit(module: nn.Module, replay: Replay) -> dict[str, Tensor | None] | None:
+    """The usual case of a selection unit, cheaply: its expectation evaluated in the operands' own dtypes, if
+    every quantity of the replay equals it bit for bit (every row is then 0: ``compare`` sees equal tensors
+    of one dtype without widening them); None otherwise, and the fp64 expectation judges as before. (Equal in
+    the side's dtype is what "exact" asks; a clamp or threshold value the dtype cannot hold, 0.1, is then the
+    side's 0.1 on both sides.)"""
+    if type(module) not in _SELECTIONS:
+        return None
+    quick = exact_expectation(module, replay, wide=False)
+    for key, want in quick.items():
+        got = replay.values.get(key)
+        if want is None or got is None or got.dtype != want.dtype or got.device != want.device or \
+                not torch.equal(got, want):
+            return None
+    return quick
 
 
 def with_teacher(bounds: UnitBounds, key: str, prec: Precision) -> Tensor | None:

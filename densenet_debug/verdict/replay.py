@@ -185,15 +185,17 @@ def side_values(rec: UnitRecord, params: dict[str, Tensor] | None = None) -> dic
     return values
 
 
-def exact_expectation(module: nn.Module, replay: Replay) -> dict[str, Tensor | None]:
+def exact_expectation(module: nn.Module, replay: Replay, wide: bool = True) -> dict[str, Tensor | None]:
     """An exact op (data movement, ReLU-like) evaluated in fp64 on the replay's own rounded operands.
 
     The class's ``forward`` is called, not the instance's: a planted fault replaces the instance's.
+    ``wide=False``: evaluated in the operands' own dtypes instead (on the CPU), which is the same number for an
+    op that only selects and moves values (no arithmetic: nothing to round), in half the bytes.
     """
     xs: list[Tensor | None] = []
     leaves: dict[int, Tensor] = {}
     for i, t in enumerate(replay.inputs):
-        x = None if t is None else placed(t.detach(), torch.float64, torch.device("cpu"), None)
+        x = None if t is None else placed(t.detach(), torch.float64 if wide else t.dtype, torch.device("cpu"), None)
         if x is not None and t.requires_grad:
             x, leaves[i] = grad_entry(x, owned=True)
         xs.append(x)
@@ -201,7 +203,7 @@ def exact_expectation(module: nn.Module, replay: Replay) -> dict[str, Tensor | N
         outs = flatten_tensors(type(module).forward(module, *xs))
     values: dict[str, Tensor | None] = {f"output.{j}": o.detach() for j, o in enumerate(outs)}
     targets = [(f"grad_input.{i}", leaf) for i, leaf in leaves.items()]
-    live = [(o, g.detach().to("cpu", torch.float64)) for o, g in zip(outs, replay.grad_outputs)
+    live = [(o, g.detach().to("cpu", torch.float64 if wide else g.dtype)) for o, g in zip(outs, replay.grad_outputs)
             if g is not None and o.requires_grad]
     if targets and live:
         grads = torch.autograd.grad([o for o, _ in live], [t for _, t in targets], [g for _, g in live],
