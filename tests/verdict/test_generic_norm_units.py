@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import Tensor, nn
 
 from densenet_debug.verdict.engine import diff
+from tests.verdict.one_unit import OneUnitNet, data
 
 UNITS = {
     "group": lambda: nn.GroupNorm(2, 6),
@@ -25,19 +25,6 @@ UNITS = {
     "prelu": lambda: nn.PReLU(6),
     "weight_norm": lambda: torch.nn.utils.parametrizations.weight_norm(nn.Conv2d(6, 6, 3, padding=1)),
 }
-
-
-class _Net(nn.Module):
-    def __init__(self, unit: nn.Module) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(3, 6, 3, padding=1)
-        self.unit = unit
-        self.conv2 = nn.Conv2d(6, 6, 3, padding=1)
-        self.fc = nn.Linear(6, 4)
-
-    def forward(self, x: Tensor) -> Tensor:
-        out = self.conv2(F.relu(self.unit(self.conv1(x))))
-        return self.fc(F.adaptive_avg_pool2d(out, 1).flatten(1))
 
 
 class _NudgedInFloat32(nn.Module):
@@ -52,20 +39,15 @@ class _NudgedInFloat32(nn.Module):
         return out * (1 + 2**-10) if out.dtype == torch.float32 else out
 
 
-def _data(seed: int) -> tuple[Tensor, Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(3, 3, 8, 8, generator=g), torch.randint(0, 4, (3,), generator=g)
-
-
 @settings(max_examples=8, deadline=None)
 @given(seed=st.integers(0, 2**16), kind=st.sampled_from(sorted(UNITS)))
 def test_correct_backends_agree_on_generic_units(seed: int, kind: str) -> None:
     torch.manual_seed(seed)
     with torch.no_grad():
-        model = _Net(UNITS[kind]())
+        model = OneUnitNet(UNITS[kind]())
         for p in model.unit.parameters():  # away from the initial ones and zeros: every term counts
             p.add_(torch.randn_like(p) * 0.5)
-    report = diff(model, *_data(seed), "mkldnn", "native")
+    report = diff(model, *data(seed), "mkldnn", "native")
     assert report.verdict == "agree", report.summary
     rows = [r for r in report.rows if r.layer == "unit" and r.mode == "local"]
     assert rows and all(r.tolerance > 1e-30 for r in rows)  # no magnitude cancels to nothing
@@ -74,7 +56,17 @@ def test_correct_backends_agree_on_generic_units(seed: int, kind: str) -> None:
 @pytest.mark.parametrize("kind", sorted(UNITS))
 def test_a_float32_fault_in_a_generic_unit_is_found_there(kind: str) -> None:
     torch.manual_seed(0)
-    model = _Net(_NudgedInFloat32(UNITS[kind]()))
-    report = diff(model, *_data(0), "mkldnn", "native")
+    model = OneUnitNet(_NudgedInFloat32(UNITS[kind]()))
+    report = diff(model, *data(0), "mkldnn", "native")
     assert report.verdict == "mismatch", report.summary
     assert report.first_divergence is not None and report.first_divergence["layer"] == "unit", report.summary
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_instance_norm_before_a_global_pool_agrees(seed: int) -> None:
+    """The pool of a normalised map is its shift alone: the grad_input's truth cancels to ~0, its terms do not."""
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.InstanceNorm2d(6, affine=True), nn.AdaptiveAvgPool2d(1),
+                          nn.Flatten(), nn.Linear(6, 4))
+    report = diff(model, *data(seed), "mkldnn", "native")
+    assert report.verdict == "agree", report.summary

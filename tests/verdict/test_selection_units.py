@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 from torch import Tensor, nn
 
 from densenet_debug.verdict.engine import diff
+from tests.verdict.one_unit import OneUnitNet, data
 
 ACTS = {
     "hardtanh": lambda: nn.Hardtanh(-0.3, 0.7),
@@ -21,19 +22,6 @@ ACTS = {
     "relu6": lambda: nn.ReLU6(),
     "relu_inplace": lambda: nn.ReLU(inplace=True),
 }
-
-
-class _Net(nn.Module):
-    def __init__(self, act: nn.Module) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(3, 6, 3, padding=1)
-        self.act = act
-        self.conv2 = nn.Conv2d(6, 6, 3, padding=1)
-        self.fc = nn.Linear(6, 4)
-
-    def forward(self, x: Tensor) -> Tensor:
-        out = self.conv2(self.act(self.conv1(x)))
-        return self.fc(F.adaptive_avg_pool2d(out, 1).flatten(1))
 
 
 class _WrongInFloat32(nn.Hardtanh):
@@ -45,29 +33,24 @@ class _WrongInFloat32(nn.Hardtanh):
         return F.hardtanh(x, self.min_val, hi)
 
 
-def _data(seed: int) -> tuple[Tensor, Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(3, 3, 8, 8, generator=g), torch.randint(0, 4, (3,), generator=g)
-
-
 @settings(max_examples=8, deadline=None)
 @given(seed=st.integers(0, 2**16), kind=st.sampled_from(sorted(ACTS)))
 def test_correct_selection_units_agree(seed: int, kind: str) -> None:
     torch.manual_seed(seed)
-    report = diff(_Net(ACTS[kind]()), *_data(seed), "mkldnn", "native")
+    report = diff(OneUnitNet(ACTS[kind]()), *data(seed), "mkldnn", "native")
     assert report.verdict == "agree", report.summary
-    rows = [r for r in report.rows if r.layer == "act" and r.mode == "local"]
+    rows = [r for r in report.rows if r.layer == "unit" and r.mode == "local"]
     assert rows and all(r.error_a == 0 for r in rows)  # bit for bit
 
 
 def test_a_clamp_bound_wrong_in_float32_is_found_at_the_unit() -> None:
     torch.manual_seed(0)
-    model = _Net(_WrongInFloat32(-0.3, 0.7))
+    model = OneUnitNet(_WrongInFloat32(-0.3, 0.7))
     with torch.no_grad():
         model.conv1.weight.mul_(4)  # some outputs above 0.7: the bound is used
-    report = diff(model, *_data(0), "mkldnn", "native")
+    report = diff(model, *data(0), "mkldnn", "native")
     assert report.verdict == "mismatch", report.summary
-    assert report.first_divergence is not None and report.first_divergence["layer"] == "act", report.summary
+    assert report.first_divergence is not None and report.first_divergence["layer"] == "unit", report.summary
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])

@@ -16,19 +16,7 @@ from torch import Tensor, nn
 
 from densenet_debug.verdict.between import inexact_scalars
 from densenet_debug.verdict.engine import diff
-
-
-class _Net(nn.Module):
-    def __init__(self, act: nn.Module) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(3, 6, 3, padding=1)
-        self.act = act
-        self.conv2 = nn.Conv2d(6, 6, 3, padding=1)
-        self.fc = nn.Linear(6, 4)
-
-    def forward(self, x: Tensor) -> Tensor:
-        out = self.conv2(self.act(self.conv1(x)))
-        return self.fc(F.adaptive_avg_pool2d(out, 1).flatten(1))
+from tests.verdict.one_unit import OneUnitNet, data
 
 
 class _WrongSlopeInFloat32(nn.LeakyReLU):
@@ -39,30 +27,25 @@ class _WrongSlopeInFloat32(nn.LeakyReLU):
         return F.leaky_relu(x, slope, self.inplace)
 
 
-def _data(seed: int) -> tuple[Tensor, Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(3, 3, 8, 8, generator=g), torch.randint(0, 4, (3,), generator=g)
-
-
 @settings(max_examples=8, deadline=None)
 @given(seed=st.integers(0, 2**16), slope=st.sampled_from([0.01, 0.2, 1 / 3, 0.5, 1.7]),
        inplace=st.booleans(), pair=st.sampled_from([("mkldnn", "native"), ("native", "fp64")]))
 def test_correct_leaky_relu_units_agree(seed: int, slope: float, inplace: bool, pair: tuple[str, str]) -> None:
     torch.manual_seed(seed)
-    model = _Net(nn.LeakyReLU(slope, inplace=inplace))
-    report = diff(model, *_data(seed), *pair)
+    model = OneUnitNet(nn.LeakyReLU(slope, inplace=inplace))
+    report = diff(model, *data(seed), *pair)
     assert report.verdict == "agree", report.summary
-    rows = [r for r in report.rows if r.layer == "act" and r.mode == "local"]
+    rows = [r for r in report.rows if r.layer == "unit" and r.mode == "local"]
     assert {r.quantity for r in rows} >= {"output", "grad_input"} and all(r.tolerance > 0 for r in rows)
 
 
 @pytest.mark.parametrize("inplace", [False, True])
 def test_a_slope_wrong_in_float32_is_found_at_the_unit(inplace: bool) -> None:
     torch.manual_seed(0)
-    model = _Net(_WrongSlopeInFloat32(0.2, inplace=inplace))
-    report = diff(model, *_data(0), "mkldnn", "native")
+    model = OneUnitNet(_WrongSlopeInFloat32(0.2, inplace=inplace))
+    report = diff(model, *data(0), "mkldnn", "native")
     assert report.verdict == "mismatch"
-    assert report.first_divergence is not None and report.first_divergence["layer"] == "act", report.summary
+    assert report.first_divergence is not None and report.first_divergence["layer"] == "unit", report.summary
 
 
 class _ScaledBetween(nn.Module):
@@ -86,13 +69,13 @@ class _ScaledBetween(nn.Module):
 @given(seed=st.integers(0, 2**16))
 def test_inexact_scalars_between_units_agree(seed: int) -> None:
     torch.manual_seed(seed)
-    report = diff(_ScaledBetween(), *_data(seed), "mkldnn", "native")
+    report = diff(_ScaledBetween(), *data(seed), "mkldnn", "native")
     assert report.verdict == "agree", report.summary
 
 
 def test_a_scalar_wrong_in_float32_between_units_is_found_there() -> None:
     torch.manual_seed(0)
-    report = diff(_ScaledBetween(wrong=True), *_data(0), "mkldnn", "native")
+    report = diff(_ScaledBetween(wrong=True), *data(0), "mkldnn", "native")
     assert report.verdict == "mismatch", report.summary
     first = report.first_divergence
     assert first is not None and first["layer"] == "conv2" and first["mode"] == "between", report.summary
