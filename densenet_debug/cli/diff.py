@@ -57,7 +57,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="rows per table (default 15); given, the worst N rows of every mode (propagated "
                              "and kink rows included) and the kinks by unit follow the leading table")
     parser.add_argument("--ops", action="store_true",
-                        help="also replay every aten op of each side (first step) on the fp64 oracle's inputs to "
+                        help="also replay every aten op of each side (every step) on the fp64 oracle's inputs to "
                              "that op: rows of mode 'op' (module · aten op · quantity) in the same report and "
                              "tables; a failing op is a finding, first_divergence names the op; with --units, "
                              "only the ops inside those units")

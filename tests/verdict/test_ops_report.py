@@ -219,10 +219,12 @@ def test_leading_table_ranks_op_rows_by_ratio_and_the_html_shows_them() -> None:
 
 
 class DroppedNet(Net):
-    """A dropout in the user's forward: its random op cannot be replayed on the oracle's inputs."""
+    """A random op in the user's forward (noise drawn, then weighted by 0): it cannot be replayed on the oracle's
+    inputs. (A dropout would not do: every dropout is off while judging, ``models.copies.dropout_off``.)"""
 
     def forward(self, x: Tensor) -> Tensor:
-        out = F.dropout(self.dense(self.stem(x)), 0.3, training=self.training)
+        out = self.dense(self.stem(x))
+        out = out + 0.0 * torch.rand_like(out)
         out = torch.squeeze(F.avg_pool2d(F.relu(self.bn(out)), out.shape[-1]))
         return F.log_softmax(self.fc(out), dim=-1)
 
@@ -251,6 +253,36 @@ def test_with_units_only_the_ops_inside_them_are_rows_and_findings() -> None:
     add_ops(within, nudged(), x, y, "mkldnn", "native", units=["dense.0"])
     assert within.verdict == "mismatch"
     assert any(r.mode == OP and unit_of(r.layer).startswith("dense.0") for r in _failing(within))
+
+
+class _SecondCallNudge(nn.Conv2d):
+    """A kernel with state: once its float32 weights have moved (the second step), its output is 2^-10 too large."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = super().forward(x)
+        if x.dtype != torch.float32:
+            return out
+        if not hasattr(self, "first_weight"):
+            self.first_weight = self.weight.detach().clone()
+        return out if torch.equal(self.weight, self.first_weight) else out * (1 + 2**-10)
+
+
+def test_ops_of_every_step_are_judged_and_a_second_step_fault_shows_in_step_1() -> None:
+    x, y = _data()
+    torch.manual_seed(0)
+    model = Net()
+    stateful = _SecondCallNudge(model.dense[1].conv1.in_channels, model.dense[1].conv1.out_channels, 3, padding=1,
+                                bias=False)
+    stateful.load_state_dict(model.dense[1].conv1.state_dict())
+    model.dense[1].conv1 = stateful
+    report = diff(model, x, y, "mkldnn", "native", steps=2)
+    add_ops(report, model, x, y, "mkldnn", "native")
+    ops = [r for r in report.rows if r.mode == OP]
+    assert {r.step for r in ops} == {0, 1}
+    assert not [r for r in _failing(report, OP) if r.step == 0]  # the first step is right, op by op
+    failing = [r for r in _failing(report, OP) if r.step == 1]
+    assert failing and all(unit_of(r.layer) == "dense.1.conv1" for r in failing), [r.layer for r in failing]
+    assert report.first_divergence is not None and report.first_divergence["step"] == 1
 
 
 def test_without_ops_the_report_and_its_table_have_no_op_rows() -> None:

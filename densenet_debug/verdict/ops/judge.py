@@ -177,9 +177,11 @@ def oracle_capture(model: nn.Module, x: Tensor, y: Tensor, *, loss_fn: LossFn = 
 
 @dropout_off()
 def side_capture(model: nn.Module, x: Tensor, y: Tensor, backend: Backend, *, loss_fn: LossFn = F.cross_entropy,
-                 eval_mode: bool = False) -> Capture:
-    """The side's step (its conversion, faults and flags) with every op's values."""
-    side = judging_mode(backend.prepare_model(model), eval_mode)
+                 eval_mode: bool = False, prepared: nn.Module | None = None) -> Capture:
+    """The side's step (its conversion, faults and flags) with every op's values. ``prepared``: the side's
+    model as ``backend.prepare_model`` made it at an earlier step and kept (its state carries over, as a
+    training run's does); else it is prepared from ``model`` here."""
+    side = judging_mode(prepared if prepared is not None else backend.prepare_model(model), eval_mode)
     target = y.detach().to(backend.device, backend.param_dtype) if y.is_floating_point() else y.to(backend.device)
     with backend.active():
         return _step(side, backend.prepare_input(x.detach()), target, loss_fn)
@@ -551,11 +553,13 @@ def _own_kinks(pairs: list[tuple[OpRecord, OpRecord]]) -> list[OpKink]:
 
 # -- the entry ----------------------------------------------------------------------------------------------
 def judge_ops(model: nn.Module, x: Tensor, y: Tensor, backend: str | Backend, *, oracle_capture: Capture | None = None,
-              loss_fn: LossFn = F.cross_entropy, eval_mode: bool = False) -> OpReport:
+              loss_fn: LossFn = F.cross_entropy, eval_mode: bool = False,
+              side_model: nn.Module | None = None) -> OpReport:
     """Teacher-force every aten op of ``backend``'s step on the fp64 oracle's inputs (see the module docstring).
 
     ``oracle_capture``: a capture from :func:`oracle_capture` of the same model, inputs and loss, to share
-    between sides (it is built here when not given). ``model`` is not changed.
+    between sides (it is built here when not given). ``side_model``: the side's prepared model to run (kept
+    across steps by the caller, :func:`~densenet_debug.verdict.ops.add_ops`). ``model`` is not changed.
     """
     be = parse_backend(backend)
     _check_inputs(x, y)
@@ -563,7 +567,7 @@ def judge_ops(model: nn.Module, x: Tensor, y: Tensor, backend: str | Backend, *,
     t0 = time.perf_counter()
     oracle = oracle_capture if oracle_capture is not None else _oracle(model, x, y, loss_fn, eval_mode)
     t1 = time.perf_counter()
-    side = side_capture(model, x, y, be, loss_fn=loss_fn, eval_mode=eval_mode)
+    side = side_capture(model, x, y, be, loss_fn=loss_fn, eval_mode=eval_mode, prepared=side_model)
     t2 = time.perf_counter()
     pairs, only_oracle, only_side, second = match(oracle, side)
     elements = sum(v.numel() for o, _ in pairs for v in (o.output_values or []) if v is not None)

@@ -1,6 +1,6 @@
 """The op engine's rows as rows of the one diff report: one verdict, one ``first_divergence`` naming the op.
 
-:func:`add_ops` teacher-forces every aten op of both sides' first step on one shared fp64 oracle capture
+:func:`add_ops` teacher-forces every aten op of both sides' steps on one shared fp64 oracle capture per step
 (:func:`~densenet_debug.verdict.ops.judge_ops`) and hands both :class:`OpReport` s to :func:`merge_ops`, which
 
 * merges them into rows of mode ``op`` (one per op call and quantity, both sides' figures, the worse side's
@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from densenet_debug.backends import Backend, parse_backend
+from densenet_debug.models.copies import dropout_off, fp64_copy, judging_mode
 from densenet_debug.verdict.ops.judge import EMPTY, LossFn, OpReport, judge_ops, oracle_capture
 from densenet_debug.verdict.ops.render import to_settings
 from densenet_debug.verdict.report import (
@@ -50,19 +51,74 @@ from densenet_debug.verdict.report import (
 def add_ops(report: DiffReport, model: nn.Module, x: Tensor, y: Tensor, a: str | Backend | None = None,
             b: str | Backend | None = None, *, device: str | torch.device | None = None,
             eval_mode: bool | None = None, loss_fn: LossFn = F.cross_entropy,
-            units: Sequence[str] | None = None) -> DiffReport:
+            units: Sequence[str] | None = None, steps: int | None = None) -> DiffReport:
     """Judge every op of sides ``a`` and ``b`` (default: the report's) on one fp64 oracle capture of ``x, y``
-    and merge the rows into ``report`` (:func:`merge_ops`); ``eval_mode`` defaults to the report's setting.
+    per step and merge the rows into ``report`` (:func:`merge_ops`); ``eval_mode`` and ``steps`` default to
+    the report's settings. Between steps the weights move along the oracle's path, as the unit judge's do
+    (:func:`_oracle_step`): step k's ops run from the float64 model after k of its SGD steps, buffers included.
     ``units`` (module names, as ``diff``'s): only the ops that ran inside one of them are kept, so an op outside
     what was asked for is neither a row nor a finding. ``model`` is not changed."""
     specs = (a if a is not None else report.a, b if b is not None else report.b)
+    backends = [spec if isinstance(spec, Backend) else parse_backend(spec, device) for spec in specs]
     mode = bool(report.settings.get("eval", False)) if eval_mode is None else eval_mode
-    oracle = oracle_capture(model, x, y, loss_fn=loss_fn, eval_mode=mode)
-    sides = [judge_ops(model, x, y, spec if isinstance(spec, Backend) else parse_backend(spec, device),
-                       oracle_capture=oracle, loss_fn=loss_fn, eval_mode=mode) for spec in specs]
-    if units:
-        sides = [_within(side, units) for side in sides]
-    return merge_ops(report, sides)
+    steps = int(report.settings.get("steps", 1)) if steps is None else steps
+    per_side: list[list[OpReport]] = [[] for _ in backends]
+    sides = [be.prepare_model(model) for be in backends] if steps > 1 else [None] * len(backends)
+    current = model
+    for step in range(steps):
+        oracle = oracle_capture(current, x, y, loss_fn=loss_fn, eval_mode=mode)
+        for reports, be, side_model in zip(per_side, backends, sides):
+            side = judge_ops(current, x, y, be, oracle_capture=oracle, loss_fn=loss_fn, eval_mode=mode,
+                             side_model=side_model)
+            reports.append(_at_step(_within(side, units) if units else side, step))
+        if step + 1 < steps:
+            current = _oracle_step(current, x, y, loss_fn, mode, sides)
+    return merge_ops(report, [_joined(reports) for reports in per_side])
+
+
+@dropout_off()
+def _oracle_step(model: nn.Module, x: Tensor, y: Tensor, loss_fn: LossFn, eval_mode: bool,
+                 sides: list[nn.Module | None]) -> nn.Module:
+    """The float64 model one step on, as the unit judge moves it (``verdict.engine``): a plain step (its BN
+    buffers move as the oracle's do), then every model, the oracle's and each side's, takes the SGD update with
+    the oracle's gradients (``LEARNING_RATE``). A side keeps its own state otherwise (its buffers, a weight cache
+    its kernels hold), so a fault that shows only from the second step shows in its ops too."""
+    from densenet_debug.verdict.engine import LEARNING_RATE
+
+    ref = judging_mode(fp64_copy(model, "cpu"), eval_mode)
+    target = y.detach().to("cpu", torch.float64) if y.is_floating_point() else y.detach().cpu()
+    ref.zero_grad(set_to_none=True)
+    loss_fn(ref(x.detach().to("cpu", torch.float64)), target).backward()
+    grads = {n: p.grad for n, p in ref.named_parameters() if p.grad is not None}
+    with torch.no_grad():
+        for m in [ref, *(s for s in sides if s is not None)]:
+            for n, p in m.named_parameters():
+                if n in grads:
+                    p.sub_(LEARNING_RATE * grads[n].to(p.device, p.dtype))
+    ref.zero_grad(set_to_none=True)
+    return ref
+
+
+def _at_step(side: OpReport, step: int) -> OpReport:
+    return side if step == 0 else replace(side, rows=[replace(r, step=step) for r in side.rows])
+
+
+def _joined(reports: list[OpReport]) -> OpReport:
+    """One side's op reports of every step as one (rows carry their step; counts add up)."""
+    if len(reports) == 1:
+        return reports[0]
+    skipped: dict[str, int] = {}
+    seconds: dict[str, float] = {}
+    for r in reports:
+        for why, n in r.skipped.items():
+            skipped[why] = skipped.get(why, 0) + n
+        for what, t in r.seconds.items():
+            seconds[what] = seconds.get(what, 0.0) + t
+    return OpReport(backend=reports[0].backend, rows=[row for r in reports for row in r.rows],
+                    unmatched=[u for r in reports for u in r.unmatched], kinks=[k for r in reports for k in r.kinks],
+                    matched=sum(r.matched for r in reports),
+                    second_pass_matched=sum(r.second_pass_matched for r in reports), skipped=skipped,
+                    seconds=seconds)
 
 
 def _within(side: OpReport, units: Sequence[str]) -> OpReport:
@@ -84,7 +140,7 @@ def merge_ops(report: DiffReport, sides: Sequence[OpReport]) -> DiffReport:
         raise ValueError("this report has op rows already")
     a, b = sides
     rows = merge_sides(SideResult(a.backend, a.rows, [], {}, []), SideResult(b.backend, b.rows, [], {}, []))
-    rows.sort(key=lambda r: r.order)
+    rows.sort(key=lambda r: (r.step, r.order))
     kinks_fail = report.settings.get("fail_on") == "kink"
     failing = failing_ops(rows, kinks_fail)
     roll_up(report.rows, failing)
