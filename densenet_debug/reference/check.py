@@ -454,7 +454,6 @@ def _accumulated_fp64(trace: Trace, step: int, shared: JudgeCache, prec: Precisi
 
 
 # -- checking ------------------------------------------------------------------------------------------------
-@dropout_off()  # as the recording oracle ran (verdict.oracle_traces): every dropout off, functional ones too
 def check_reference(
     path: str | Path | Fixture, backend: str | None = None, *, device: str | torch.device | None = None,
     model: nn.Module | None = None, spec: str | None = None, loaded: tuple | None = None,
@@ -492,8 +491,9 @@ def check_reference(
                    _shared=shared)
     repro = shared.reproduction.get(id(oracle))
     if repro is None:
-        repro = reproduction_rows(fixture, oracle, recomputed, shared) + _between_truth(fixture, model, oracle,
-                                                                                          steps, eval_mode)
+        with dropout_off(model):  # as the recording oracle ran (verdict.oracle_traces): functional ones too
+            between = _between_truth(fixture, model, oracle, steps, eval_mode)
+        repro = reproduction_rows(fixture, oracle, recomputed, shared) + between
         shared.reproduction[id(oracle)] = repro
     rows, kinks = result.rows, result.kinks
     for k in kinks:

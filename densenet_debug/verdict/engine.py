@@ -43,7 +43,7 @@ from torch import Tensor, nn
 from densenet_debug import progress
 from densenet_debug.backends import Backend, default_pair, environment, parse_backend
 from densenet_debug.errors import UsageError
-from densenet_debug.models.copies import dropout_off, fp64_copy, judging_mode
+from densenet_debug.models.copies import dropout_off_for, fp64_copy, judging_mode
 from densenet_debug.trace import TensorStore, Trace, UnitRecord, UnitSelector, discover_units, trace_step
 from densenet_debug.verdict import counterfactual, functions, inner_kinks
 from densenet_debug.verdict import kinks as kinkmod
@@ -164,7 +164,7 @@ def _check_inputs(x: Tensor, y: Tensor) -> None:
 
 # -- the oracle --------------------------------------------------------------------------------------------
 @progress.stage("oracle: float64 step traced")
-@dropout_off()
+@dropout_off_for
 def oracle_traces(model: nn.Module, x: Tensor, y: Tensor, *, steps: int = 1, eval_mode: bool = False,
                   units: UnitSelector = None, loss_fn: LossFn = F.cross_entropy,
                   keep_graph: bool = True) -> list[Trace]:
@@ -225,7 +225,7 @@ def judge(model: nn.Module, x: Tensor, y: Tensor, backend: str | Backend, oracle
 
 
 @progress.stage("judging units")
-@dropout_off()
+@dropout_off_for
 def judge_many(model: nn.Module, x: Tensor, y: Tensor, backends: list[str | Backend], oracle: list[Trace], *,
                units: UnitSelector = None, steps: int = 1, eval_mode: bool = False, loss_fn: LossFn = F.cross_entropy,
                propagated: bool = True, _shared: JudgeCache | None = None) -> list[SideResult]:

@@ -70,3 +70,29 @@ def test_dropout_off_returns_the_input_and_draws_nothing(inplace: bool) -> None:
     assert torch.equal(y, x) and torch.equal(z, x)
     assert torch.equal(torch.get_rng_state(), state)  # nothing drawn from the generator
     assert not torch.equal(F.dropout(x, 0.5, training=True), x)  # outside, dropout is itself again
+
+
+def test_the_mode_is_entered_only_for_models_whose_code_can_call_dropout(tmp_path) -> None:  # noqa: ANN001
+    """A Python mode costs every torch call while it is on (15-25 % of a diff): models that cannot call a
+    dropout function (ours, with nn.Dropout modules at most) run without it."""
+    import importlib.util
+
+    from densenet_debug.models import build_model
+    from densenet_debug.models.copies import _DropoutOff, calls_dropout
+
+    assert not calls_dropout(build_model("densenet-bc-10"))
+    assert isinstance(dropout_off(_Net(0.2, "functional")), _DropoutOff)  # this file calls F.dropout(
+    assert not isinstance(dropout_off(build_model("densenet-bc-10")), _DropoutOff)
+    assert calls_dropout(nn.MultiheadAttention(8, 2))  # torch's own: its dropout_p reaches a functional dropout
+    assert not calls_dropout(nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Dropout(0.5)))
+    for body, expected in (("self.drop = nn.Dropout(0.3)", False), ("self.p = 0.3  # F.dropout(x, self.p)", True)):
+        path = tmp_path / f"m{int(expected)}.py"  # a --model file, loaded without registering it
+        path.write_text("from torch import nn\n\nclass M(nn.Module):\n    def __init__(self):\n"
+                        f"        super().__init__()\n        {body}\n\n    def forward(self, x):\n        return x\n")
+        spec = importlib.util.spec_from_file_location(path.stem, path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        assert calls_dropout(module.M()) is expected
+    namespace: dict = {"nn": nn}
+    exec("class NoFile(nn.Module):\n    def forward(self, x):\n        return x\n", namespace)  # a notebook's
+    assert calls_dropout(namespace["NoFile"]())  # no source to read: it may

@@ -50,7 +50,7 @@ from densenet_debug.capture import Capture, OpRecord, align, capture
 from densenet_debug.capture.kinks import signed_coordinate
 from densenet_debug.capture.records import OUTSIDE, TensorLayout
 from densenet_debug.errors import UsageError
-from densenet_debug.models.copies import dropout_off, fp64_copy, judging_mode
+from densenet_debug.models.copies import dropout_off_for, fp64_copy, judging_mode
 from densenet_debug.verdict.compare import Comparison, compare
 from densenet_debug.verdict.local import precision
 from densenet_debug.verdict.ops.errors import EXACT, OpModel, base_name, op_model
@@ -165,7 +165,7 @@ def _step(model: nn.Module, x: Tensor, y: Tensor, loss_fn: LossFn) -> Capture:
     return cap
 
 
-@dropout_off()
+@dropout_off_for
 def oracle_capture(model: nn.Module, x: Tensor, y: Tensor, *, loss_fn: LossFn = F.cross_entropy,
                    eval_mode: bool = False) -> Capture:
     """The float64 CPU step with every op's values: the truth each side's ops are replayed against."""
@@ -175,7 +175,7 @@ def oracle_capture(model: nn.Module, x: Tensor, y: Tensor, *, loss_fn: LossFn = 
         return _step(ref, x.detach().to("cpu", torch.float64), target, loss_fn)
 
 
-@dropout_off()
+@dropout_off_for
 def side_capture(model: nn.Module, x: Tensor, y: Tensor, backend: Backend, *, loss_fn: LossFn = F.cross_entropy,
                  eval_mode: bool = False, prepared: nn.Module | None = None) -> Capture:
     """The side's step (its conversion, faults and flags) with every op's values. ``prepared``: the side's

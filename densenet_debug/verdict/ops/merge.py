@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from densenet_debug.backends import Backend, parse_backend
-from densenet_debug.models.copies import dropout_off, fp64_copy, judging_mode
+from densenet_debug.models.copies import dropout_off_for, fp64_copy, judging_mode
 from densenet_debug.verdict.ops.judge import EMPTY, LossFn, OpReport, judge_ops, oracle_capture
 from densenet_debug.verdict.ops.render import to_settings
 from densenet_debug.verdict.report import (
@@ -76,7 +76,7 @@ def add_ops(report: DiffReport, model: nn.Module, x: Tensor, y: Tensor, a: str |
     return merge_ops(report, [_joined(reports) for reports in per_side])
 
 
-@dropout_off()
+@dropout_off_for
 def _oracle_step(model: nn.Module, x: Tensor, y: Tensor, loss_fn: LossFn, eval_mode: bool,
                  sides: list[nn.Module | None]) -> nn.Module:
     """The float64 model one step on, as the unit judge moves it (``verdict.engine``): a plain step (its BN
