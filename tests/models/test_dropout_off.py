@@ -73,7 +73,7 @@ def test_dropout_off_returns_the_input_and_draws_nothing(inplace: bool) -> None:
 
 
 def test_the_mode_is_entered_only_for_models_whose_code_can_call_dropout(tmp_path) -> None:  # noqa: ANN001
-    """A Python mode costs every torch call while it is on (15-25 % of a diff): models that cannot call a
+    """A Python mode costs every torch call while it is on (about 15 % of a diff): models that cannot call a
     dropout function (ours, with nn.Dropout modules at most) run without it."""
     import importlib.util
 
