@@ -125,8 +125,9 @@ def dropout_off(model: nn.Module | None = None) -> contextlib.AbstractContextMan
     :func:`judging_mode` cannot reach through the module's mode: its draws differ between dtypes, and a
     replay of the unit that calls it would draw anew (a false alarm of that unit on every correct backend).
 
-    A Python mode costs every torch call made while it is on (about 15 % of a whole diff of BC-100 at batch 4: 19.6 against 17.2 CPU seconds, three runs each), so
-    given a ``model`` it is entered only when that model's code can call a dropout (:func:`calls_dropout`).
+    A Python mode costs every torch call made while it is on (about 15 % of a whole diff of BC-100 at batch 4:
+    19.6 against 17.2 CPU seconds, three runs each), so given a ``model`` it is entered only when that model's
+    code can call a dropout (:func:`calls_dropout`).
     The training verbs never enter it."""
     if model is not None and not calls_dropout(model):
         return contextlib.nullcontext()
