@@ -729,32 +729,49 @@ def _preserved_state(model: nn.Module) -> Iterator[None]:
                     b.copy_(buffers[k])
 
 
-def discover_units(model: nn.Module, *example_inputs: Tensor) -> list[str]:
+def discover_units(model: nn.Module, *example_inputs: Tensor, nested: set[str] | None = None) -> list[str]:
     """Names of the modules that own computation, in the order they first run.
 
     Leaf modules that run are units. A non-leaf module is a unit too when its own ``forward`` (not its
     children's) calls a tensor-producing torch function, so functional ops in user models are covered.
+
+    A module called with tensors inside a list, tuple or dict, or as keyword arguments (torchvision's
+    ``_DenseLayer(features)``, handed the block's list of feature maps) is no unit: a unit's record and
+    replay take its tensors as positional arguments. Its own ops are then code between its children
+    (:mod:`densenet_debug.verdict.between`), as a model's own ``forward`` is; its children stay units. Their
+    names are added to ``nested`` when given.
     """
     named = dict(model.named_modules())
     leaves = {n for n, m in named.items() if not any(True for _ in m.children())}
     stack: list[str] = []
     order: list[str] = []
     own: set[str] = set()
+    nested = set() if nested is None else nested
     handles = []
     for name, module in named.items():
-        def pre(m: nn.Module, a: tuple, n: str = name) -> None:
+        def pre(m: nn.Module, a: tuple, kw: dict, n: str = name) -> None:
             stack.append(n)
             if n not in order:
                 order.append(n)
+            if not _positional_tensors(a, kw):
+                nested.add(n)
 
         def post(m: nn.Module, a: tuple, o: object) -> None:
             stack.pop()
 
-        handles += [module.register_forward_pre_hook(pre), module.register_forward_hook(post)]
+        handles += [module.register_forward_pre_hook(pre, with_kwargs=True), module.register_forward_hook(post)]
     try:
         with _preserved_state(model), torch.no_grad(), _OwnComputeMode(stack, own):
             model(*example_inputs)
     finally:
         for h in handles:
             h.remove()
-    return [n for n in order if n in leaves or n in own]
+    return [n for n in order if (n in leaves or n in own) and n not in nested]
+
+
+def _positional_tensors(args: tuple, kwargs: dict) -> bool:
+    """Every tensor of a call is a positional argument of its own (none inside a container or a keyword)."""
+    from torch.utils._pytree import tree_leaves
+
+    tensors = sum(isinstance(t, Tensor) for t in tree_leaves((args, kwargs)))
+    return tensors == sum(isinstance(a, Tensor) for a in args)

@@ -113,14 +113,19 @@ def unit_names(model: nn.Module, x: Tensor, units: UnitSelector) -> list[str] | 
     probe = copy.deepcopy(model)  # the probing forward must not touch the user's model (or its modules' state)
     param = next(probe.parameters(), None)
     like = x.detach().to(param.device, param.dtype) if param is not None and param.is_floating_point() else x
+    nested: set[str] = set()
     try:
-        found = discover_units(probe, like)
+        found = discover_units(probe, like, nested=nested)
     except RuntimeError:  # parameters of mixed dtypes (a float64 scale beside float32 layers): every side and
         # the oracle run the model in one dtype, so probe it in one too, float64 (the oracle's)
-        found = discover_units(probe.double(), x.detach().to(torch.float64))
+        found = discover_units(probe.double(), x.detach().to(torch.float64), nested=nested)
     if units is None:
         return found
     chosen = list(dict.fromkeys(units))
+    bad = [c for c in chosen if c in nested]
+    if bad:
+        raise UsageError(f"unit {bad[0]!r} is called with tensors inside a list, tuple or dict (or as keywords): it "
+                         "cannot be replayed as a unit; name the modules inside it instead")
     inside = [n for n in found if n not in chosen and any(n.startswith(c + ".") for c in chosen if c)]
     return chosen + inside
 
