@@ -10,6 +10,9 @@ A correct backend must agree on every seed. Styles (each DenseNet-BC-100, k = 12
   ``forward(*prev_features)`` concatenating the list it is handed, the block collecting the list, a final
   ``F.relu(features, inplace=True)``; ``torchvision-checkpointed`` runs each bottleneck under
   ``torch.utils.checkpoint`` (non-reentrant).
+* ``torchvision-list``: torchvision as it is written today: the block hands each layer the *list* of feature
+  maps (``layer(features)``; such a layer is no unit, its children are), and each layer ends in
+  ``F.dropout(new, p=0.2, training=self.training)`` (off while judging, as every dropout).
 * ``twice``: ``torchvision`` whose final batch norm is applied a second time after the last block's norm
   (a module called twice in one forward).
 * ``branch``: ``torchvision`` with Python branches in ``forward``: a layer concatenates only when it is handed
@@ -30,11 +33,12 @@ import time
 from collections import OrderedDict
 from pathlib import Path
 
-STYLES = ("seed", "torchvision", "torchvision-checkpointed", "twice", "branch", "channels_last")
+STYLES = ("seed", "torchvision", "torchvision-checkpointed", "torchvision-list", "twice", "branch", "channels_last")
 SEED_STYLE = Path(__file__).resolve().parents[2] / "tests" / "models" / "user_models" / "seed_style.py"
 
 
-def _torchvision_style(checkpointed: bool, twice: bool, branch: bool = False):  # noqa: ANN202 - torch lazily
+def _torchvision_style(checkpointed: bool, twice: bool, branch: bool = False,  # noqa: ANN202 - torch lazily
+                       as_list: bool = False):
     import torch
     import torch.nn.functional as F
     import torch.utils.checkpoint as cp
@@ -49,6 +53,9 @@ def _torchvision_style(checkpointed: bool, twice: bool, branch: bool = False):  
             self.conv2 = nn.Conv2d(4 * k, k, 3, padding=1, bias=False)
 
         def forward(self, *prev):  # noqa: ANN002, ANN201
+            if as_list:  # torchvision today: one argument, the list of feature maps so far
+                (prev,) = prev
+
             def bottleneck(*inputs):  # noqa: ANN002, ANN202
                 x = inputs[0] if branch and len(inputs) == 1 else torch.cat(inputs, 1)
                 return self.conv1(self.relu1(self.norm1(x)))
@@ -57,7 +64,8 @@ def _torchvision_style(checkpointed: bool, twice: bool, branch: bool = False):  
                 out = cp.checkpoint(bottleneck, *prev, use_reentrant=False)
             else:
                 out = bottleneck(*prev)
-            return self.conv2(self.relu2(self.norm2(out)))
+            new = self.conv2(self.relu2(self.norm2(out)))
+            return F.dropout(new, p=0.2, training=self.training) if as_list else new
 
     class Block(nn.ModuleDict):
         def __init__(self, n: int, c: int, k: int) -> None:
@@ -66,7 +74,7 @@ def _torchvision_style(checkpointed: bool, twice: bool, branch: bool = False):  
         def forward(self, x):  # noqa: ANN001, ANN201
             features = [x]
             for layer in self.values():
-                features.append(layer(*features))
+                features.append(layer(features) if as_list else layer(*features))
             return torch.cat(features, 1)
 
     class Transition(nn.Sequential):
@@ -115,7 +123,8 @@ def _model(style: str, seed: int):  # noqa: ANN202
         from densenet_debug.models import build_model
 
         return build_model("densenet-bc-100")
-    return _torchvision_style(style == "torchvision-checkpointed", style == "twice", style == "branch")
+    return _torchvision_style(style == "torchvision-checkpointed", style == "twice", style == "branch",
+                              as_list=style == "torchvision-list")
 
 
 def _anchor(model, x, y, names: list[str]) -> float:  # noqa: ANN001
