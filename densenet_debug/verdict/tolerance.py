@@ -166,6 +166,7 @@ CONV_T = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 NORM = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
 PIECEWISE = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.Hardtanh, nn.Threshold)
 SLOPED = (nn.LeakyReLU,)  # piecewise with a product on one branch: it rounds
+FUSED_NORMS = (nn.GroupNorm, nn.LayerNorm, nn.modules.instancenorm._InstanceNorm, nn.LocalResponseNorm)
 MAXPOOL = (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d)
 EXACT = (Concat, nn.Flatten, nn.Unflatten, nn.Identity, nn.Dropout, nn.Dropout2d)
 AVGPOOL = (nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d,
@@ -250,14 +251,18 @@ def _multilinear(module: nn.Module, rec: UnitRecord, params: dict[str, Tensor]) 
           for i, t in enumerate(rec.inputs)]
     named = dict(clone.named_parameters(recurse=False))
     # Known ops (conv, linear, pooling) never subtract, so |operands| alone give sum |terms|; the aten-level
-    # mode is for unknown units (and its first use costs an import of torch._dynamo), with fused kernels that
-    # subtract inside run as their decomposition: a group, layer or instance norm's kernel on |values|
-    # normalises them again, so its "magnitudes" came out below the terms (a correct float32 group norm
-    # failed its output at 7.6x the bound, an instance norm's grad_input, whose truth cancels to ~0, at 1e15x).
+    # mode is for unknown units (and its first use costs an import of torch._dynamo). A group, layer or
+    # instance norm *unit* runs its fused kernel as its decomposition: on |values| the kernel normalises them
+    # again, so its "magnitudes" came out below the terms (a correct float32 group norm failed its output at
+    # 7.6x the bound, an instance norm's grad_input, whose truth cancels to ~0, at 1e15x). A composite keeps
+    # the kernels whole: its children are judged by their own models, and a decomposed batch norm inside one
+    # widened the composite's bound 1,600-fold, and with it every propagated sum downstream.
     if isinstance(module, CONV + CONV_T + AVGPOOL + (nn.Linear,)):
         mode = contextlib.nullcontext
-    else:
+    elif isinstance(module, FUSED_NORMS):
         mode = functools.partial(MagnitudeMode, decompose_fused=True)
+    else:
+        mode = MagnitudeMode
     with torch.enable_grad(), mode():
         out = clone(*xs)
     outs = [out] if isinstance(out, Tensor) else [o for o in out if isinstance(o, Tensor)]
