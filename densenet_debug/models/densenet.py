@@ -13,6 +13,7 @@ from collections.abc import Callable
 import torch
 import torch.utils.checkpoint as cp
 from torch import Tensor, nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from densenet_debug._autograd import in_backward
 
@@ -84,10 +85,15 @@ class _DenseLayer(nn.Module):
     # layer's recompute at a time (cat and ReLU output, C each, and their gradients). The dropout mask is
     # redrawn identically (checkpoint restores the RNG state). A BatchNorm under non-reentrant checkpoint
     # would update its running stats again on recompute, so the recompute runs with them frozen.
+    # Backward runs the forward's own autograd nodes (training-mode BN backward, through the batch
+    # statistics); the recompute only refills what they saved. So the recompute's BN need not reduce the
+    # batch again: each region keeps its forward BN's batch mean and 1/std (C numbers each) and the recompute
+    # returns them with the output as their affine map (_SaveBatchStats / _ReuseBatchStats, checkpoint's
+    # context_fn), one pass over C channels where a training BN makes three.
     def _forward_checkpointed(self, *features: Tensor) -> Tensor:
-        out = cp.checkpoint(self._front_once, *features, use_reentrant=False)
-        if self.bottleneck:
-            out = cp.checkpoint(self._back_once, out, use_reentrant=False)  # RNG kept: same dropout mask
+        out = cp.checkpoint(self._front_once, *features, use_reentrant=False, context_fn=_batch_stats_contexts)
+        if self.bottleneck:  # RNG kept: same dropout mask
+            out = cp.checkpoint(self._back_once, out, use_reentrant=False, context_fn=_batch_stats_contexts)
         return self._drop(2, out)
 
     def _back(self, x: Tensor) -> Tensor:
@@ -121,6 +127,82 @@ class _frozen_bn_stats:
         with torch.no_grad():
             for k, b in self.bn.named_buffers(recurse=False):
                 b.copy_(self.saved[k])
+
+
+_BATCH_NORMS = frozenset({torch.ops.aten.native_batch_norm.default, torch.ops.aten._native_batch_norm_legit.default})
+
+
+def _training_batch_norm(func: object, args: tuple, kwargs: dict | None) -> dict | None:
+    """A training-mode BatchNorm call's arguments by name (input, weight, bias, ..., eps); None for any other."""
+    if func not in _BATCH_NORMS:
+        return None
+    named = dict(zip((a.name for a in func._schema.arguments), args), **(kwargs or {}))  # type: ignore[attr-defined]
+    return named if named["training"] else None
+
+
+def _affine_from_stats(x: Tensor, weight: Tensor | None, bias: Tensor | None, mean: Tensor, invstd: Tensor) -> Tensor:
+    """The CPU training kernel's output from its own statistics, to the bit: x*alpha + beta, alpha = invstd*weight,
+    beta = bias - mean*alpha, each ``+`` a fused multiply-add as the kernel's vector loop compiles
+    (ATen cpu/batch_norm_kernel.cpp); ``addcmul`` with value +-1 is that fused multiply-add."""
+    alpha = invstd if weight is None else invstd * weight
+    beta = torch.addcmul(torch.zeros_like(mean) if bias is None else bias, mean, alpha, value=-1)
+    shape = (1, -1) + (1,) * (x.dim() - 2)
+    return torch.addcmul(beta.view(shape), x, alpha.view(shape))
+
+
+def _reusable(bn: dict) -> bool:
+    """Where :func:`_affine_from_stats` is the kernel's formula: the CPU float kernels, parameters of the input's
+    dtype (a mixed-precision or GPU BatchNorm is recomputed in full; correct, only slower)."""
+    x = bn["input"]
+    return (x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64)
+            and all(bn[k] is None or bn[k].dtype == x.dtype for k in ("weight", "bias")))
+
+
+class _SaveBatchStats(TorchDispatchMode):
+    """A checkpointed region's forward: keeps each training BatchNorm's batch mean and 1/std (C numbers each)."""
+
+    def __init__(self, stats: list[tuple[Tensor, Tensor] | None]) -> None:
+        super().__init__()
+        self.stats = stats
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        out = func(*args, **(kwargs or {}))
+        bn = _training_batch_norm(func, args, kwargs)
+        if bn is not None:
+            self.stats.append((out[1], out[2]) if _reusable(bn) else None)
+        return out
+
+
+class _ReuseBatchStats(TorchDispatchMode):
+    """The region's recompute: each training BatchNorm returns the forward's statistics and the output they
+    define, with no batch reduction and no running-statistics update. Counted from the start on every entry,
+    so a second backward (``retain_graph``) recomputes alike."""
+
+    def __init__(self, stats: list[tuple[Tensor, Tensor] | None]) -> None:
+        super().__init__()
+        self.stats = stats
+        self.next = 0
+
+    def __enter__(self):  # type: ignore[no-untyped-def]
+        self.next = 0
+        return super().__enter__()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        bn = _training_batch_norm(func, args, kwargs)
+        if bn is None:
+            return func(*args, **(kwargs or {}))
+        stats = self.stats[self.next] if self.next < len(self.stats) else None
+        self.next += 1
+        if stats is None:
+            return func(*args, **(kwargs or {}))
+        mean, invstd = stats
+        return _affine_from_stats(bn["input"], bn["weight"], bn["bias"], mean, invstd), mean, invstd
+
+
+def _batch_stats_contexts() -> tuple[_SaveBatchStats, _ReuseBatchStats]:
+    """checkpoint's ``context_fn``: the forward and recompute modes of one region call, sharing its statistics."""
+    stats: list[tuple[Tensor, Tensor] | None] = []
+    return _SaveBatchStats(stats), _ReuseBatchStats(stats)
 
 
 class _DenseBlock(nn.Module):

@@ -152,9 +152,10 @@ class _Ops(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def test_backward_recomputes_each_dense_bn_once_and_no_conv() -> None:
-    """The recompute stops before each region's conv: no convolution forward runs in backward, and every
-    dense-layer BatchNorm runs once more (two per layer), nothing else."""
+def test_backward_recomputes_each_dense_bn_as_its_affine_map_and_no_conv() -> None:
+    """The recompute stops before each region's conv: no convolution forward runs in backward. Every dense-layer
+    BatchNorm (two per layer) comes back as the affine map of its forward's batch statistics, two addcmuls
+    (beta, then the output), with no batch reduction: no BatchNorm forward runs in backward at all."""
     model = build_model("densenet-bc-16", memory_efficient=True)
     loss = F.cross_entropy(model.train()(torch.randn(2, 3, 16, 16)), torch.tensor([0, 1]))
     with _Ops() as ops:
@@ -162,5 +163,7 @@ def test_backward_recomputes_each_dense_bn_once_and_no_conv() -> None:
     layers = sum(isinstance(m, _DenseLayer) for m in model.modules())
     assert ops.backward.count("convolution") == 0
     assert ops.backward.count("convolution_backward") == 2 * layers + 3  # 2 per layer, stem, 2 transitions
-    assert ops.backward.count("native_batch_norm") == 2 * layers
+    assert ops.backward.count("native_batch_norm") == 0
+    assert ops.backward.count("addcmul") == 2 * 2 * layers
+    assert ops.backward.count("native_batch_norm_backward") == 2 * layers + 3  # the forward's training nodes
     assert ops.backward.count("cat") == layers  # each layer's concatenation, not the blocks'
