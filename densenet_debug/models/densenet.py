@@ -8,7 +8,7 @@ what it produced (the committed fixtures record them so); in-place models of use
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from functools import partial
 
 import torch
 import torch.utils.checkpoint as cp
@@ -83,35 +83,36 @@ class _DenseLayer(nn.Module):
     # where the plain layer keeps the cat (C), the ReLU output (C), the 1x1 output and the BN-ReLU output
     # (bn_size*k each): BC-100's last block-1 layer, 60 channels instead of 504 a pixel. Backward holds one
     # layer's recompute at a time (cat and ReLU output, C each, and their gradients). The dropout mask is
-    # redrawn identically (checkpoint restores the RNG state). A BatchNorm under non-reentrant checkpoint
-    # would update its running stats again on recompute, so the recompute runs with them frozen.
-    # Backward runs the forward's own autograd nodes (training-mode BN backward, through the batch
-    # statistics); the recompute only refills what they saved. So the recompute's BN need not reduce the
-    # batch again: each region keeps its forward BN's batch mean and 1/std (C numbers each) and the recompute
-    # returns them with the output as their affine map (_SaveBatchStats / _ReuseBatchStats, checkpoint's
-    # context_fn), one pass over C channels where a training BN makes three.
+    # redrawn identically (checkpoint restores the RNG state). Backward runs the forward's own autograd nodes
+    # (the training-mode BN backward, through the batch statistics); the recompute only refills what they
+    # saved. So its BN need not reduce the batch again: each region keeps its forward BN's batch mean and 1/std
+    # (C numbers each, _SaveBatchStats) and the recompute's BN returns them with the output as their affine map
+    # (_ReuseBatchStats), one pass over C channels where a training BN makes three, to the bit the forward's
+    # output (_affine_from_stats), so every ReLU decides as in the forward. It does not touch the running
+    # statistics, but the module still counts the batch (and a BN recomputed in full, off the CPU kernels,
+    # would update them again), so the recompute runs with them frozen.
     def _forward_checkpointed(self, *features: Tensor) -> Tensor:
-        out = cp.checkpoint(self._front_once, *features, use_reentrant=False, context_fn=_batch_stats_contexts)
+        out = cp.checkpoint(partial(self._front_once, []), *features, use_reentrant=False)
         if self.bottleneck:  # RNG kept: same dropout mask
-            out = cp.checkpoint(self._back_once, out, use_reentrant=False, context_fn=_batch_stats_contexts)
+            out = cp.checkpoint(partial(self._back_once, []), out, use_reentrant=False)
         return self._drop(2, out)
 
-    def _back(self, x: Tensor) -> Tensor:
-        return self.conv2(self.relu2(self.norm2(self._drop(1, x))))
+    def _front_once(self, stats: list, *features: Tensor) -> Tensor:
+        x = _batch_norm_once(self.norm1, stats, self.cat(*features))
+        return self.conv1(self.relu1(x))
 
-    def _front_once(self, *features: Tensor) -> Tensor:
-        return _once(self.norm1, self._front, *features)
-
-    def _back_once(self, x: Tensor) -> Tensor:
-        return _once(self.norm2, self._back, x)
+    def _back_once(self, stats: list, x: Tensor) -> Tensor:
+        return self.conv2(self.relu2(_batch_norm_once(self.norm2, stats, self._drop(1, x))))
 
 
-def _once(bn: nn.BatchNorm2d, fn: Callable[..., Tensor], *inputs: Tensor) -> Tensor:
-    """``fn(*inputs)``, with ``bn``'s running statistics frozen when it runs as a checkpoint recompute."""
+def _batch_norm_once(bn: nn.BatchNorm2d, stats: list, x: Tensor) -> Tensor:
+    """``bn(x)`` in a checkpointed region: in the forward, keeping its batch statistics in ``stats``; as the
+    recompute, from them, with ``bn``'s running statistics and counter frozen."""
     if torch.is_grad_enabled() and in_backward():
-        with _frozen_bn_stats(bn):
-            return fn(*inputs)
-    return fn(*inputs)
+        with _frozen_bn_stats(bn), _ReuseBatchStats(stats):
+            return bn(x)
+    with _SaveBatchStats(stats):
+        return bn(x)
 
 
 class _frozen_bn_stats:
@@ -175,17 +176,13 @@ class _SaveBatchStats(TorchDispatchMode):
 
 class _ReuseBatchStats(TorchDispatchMode):
     """The region's recompute: each training BatchNorm returns the forward's statistics and the output they
-    define, with no batch reduction and no running-statistics update. Counted from the start on every entry,
-    so a second backward (``retain_graph``) recomputes alike."""
+    define, with no batch reduction and no running-statistics update (a new one per recompute: a second
+    backward, ``retain_graph``, recomputes alike)."""
 
     def __init__(self, stats: list[tuple[Tensor, Tensor] | None]) -> None:
         super().__init__()
         self.stats = stats
         self.next = 0
-
-    def __enter__(self):  # type: ignore[no-untyped-def]
-        self.next = 0
-        return super().__enter__()
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
         bn = _training_batch_norm(func, args, kwargs)
@@ -197,12 +194,6 @@ class _ReuseBatchStats(TorchDispatchMode):
             return func(*args, **(kwargs or {}))
         mean, invstd = stats
         return _affine_from_stats(bn["input"], bn["weight"], bn["bias"], mean, invstd), mean, invstd
-
-
-def _batch_stats_contexts() -> tuple[_SaveBatchStats, _ReuseBatchStats]:
-    """checkpoint's ``context_fn``: the forward and recompute modes of one region call, sharing its statistics."""
-    stats: list[tuple[Tensor, Tensor] | None] = []
-    return _SaveBatchStats(stats), _ReuseBatchStats(stats)
 
 
 class _DenseBlock(nn.Module):
