@@ -98,21 +98,31 @@ class _DenseLayer(nn.Module):
         return self._drop(2, out)
 
     def _front_once(self, stats: list, *features: Tensor) -> Tensor:
-        x = _batch_norm_once(self.norm1, stats, self.cat(*features))
-        return self.conv1(self.relu1(x))
+        return self.conv1(_bn_relu_once(self.norm1, self.relu1, stats, self.cat(*features)))
 
     def _back_once(self, stats: list, x: Tensor) -> Tensor:
-        return self.conv2(self.relu2(_batch_norm_once(self.norm2, stats, self._drop(1, x))))
+        return self.conv2(_bn_relu_once(self.norm2, self.relu2, stats, self._drop(1, x)))
 
 
-def _batch_norm_once(bn: nn.BatchNorm2d, stats: list, x: Tensor) -> Tensor:
-    """``bn(x)`` in a checkpointed region: in the forward, keeping its batch statistics in ``stats``; as the
-    recompute, from them, with ``bn``'s running statistics and counter frozen."""
-    if torch.is_grad_enabled() and in_backward():
-        with _frozen_bn_stats(bn), _ReuseBatchStats(stats):
-            return bn(x)
-    with _SaveBatchStats(stats):
-        return bn(x)
+def _bn_relu_once(bn: nn.BatchNorm2d, relu: nn.ReLU, stats: list, x: Tensor) -> Tensor:
+    """``relu(bn(x))`` in a checkpointed region. In the forward, ``bn`` keeps its batch statistics in ``stats``;
+    as the recompute, it runs from them with its running statistics and counter frozen, and ``relu`` then
+    works in place on the output the recompute made itself (a BN saves its input, not its output, so nothing
+    else reads it), one C-channel tensor fewer to allocate."""
+    if not (torch.is_grad_enabled() and in_backward()):
+        with _SaveBatchStats(stats):
+            return relu(bn(x))
+    reuse = _ReuseBatchStats(stats)
+    with _frozen_bn_stats(bn), reuse:
+        x = bn(x)
+    if not reuse.reused:  # a BN recomputed in full: its output is the module's own, left alone
+        return relu(x)
+    inplace = relu.inplace
+    relu.inplace = True
+    try:
+        return relu(x)
+    finally:
+        relu.inplace = inplace
 
 
 class _frozen_bn_stats:
@@ -183,6 +193,7 @@ class _ReuseBatchStats(TorchDispatchMode):
         super().__init__()
         self.stats = stats
         self.next = 0
+        self.reused = False
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
         bn = _training_batch_norm(func, args, kwargs)
@@ -193,6 +204,7 @@ class _ReuseBatchStats(TorchDispatchMode):
         if stats is None:
             return func(*args, **(kwargs or {}))
         mean, invstd = stats
+        self.reused = True
         return _affine_from_stats(bn["input"], bn["weight"], bn["bias"], mean, invstd), mean, invstd
 
 

@@ -184,6 +184,7 @@ def test_a_batch_norm_it_cannot_mirror_is_recomputed_in_full(monkeypatch: pytest
         loss.backward()
     layers = sum(isinstance(m, _DenseLayer) for m in efficient.modules())
     assert ops.backward.count("native_batch_norm") == 2 * layers and "addcmul" not in ops.backward
+    assert ops.backward.count("relu") == 2 * layers and "relu_" not in ops.backward  # the BN's own output kept
 
 
 def _live_after_forward(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> set[str]:
@@ -253,5 +254,7 @@ def test_backward_recomputes_each_dense_bn_as_its_affine_map_and_no_conv() -> No
     assert ops.backward.count("convolution_backward") == 2 * layers + 3  # 2 per layer, stem, 2 transitions
     assert ops.backward.count("native_batch_norm") == 0
     assert ops.backward.count("addcmul") == 2 * 2 * layers
+    # each ReLU works in place on the affine map's output, which nothing saved
+    assert ops.backward.count("relu_") == 2 * layers and "relu" not in ops.backward
     assert ops.backward.count("native_batch_norm_backward") == 2 * layers + 3  # the forward's training nodes
     assert ops.backward.count("cat") == layers  # each layer's concatenation, not the blocks'
