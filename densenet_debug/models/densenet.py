@@ -260,7 +260,8 @@ class DenseNet(nn.Module):
         compression: theta; transitions output floor(theta * C) channels.
         num_init_features: stem width; default 2k for BC, 16 for plain DenseNet (the paper's choice).
         memory_efficient: in training, recompute cat+BN+ReLU and BN+ReLU in backward (two
-            ``torch.utils.checkpoint`` regions per layer; no conv is recomputed); same math.
+            ``torch.utils.checkpoint`` regions per layer; no conv is recomputed; each BN from its forward's
+            batch statistics, with no batch reduction); same math, bit for bit on the CPU.
     """
 
     def __init__(
