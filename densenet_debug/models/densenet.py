@@ -111,7 +111,8 @@ def _bn_relu_once(bn: nn.BatchNorm2d, relu: nn.ReLU, stats: list, x: Tensor) -> 
     else reads it), one C-channel tensor fewer to allocate."""
     if not (torch.is_grad_enabled() and in_backward()):
         with _SaveBatchStats(stats):
-            return relu(bn(x))
+            x = bn(x)
+        return relu(x)
     reuse = _ReuseBatchStats(stats)
     with _frozen_bn_stats(bn), reuse:
         x = bn(x)
