@@ -8,11 +8,12 @@ what it produced (the committed fixtures record them so); in-place models of use
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from functools import partial
 
 import torch
 import torch.utils.checkpoint as cp
 from torch import Tensor, nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from densenet_debug._autograd import in_backward
 
@@ -82,30 +83,47 @@ class _DenseLayer(nn.Module):
     # where the plain layer keeps the cat (C), the ReLU output (C), the 1x1 output and the BN-ReLU output
     # (bn_size*k each): BC-100's last block-1 layer, 60 channels instead of 504 a pixel. Backward holds one
     # layer's recompute at a time (cat and ReLU output, C each, and their gradients). The dropout mask is
-    # redrawn identically (checkpoint restores the RNG state). A BatchNorm under non-reentrant checkpoint
-    # would update its running stats again on recompute, so the recompute runs with them frozen.
+    # redrawn identically (checkpoint restores the RNG state). Backward runs the forward's own autograd nodes
+    # (the training-mode BN backward, through the batch statistics); the recompute only refills what they
+    # saved. So its BN need not reduce the batch again: each region keeps its forward BN's batch mean and 1/std
+    # (C numbers each, _SaveBatchStats) and the recompute's BN returns them with the output as their affine map
+    # (_ReuseBatchStats), one pass over C channels where a training BN makes three, to the bit the forward's
+    # output (_affine_from_stats), so every ReLU decides as in the forward. It does not touch the running
+    # statistics, but the module still counts the batch (and a BN recomputed in full, off the CPU kernels,
+    # would update them again), so the recompute runs with them frozen.
     def _forward_checkpointed(self, *features: Tensor) -> Tensor:
-        out = cp.checkpoint(self._front_once, *features, use_reentrant=False)
-        if self.bottleneck:
-            out = cp.checkpoint(self._back_once, out, use_reentrant=False)  # RNG kept: same dropout mask
+        out = cp.checkpoint(partial(self._front_once, []), *features, use_reentrant=False)
+        if self.bottleneck:  # RNG kept: same dropout mask
+            out = cp.checkpoint(partial(self._back_once, []), out, use_reentrant=False)
         return self._drop(2, out)
 
-    def _back(self, x: Tensor) -> Tensor:
-        return self.conv2(self.relu2(self.norm2(self._drop(1, x))))
+    def _front_once(self, stats: list, *features: Tensor) -> Tensor:
+        return self.conv1(_bn_relu_once(self.norm1, self.relu1, stats, self.cat(*features)))
 
-    def _front_once(self, *features: Tensor) -> Tensor:
-        return _once(self.norm1, self._front, *features)
-
-    def _back_once(self, x: Tensor) -> Tensor:
-        return _once(self.norm2, self._back, x)
+    def _back_once(self, stats: list, x: Tensor) -> Tensor:
+        return self.conv2(_bn_relu_once(self.norm2, self.relu2, stats, self._drop(1, x)))
 
 
-def _once(bn: nn.BatchNorm2d, fn: Callable[..., Tensor], *inputs: Tensor) -> Tensor:
-    """``fn(*inputs)``, with ``bn``'s running statistics frozen when it runs as a checkpoint recompute."""
-    if torch.is_grad_enabled() and in_backward():
-        with _frozen_bn_stats(bn):
-            return fn(*inputs)
-    return fn(*inputs)
+def _bn_relu_once(bn: nn.BatchNorm2d, relu: nn.ReLU, stats: list, x: Tensor) -> Tensor:
+    """``relu(bn(x))`` in a checkpointed region. In the forward, ``bn`` keeps its batch statistics in ``stats``;
+    as the recompute, it runs from them with its running statistics and counter frozen, and ``relu`` then
+    works in place on the output the recompute made itself (a BN saves its input, not its output, so nothing
+    else reads it), one C-channel tensor fewer to allocate."""
+    if not (torch.is_grad_enabled() and in_backward()):
+        with _SaveBatchStats(stats):
+            x = bn(x)
+        return relu(x)
+    reuse = _ReuseBatchStats(stats)
+    with _frozen_bn_stats(bn), reuse:
+        x = bn(x)
+    if not reuse.reused:  # a BN recomputed in full: its output is the module's own, left alone
+        return relu(x)
+    inplace = relu.inplace
+    relu.inplace = True
+    try:
+        return relu(x)
+    finally:
+        relu.inplace = inplace
 
 
 class _frozen_bn_stats:
@@ -121,6 +139,74 @@ class _frozen_bn_stats:
         with torch.no_grad():
             for k, b in self.bn.named_buffers(recurse=False):
                 b.copy_(self.saved[k])
+
+
+_BATCH_NORMS = frozenset({torch.ops.aten.native_batch_norm.default, torch.ops.aten._native_batch_norm_legit.default})
+
+
+def _training_batch_norm(func: object, args: tuple, kwargs: dict | None) -> dict | None:
+    """A training-mode BatchNorm call's arguments by name (input, weight, bias, ..., eps); None for any other."""
+    if func not in _BATCH_NORMS:
+        return None
+    named = dict(zip((a.name for a in func._schema.arguments), args), **(kwargs or {}))  # type: ignore[attr-defined]
+    return named if named["training"] else None
+
+
+def _affine_from_stats(x: Tensor, weight: Tensor | None, bias: Tensor | None, mean: Tensor, invstd: Tensor) -> Tensor:
+    """The CPU training kernel's output from its own statistics, to the bit: x*alpha + beta, alpha = invstd*weight,
+    beta = bias - mean*alpha, each ``+`` a fused multiply-add as the kernel's vector loop compiles
+    (ATen cpu/batch_norm_kernel.cpp); ``addcmul`` with value +-1 is that fused multiply-add."""
+    alpha = invstd if weight is None else invstd * weight
+    beta = torch.addcmul(torch.zeros_like(mean) if bias is None else bias, mean, alpha, value=-1)
+    shape = (1, -1) + (1,) * (x.dim() - 2)
+    return torch.addcmul(beta.view(shape), x, alpha.view(shape))
+
+
+def _reusable(bn: dict) -> bool:
+    """Where :func:`_affine_from_stats` is the kernel's formula: the CPU float kernels, parameters of the input's
+    dtype (a mixed-precision or GPU BatchNorm is recomputed in full; correct, only slower)."""
+    x = bn["input"]
+    return (x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64)
+            and all(bn[k] is None or bn[k].dtype == x.dtype for k in ("weight", "bias")))
+
+
+class _SaveBatchStats(TorchDispatchMode):
+    """A checkpointed region's forward: keeps each training BatchNorm's batch mean and 1/std (C numbers each)."""
+
+    def __init__(self, stats: list[tuple[Tensor, Tensor] | None]) -> None:
+        super().__init__()
+        self.stats = stats
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        out = func(*args, **(kwargs or {}))
+        bn = _training_batch_norm(func, args, kwargs)
+        if bn is not None:
+            self.stats.append((out[1], out[2]) if _reusable(bn) else None)
+        return out
+
+
+class _ReuseBatchStats(TorchDispatchMode):
+    """The region's recompute: each training BatchNorm returns the forward's statistics and the output they
+    define, with no batch reduction and no running-statistics update (a new one per recompute: a second
+    backward, ``retain_graph``, recomputes alike)."""
+
+    def __init__(self, stats: list[tuple[Tensor, Tensor] | None]) -> None:
+        super().__init__()
+        self.stats = stats
+        self.next = 0
+        self.reused = False
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        bn = _training_batch_norm(func, args, kwargs)
+        if bn is None:
+            return func(*args, **(kwargs or {}))
+        stats = self.stats[self.next] if self.next < len(self.stats) else None
+        self.next += 1
+        if stats is None:
+            return func(*args, **(kwargs or {}))
+        mean, invstd = stats
+        self.reused = True
+        return _affine_from_stats(bn["input"], bn["weight"], bn["bias"], mean, invstd), mean, invstd
 
 
 class _DenseBlock(nn.Module):
@@ -175,7 +261,8 @@ class DenseNet(nn.Module):
         compression: theta; transitions output floor(theta * C) channels.
         num_init_features: stem width; default 2k for BC, 16 for plain DenseNet (the paper's choice).
         memory_efficient: in training, recompute cat+BN+ReLU and BN+ReLU in backward (two
-            ``torch.utils.checkpoint`` regions per layer; no conv is recomputed); same math.
+            ``torch.utils.checkpoint`` regions per layer; no conv is recomputed; each BN from its forward's
+            batch statistics, with no batch reduction); same math, bit for bit on the CPU.
     """
 
     def __init__(

@@ -6,7 +6,8 @@ Three configurations, on the same random batch:
 - ``seed``: the seed's recursive concatenation (bamos style: every layer returns ``torch.cat((x, out), 1)``,
   log-softmax + NLL), defined here with the same widths and parameter count;
 - ``ours-memory-efficient``: ours with cat+BN+ReLU and BN+ReLU recomputed in backward (two
-  ``torch.utils.checkpoint`` regions per layer, each stopping before its conv).
+  ``torch.utils.checkpoint`` regions per layer, each stopping before its conv; each BN recomputed as the
+  affine map of its forward's batch statistics, the ReLU in place on it).
 
 Reported: seconds per SGD step (forward, backward, update), wall and CPU time of the process, over rounds
 interleaved round-robin after a warm-up, all configurations in one process: the best of the rounds, the

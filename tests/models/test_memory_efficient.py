@@ -21,8 +21,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from densenet_debug import build_model
 from densenet_debug._autograd import in_backward
-from densenet_debug.models import DenseNet
-from densenet_debug.models.densenet import _DenseLayer
+from densenet_debug.models import DenseNet, densenet
+from densenet_debug.models.densenet import _affine_from_stats, _DenseLayer
 
 REL = 1e-12
 
@@ -98,6 +98,95 @@ def test_efficient_without_bottleneck_equals_plain() -> None:
     _assert_same_step(plain, efficient, x, y, train=True)
 
 
+@given(seed=st.integers(0, 2**16), growth=st.integers(1, 6), bn_size=st.integers(1, 4), bottleneck=st.booleans(),
+       drop=st.sampled_from([0.0, 0.3]), n=st.integers(1, 4))
+@settings(max_examples=12, deadline=None)
+def test_efficient_equals_plain_for_each_growth_bottleneck_and_dropout(seed: int, growth: int, bn_size: int,
+                                                                       bottleneck: bool, drop: float, n: int) -> None:
+    """Every layer shape the recompute meets: channel counts from the growth rate and bottleneck width (a
+    bottleneck of one channel included), with and without the 1x1 and dropout."""
+    torch.manual_seed(seed)
+    kw = dict(depth=10 if bottleneck else 7, growth_rate=growth, bottleneck=bottleneck, bn_size=bn_size,
+              drop_rate=drop)
+    plain, efficient = DenseNet(**kw).double(), DenseNet(memory_efficient=True, **kw).double()
+    efficient.load_state_dict(plain.state_dict())
+    g = torch.Generator().manual_seed(seed)
+    x, y = torch.randn(n, 3, 8, 8, generator=g, dtype=torch.float64), torch.randint(0, 10, (n,), generator=g)
+    _assert_same_step(plain, efficient, x, y, train=True, steps=2)
+
+
+@pytest.mark.parametrize("bottleneck", [True, False], ids=["bc", "plain-densenet"])
+def test_efficient_step_is_bit_identical_to_plain_in_fp32(bottleneck: bool) -> None:
+    """The recompute reproduces the forward to the bit (the BN's affine map from its own statistics included),
+    and backward runs the same nodes on the same values, so a float32 step equals the plain one exactly."""
+    torch.manual_seed(0)
+    kw = dict(depth=16 if bottleneck else 10, growth_rate=6, bottleneck=bottleneck, drop_rate=0.2)
+    plain, efficient = DenseNet(**kw), DenseNet(memory_efficient=True, **kw)
+    efficient.load_state_dict(plain.state_dict())
+    x, y = torch.randn(4, 3, 16, 16), torch.tensor([0, 3, 5, 9])
+    a, b = _step(plain, x, y, train=True), _step(efficient, x, y, train=True)
+    for key, ta in a.items():
+        assert torch.equal(ta, b[key]), key
+    for (key, ba), bb in zip(plain.state_dict().items(), efficient.state_dict().values()):
+        assert torch.equal(ba, bb), key
+
+
+@given(seed=st.integers(0, 2**16), n=st.integers(1, 5), c=st.integers(1, 40), hw=st.integers(1, 9),
+       dtype=st.sampled_from([torch.float32, torch.float64]), affine=st.booleans(),
+       eps=st.sampled_from([1e-5, 1e-3, 0.0]), channels_last=st.booleans())
+@settings(max_examples=60, deadline=None)
+def test_affine_from_stats_is_the_training_kernels_output_to_the_bit(seed: int, n: int, c: int, hw: int,
+                                                                     dtype: torch.dtype, affine: bool, eps: float,
+                                                                     channels_last: bool) -> None:
+    """The ATen CPU kernel computes x*alpha + beta with fused multiply-adds (alpha = invstd*weight, beta =
+    bias - mean*alpha); the recompute mirrors it, so the two agree exactly, vector loop and its tail alike
+    (hw*hw from 1 to 81 elements a plane) and in both memory layouts. A torch whose kernel computes otherwise
+    fails here: its recompute would no longer reproduce the forward bit for bit."""
+    if n * hw * hw == 1:
+        n = 2  # training BN needs more than one value a channel
+    g = torch.Generator().manual_seed(seed)
+    scale = torch.logspace(-3, 2, c, dtype=dtype).view(1, c, 1, 1)
+    x = torch.randn(n, c, hw, hw, generator=g, dtype=dtype) * scale + torch.randn(1, c, 1, 1, generator=g, dtype=dtype)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    w = torch.rand(c, generator=g, dtype=dtype) + 0.5 if affine else None
+    b = torch.randn(c, generator=g, dtype=dtype) if affine else None
+    out, mean, invstd = torch.native_batch_norm(x, w, b, None, None, True, 0.1, eps)
+    assert torch.equal(_affine_from_stats(x, w, b, mean, invstd), out)
+
+
+def test_a_second_backward_through_the_kept_graph_recomputes_alike() -> None:
+    """``retain_graph``: the second backward recomputes each region again from the same statistics (and the
+    running statistics still move once): gradients accumulate to twice the plain model's."""
+    plain, efficient = _pair("densenet-bc-10", seed=3)
+    x, y = torch.randn(3, 3, 8, 8, dtype=torch.float64), torch.tensor([1, 2, 3])
+    grads = []
+    for model in (plain, efficient):
+        loss = F.cross_entropy(model.train()(x), y)
+        loss.backward(retain_graph=True)
+        loss.backward()
+        grads.append({n: p.grad for n, p in model.named_parameters()})
+    for key, ga in grads[0].items():
+        assert (grads[1][key] - ga).norm() <= REL * ga.norm(), key
+    for (key, ba), bb in zip(plain.state_dict().items(), efficient.state_dict().values()):
+        assert torch.equal(ba, bb), key
+
+
+def test_a_batch_norm_it_cannot_mirror_is_recomputed_in_full(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Off the CPU float kernels (a GPU or mixed-precision BN) the recompute runs the BN itself: still the
+    plain model's step, running statistics still updated once."""
+    monkeypatch.setattr(densenet, "_reusable", lambda bn: False)
+    plain, efficient = _pair("densenet-bc-10", seed=5)
+    x, y = torch.randn(2, 3, 8, 8, dtype=torch.float64), torch.tensor([4, 6])
+    _assert_same_step(plain, efficient, x, y, train=True, steps=2)
+    loss = F.cross_entropy(efficient.train()(x), y)
+    with _Ops() as ops:
+        loss.backward()
+    layers = sum(isinstance(m, _DenseLayer) for m in efficient.modules())
+    assert ops.backward.count("native_batch_norm") == 2 * layers and "addcmul" not in ops.backward
+    assert ops.backward.count("relu") == 2 * layers and "relu_" not in ops.backward  # the BN's own output kept
+
+
 def _live_after_forward(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> set[str]:
     """Names of the leaf modules whose output storage is still alive between forward and backward."""
     refs: dict[str, StorageWeakRef] = {}
@@ -152,9 +241,10 @@ class _Ops(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def test_backward_recomputes_each_dense_bn_once_and_no_conv() -> None:
-    """The recompute stops before each region's conv: no convolution forward runs in backward, and every
-    dense-layer BatchNorm runs once more (two per layer), nothing else."""
+def test_backward_recomputes_each_dense_bn_as_its_affine_map_and_no_conv() -> None:
+    """The recompute stops before each region's conv: no convolution forward runs in backward. Every dense-layer
+    BatchNorm (two per layer) comes back as the affine map of its forward's batch statistics, two addcmuls
+    (beta, then the output), with no batch reduction: no BatchNorm forward runs in backward at all."""
     model = build_model("densenet-bc-16", memory_efficient=True)
     loss = F.cross_entropy(model.train()(torch.randn(2, 3, 16, 16)), torch.tensor([0, 1]))
     with _Ops() as ops:
@@ -162,5 +252,9 @@ def test_backward_recomputes_each_dense_bn_once_and_no_conv() -> None:
     layers = sum(isinstance(m, _DenseLayer) for m in model.modules())
     assert ops.backward.count("convolution") == 0
     assert ops.backward.count("convolution_backward") == 2 * layers + 3  # 2 per layer, stem, 2 transitions
-    assert ops.backward.count("native_batch_norm") == 2 * layers
+    assert ops.backward.count("native_batch_norm") == 0
+    assert ops.backward.count("addcmul") == 2 * 2 * layers
+    # each ReLU works in place on the affine map's output, which nothing saved
+    assert ops.backward.count("relu_") == 2 * layers and "relu" not in ops.backward
+    assert ops.backward.count("native_batch_norm_backward") == 2 * layers + 3  # the forward's training nodes
     assert ops.backward.count("cat") == layers  # each layer's concatenation, not the blocks'
