@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test lint pytest matrix bench clean
+.PHONY: setup demo test test-slow lint pytest matrix bench clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -33,6 +33,10 @@ pytest: setup
 	$(PY) -m pytest -q -n $(PYTEST_WORKERS) --dist loadfile
 
 test: lint pytest
+
+# The tests marked slow (the canary's full training, BC-100 diffs and fixtures), which make test deselects.
+test-slow: setup
+	$(PY) -m pytest -q -m slow -n $(PYTEST_WORKERS) --dist loadfile
 
 # One virtualenv per torch release under .nox/ (~8 GB of disk for the two default releases); exits non-zero
 # when any cell is not agree, and work/matrix.md marks the cells that changed between releases.

@@ -136,7 +136,6 @@ def test_fault_components_resolve_through_the_registry() -> None:
     assert isinstance(b, Backend) and b.faults and b.faults[0].name == "cat_backward_slice_offset"
 
 
-@pytest.mark.slow
 def test_compiled_units_really_compile_and_agree_with_eager() -> None:
     """Every unit compiled separately (aot_eager keeps this quick); the report shows graphs were compiled."""
     from densenet_debug.verdict.engine import diff

@@ -79,6 +79,25 @@ def test_the_measured_distribution_separates_clean_from_faulty():
     assert FAULTY_BELOW < DEFAULTS["target"] <= CLEAN_AT_LEAST
 
 
+def test_a_short_canary_trains_both_runs_and_diff_names_the_planted_layer():
+    """The canary's machinery in seconds (convergence itself needs the full run below, marked slow): both runs
+    start from the same weights and batches, the fault is planted in the faulty run only and changes its
+    training from the first update on, and diff on real digits names a planted layer in the backward."""
+    threads = torch.get_num_threads()
+    report = run_canary(epochs=1, train_samples=96, batch_size=32, diff_batch=4, seed=0)
+    assert torch.get_num_threads() == threads and report.config["threads"] == 1
+    for run in (report.clean, report.faulty):
+        assert len(run.losses) == 3 and len(run.accuracy) == 1
+        assert all(math.isfinite(l) for l in run.losses) and 0 <= run.final_accuracy <= 1
+    assert report.clean.losses[0] == report.faulty.losses[0]  # #708 is in the backward: the first forward is shared
+    assert report.clean.losses[1] != report.faulty.losses[1]  # and the first update already differs
+    assert report.clean.units == [] and report.faulty.units == make_fault(CANARY_FAULT).choose(
+        build_model(report.config["model"], in_channels=1))
+    loc = report.localization
+    assert loc["verdict"] == "mismatch" and loc["localized"] and loc["planted_units"] == report.faulty.units
+    assert loc["first_divergence"]["layer"] in loc["planted_units"] and loc["first_divergence"]["pass"] == "backward"
+
+
 @pytest.mark.slow
 def test_canary_reproduces_non_convergence_and_localizes(tmp_path):
     """The default canary, seed 0 (about 50 s on one core): thresholds from the ten-seed distribution."""

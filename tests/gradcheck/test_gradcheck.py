@@ -209,7 +209,6 @@ def test_planted_fault_in_a_relu_is_caught_despite_its_kinks(fault: str) -> None
     _localized(report, "block3.layer01.relu2", "input0")
 
 
-@pytest.mark.slow
 def test_bc100_localizes_a_0p1_percent_fault_in_one_channel_of_a_wide_bn_weight_gradient() -> None:
     """The hard case at scale: 0.1 % on one of 300+ channels of a BN weight gradient deep in BC-100."""
     torch.manual_seed(0)

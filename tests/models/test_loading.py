@@ -1,5 +1,6 @@
 """Loading a user's model as a user meets it: files, siblings, ``module:factory``, factories with or without
-``num_classes``, squeezed log-probability outputs — through the real console script, in a subprocess.
+``num_classes``, squeezed log-probability outputs — through the real console script, in a subprocess (error
+paths whose exit code another test already checks through a real process run in-process, through main()).
 
 The user models live in ``tests/models/user_models/`` (not collected: no ``test_`` prefix), each written in
 a style users write: the 2017 seed's functional DenseNet (camelCase constructor, ``torch.squeeze``,
@@ -18,6 +19,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from densenet_debug.cli import main
 from densenet_debug.errors import UsageError
 from densenet_debug.models import load_checked_model, resolve_model, takes_num_classes
 from densenet_debug.models.batch import make_batch
@@ -76,17 +78,33 @@ def test_module_spec_from_cwd_is_not_found_elsewhere(tmp_path: Path) -> None:
     assert "cannot import module 'seed_style'" in err
 
 
-@pytest.mark.parametrize("verb", ["diff", "gradcheck", "graph", "record"])
-def test_batch_of_one_with_a_squeezed_output_is_one_line(verb: str, tmp_path: Path) -> None:
+# A real process for the verbs whose exit 2 and one-line error no other test runs through one (gradcheck,
+# graph); diff and record, whose are (tests/cli/test_robust.py), run in-process through main().
+@pytest.mark.parametrize(("verb", "process"), [("diff", False), ("gradcheck", True), ("graph", True),
+                                               ("record", False)])
+def test_batch_of_one_with_a_squeezed_output_is_one_line(verb: str, process: bool, tmp_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch, capsys) -> None:
     out = {"graph": ["--out", str(tmp_path / "g.dot")], "record": ["--name", "x", "--out-dir", str(tmp_path)]}
-    err = one_line_error(cli(verb, "--model", "squeezed.py:squeezed", "--batch", "1", *out.get(verb, []), cwd=USER))
+    argv = [verb, "--model", "squeezed.py:squeezed", "--batch", "1", *out.get(verb, [])]
+    if process:
+        err = one_line_error(cli(*argv, cwd=USER))
+    else:
+        monkeypatch.chdir(USER)
+        assert main(argv) == 2
+        err = capsys.readouterr().err.strip()
+        assert "Traceback" not in err and "\n" not in err, err
     assert "for a batch of 1" in err and "--batch 2" in err
+    assert not any(tmp_path.iterdir())  # refused before writing anything
 
 
-def test_num_classes_checks_a_factory_that_has_no_such_parameter() -> None:
-    assert cli("info", "--model", "sibling_model.py:fixed", "--num-classes", "7", cwd=USER).returncode == 0
-    err = one_line_error(cli("info", "--model", "sibling_model.py:fixed", "--num-classes", "10", cwd=USER))
-    assert "returns 7 classes, not --num-classes 10" in err
+def test_num_classes_checks_a_factory_that_has_no_such_parameter(monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+    """In-process: info's exit 2 through a real process is test_module_spec_from_cwd_is_not_found_elsewhere's."""
+    monkeypatch.chdir(USER)
+    assert main(["info", "--model", "sibling_model.py:fixed", "--num-classes", "7"]) == 0
+    capsys.readouterr()
+    assert main(["info", "--model", "sibling_model.py:fixed", "--num-classes", "10"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "returns 7 classes, not --num-classes 10" in err and "\n" not in err
 
 
 # -- the library under the CLI --------------------------------------------------------------------------

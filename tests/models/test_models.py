@@ -74,7 +74,6 @@ def test_every_builder_forward_backward_shapes(name: str, batch) -> None:
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("name", ["densenet-bc-250", "densenet-bc-190"])
 def test_large_builders_forward(name: str) -> None:
     with torch.no_grad():

@@ -67,7 +67,6 @@ def test_small_networks_match_pytorch_fp64(config: str, n: int, seed: int, train
     _assert_network_agrees(model, max(n, 2) if train else n, seed, train)
 
 
-@pytest.mark.slow
 def test_densenet_bc_100_matches_pytorch_fp64() -> None:
     torch.manual_seed(0)
     _assert_network_agrees(build_model("densenet-bc-100"), 2, 0, hw=32)
