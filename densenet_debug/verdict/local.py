@@ -23,14 +23,23 @@ import torch
 from torch import Tensor, nn
 
 from densenet_debug.backends import Backend, unit_roundoff
-from densenet_debug.models.densenet import Concat
 from densenet_debug.trace import Trace, UnitRecord
 from densenet_debug.verdict import kinks as kinkmod
 from densenet_debug.verdict.compare import compare
 from densenet_debug.verdict.nonfinite import finite
 from densenet_debug.verdict.replay import Replay, exact_expectation, oracle_values, replay_unit
 from densenet_debug.verdict.report import FAILING, Row, Status, UnitKink
-from densenet_debug.verdict.tolerance import TEACHER_ORIGIN, U64, Precision, UnitBounds, fp64_precision, underflow
+from densenet_debug.verdict.tolerance import (
+    EXACT,
+    PIECEWISE,
+    SLOPED,
+    TEACHER_ORIGIN,
+    U64,
+    Precision,
+    UnitBounds,
+    fp64_precision,
+    underflow,
+)
 
 QUANTITY_PASS = {"output": "forward", "buffer": "forward"}
 NONFINITE_NOTE = "NaN/Inf where the fp64 oracle is finite"
@@ -162,9 +171,8 @@ def local_rows(name: str, step: int, module: nn.Module, o_rec: UnitRecord, s_rec
 
 
 # Units that only select and move values (no arithmetic): their exact expectation in the side's own dtype is
-# the fp64 one (tolerance.EXACT and the piecewise ops without a slope).
-_SELECTIONS = (Concat, nn.Flatten, nn.Unflatten, nn.Identity, nn.Dropout, nn.Dropout2d, nn.ReLU, nn.ReLU6,
-               nn.Hardtanh, nn.Threshold)
+# the fp64 one (tolerance.EXACT and the piecewise ops without a slope; by exact type, not a subclass of them).
+_SELECTIONS = frozenset(EXACT + PIECEWISE) - frozenset(SLOPED)
 
 
 def _selected_bit_for_bit(module: nn.Module, replay: Replay) -> dict[str, Tensor | None] | None:
