@@ -546,12 +546,13 @@ class Tracer:
                 rec.buffers_after = {k: self._keep(b, clone=True) for k, b in module.named_buffers(recurse=False)}
             call = self._calls.get(name)
             if call is not None:
-                self._hook_nodes(rec, call, [gradient_edge(o) for o in outputs])
+                self._hook_nodes(rec, call, [gradient_edge(o) for o in outputs], [o.shape for o in outputs])
 
         return _unobserved(hook)
 
     # -- backward: hooks on the call's own autograd nodes ----------------------------------------------
-    def _hook_nodes(self, rec: UnitRecord, call: _FirstCall, output_edges: list[Edge | None]) -> None:
+    def _hook_nodes(self, rec: UnitRecord, call: _FirstCall, output_edges: list[Edge | None],
+                    shapes: list[torch.Size]) -> None:
         graph = call_graph(call.first_seq, next_sequence_nr(), output_edges,
                            call.input_edges + [e for _, e in call.param_edges])
         n_in, n_out = len(call.input_edges), len(output_edges)
@@ -561,6 +562,11 @@ class Tracer:
                 by_node.setdefault(id(edge[0]), (edge[0], []))[1].append((j, edge[1]))
         for node, slots in by_node.values():
             self._handles.append(node.register_prehook(self._grad_out_hook(rec, slots, n_out, n_in)))
+        for j, edge in enumerate(output_edges):
+            base = _reshaped_base(edge, call.first_seq)
+            if base is not None:
+                hook = self._grad_out_hook(rec, [(j, 0)], n_out, n_in)
+                self._handles.append(base[0].register_prehook(_through_base(hook, base[1], shapes[j])))
         # An output that is an input returned as-is: its gradient passes through this unit unchanged.
         passthrough = [(j, i) for j, e in enumerate(output_edges) for i, f in enumerate(call.input_edges)
                        if e is not None and f is not None and e[0] is f[0] and e[1] == f[1]]
@@ -622,6 +628,37 @@ class Tracer:
                     rec.call_param_grads[pname] = g.detach().clone() if have is None else have + g
 
         return _unobserved(hook)
+
+
+# Backward nodes of views that keep every element, only reshaped (``view_as`` at the end of instance norm).
+_RESHAPES = {"ViewBackward0", "UnsafeViewBackward0", "ReshapeAliasBackward0", "AliasBackward0"}
+
+
+def _reshaped_base(edge: Edge | None, first_seq: int) -> tuple[Node, int] | None:
+    """(node, input slot) of the tensor an output is a reshaped view of, when the same call made that tensor.
+
+    An in-place op on the output (``nn.ReLU(inplace=True)`` after an instance norm, whose output is
+    ``view_as`` of its batch norm's) rebases the view: its own backward node is bypassed and never fires, while
+    the base's still does, with the same gradient reshaped. A hook there records the grad_output then, and only
+    then: the view's node, when it fires, fires first."""
+    if edge is None:
+        return None
+    node = edge[0]
+    if type(node).__name__ not in _RESHAPES or len(node.next_functions) != 1:  # (a Function's ctx may own .name)
+        return None
+    base, slot = node.next_functions[0]
+    if base is None or base._sequence_nr() < first_seq:  # noqa: SLF001 - the call's own nodes, by number
+        return None
+    return base, slot
+
+
+def _through_base(hook: Callable, slot: int, shape: torch.Size) -> Callable:
+    """``hook`` (a unit's grad_output hook for one output) fed from the base's node, reshaped to the output."""
+    def run(grad_outputs: tuple) -> None:
+        g = grad_outputs[slot] if slot < len(grad_outputs) else None
+        if g is not None and g.numel() == math.prod(shape):
+            hook((g.reshape(shape),))
+    return run
 
 
 def _unobserved(hook: Callable) -> Callable:

@@ -70,3 +70,20 @@ def test_instance_norm_before_a_global_pool_agrees(seed: int) -> None:
                           nn.Flatten(), nn.Linear(6, 4))
     report = diff(model, *data(seed), "mkldnn", "native")
     assert report.verdict == "agree", report.summary
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_instance_norm_before_an_in_place_relu_records_its_grad_output(seed: int) -> None:
+    """The norm's output is a view (``view_as`` of its batch norm's), and the in-place ReLU rebases it: the view's
+    backward node never fires. Its grad_output was not recorded, every backward row read ``inf > 0``."""
+    from densenet_debug.verdict.engine import oracle_traces
+
+    torch.manual_seed(seed)
+    model = OneUnitNet(nn.Sequential(nn.InstanceNorm2d(6, affine=True), nn.ReLU(inplace=True)))
+    x, y = data(seed)
+    rec = oracle_traces(model, x, y)[0]["unit.0"]
+    assert rec.grad_outputs and rec.grad_outputs[0] is not None and rec.grad_outputs[0].shape == (3, 6, 8, 8)
+    report = diff(model, x, y, "mkldnn", "native")
+    assert report.verdict == "agree", report.summary
+    rows = [r for r in report.rows if r.layer == "unit.0" and r.mode == "local" and r.pass_ == "backward"]
+    assert rows and all(r.ratio_a is not None and r.ratio_a <= 1 for r in rows)
