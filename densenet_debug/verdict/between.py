@@ -118,6 +118,7 @@ a fixture (side = the fixture's float64 records) checks that the model's between
 
 from __future__ import annotations
 
+import functools
 import math
 import warnings
 from collections.abc import Callable, Iterator, Mapping
@@ -207,9 +208,14 @@ def inexact_scalars(func: object, args: tuple, kwargs: dict) -> int:
             continue
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
             continue
-        if any(float(torch.tensor(value, dtype=d)) != value for d in (torch.bfloat16, torch.float16)):
-            n += 1
+        n += not _held_exactly(value)
     return n
+
+
+@functools.cache
+def _held_exactly(value: float) -> bool:
+    """Both bfloat16 and float16 hold ``value`` exactly (memoised: the tracker asks at every op call)."""
+    return all(float(torch.tensor(value, dtype=d)) == value for d in (torch.bfloat16, torch.float16))
 
 
 def rounding(func: object, tensors: list[Tensor], outputs: list[Tensor], scalars: int = 0) -> float:

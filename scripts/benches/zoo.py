@@ -34,11 +34,11 @@ def _model(rng: random.Random):  # noqa: ANN202 - torch is imported lazily
             "add_const": lambda t: t + 0.1, "clamp": lambda t: t.clamp(-1.5, 1.5), "gelu": F.gelu,
             "x_sigmoid_x": lambda t: t * torch.sigmoid(t), "none": lambda t: t}
 
+    acts = {"ReLU": nn.ReLU, "ReLU(inplace=True)": lambda: nn.ReLU(inplace=True),
+            "LeakyReLU(0.1)": lambda: nn.LeakyReLU(0.1), "Hardtanh(-0.5, 0.5)": lambda: nn.Hardtanh(-0.5, 0.5)}
+
     def act(name: str) -> nn.Module:
-        base, _, rest = name.partition("(")
-        cls = getattr(nn, base)
-        return cls(*eval(f"({rest[:-1]},)")) if rest and "inplace" not in rest else (  # noqa: S307 - our literals
-            cls(inplace=True) if "inplace" in rest else cls())
+        return acts[name]() if name in acts else getattr(nn, name)()
 
     def norm(name: str, c: int) -> nn.Module:
         return {"BatchNorm2d": lambda: nn.BatchNorm2d(c), "GroupNorm": lambda: nn.GroupNorm(2, c),
