@@ -232,13 +232,25 @@ def inside(name: str, unit: str) -> bool:
     return name != unit and (unit == "" or name.startswith(unit + "."))
 
 
+def ancestors(names: Iterable[str]) -> set[str]:
+    """Every unit name some other of ``names`` lies :func:`inside` (``""`` included when any name is not
+    ``""``): one pass over the names, not a test of every pair."""
+    out: set[str] = set()
+    for name in names:
+        if name:
+            out.add("")
+            parts = name.split(".")
+            out.update(".".join(parts[:i]) for i in range(1, len(parts)))
+    return out
+
+
 def compose_tolerances(local: list[Row], names: list[str]) -> Composed:
     """A composite unit's replay runs its descendants too: its tolerance adds theirs (first order, per pass).
 
     Returns what was added, per (step, composite unit, pass), so a composite judged again elsewhere (the
     propagated rule's :func:`~densenet_debug.verdict.propagated.self_consistent`) gets the same allowance.
     """
-    composites = {n for n in names if any(inside(m, n) for m in names)}
+    composites = set(names) & ancestors(names)
     added: Composed = {}
     if not composites:
         return added

@@ -402,11 +402,12 @@ def _batchnorm(module: nn.Module, rec: UnitRecord, params: dict[str, Tensor]) ->
     result = UnitBounds(origin=f"batch norm ({'batch' if batch_stats else 'running'} statistics): first-order "
                                f"model, sums over R = {R} (N*H*W) bounded with |terms| (cancellation included)")
     memo: dict[Precision, dict[str, Tensor]] = {}
+    channel: dict[str, Tensor] = {}  # per-channel sums both the terms and the bounds read, computed once
 
     def all_bounds(p: Precision) -> dict[str, Tensor]:
         if p not in memo:
             memo.clear()
-            memo[p] = _bn_bounds(module, rec, params, p, dims, shape, R, batch_stats)
+            memo[p] = _bn_bounds(module, rec, params, p, dims, shape, R, batch_stats, channel)
         return memo[p]
 
     keys = ["output.0"]
@@ -420,12 +421,21 @@ def _batchnorm(module: nn.Module, rec: UnitRecord, params: dict[str, Tensor]) ->
             result.fns["buffer.num_batches_tracked"] = lambda p: torch.zeros(())
     for key in keys:
         result.fns[key] = lambda p, key=key: all_bounds(p)[key]
-    result.terms.update(_bn_terms(module, rec, params, dims, shape, R, batch_stats))
+    result.terms.update(_bn_terms(module, rec, params, dims, shape, R, batch_stats, channel))
     return result
 
 
+def _bn_channel(channel: dict[str, Tensor], key: str, make: Callable[[], Tensor]) -> Tensor:
+    """A per-channel statistic of BN's error model (``mu``, ``var``, ``sum|g|``, ``sum|g xhat|``), computed by
+    the first of :func:`_bn_terms` and :func:`_bn_bounds` that needs it: each is a pass over a full-size tensor
+    (the variance two), and both read the same ones."""
+    if key not in channel:
+        channel[key] = make()
+    return channel[key]
+
+
 def _bn_terms(module: nn.Module, rec: UnitRecord, params: dict[str, Tensor], dims: list[int], shape: list[int],
-              R: int, batch_stats: bool) -> dict[str, float]:
+              R: int, batch_stats: bool, channel: dict[str, Tensor]) -> dict[str, float]:
     """max sum |terms| of each BN quantity, the sums its bounds scale (:func:`_bn_bounds`), signs dropped:
 
     y = gamma xhat + beta: ``|gamma||xhat| + |beta|``; grad_bias = sum g: ``sum |g|``; grad_weight = sum g xhat:
@@ -438,8 +448,8 @@ def _bn_terms(module: nn.Module, rec: UnitRecord, params: dict[str, Tensor], dim
     gamma = params.get("weight", torch.ones(channels, dtype=torch.float64)).view(shape).abs()
     beta = params.get("bias", torch.zeros(channels, dtype=torch.float64)).view(shape).abs()
     if batch_stats:
-        mu = x.mean(dims, keepdim=True)
-        var = x.var(dims, unbiased=False, keepdim=True)
+        mu = _bn_channel(channel, "mu", lambda: x.mean(dims, keepdim=True))
+        var = _bn_channel(channel, "var", lambda: x.var(dims, unbiased=False, keepdim=True))
     else:
         mu = rec.buffers_before["running_mean"].view(shape)
         var = rec.buffers_before["running_var"].view(shape)
@@ -449,8 +459,8 @@ def _bn_terms(module: nn.Module, rec: UnitRecord, params: dict[str, Tensor], dim
     g = rec.grad_outputs[0] if rec.grad_outputs else None
     if g is not None:
         ag = g.abs()
-        sum_ag = ag.sum(dims, keepdim=True)
-        a1 = (ag * axhat).sum(dims, keepdim=True)
+        sum_ag = _bn_channel(channel, "sum_ag", lambda: ag.sum(dims, keepdim=True))
+        a1 = _bn_channel(channel, "a1", lambda: (ag * axhat).sum(dims, keepdim=True))
         out["grad_bias"] = float(sum_ag.max())
         out["grad_weight"] = float(a1.max())
         if batch_stats:
@@ -470,7 +480,7 @@ def _bn_terms(module: nn.Module, rec: UnitRecord, params: dict[str, Tensor], dim
 
 
 def _bn_bounds(module: nn.Module, rec: UnitRecord, params: dict[str, Tensor], p: Precision, dims: list[int],
-               shape: list[int], R: int, batch_stats: bool) -> dict[str, Tensor]:
+               shape: list[int], R: int, batch_stats: bool, channel: dict[str, Tensor]) -> dict[str, Tensor]:
     """The terms of the model above, with per-channel factors folded so each full-size tensor is touched once.
 
     Forward:  e_mu = (u_op + r) mean|x| + c|mu|;  e_var = (2u_op + r + 3c) E[x^2] + 2|mu| e_mu;
@@ -490,8 +500,8 @@ def _bn_bounds(module: nn.Module, rec: UnitRecord, params: dict[str, Tensor], p:
     beta = params.get("bias", torch.zeros(channels, dtype=torch.float64)).view(shape).abs()
     ax = x.abs()
     if batch_stats:
-        mu = x.mean(dims, keepdim=True)
-        var = x.var(dims, unbiased=False, keepdim=True)
+        mu = _bn_channel(channel, "mu", lambda: x.mean(dims, keepdim=True))
+        var = _bn_channel(channel, "var", lambda: x.var(dims, unbiased=False, keepdim=True))
         m1 = ax.mean(dims, keepdim=True)
         q = var + mu * mu  # E[x^2]
         e_mu = (uo + r) * m1 + c * mu.abs()
@@ -510,10 +520,10 @@ def _bn_bounds(module: nn.Module, rec: UnitRecord, params: dict[str, Tensor], p:
     g = rec.grad_outputs[0] if rec.grad_outputs else None
     if g is not None:
         ag = g.abs()
-        sum_ag = ag.sum(dims, keepdim=True)
+        sum_ag = _bn_channel(channel, "sum_ag", lambda: ag.sum(dims, keepdim=True))
         s_g = g.sum(dims, keepdim=True)
         s_gx = (g * xhat).sum(dims, keepdim=True)
-        a1 = (ag * axhat).sum(dims, keepdim=True)
+        a1 = _bn_channel(channel, "a1", lambda: (ag * axhat).sum(dims, keepdim=True))
         # s_g sums g, whose values repeat (a pooling's gradient): K_eff for sqrt(R) (repeated_addend_count)
         r_g = p.u_acc * sum_accumulation_factor(p.lam, repeated_addend_count(g), R).view(shape)
         g_ex = uo * inv_sigma * (ag * ax).sum(dims, keepdim=True) + e_mu * inv_sigma * sum_ag + (rel + 2 * c) * a1

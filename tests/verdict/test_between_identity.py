@@ -1,0 +1,94 @@
+"""The between check's shortcut: a check whose float64 tensor is this run's unchanged copy of the very record
+it is compared with passes without reading either; everything else is still compared.
+
+The shortcut must never pass a value that differs: a unit output changed in place before the next unit reads it
+(a float32-only ``mul_`` written in a ``forward``, a gradient scaled in place by a hook) is not the record it was
+copied from any more, and must still be found.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import Tensor, nn
+
+from densenet_debug.verdict import between
+from densenet_debug.verdict.engine import diff
+from densenet_debug.verdict.report import Status
+
+
+class Chain(nn.Module):
+    """conv -> bn -> relu -> conv -> pool -> flatten -> linear, each a module handed the previous one's output as
+    it is, plus an optional float32-only change written in the forward between conv1 and bn."""
+
+    def __init__(self, forward_fault: float = 0.0, grad_fault: float = 0.0) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 6, 3, padding=1)
+        self.bn = nn.BatchNorm2d(6)
+        self.relu = nn.ReLU()
+        self.conv2 = nn.Conv2d(6, 8, 3, padding=1)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.flatten = nn.Flatten()
+        self.fc = nn.Linear(8, 10)
+        self.forward_fault, self.grad_fault = forward_fault, grad_fault
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.conv1(x)
+        if self.forward_fault and h.dtype == torch.float32:
+            h.mul_(1 + self.forward_fault)  # in place: the tensor conv1 returned, changed before bn reads it
+        if self.grad_fault and h.requires_grad:
+            scale = 1 + self.grad_fault
+            h.register_hook(lambda g: g.mul_(scale) if g.dtype == torch.float32 else None)  # in place, fp32 only
+        h = self.conv2(self.relu(self.bn(h)))
+        return self.fc(self.flatten(self.pool(h)))
+
+
+def _batch() -> tuple[Tensor, Tensor]:
+    g = torch.Generator().manual_seed(0)
+    return torch.randn(4, 3, 8, 8, generator=g), torch.randint(0, 10, (4,), generator=g)
+
+
+def _model(**kw: float) -> Chain:
+    torch.manual_seed(0)
+    return Chain(**kw)
+
+
+def _between(report: object) -> list:
+    return [r for r in report.rows if r.mode == "between"]
+
+
+def test_checks_of_records_handed_on_as_they_are_are_not_compared(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = []
+    real = between.compare
+    monkeypatch.setattr(between, "compare", lambda *a, **k: calls.append(1) or real(*a, **k))
+    x, y = _batch()
+    report = diff(_model(), x, y, "mkldnn", "native")
+    assert report.verdict == "agree", report.summary
+    rows = _between(report)
+    assert rows and all(r.status == Status.OK for r in rows)
+    assert all(r.error_a == 0 and r.error_b == 0 for r in rows if r.tolerance == 0)
+    assert {(r.layer, r.quantity) for r in rows} == {(n, q) for n in ("conv1", "bn", "relu", "conv2", "pool",
+                                                                      "flatten", "fc")
+                                                     for q in ("input", "grad_output")}
+    # every unit's input and grad_output is checked, yet only two per side needed a comparison: the model's
+    # input (conv1's) and the loss gradient (fc's grad_output); every other input is the previous unit's output,
+    # every other grad_output the next unit's grad_input, each handed on as it is
+    assert len(calls) == 2 * 2, len(calls)
+
+
+@pytest.mark.parametrize("size", [2.0**-12, 1e-3])
+def test_a_unit_output_changed_in_place_before_the_next_unit_is_still_found(size: float) -> None:
+    x, y = _batch()
+    report = diff(_model(forward_fault=size), x, y, "mkldnn", "native")
+    assert report.verdict == "mismatch", report.summary
+    row = next(r for r in _between(report) if r.layer == "bn" and r.quantity == "input")
+    assert row.status == Status.MISMATCH and row.side == "both", row
+
+
+@pytest.mark.parametrize("size", [2.0**-12, 1e-3])
+def test_a_gradient_changed_in_place_between_units_is_still_found(size: float) -> None:
+    x, y = _batch()
+    report = diff(_model(grad_fault=size), x, y, "mkldnn", "native")
+    assert report.verdict == "mismatch", report.summary
+    bad = [r for r in _between(report) if r.status == Status.MISMATCH]
+    assert bad and {(r.layer, r.quantity) for r in bad} == {("conv1", "grad_output")}, bad
