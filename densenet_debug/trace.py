@@ -356,6 +356,8 @@ class StoredUnits(Mapping[str, UnitRecord]):
         self._last: tuple[str, UnitRecord] | None = None
 
     def __getitem__(self, name: str) -> UnitRecord:
+        if not self.store.spilled:  # nothing to read back: the record itself (a wrapper per lookup cost 0.6 s a diff)
+            return self._records[name]
         if self._last is not None and self._last[0] == name:
             return self._last[1]
         rec = _Loaded(self._records[name])
