@@ -52,6 +52,13 @@ ops not linear in their operands (exp, division) ``M`` is the op at the magnitud
 order. The model's output seed (a replay of the side's loss) carries ``c = 1``: one rounding of slack for a
 loss kernel that does not reproduce itself bit for bit.
 
+*The magnitudes without a magnitude run.* When every op of the values' run has a Jacobian with no negative
+entry (data movement, sums and means, average pools, additions, selections by a mask: :func:`_sign_free`), no
+forward check rounds and no piecewise op decided on a rounded operand, the backward's magnitudes are one more
+backward of the same graph seeded with the seeds' absolute values: ``J^T |g| = |J|^T |g|`` when ``J >= 0``, and
+that is exactly what the magnitude run computes on ``|values|`` (the numbers are equal; a test compares them).
+A DenseNet's between code is such: concatenations, and autograd's sums of the gradients its fan-out sends back.
+
 **Kinks.** A piecewise op that decides on a unit's recorded output (``F.relu(self.bn(x))`` between units) sees
 the side's own values (``c = 0``) and takes the side's branch: no kink there. One that decides on a value the
 between code itself rounded (``F.relu((h + t) - c)``, ``F.relu(h - h.mean())``, a residual sum before a
@@ -254,6 +261,35 @@ def _rounding(func: object, tensors: list[Tensor], outputs: list[Tensor]) -> flo
     return float(max(1, sum(t.numel() for t in tensors)))
 
 
+# Ops whose Jacobian has no negative entry (data movement, selections by a recorded mask, sums and means,
+# average pools, additions; creations have none): for a graph made of them alone, a backward seeded with |seeds|
+# computes |J|^T |seeds| exactly, the magnitudes the magnitude run would give (:func:`_sign_free`).
+_SIGN_FREE_OPS = frozenset({
+    "cat", "stack", "slice", "slice_backward", "select", "select_backward", "narrow", "split", "split_with_sizes",
+    "chunk", "unbind", "view", "_unsafe_view", "reshape", "flatten", "unflatten", "squeeze", "unsqueeze", "permute",
+    "transpose", "t", "expand", "expand_as", "clone", "contiguous", "detach", "alias", "_to_copy", "copy", "to",
+    "lift_fresh", "as_strided", "zeros", "zeros_like", "new_zeros", "empty", "empty_like", "new_empty",
+    "empty_strided", "new_empty_strided", "fill", "zero", "relu", "threshold_backward", "sum", "mean",
+    "avg_pool2d", "avg_pool2d_backward", "adaptive_avg_pool2d", "_adaptive_avg_pool2d",
+    "_adaptive_avg_pool2d_backward", "constant_pad_nd", "index_select", "gather",
+})
+
+
+def _sign_free(func: object, args: tuple, kwargs: dict) -> bool:
+    """The op is in :data:`_SIGN_FREE_OPS`, or an addition with a non-negative ``alpha``, or a product or
+    quotient by a non-negative Python number (a mean's backward divides by N)."""
+    name = getattr(getattr(func, "overloadpacket", None), "__name__", "").rstrip("_")
+    if name in _SIGN_FREE_OPS:
+        return True
+    if name == "add":
+        alpha = kwargs.get("alpha", args[2] if len(args) > 2 else 1)
+        return isinstance(alpha, (int, float)) and alpha >= 0
+    if name in ("mul", "div") and len(args) == 2:
+        scalar = args[1]
+        return isinstance(scalar, (int, float)) and not isinstance(scalar, bool) and scalar >= 0
+    return False
+
+
 @dataclass(frozen=True)
 class _Tag:
     """What the between run knows about a tensor: its rounding count and the units it carries values from
@@ -273,6 +309,7 @@ class _Tracker(TorchDispatchMode):
         self.storage_c: dict[int, float] = {}
         # the decisions of piecewise ops, for the magnitude run to take the same branches (verdict.magnitude)
         self.branches = Branches() if branches is None else branches
+        self.sign_free = True  # every op seen had a non-negative Jacobian (_sign_free)
 
     def tag(self, t: Tensor) -> _Tag:
         own = self.tags.get(t)
@@ -286,6 +323,8 @@ class _Tracker(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
         kwargs = kwargs or {}
+        if self.sign_free and not _sign_free(func, args, kwargs):
+            self.sign_free = False
         ins = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, Tensor)]
         tags = [self.tag(t) for t in ins]
         c_in = max((t.c for t in tags), default=0.0)
@@ -423,10 +462,14 @@ def between_rows(step: int, names: list[str], s_trace: Trace, model64: nn.Module
     x64 = _fp64(x)
     try:
         branches = Branches()
-        fwd, bwd, callers = _run(model64, modules, cut, watched, data, x64, magnitude=False, branches=branches)
+        quick: dict[str, _Samples] = {}
+        fwd, bwd, callers = _run(model64, modules, cut, watched, data, x64, magnitude=False, branches=branches,
+                                 quick=quick)
         _settle_equal(fwd, data.inputs)
         _settle_equal(bwd, data.grad_outputs)
-        if _open(fwd) or _open(bwd):  # a check that rounds and differs: its bound needs sum|terms|
+        if not _open(fwd) and _open(bwd) and _covers(quick.get("backward"), _open(bwd)):
+            _attach(bwd, quick["backward"])  # every magnitude wanted, without a magnitude run (_run's ``quick``)
+        elif _open(fwd) or _open(bwd):  # a check that rounds and differs: its bound needs sum|terms|
             branches.roundoff, branches.eta = _side_roundoff(s_trace, cut, x, backend)
             mfwd, mbwd, _ = _run(model64, modules, cut, watched, data, x64, magnitude=True,
                                  needed=_open(fwd), needed_grads=_open(bwd), branches=branches)
@@ -514,6 +557,17 @@ def _open(samples: _Samples) -> set[tuple[str, int]]:
             if s is not None and s.comparison is None}
 
 
+def _covers(samples: _Samples | None, wanted: set[tuple[str, int]]) -> bool:
+    """``samples`` hold a tensor for every (unit, index) in ``wanted``."""
+    if samples is None:
+        return False
+    for name, i in wanted:
+        group = samples.get(name, [])
+        if i >= len(group) or group[i] is None:
+            return False
+    return True
+
+
 def _settle_equal(samples: _Samples, side: dict[str, list[Tensor | None]]) -> None:
     """A check that rounds but came out bit-equal passes under any bound: settle it without magnitudes."""
     for name, group in samples.items():
@@ -549,14 +603,24 @@ def _side_roundoff(s_trace: Trace, cut: list[str], x: Tensor, backend: Backend |
 
 def _run(model: nn.Module, modules: dict[str, nn.Module], cut: list[str], watched: list[str], data: _Data,
          x64: Tensor, magnitude: bool, needed: set | None = None, needed_grads: set | None = None,
-         branches: Branches | None = None, allowance: bool = False) -> tuple[_Samples, _Samples, dict[str, str]]:
+         branches: Branches | None = None, allowance: bool = False,
+         quick: dict[str, _Samples] | None = None) -> tuple[_Samples, _Samples, dict[str, str]]:
     """One float64 forward and VJP of the between code. Returns (inputs arriving at each watched unit,
     grad_outputs each watched unit should receive, as values or magnitudes; the module that called each).
     ``needed``/``needed_grads``: in the magnitude pass, the (unit, index) pairs whose magnitudes are wanted.
     ``branches``: recorded by the values' pass, taken by the magnitude pass (:class:`Branches`). ``allowance``:
     the kink allowance run, a magnitude run whose seeds are zero and whose gradients are what the ambiguous
-    decisions inject (module docstring, "Kinks")."""
+    decisions inject (module docstring, "Kinks").
+
+    ``quick`` (the values' pass): when every op of the run had a non-negative Jacobian (:func:`_sign_free`),
+    no forward check rounds and no piecewise op decided on a rounded operand (no kink is possible), the
+    magnitudes of the backward checks that round are one more backward of the same graph seeded with |seeds|:
+    ``|J|^T |g| = J^T |g|`` for such a ``J``, the very numbers the magnitude run computes (a DenseNet's between
+    code is concatenation and the gradient sums of its fan-out). Left in ``quick["backward"]``; left out
+    (the magnitude run then runs) otherwise."""
     stack: list[str] = []
+    phase = {"quick": False}  # the second backward, on |seeds| (``quick``)
+    quick_grads: _Samples = {}
     tracker = None if magnitude else _Tracker(branches)
     mag = (lambda t: t.abs()) if magnitude else (lambda t: t)
     # What the model gets is a float64 copy of the side's output, made at the call, on which the gradient is
@@ -588,6 +652,14 @@ def _run(model: nn.Module, modules: dict[str, nn.Module], cut: list[str], watche
 
     def grad_hook(name: str, j: int, n_out: int) -> Callable:
         def hook(g: Tensor | None) -> None:
+            if phase["quick"]:  # the magnitudes of the checks the values' backward kept (they round)
+                kept = grads.get(name, [])
+                if g is not None and j < len(kept) and kept[j] is not None and kept[j].comparison is None:
+                    group = quick_grads.setdefault(name, [None] * n_out)
+                    if group[j] is None:
+                        with _disable_current_modes():
+                            group[j] = _Sample(g.detach().clone(), _Tag(0.0, frozenset()))
+                return
             group = grads.setdefault(name, [None] * n_out)
             if g is None:  # no gradient reached this output of a multi-output cut (autograd passes None)
                 return
@@ -647,8 +719,9 @@ def _run(model: nn.Module, modules: dict[str, nn.Module], cut: list[str], watche
                 out.append(None)
                 continue
             with _disable_current_modes():
-                g64 = torch.zeros(g.shape, dtype=torch.float64) if allowance else mag(_fp64(g))
-            if tracker is not None:  # several consumers of t: autograd adds their seeds (counted as adds)
+                g64 = torch.zeros(g.shape, dtype=torch.float64) if allowance else (
+                    _fp64(g).abs_() if phase["quick"] else mag(_fp64(g)))
+            if tracker is not None and not phase["quick"]:  # several consumers: autograd adds them (counted)
                 tracker.set(g64, _Tag(0.0, frozenset({name})))
                 made_from[id(g64)] = (weakref.ref(g64), g64._version, weakref.ref(g))
             out.append(g64)
@@ -754,7 +827,15 @@ def _run(model: nn.Module, modules: dict[str, nn.Module], cut: list[str], watche
             if not (outs and roots and roots[0] is outs[0]):
                 grads.clear()  # without the loss's gradient no unit's grad_output is known: no backward check
                 return forward, {}, callers
-            torch.autograd.backward(roots, seeds)
+            retain = quick is not None and tracker is not None and tracker.sign_free
+            torch.autograd.backward(roots, seeds, retain_graph=retain)
+        if retain and tracker.sign_free and not tracker.branches.coordinates and not _open(forward):
+            phase["quick"] = True  # outside the tracker: magnitudes, not ops of the between code
+            try:
+                torch.autograd.backward(roots, [data.output_seed.abs()])
+                quick["backward"] = quick_grads
+            except RuntimeError:  # a graph that cannot be walked twice (a checkpoint's): the magnitude run
+                quick.pop("backward", None)
     finally:
         for h in handles:
             h.remove()

@@ -142,6 +142,8 @@ class UnitBounds:
     exact: bool = False  # data movement or a ReLU-like op: must equal itself evaluated on the side's inputs
     roundings: int = 0  # an exact op's roundings per element in the side's dtype (leaky ReLU's slope product: 2)
     terms: dict[str, float] = field(default_factory=dict)  # key -> max sum |terms|: the scale errors live on
+    # fills ``terms`` when first asked for (BN's come from the passes its bounds make: :func:`_batchnorm`)
+    fill_terms: Callable[[], None] | None = field(default=None, repr=False)
     _memo: dict = field(default_factory=dict, repr=False)
 
     def __contains__(self, key: str) -> bool:
@@ -157,6 +159,9 @@ class UnitBounds:
 
     def scale(self, key: str) -> float | None:
         """max sum |terms| of quantity ``key`` (None without an error model): what its errors are read on."""
+        if self.fill_terms is not None:
+            fill, self.fill_terms = self.fill_terms, None
+            fill()
         return self.terms.get(key)
 
 
@@ -407,7 +412,11 @@ def _batchnorm(module: nn.Module, rec: UnitRecord, params: dict[str, Tensor]) ->
     def all_bounds(p: Precision) -> dict[str, Tensor]:
         if p not in memo:
             memo.clear()
-            memo[p] = _bn_bounds(module, rec, params, p, dims, shape, R, batch_stats, channel)
+            # the first evaluation also states the terms, from the full-size tensors it makes anyway
+            terms = None if result.fill_terms is None else result.terms
+            memo[p] = _bn_bounds(module, rec, params, p, dims, shape, R, batch_stats, channel, terms)
+            if terms is not None:
+                result.fill_terms = None
         return memo[p]
 
     keys = ["output.0"]
@@ -421,7 +430,9 @@ def _batchnorm(module: nn.Module, rec: UnitRecord, params: dict[str, Tensor]) ->
             result.fns["buffer.num_batches_tracked"] = lambda p: torch.zeros(())
     for key in keys:
         result.fns[key] = lambda p, key=key: all_bounds(p)[key]
-    result.terms.update(_bn_terms(module, rec, params, dims, shape, R, batch_stats, channel))
+    # asked for before any bound: on their own (the same numbers, :func:`_bn_terms`)
+    result.fill_terms = lambda: result.terms.update(_bn_terms(module, rec, params, dims, shape, R, batch_stats,
+                                                              channel))
     return result
 
 
@@ -480,7 +491,8 @@ def _bn_terms(module: nn.Module, rec: UnitRecord, params: dict[str, Tensor], dim
 
 
 def _bn_bounds(module: nn.Module, rec: UnitRecord, params: dict[str, Tensor], p: Precision, dims: list[int],
-               shape: list[int], R: int, batch_stats: bool, channel: dict[str, Tensor]) -> dict[str, Tensor]:
+               shape: list[int], R: int, batch_stats: bool, channel: dict[str, Tensor],
+               terms: dict[str, float] | None = None) -> dict[str, Tensor]:
     """The terms of the model above, with per-channel factors folded so each full-size tensor is touched once.
 
     Forward:  e_mu = (u_op + r) mean|x| + c|mu|;  e_var = (2u_op + r + 3c) E[x^2] + 2|mu| e_mu;
@@ -517,6 +529,8 @@ def _bn_bounds(module: nn.Module, rec: UnitRecord, params: dict[str, Tensor], p:
     bound = ax * (gamma * uo * inv_sigma)
     bound.addcmul_(axhat, gamma * (rel + 4 * c + uo)).add_(gamma * e_mu * inv_sigma + (uo + c) * beta + p.eta)
     out = {"output.0": bound.add_(rec.outputs[0].abs().mul_(uout))}
+    if terms is not None:  # _bn_terms' numbers, from the tensors at hand
+        terms["output.0"] = float((gamma * axhat.amax(dims, keepdim=True) + beta).max())
     g = rec.grad_outputs[0] if rec.grad_outputs else None
     if g is not None:
         ag = g.abs()
@@ -524,6 +538,10 @@ def _bn_bounds(module: nn.Module, rec: UnitRecord, params: dict[str, Tensor], p:
         s_g = g.sum(dims, keepdim=True)
         s_gx = (g * xhat).sum(dims, keepdim=True)
         a1 = _bn_channel(channel, "a1", lambda: (ag * axhat).sum(dims, keepdim=True))
+        if terms is not None:
+            terms["grad_bias"], terms["grad_weight"] = float(sum_ag.max()), float(a1.max())
+            t = (ag + sum_ag / R).addcmul_(axhat, a1 / R) if batch_stats else ag
+            terms["grad_input.0"] = float((t * (gamma * inv_sigma)).max()) if t.numel() else 0.0
         # s_g sums g, whose values repeat (a pooling's gradient): K_eff for sqrt(R) (repeated_addend_count)
         r_g = p.u_acc * sum_accumulation_factor(p.lam, repeated_addend_count(g), R).view(shape)
         g_ex = uo * inv_sigma * (ag * ax).sum(dims, keepdim=True) + e_mu * inv_sigma * sum_ag + (rel + 2 * c) * a1
@@ -549,6 +567,9 @@ def _bn_bounds(module: nn.Module, rec: UnitRecord, params: dict[str, Tensor], p:
         m = module.momentum if module.momentum is not None else 1.0 / (float(nbt) + 1 if nbt is not None else 1.0)
         rm0, rv0 = rec.buffers_before["running_mean"], rec.buffers_before["running_var"]
         rm1, rv1 = rec.buffers_after["running_mean"], rec.buffers_after["running_var"]
+        if terms is not None:
+            terms["buffer.running_mean"] = float(((1 - m) * rm0.abs() + m * m1.reshape(-1)).max())
+            terms["buffer.running_var"] = float(((1 - m) * rv0.abs() + m * R / max(R - 1, 1) * q.reshape(-1)).max())
         out["buffer.running_mean"] = ((1 - m) * uo * rm0.abs() + m * e_mu.reshape(-1) + (2 * c + uout) * rm1.abs()
                                       + p.eta)
         out["buffer.running_var"] = ((1 - m) * uo * rv0.abs() + m * R / max(R - 1, 1) * e_var.reshape(-1)

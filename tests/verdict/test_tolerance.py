@@ -155,3 +155,36 @@ def test_bounds_are_linear_in_the_roundoffs_so_the_teacher_adds(p: tuple, q: tup
             assert torch.allclose(both, a + b, rtol=1e-12, atol=0), (rec.name, key)
             checked += 1
     assert checked > 40
+
+
+@settings(max_examples=6, deadline=None)
+@given(seed=st.integers(0, 2**16), eval_mode=st.booleans(), bound_first=st.booleans())
+def test_batchnorm_terms_are_the_same_whether_its_bounds_state_them_or_not(seed: int, eval_mode: bool,
+                                                                            bound_first: bool) -> None:
+    """BN's scale of the terms comes from the passes its first bound evaluation makes; asked for first, it is
+    computed on its own (``_bn_terms``): the same numbers either way, for every quantity."""
+    from densenet_debug.models import build_model
+    from densenet_debug.reference.record import one_thread_oracle
+    from densenet_debug.verdict.tolerance import NORM, fp64_precision, unit_bounds
+
+    torch.manual_seed(seed)
+    model = build_model("densenet-bc-10")
+    x, y = torch.randn(2, 3, 8, 8) * 3 + 1, torch.tensor([1, 7])
+    trace = one_thread_oracle(model, x, y, eval_mode=eval_mode, keep_graph=False)[0]
+    modules = dict(model.double().named_modules())
+    p = fp64_precision(7.5)
+    checked = 0
+    for rec in trace:
+        module = modules[rec.name]
+        if not isinstance(module, NORM):
+            continue
+        params = {n: t.detach() for n, t in module.named_parameters(recurse=False)}
+        lazy, alone = unit_bounds(module, rec, params), unit_bounds(module, rec, params)
+        if bound_first:
+            for key in lazy.fns:
+                lazy.bound(key, p)
+        for key in alone.fns:
+            assert lazy.scale(key) == alone.scale(key) or key == "buffer.num_batches_tracked", (rec.name, key)
+        assert lazy.terms == alone.terms
+        checked += 1
+    assert checked >= 3

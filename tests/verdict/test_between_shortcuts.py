@@ -92,3 +92,74 @@ def test_a_gradient_changed_in_place_between_units_is_still_found(size: float) -
     assert report.verdict == "mismatch", report.summary
     bad = [r for r in _between(report) if r.status == Status.MISMATCH]
     assert bad and {(r.layer, r.quantity) for r in bad} == {("conv1", "grad_output")}, bad
+
+
+# -- magnitudes without a magnitude run ----------------------------------------------------------------------
+class Residual(nn.Module):
+    """Between code whose Jacobian has a negative entry (a difference of two units' outputs): no shortcut."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 4, 3, padding=1), nn.Conv2d(3, 4, 3, padding=1)
+        self.fc = nn.Linear(4, 10)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.a(x) - self.b(x)
+        return self.fc(h.mean((2, 3)))
+
+
+def _models() -> dict[str, tuple[type, dict]]:
+    from densenet_debug.models import build_model
+    from tests.verdict.test_between import STYLES
+
+    out = {f"between-{k}": v for k, v in STYLES.items()}
+    out["densenet-bc-10"] = (lambda: build_model("densenet-bc-10"), {})
+    out["residual"] = (Residual, {})
+    return out
+
+
+def _between_figures(report: object) -> list[tuple]:
+    return [(r.layer, r.pass_, r.quantity, r.status, r.error_a, r.error_b, r.tolerance_a, r.tolerance_b)
+            for r in _between(report)]
+
+
+@pytest.mark.parametrize("name", sorted(_models()))
+def test_magnitudes_by_a_second_backward_equal_the_magnitude_run(monkeypatch: pytest.MonkeyPatch,
+                                                                  name: str) -> None:
+    """Where the shortcut applies, every between row (error, tolerance, status) is what the magnitude run gives;
+    it applies to a DenseNet's concatenations, not to a difference written in a forward, nor where a forward
+    check rounds (a pooling written in a forward: its magnitudes need the forward on |values|)."""
+    from tests.verdict.test_between import _batch as between_batch
+
+    cls, kw = _models()[name]
+    x, y = between_batch(3, 1)
+    runs: list[bool] = []
+    real_run = between._run
+    monkeypatch.setattr(between, "_run", lambda *a, **k: runs.append(bool(k.get("magnitude"))) or real_run(*a, **k))
+    torch.manual_seed(1)
+    quick = _between_figures(diff(cls(**kw), x, y, "mkldnn", "native"))
+    quick_runs = list(runs)
+    runs.clear()
+    monkeypatch.setattr(between, "_sign_free", lambda *a: False)  # every op signed: the magnitude run, always
+    torch.manual_seed(1)
+    full = _between_figures(diff(cls(**kw), x, y, "mkldnn", "native"))
+    assert quick == full
+    if name == "densenet-bc-10":  # concatenations and the fan-out sums of their gradients only
+        assert True in runs and True not in quick_runs, (runs, quick_runs)
+        assert any(t > 0 for *_, t in full), full  # checks that round were judged on those magnitudes
+    if name == "residual":
+        assert quick_runs == runs
+
+
+@pytest.mark.parametrize("op", ["add", "sub", "mul", "div", "neg", "cat", "relu", "mean"])
+def test_only_ops_without_a_negative_jacobian_entry_are_sign_free(op: str) -> None:
+    a = torch.randn(3, 4)
+    calls = {"add": (torch.ops.aten.add.Tensor, (a, a), {}), "sub": (torch.ops.aten.sub.Tensor, (a, a), {}),
+             "mul": (torch.ops.aten.mul.Tensor, (a, a), {}), "div": (torch.ops.aten.div.Tensor, (a, a), {}),
+             "neg": (torch.ops.aten.neg.default, (a,), {}), "cat": (torch.ops.aten.cat.default, ([a, a],), {}),
+             "relu": (torch.ops.aten.relu.default, (a,), {}), "mean": (torch.ops.aten.mean.dim, (a, [0]), {})}
+    func, args, kwargs = calls[op]
+    assert between._sign_free(func, args, kwargs) == (op in ("add", "cat", "relu", "mean"))
+    assert not between._sign_free(torch.ops.aten.add.Tensor, (a, a), {"alpha": -1})  # a subtraction
+    assert between._sign_free(torch.ops.aten.div.Scalar, (a, 4), {})  # a mean's backward
+    assert not between._sign_free(torch.ops.aten.mul.Scalar, (a, -2.0), {})
