@@ -87,6 +87,18 @@ def _scratch_difference(side: Tensor, o: Tensor) -> Tensor:
     return _SCRATCH.take(o.shape).copy_(side).sub_(o).abs_()
 
 
+def _max_abs_difference(side: Tensor, o: Tensor) -> float:
+    """max |side - o| (NaN when a difference is NaN), by the extremes of the signed difference: one pass fewer
+    than ``|.|`` then max (measured ~25 % less on a 1.8M-element feature map)."""
+    side = side.detach()
+    if side.device.type != "cpu" or o.device.type != "cpu" or o.dtype != torch.float64 or o.dtype.is_complex \
+            or not side.is_floating_point():
+        return float(abs_difference(side, o).max())
+    lo, hi = torch.aminmax(_SCRATCH.take(o.shape).copy_(side).sub_(o))
+    lo, hi = float(lo), float(hi)
+    return math.nan if math.isnan(lo) or math.isnan(hi) else max(-lo, hi)
+
+
 def oracle_scale(oracle: Tensor, cache: dict | None = None, terms: float | None = None) -> float:
     """S, the scale errors of ``oracle`` are read on: ``max(terms, max |oracle|)`` over finite elements (1 if
     zero), ``terms`` being the error model's ``max sum |terms|`` when it has one (module docstring).
@@ -146,7 +158,7 @@ def relative_error(side: Tensor | None, truth: Tensor | None, cache: dict | None
     if truth.numel() == 0:
         return 0.0
     key, truth = truth, truth.detach()  # the memo is keyed by the caller's tensor, not this detached view
-    err = float(_scratch_difference(side, truth).max())
+    err = _max_abs_difference(side, truth)
     if math.isnan(err):
         return math.inf
     if zero_truth_exact and terms is None:

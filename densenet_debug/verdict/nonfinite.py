@@ -77,24 +77,27 @@ def first_nonfinite(trace: Trace, step: int = 0) -> dict | None:
     units, the loss) is named by the first unit showing it, or ``loss``.
     """
     names = trace.forward_order
-    produced = [n for n in names if _bad_forward(trace[n]) and _all_finite(trace[n].inputs)
+    # each unit's tensors scanned once (a full pass over every record of the step): what is wrong where
+    bad_forward = {n: _bad_forward(trace[n]) for n in names}
+    produced = [n for n in names if bad_forward[n] and _all_finite(trace[n].inputs)
                 and _all_finite(trace[n].buffers_before.values())]
     if produced:
         name = _deepest(produced)
-        return {"layer": name, "pass": "forward", "quantity": _bad_forward(trace[name]), "step": step}
-    shown = [n for n in names if _bad_forward(trace[n])]
+        return {"layer": name, "pass": "forward", "quantity": bad_forward[name], "step": step}
+    shown = [n for n in names if bad_forward[n]]
     if shown:
-        return {"layer": shown[0], "pass": "forward", "quantity": _bad_forward(trace[shown[0]]), "step": step}
+        return {"layer": shown[0], "pass": "forward", "quantity": bad_forward[shown[0]], "step": step}
     if not finite(trace.output) or not finite(trace.loss):
         return {"layer": "loss", "pass": "forward", "quantity": "loss", "step": step}
     order = trace.backward_order
-    produced = [n for n in order if _bad_backward(trace[n]) and _all_finite(trace[n].grad_outputs)]
+    bad_backward = {n: _bad_backward(trace[n]) for n in dict.fromkeys(order + names)}
+    produced = [n for n in order if bad_backward[n] and _all_finite(trace[n].grad_outputs)]
     if produced:
         name = _deepest(produced)
-        return {"layer": name, "pass": "backward", "quantity": _bad_backward(trace[name]), "step": step}
-    shown = [n for n in order + names if _bad_backward(trace[n])]
+        return {"layer": name, "pass": "backward", "quantity": bad_backward[name], "step": step}
+    shown = [n for n in order + names if bad_backward[n]]
     if shown:
-        return {"layer": shown[0], "pass": "backward", "quantity": _bad_backward(trace[shown[0]]), "step": step}
+        return {"layer": shown[0], "pass": "backward", "quantity": bad_backward[shown[0]], "step": step}
     return None
 
 

@@ -142,8 +142,10 @@ class UnitBounds:
     exact: bool = False  # data movement or a ReLU-like op: must equal itself evaluated on the side's inputs
     roundings: int = 0  # an exact op's roundings per element in the side's dtype (leaky ReLU's slope product: 2)
     terms: dict[str, float] = field(default_factory=dict)  # key -> max sum |terms|: the scale errors live on
-    # fills ``terms`` when first asked for (BN's come from the passes its bounds make: :func:`_batchnorm`)
+    # fills ``terms`` when one of ``lazy_terms`` is first asked for (BN's come from the passes its bounds make:
+    # :func:`_batchnorm`)
     fill_terms: Callable[[], None] | None = field(default=None, repr=False)
+    lazy_terms: frozenset[str] = frozenset()
     _memo: dict = field(default_factory=dict, repr=False)
 
     def __contains__(self, key: str) -> bool:
@@ -159,7 +161,7 @@ class UnitBounds:
 
     def scale(self, key: str) -> float | None:
         """max sum |terms| of quantity ``key`` (None without an error model): what its errors are read on."""
-        if self.fill_terms is not None:
+        if self.fill_terms is not None and key in self.lazy_terms:
             fill, self.fill_terms = self.fill_terms, None
             fill()
         return self.terms.get(key)
@@ -433,6 +435,7 @@ def _batchnorm(module: nn.Module, rec: UnitRecord, params: dict[str, Tensor]) ->
     # asked for before any bound: on their own (the same numbers, :func:`_bn_terms`)
     result.fill_terms = lambda: result.terms.update(_bn_terms(module, rec, params, dims, shape, R, batch_stats,
                                                               channel))
+    result.lazy_terms = frozenset(k for k in keys if k != "buffer.num_batches_tracked")
     return result
 
 

@@ -137,3 +137,19 @@ def test_units_are_found_once_per_diff(monkeypatch: pytest.MonkeyPatch) -> None:
     assert len(probes) == 1
     names = engine.unit_names(_Small(False), x, None)
     assert isinstance(names, engine.UnitNames) and engine.unit_names(_Small(False), x, names) is names
+
+
+@given(seed=st.integers(0, 2**31 - 1), n=st.integers(1, 50), dtype=st.sampled_from(DTYPES),
+       special=st.sampled_from([None, math.nan, math.inf, -math.inf]))
+@settings(max_examples=60, deadline=None)
+def test_the_largest_difference_by_its_extremes_is_the_largest_absolute_one(seed: int, n: int, dtype: torch.dtype,
+                                                                            special: float | None) -> None:
+    g = torch.Generator().manual_seed(seed)
+    o = torch.randn(n, generator=g, dtype=torch.float64)
+    side = (o + torch.randn(n, generator=g, dtype=torch.float64) * 1e-3).to(dtype)
+    if special is not None:
+        side[n // 2] = special
+    got = cmp._max_abs_difference(side, o)
+    want = float((side.double() - o).abs().max())
+    assert (math.isnan(got) and math.isnan(want)) or got == want
+    assert math.isinf(cmp.relative_error(side, o)) == (special is not None)
