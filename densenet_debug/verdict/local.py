@@ -151,7 +151,12 @@ def local_rows(name: str, step: int, module: nn.Module, o_rec: UnitRecord, s_rec
                          and side_t.shape == exclude.shape) else None
         # read on the scale of the terms the error model sums (never on a truth that cancels to ~0)
         if proven and key in expected and side_t is not None and side_t.numel():
-            comp = Comparison(0.0, 0.0, 0.0, (), int(ex.sum()) if ex is not None else 0, scale=oracle_scale(oracle_t))
+            # S = max |truth| (no terms: an exact op sums none), of the oracle's record: memoised in ``cache``
+            # for the other side and the propagated row of the same quantity
+            basis = truth.get(key)
+            scale = oracle_scale(basis, cache) if basis is not None and basis.shape == oracle_t.shape else \
+                oracle_scale(oracle_t)
+            comp = Comparison(0.0, 0.0, 0.0, (), int(ex.sum()) if ex is not None else 0, scale=scale)
         else:
             comp = compare(side_t, oracle_t, bound, ex, None if bounds.exact else cache,
                            None if bounds.exact else bounds.scale(key))

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
+from densenet_debug.models.densenet import Concat
 from densenet_debug.trace import Layout, UnitRecord, flatten_tensors, with_layout
 
 
@@ -47,7 +48,26 @@ def placed(t: Tensor, dtype: torch.dtype, device: torch.device, layout: Layout |
     return x.clone() if x.data_ptr() == t.data_ptr() else x
 
 
-def grad_entry(x: Tensor, owned: bool = False) -> tuple[Tensor, Tensor]:
+# Module types whose forward only reads its inputs. By exact type: a subclass (a user's, a planted fault's class)
+# may write into them, and so may a module built with ``inplace=True``.
+_READS_ONLY = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d,
+               nn.Linear, nn.Bilinear, nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.GroupNorm, nn.LayerNorm,
+               nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d,
+               nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d, nn.MaxPool1d, nn.MaxPool2d,
+               nn.MaxPool3d, nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.Flatten, nn.Unflatten, nn.ReLU, nn.ReLU6,
+               nn.LeakyReLU, nn.Hardtanh, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU, nn.Mish, nn.Hardswish,
+               nn.Hardsigmoid, nn.Sigmoid, nn.Tanh, nn.Softplus, nn.Softmax, nn.LogSoftmax, nn.PReLU)
+
+
+def reads_only(module: nn.Module) -> bool:
+    """``module``'s call cannot write into its inputs: a :data:`_READS_ONLY` type exactly, not built in place,
+    its class's own ``forward`` and no pre-hook (which could)."""
+    return (type(module) in _READS_ONLY or type(module) is Concat) and not getattr(module, "inplace", False) \
+        and "forward" not in module.__dict__ and not module._forward_pre_hooks \
+        and not nn.modules.module._global_forward_pre_hooks
+
+
+def grad_entry(x: Tensor, owned: bool = False, writable: bool = True) -> tuple[Tensor, Tensor]:
     """``x`` as a differentiable *non-leaf* in its exact layout, and the leaf its gradient is read from.
 
     A unit may write into its input (``nn.ReLU(inplace=True)``); autograd forbids that on a leaf that requires
@@ -59,6 +79,8 @@ def grad_entry(x: Tensor, owned: bool = False) -> tuple[Tensor, Tensor]:
 
     ``owned``: ``x`` is a buffer the caller made for this call alone (:func:`placed`, a cast), so the leaf may
     be that buffer itself instead of a copy of it; nothing writes into a leaf, so its values stay ``x``'s.
+    ``writable=False`` (a unit that only reads its inputs, :func:`reads_only`): the input is a view of the leaf
+    itself, without the full-size copy ``leaf * 1`` makes (autograd would refuse a write into it, and none comes).
     """
     if any(st == 0 and n > 1 for n, st in zip(x.shape, x.stride())) or x.numel() == 0:
         leaf = x.detach().requires_grad_(True)
@@ -66,6 +88,8 @@ def grad_entry(x: Tensor, owned: bool = False) -> tuple[Tensor, Tensor]:
     extent = x.storage_offset() + 1 + sum((n - 1) * st for n, st in zip(x.shape, x.stride()))
     leaf = x.detach().as_strided((extent,), (1,), 0)
     leaf = (leaf if owned else leaf.clone()).requires_grad_(True)
+    if not writable:
+        return leaf.as_strided(x.shape, x.stride(), x.storage_offset()), leaf
     with torch.enable_grad():
         if extent == x.numel() and tuple(x.stride()) == _dense_strides(tuple(x.shape)):
             # The same layout as a view: its backward is a reshape, as_strided's a scatter into a zeroed storage.
@@ -87,6 +111,7 @@ def replay_unit(module: nn.Module, oracle: UnitRecord, side: UnitRecord | None, 
     device, default = backend.device, backend.param_dtype
     inputs: list[Tensor | None] = []
     leaves: dict[int, Tensor] = {}
+    writable = not reads_only(module)
     for i, t in enumerate(oracle.inputs):
         if t is None:
             inputs.append(None)
@@ -97,7 +122,7 @@ def replay_unit(module: nn.Module, oracle: UnitRecord, side: UnitRecord | None, 
         x = placed(t, dtype, device, layout)  # a fresh buffer: the record is never touched
         wants_grad = i < len(oracle.grad_inputs) and oracle.grad_inputs[i] is not None and x.is_floating_point()
         if wants_grad:
-            x, leaves[i] = grad_entry(x, owned=True)
+            x, leaves[i] = grad_entry(x, owned=True, writable=writable)
         inputs.append(x)
     own_buffers = dict(module.named_buffers(recurse=False))
     every_buffer = dict(module.named_buffers())  # a composite's replay runs its children: restore theirs too
@@ -194,10 +219,11 @@ def exact_expectation(module: nn.Module, replay: Replay, wide: bool = True) -> d
     """
     xs: list[Tensor | None] = []
     leaves: dict[int, Tensor] = {}
+    writable = not reads_only(module)
     for i, t in enumerate(replay.inputs):
         x = None if t is None else placed(t.detach(), torch.float64 if wide else t.dtype, torch.device("cpu"), None)
         if x is not None and t.requires_grad:
-            x, leaves[i] = grad_entry(x, owned=True)
+            x, leaves[i] = grad_entry(x, owned=True, writable=writable)
         xs.append(x)
     with torch.enable_grad():
         outs = flatten_tensors(type(module).forward(module, *xs))

@@ -153,3 +153,41 @@ def test_the_largest_difference_by_its_extremes_is_the_largest_absolute_one(seed
     want = float((side.double() - o).abs().max())
     assert (math.isnan(got) and math.isnan(want)) or got == want
     assert math.isinf(cmp.relative_error(side, o)) == (special is not None)
+
+
+class _WritesItsInput(nn.ReLU):
+    """A subclass that writes into its input (``reads_only`` must not trust the ReLU it derives from)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.relu_(x)
+
+
+class _Mixed(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.bn, self.relu = nn.Conv2d(3, 6, 3, padding=1), nn.BatchNorm2d(6), nn.ReLU()
+        self.conv2, self.writes, self.fc = nn.Conv2d(6, 4, 3, padding=1), _WritesItsInput(), nn.Linear(4, 10)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.writes(self.conv2(self.relu(self.bn(self.conv(x)))))
+        return self.fc(h.mean((2, 3)))
+
+
+def test_units_that_only_read_their_inputs_replay_to_the_same_rows(monkeypatch: pytest.MonkeyPatch) -> None:
+    from densenet_debug.verdict import replay
+
+    model = _Mixed()
+    assert [replay.reads_only(m) for m in (model.conv, model.bn, model.relu, model.writes)] == [True] * 3 + [False]
+    assert not replay.reads_only(nn.ReLU(inplace=True))
+    torch.manual_seed(0)
+    x, y = torch.randn(3, 3, 6, 6), torch.tensor([1, 2, 3])
+
+    def rows() -> list[tuple]:
+        report = engine.diff(model, x, y, "mkldnn", "native")
+        assert report.verdict == "agree", report.summary
+        return [(r.layer, r.pass_, r.quantity, r.mode, r.error_a, r.error_b, r.tolerance_a, r.tolerance_b)
+                for r in report.rows]
+
+    fast = rows()
+    monkeypatch.setattr(replay, "reads_only", lambda module: False)  # every input a copy, as before
+    assert rows() == fast
