@@ -310,6 +310,31 @@ class _Tracker(TorchDispatchMode):
         # the decisions of piecewise ops, for the magnitude run to take the same branches (verdict.magnitude)
         self.branches = Branches() if branches is None else branches
         self.sign_free = True  # every op seen had a non-negative Jacobian (_sign_free)
+        # float64 copies not made yet, by storage: (the tensor, weakly; the side's record it copies), made when an
+        # op first reads one (:meth:`defer`)
+        self.pending: dict[int, tuple[weakref.ref, Tensor]] = {}
+        self.on_fill: Callable[[Tensor], None] | None = None
+
+    def defer(self, t: Tensor, source: Tensor) -> None:
+        """``t`` (fresh, uninitialised, float64) is to hold ``source``'s values: copied when an op of the run, or
+        the tool's own read (:meth:`fill`), first reads it. A DenseNet hands each unit's output on to the next
+        unit as it is, and each unit's grad_input back to the one before: no op of the between code ever reads
+        most of them, and their copies were half of the run's time. (Pages of memory never written are not
+        mapped, so a copy never made holds no memory either.)"""
+        self.pending[_storage(t)] = (weakref.ref(t), source)
+
+    def fill(self, t: Tensor) -> None:
+        """Make the deferred copy ``t`` (or the one ``t`` views) now, if it is one."""
+        if not self.pending:
+            return
+        entry = self.pending.pop(_storage(t), None)
+        target = entry[0]() if entry is not None else None
+        if target is None:
+            return
+        with _disable_current_modes(), torch.no_grad():
+            target.copy_(entry[1])
+        if self.on_fill is not None:
+            self.on_fill(target)
 
     def tag(self, t: Tensor) -> _Tag:
         own = self.tags.get(t)
@@ -326,6 +351,9 @@ class _Tracker(TorchDispatchMode):
         if self.sign_free and not _sign_free(func, args, kwargs):
             self.sign_free = False
         ins = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, Tensor)]
+        if self.pending:  # an op reads (or writes into) these: their deferred copies are due
+            for t in ins:
+                self.fill(t)
         tags = [self.tag(t) for t in ins]
         c_in = max((t.c for t in tags), default=0.0)
         out = self.branches.run(func, args, kwargs, c_in)  # c_in > 0: its decision may be ambiguous (kinks)
@@ -377,6 +405,7 @@ class _Data:
     grad_outputs: Mapping[str, list[Tensor | None]]
     output_seed: Tensor | None
     calls: dict[str, int]
+    spilled: bool = False  # the side's records were (partly) written to disk: read back afresh on each access
 
 
 class _Records(Mapping[str, list]):
@@ -458,7 +487,7 @@ def between_rows(step: int, names: list[str], s_trace: Trace, model64: nn.Module
     data = _Data(outputs=_Records(s_trace, "outputs", cut), grad_inputs=_Records(s_trace, "grad_inputs", cut),
                  inputs=_Records(s_trace, "inputs", watched), grad_outputs=_Records(s_trace, "grad_outputs", watched),
                  output_seed=_fp64(side_loss_gradient(s_trace, y, backend, loss_fn)),
-                 calls={n: s_trace[n].calls for n in cut})
+                 calls={n: s_trace[n].calls for n in cut}, spilled=s_trace.spilled)
     x64 = _fp64(x)
     try:
         branches = Branches()
@@ -636,6 +665,22 @@ def _run(model: nn.Module, modules: dict[str, nn.Module], cut: list[str], watche
     # comparing them read each tensor twice more. A spilled record is read back afresh: never identical, compared.
     # Held weakly: this map keeps neither the copies nor a spilled record's read-back alive.
     made_from: dict[int, tuple[weakref.ref, int, weakref.ref]] = {}
+    # The values' run defers its copies (_Tracker.defer) where the side's records live in memory (a spilled
+    # record is read back afresh: holding it until an op reads it would hold the whole trace again).
+    lazy = tracker is not None and not data.spilled
+
+    def _deferred(b: Tensor) -> Tensor:
+        t = torch.empty(b.shape, dtype=torch.float64)
+        tracker.defer(t, b.detach())
+        return t
+
+    def _filled(t: Tensor) -> None:  # a copy made late is still the unchanged copy of its record
+        entry = made_from.get(id(t))
+        if entry is not None and entry[0]() is t:
+            made_from[id(t)] = (entry[0], t._version, entry[2])
+
+    if tracker is not None:
+        tracker.on_fill = _filled
     sizes: dict[str, int] = {}
     made: set[str] = set()
     forward: dict[str, list[_Sample | None]] = {}
@@ -672,11 +717,14 @@ def _run(model: nn.Module, modules: dict[str, nn.Module], cut: list[str], watche
                     return
                 tag = tag_of(g)
                 if tag.c > 0:
+                    tracker.fill(g)
                     group[j] = _Sample(g.detach().clone(), tag)
                     return
                 recorded = data.grad_outputs[name]
                 side = recorded[j] if j < len(recorded) else None
                 same = _copied(g, side)
+                if same is None:
+                    tracker.fill(g)
                 group[j] = _Sample(None, tag, comparison=same if same is not None else compare(side, g.detach(), None,
                                                                                                scaled=False))
         return hook
@@ -693,7 +741,8 @@ def _run(model: nn.Module, modules: dict[str, nn.Module], cut: list[str], watche
         with _disable_current_modes():  # the tool's own read and copy: exact (every side dtype embeds in float64)
             recorded = data.outputs[name]
             sizes[name] = len(recorded)
-            outs = [mag(b.detach()).to("cpu", torch.float64, copy=True) if b.is_floating_point() else b.to("cpu")
+            outs = [_deferred(b) if lazy and b.is_floating_point() and b.numel() else
+                    mag(b.detach()).to("cpu", torch.float64, copy=True) if b.is_floating_point() else b.to("cpu")
                     for b in recorded]
         first = name not in made and not in_backward()  # not a checkpoint's recompute: its gradient is read
         outs = list(_Cut.apply(_Seeder(name, seed if first else None), zero, outs, *args))
@@ -720,7 +769,8 @@ def _run(model: nn.Module, modules: dict[str, nn.Module], cut: list[str], watche
                 continue
             with _disable_current_modes():
                 g64 = torch.zeros(g.shape, dtype=torch.float64) if allowance else (
-                    _fp64(g).abs_() if phase["quick"] else mag(_fp64(g)))
+                    _fp64(g).abs_() if phase["quick"] else
+                    _deferred(g) if lazy and g.is_floating_point() and g.numel() else mag(_fp64(g)))
             if tracker is not None and not phase["quick"]:  # several consumers: autograd adds them (counted)
                 tracker.set(g64, _Tag(0.0, frozenset({name})))
                 made_from[id(g64)] = (weakref.ref(g64), g64._version, weakref.ref(g))
@@ -759,11 +809,14 @@ def _run(model: nn.Module, modules: dict[str, nn.Module], cut: list[str], watche
                 out.append(_Sample(a.detach().clone(), _Tag(0.0, frozenset())) if (name, i) in (needed or ())
                            else None)
             elif (tag := tag_of(a)).c > 0:  # compared once its magnitude is known; a later in-place op must not
+                tracker.fill(a)
                 out.append(_Sample(a.detach().clone(), tag))  # change it
             else:
                 side = data.inputs[name] if side is None else side
                 mine = side[i] if i < len(side) else None
                 same = _copied(a, mine)
+                if same is None:
+                    tracker.fill(a)
                 out.append(_Sample(None, tag, comparison=same if same is not None else compare(mine, a.detach(), None,
                                                                                                scaled=False)))
         return out

@@ -163,3 +163,35 @@ def test_only_ops_without_a_negative_jacobian_entry_are_sign_free(op: str) -> No
     assert not between._sign_free(torch.ops.aten.add.Tensor, (a, a), {"alpha": -1})  # a subtraction
     assert between._sign_free(torch.ops.aten.div.Scalar, (a, 4), {})  # a mean's backward
     assert not between._sign_free(torch.ops.aten.mul.Scalar, (a, -2.0), {})
+
+
+# -- copies made when read ----------------------------------------------------------------------------------
+def _copy_now(self: between._Tracker, t: Tensor, source: Tensor) -> None:
+    with torch.no_grad():
+        t.copy_(source)
+
+
+@pytest.mark.parametrize("name", sorted(_models()))
+@pytest.mark.parametrize("fault", [None, "forward", "grad"])
+def test_copies_made_when_first_read_give_the_rows_of_copies_made_at_once(monkeypatch: pytest.MonkeyPatch,
+                                                                          name: str, fault: str | None) -> None:
+    """Every between row (and the verdict) is the same whether the float64 copies of the side's records are made
+    when an op or a check first reads them or all up front; a fault planted in the between code is found alike."""
+    from tests.verdict.test_between import ScaleChannelGrad, ShiftChannel
+    from tests.verdict.test_between import _batch as between_batch
+
+    cls, kw = _models()[name]
+    x, y = between_batch(3, 2)
+    saved = (ScaleChannelGrad.scale, ShiftChannel.shift)
+    ScaleChannelGrad.scale, ShiftChannel.shift = (1.01, 0.0) if fault == "grad" else \
+        (1.0, 1e-3) if fault == "forward" else (1.0, 0.0)
+    try:
+        torch.manual_seed(2)
+        late = diff(cls(**kw), x, y, "mkldnn", "native")
+        monkeypatch.setattr(between._Tracker, "defer", _copy_now)
+        torch.manual_seed(2)
+        now = diff(cls(**kw), x, y, "mkldnn", "native")
+    finally:
+        ScaleChannelGrad.scale, ShiftChannel.shift = saved
+    assert _between_figures(late) == _between_figures(now)
+    assert late.verdict == now.verdict and late.summary == now.summary
