@@ -221,7 +221,11 @@ def exact_expectation(module: nn.Module, replay: Replay, wide: bool = True) -> d
     leaves: dict[int, Tensor] = {}
     writable = not reads_only(module)
     for i, t in enumerate(replay.inputs):
-        x = None if t is None else placed(t.detach(), torch.float64 if wide else t.dtype, torch.device("cpu"), None)
+        if t is not None and not wide and not writable and t.device.type == "cpu":
+            x = t.detach()  # read as it is: nothing writes into it, and a leaf made on it is a new alias
+        else:
+            x = None if t is None else placed(t.detach(), torch.float64 if wide else t.dtype, torch.device("cpu"),
+                                              None)
         if x is not None and t.requires_grad:
             x, leaves[i] = grad_entry(x, owned=True, writable=writable)
         xs.append(x)
