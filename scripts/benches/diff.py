@@ -1,5 +1,10 @@
 """Cost of a full diff: ``scripts/bench.py diff [--model NAME] [--batch B] [--a X] [--b Y] [--repeat R] [--threads T]
-[--no-memory | --memory-only] [--default-malloc]``.
+[--no-memory | --memory-only] [--default-malloc] [--baseline DIR [--rounds N]]``.
+
+Side by side (``--baseline DIR``, another checkout): this checkout's diff and the baseline's, each timed against its
+own anchor in its own child process, the two alternating for ``--rounds`` rounds; medians per side, and
+``this_over_baseline`` = the ratio of the two median ratios (issue 12: a diff no slower than the one it was filed
+against).
 
 Time. Anchor, measured in the same process on the same batch: three plain forward+backward passes, one per
 backend the diff runs (A, B and the fp64 oracle), each in its own flags. Figure: ``ratio`` = seconds of
@@ -126,6 +131,47 @@ def _measure_memory(args: argparse.Namespace) -> dict:
     }
 
 
+def _side_by_side(args: argparse.Namespace) -> dict:
+    """``--baseline DIR``: per round, this checkout's child then the baseline's (``diff_side_by_side.py``, each
+    with its own package first on ``PYTHONPATH``), each timing its own anchor and its diff (best of
+    ``--repeat`` after a warm-up). The figures are the medians over rounds of each side's ratio and seconds;
+    alternating rounds share the machine's load between the two, where one run of each at different times on a
+    shared machine moved either ratio by a fifth."""
+    import statistics
+    from pathlib import Path
+
+    here = Path(__file__).resolve().parents[2]
+    base = Path(args.baseline).resolve()
+    if not (base / "densenet_debug" / "__init__.py").is_file():
+        raise SystemExit(f"--baseline {args.baseline}: no densenet_debug package there")
+    child = Path(__file__).with_name("diff_side_by_side.py")
+    rounds: list[dict] = []
+    for _ in range(max(args.rounds, 1)):
+        entry = {}
+        for label, root in (("this", here), ("baseline", base)):
+            env = {**os.environ, "PYTHONPATH": f"{root}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+            out = subprocess.run([sys.executable, str(child), args.model, str(args.batch), str(args.threads or 0),
+                                  args.a, args.b, str(max(args.repeat, 1))], cwd=root, env=env,
+                                 capture_output=True, text=True, check=False)
+            if out.returncode != 0:
+                raise RuntimeError(f"{label} child failed:\n{out.stderr[-2000:]}")
+            entry[label] = json.loads(out.stdout.strip().splitlines()[-1])
+        rounds.append(entry)
+
+    def median(label: str, key: str) -> float:
+        return round(statistics.median(r[label][key] for r in rounds), 3)
+
+    return {
+        "model": args.model, "batch": args.batch, "a": args.a, "b": args.b, "threads": args.threads,
+        "baseline": str(base), "rounds": rounds,
+        "this": {"ratio": median("this", "ratio"), "diff_seconds": median("this", "diff_seconds"),
+                 "anchor_seconds": median("this", "anchor_seconds")},
+        "baseline_median": {"ratio": median("baseline", "ratio"), "diff_seconds": median("baseline", "diff_seconds"),
+                            "anchor_seconds": median("baseline", "anchor_seconds")},
+        "this_over_baseline": round(median("this", "ratio") / median("baseline", "ratio"), 3),
+    }
+
+
 def run(argv: list[str]) -> dict:
     import torch
 
@@ -148,7 +194,13 @@ def run(argv: list[str]) -> dict:
                         "float64 pass alone holds several GB)")
     parser.add_argument("--default-malloc", action="store_true",
                         help="measure memory with glibc's default malloc (peaks include freed heap blocks)")
+    parser.add_argument("--baseline", metavar="DIR",
+                        help="another checkout of this repository: time its diff and this one's side by side, in "
+                        "alternating child processes (--rounds), instead of the measurements above")
+    parser.add_argument("--rounds", type=int, default=3, help="with --baseline: alternating rounds (default 3)")
     args = parser.parse_args(argv)
+    if args.baseline:
+        return _side_by_side(args)
     if args.no_memory and (args.repeat == 0 or args.memory_only):
         parser.error("--repeat 0 and --memory-only need the memory measurement")
 
