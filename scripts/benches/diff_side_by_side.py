@@ -12,12 +12,15 @@ from __future__ import annotations
 import json
 import sys
 import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from diff import _plain_pass  # noqa: E402
 
 
 def main(argv: list[str]) -> None:
     model_name, batch, threads, a, b, repeat = argv[0], int(argv[1]), int(argv[2]), argv[3], argv[4], int(argv[5])
     import torch
-    import torch.nn.functional as F
 
     import densenet_debug
     from densenet_debug.backends import parse_backend
@@ -36,17 +39,10 @@ def main(argv: list[str]) -> None:
     x = torch.randn(batch, 3, 32, 32, generator=g)
     y = torch.randint(0, 10, (batch,), generator=g)
 
-    def plain(backend, prepared) -> float:  # noqa: ANN001
-        xs, ys = backend.prepare_input(x), y.to(backend.device)
-        start = time.perf_counter()
-        with backend.active():
-            prepared.zero_grad(set_to_none=True)
-            F.cross_entropy(prepared(xs), ys).backward()
-        return time.perf_counter() - start
-
     backends = [parse_backend(a), parse_backend(b), parse_backend("fp64", "cpu")]
     prepared = [bk.prepare_model(model) for bk in backends]
-    anchor = sum(min(plain(bk, m) for _ in range(repeat + 1)) for bk, m in zip(backends, prepared))
+    # diff.py's plain pass (that module imports nothing of the package at its top: either version can use it)
+    anchor = sum(min(_plain_pass(bk, m, x, y) for _ in range(repeat + 1)) for bk, m in zip(backends, prepared))
     del prepared
     diff(model, x, y, a, b)  # warm-up
     seconds = min(_timed(diff, model, x, y, a, b) for _ in range(repeat))
