@@ -669,8 +669,8 @@ def _run(model: nn.Module, modules: dict[str, nn.Module], cut: list[str], watche
     # record is read back afresh: holding it until an op reads it would hold the whole trace again).
     lazy = tracker is not None and not data.spilled
 
-    def _deferred(b: Tensor) -> Tensor:
-        t = torch.empty(b.shape, dtype=torch.float64)
+    def _deferred(b: Tensor) -> Tensor:  # laid out as ``to(float64)`` would lay out the copy
+        t = torch.empty_like(b, dtype=torch.float64, device="cpu", memory_format=torch.preserve_format)
         tracker.defer(t, b.detach())
         return t
 

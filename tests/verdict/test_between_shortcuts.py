@@ -195,3 +195,19 @@ def test_copies_made_when_first_read_give_the_rows_of_copies_made_at_once(monkey
         ScaleChannelGrad.scale, ShiftChannel.shift = saved
     assert _between_figures(late) == _between_figures(now)
     assert late.verdict == now.verdict and late.summary == now.summary
+
+
+def test_copies_made_when_read_keep_a_channels_last_side_s_layout(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A channels_last side's records are copied in their own layout, late or at once: the same rows."""
+    from densenet_debug.models import build_model
+
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(3, 3, 8, 8, generator=g).to(memory_format=torch.channels_last)
+    y = torch.randint(0, 10, (3,), generator=g)
+    torch.manual_seed(3)
+    late = diff(build_model("densenet-bc-10"), x, y, "mkldnn", "native")
+    monkeypatch.setattr(between._Tracker, "defer", _copy_now)
+    torch.manual_seed(3)
+    now = diff(build_model("densenet-bc-10"), x, y, "mkldnn", "native")
+    assert late.verdict == now.verdict == "agree", late.summary
+    assert _between_figures(late) == _between_figures(now)
