@@ -56,7 +56,7 @@ loss kernel that does not reproduce itself bit for bit.
 entry (data movement, sums and means, average pools, additions, selections by a mask: :func:`_sign_free`), no
 forward check rounds and no piecewise op decided on a rounded operand, the backward's magnitudes are one more
 backward of the same graph seeded with the seeds' absolute values: ``J^T |g| = |J|^T |g|`` when ``J >= 0``, and
-that is exactly what the magnitude run computes on ``|values|`` (the numbers are equal; a test compares them).
+that is what the magnitude run computes on ``|values|`` (the same sums of the same terms; a test compares them).
 A DenseNet's between code is such: concatenations, and autograd's sums of the gradients its fan-out sends back.
 
 **Kinks.** A piecewise op that decides on a unit's recorded output (``F.relu(self.bn(x))`` between units) sees

@@ -143,7 +143,10 @@ def test_magnitudes_by_a_second_backward_equal_the_magnitude_run(monkeypatch: py
     monkeypatch.setattr(between, "_sign_free", lambda *a: False)  # every op signed: the magnitude run, always
     torch.manual_seed(1)
     full = _between_figures(diff(cls(**kw), x, y, "mkldnn", "native"))
-    assert quick == full
+    # the same sums of the same magnitudes; compared to a relative 1e-12, not bit for bit: the two runs need not
+    # add them in one order on every build (here they do, to the bit)
+    assert [q[:4] for q in quick] == [f[:4] for f in full]
+    assert [q[4:] for q in quick] == [pytest.approx(f[4:], rel=1e-12, abs=0) for f in full]
     if name == "densenet-bc-10":  # concatenations and the fan-out sums of their gradients only
         assert True in runs and True not in quick_runs, (runs, quick_runs)
         assert any(t > 0 for *_, t in full), full  # checks that round were judged on those magnitudes
