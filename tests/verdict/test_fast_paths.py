@@ -52,7 +52,7 @@ def test_compare_through_the_scratch_buffer_is_the_plain_comparison(seed: int, s
         assert cmp.relative_error(side, oracle) == pytest.approx(dmax / scale, rel=1e-12, abs=0)
 
 
-def test_the_scratch_difference_is_overwritten_only_by_the_next_call() -> None:
+def test_the_scratch_difference_is_the_absolute_difference() -> None:
     a, b = torch.randn(3, 4, dtype=torch.float64), torch.randn(3, 4, dtype=torch.float64)
     first = cmp._scratch_difference(a.float(), b)
     expected = (a.float().double() - b).abs()
